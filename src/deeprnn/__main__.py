@@ -1,0 +1,3 @@
+from deeprnn.cli import main
+
+raise SystemExit(main())
