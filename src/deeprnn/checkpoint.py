@@ -1,0 +1,271 @@
+"""Checkpoints as data, never code: tensors in safetensors, everything else in JSON.
+
+A checkpoint is a directory::
+
+    best/                      # or last/
+      model.safetensors        # the LanguageModel's state_dict
+      train_state.safetensors  # optimiser tensors, RNG states, carried hidden state (optional)
+      checkpoint.json          # format, versions, configs, vocab, position, metrics, file SHA-256s
+
+It is written into a temporary sibling directory, every file fsynced, then renamed over the old one,
+so a crash (even ``kill -9``) at any moment leaves either the old or the new checkpoint, never a mix.
+Loading checks each file's SHA-256 before parsing it and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from deeprnn import __version__
+from deeprnn.errors import CheckpointError
+
+FORMAT = "deeprnn-checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.safetensors"
+META_FILE = "checkpoint.json"
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns. ``model`` is built and loaded, on ``map_location``."""
+
+    path: Path
+    meta: dict[str, Any]
+    model: torch.nn.Module
+    vocab: Any
+    train_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def train_config(self) -> dict[str, Any]:
+        return self.meta.get("train_config", {})
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimiser ``state_dict`` into tensors (for safetensors) and JSON."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    """Inverse of :func:`optimizer_to_flat`; loads into ``optimizer`` in place."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state does not match this model/optimizer: {e}") from None
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    vocab: Any,
+    meta: dict[str, Any],
+    train_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically; returns its path.
+
+    ``meta`` must be JSON-serialisable; ``model_config`` is taken from ``model.config``.
+    Raises :class:`CheckpointError` (the previous checkpoint intact) when the disk is full or
+    the directory cannot be written.
+    """
+    path = Path(path)
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    model_sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    model_bytes = st_save(model_sd)
+    state_bytes = st_save({k: v.detach().cpu().contiguous() for k, v in (train_tensors or {}).items()})
+    full_meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "deeprnn_version": __version__,
+        "model_config": dataclasses.asdict(model.config),
+        "vocab": vocab.to_dict(),
+        **meta,
+        "files": {MODEL_FILE: _sha256(model_bytes), STATE_FILE: _sha256(state_bytes)},
+    }
+    meta_bytes = json.dumps(full_meta, indent=1, sort_keys=True).encode()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    try:
+        _write_file(tmp / MODEL_FILE, model_bytes)
+        _write_file(tmp / STATE_FILE, state_bytes)
+        _write_file(tmp / META_FILE, meta_bytes)
+        _fsync_dir(tmp)
+        old = None
+        if path.exists():
+            # Two renames: old -> trash, tmp -> path. Between them `path` is missing, never half
+            # written; load_checkpoint falls back to the trash copy if it finds one.
+            old = parent / f".{path.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise CheckpointError(
+                f"no space left on device while saving checkpoint {path}; the previous checkpoint "
+                "is intact: free some disk space and resume"
+            ) from None
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    return path
+
+
+def resolve_checkpoint(run_or_ckpt: str | os.PathLike, prefer: str = "best") -> Path:
+    """Map a run directory or a checkpoint directory to a checkpoint directory.
+
+    A run directory resolves to ``best/`` (or ``last/`` with ``prefer="last"``), falling back
+    to the other one.
+    """
+    p = Path(run_or_ckpt)
+    if not p.exists():
+        raise CheckpointError(f"no such run or checkpoint: {p}")
+    if p.is_file() and p.name in (META_FILE, MODEL_FILE, STATE_FILE):
+        p = p.parent
+    if p.is_file():
+        raise CheckpointError(
+            f"{p} is a file, not a deeprnn checkpoint directory (expected a run directory or a "
+            f"directory holding {META_FILE})"
+        )
+    if (p / META_FILE).exists():
+        return p
+    order = ["best", "last"] if prefer == "best" else ["last", "best"]
+    for name in order:
+        cand = p / name
+        if (cand / META_FILE).exists():
+            return cand
+        old = p / f".{name}.old"
+        if (old / META_FILE).exists():  # crashed between the two renames of a save
+            return old
+    raise CheckpointError(f"{p} holds no deeprnn checkpoint (no {META_FILE} in it, nor in best/ or last/)")
+
+
+def _read_verified(path: Path, expected: str | None) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file missing: {path}") from None
+    if expected is not None and _sha256(data) != expected:
+        raise CheckpointError(
+            f"checkpoint file {path} is corrupt (SHA-256 mismatch); use another checkpoint, "
+            "e.g. the run's last/ or best/"
+        )
+    return data
+
+
+def read_meta(ckpt_dir: Path) -> dict[str, Any]:
+    """Read and check ``checkpoint.json`` of a checkpoint directory."""
+    meta_path = ckpt_dir / META_FILE
+    try:
+        raw = meta_path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file missing: {meta_path}") from None
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(
+            f"{meta_path} is not a deeprnn checkpoint (not valid JSON); it may be corrupt or a "
+            "file from another program (pickles are never loaded)"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path} is not a deeprnn checkpoint (format field missing)")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint format version {version} is not supported by deeprnn {__version__} "
+            f"(expects {FORMAT_VERSION}); use the deeprnn version that wrote it"
+        )
+    return meta
+
+
+def load_tensors(ckpt_dir: Path, name: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    data = _read_verified(ckpt_dir / name, meta.get("files", {}).get(name))
+    try:
+        return st_load(data)
+    except (SafetensorError, Exception) as e:  # safetensors raises several types on garbage
+        raise CheckpointError(f"checkpoint file {ckpt_dir / name} cannot be read: {e}") from None
+
+
+def load_checkpoint(run_or_ckpt: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    prefer: str = "best") -> Checkpoint:
+    """Load a checkpoint (or a run's best/last) onto ``map_location``; never unpickles."""
+    from deeprnn.models import ModelConfig, build_model
+    from deeprnn.vocab import Vocab
+
+    ckpt_dir = resolve_checkpoint(run_or_ckpt, prefer=prefer)
+    meta = read_meta(ckpt_dir)
+    try:
+        config = ModelConfig(**meta["model_config"])
+        config.validate()
+        vocab = Vocab.from_dict(meta["vocab"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_dir / META_FILE} has an invalid model config or vocabulary: {e}") from None
+    model = build_model(config)
+    sd = load_tensors(ckpt_dir, MODEL_FILE, meta)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"weights in {ckpt_dir} do not fit the model config: {first}") from None
+    model.to(map_location)
+    train_tensors = load_tensors(ckpt_dir, STATE_FILE, meta) if (ckpt_dir / STATE_FILE).exists() else {}
+    return Checkpoint(path=ckpt_dir, meta=meta, model=model, vocab=vocab, train_tensors=train_tensors)

@@ -1,0 +1,487 @@
+"""The command line: parses, validates and delegates to the library; nothing else.
+
+Training flags are generated from :class:`deeprnn.train.TrainConfig` (one flag per field, the
+field's comment as help), so the dataclass is the single source of truth. Precedence:
+defaults < ``--preset`` < ``--config FILE.toml`` < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from deeprnn import __version__
+from deeprnn.errors import ConfigError, DeepRNNError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The book's exact experiment (section 9.3): first 10,000 characters, one-hot 2x256 LSTM, SGD lr 2,
+    # 500 epochs. Unlike the book we also score a held-out part of the book.
+    "d2l-9.3": dict(corpus=["timemachine"], normalization="d2l", max_tokens=10000, cell="lstm", num_layers=2,
+                    num_hiddens=256, impl="concise", input="one_hot", dropout=0.0, init="torch",
+                    batch_size=32, num_steps=35, sampling="sequential", optimizer="sgd", lr=2.0, clip=1.0,
+                    schedule="constant", num_epochs=500, precision="fp32", eval_every=0, sample_every=10,
+                    prefix="time traveller", num_preds=50),
+    # The book's recipe on the whole book with a held-out tail (the reference curve in the README).
+    "d2l-full": dict(corpus=["timemachine"], normalization="d2l", cell="lstm", num_layers=2, num_hiddens=256,
+                     impl="concise", input="one_hot", dropout=0.0, init="torch", batch_size=32, num_steps=35,
+                     optimizer="sgd", lr=2.0, clip=1.0, schedule="constant", num_epochs=60, precision="fp32"),
+    # A tiny configuration for smoke tests and --dry-run.
+    "tiny": dict(num_layers=1, num_hiddens=16, batch_size=4, num_steps=8, num_epochs=1, max_steps=5,
+                 eval_batch_size=4, eval_num_steps=32, sample_every=0, num_preds=10, precision="fp32"),
+}
+
+CHOICES: dict[str, list[str]] = {
+    "normalization": ["d2l", "raw", "lower"],
+    "token": ["char", "word"],
+    "cell": ["rnn_tanh", "rnn_relu", "gru", "lstm"],
+    "impl": ["concise", "scratch"],
+    "input": ["one_hot", "embedding"],
+    "init": ["d2l", "torch", "orthogonal"],
+    "gru_variant": ["torch", "d2l"],
+    "sampling": ["sequential", "random"],
+    "optimizer": ["sgd", "adam", "adamw"],
+    "schedule": ["constant", "cosine", "step", "plateau"],
+    "precision": ["fp32", "bf16"],
+    "on_nan": ["stop", "rollback"],
+}
+
+ALIASES = {"num_epochs": ["--epochs"]}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what, and where to look) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _field_help() -> dict[str, str]:
+    from deeprnn.train import TrainConfig
+
+    helps: dict[str, str] = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*#\s*(.+)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2).strip()
+    return helps
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; defaults suppressed so we know what the user set."""
+    from deeprnn.train import TrainConfig
+
+    helps = _field_help()
+    defaults = TrainConfig()
+    group = p.add_argument_group("training options (defaults = the main job's recipe)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag, *ALIASES.get(f.name, [])]
+        default = getattr(defaults, f.name)
+        help_text = f"{helps.get(f.name, '')} (default: {default})"
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        t = str(f.type)
+        if t == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif t.startswith("list"):
+            kw.update(nargs="+", metavar="X")
+        else:
+            base = t.split("|")[0].strip()
+            kw["type"] = {"int": int, "float": float, "str": str}[base]
+            if f.name in CHOICES:
+                kw["choices"] = CHOICES[f.name]
+        group.add_argument(*names, **kw)
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise ConfigError("--config needs Python >= 3.11 (tomllib); pass the options as flags instead") from None
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    return data.get("train", data)
+
+
+def config_from_mapping(values: dict[str, Any], source: str):
+    """Check keys and types of a mapping (config file) against TrainConfig."""
+    from deeprnn.train import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"{source}: unknown key {key!r}; see deeprnn train --help for the options")
+        t = str(fields[name].type)
+        ok = {
+            "bool": isinstance(value, bool),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "str": isinstance(value, str),
+        }
+        base = t.split("|")[0].strip()
+        if value is None and "None" in t:
+            pass
+        elif base.startswith("list"):
+            if isinstance(value, str):
+                value = [value]
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"{source}: {key} must be a list of strings, got {value!r}")
+        elif not ok.get(base, True):
+            raise ConfigError(f"{source}: {key} must be of type {base}, got {type(value).__name__} {value!r}")
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(CHOICES[name])}, got {value!r}")
+        if base == "float" and isinstance(value, int):
+            value = float(value)
+        out[name] = value
+    return out
+
+
+def build_train_config(args: argparse.Namespace):
+    from deeprnn.train import TrainConfig
+
+    values: dict[str, Any] = {}
+    if getattr(args, "preset", None):
+        values.update(PRESETS[args.preset])
+    if getattr(args, "config", None):
+        values.update(config_from_mapping(load_toml(args.config), args.config))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in fields})
+    if getattr(args, "dry_run", False):
+        values.update(PRESETS["tiny"])
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from deeprnn.train import train
+
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args.nproc)
+    if args.resume:
+        from deeprnn.train import saved_train_config
+
+        # The run's own config, changed only by the flags given now (checked by train()).
+        saved = saved_train_config(args.resume)
+        explicit = {k: v for k, v in vars(args).items() if k in dataclasses.asdict(saved)}
+        cfg = dataclasses.replace(saved, **{**explicit, "run_dir": args.resume})
+        cfg.validate()
+    else:
+        cfg = build_train_config(args)
+    progress = not args.quiet and sys.stderr.isatty()
+    log = (lambda *_a, **_k: None) if args.quiet else print
+    summary = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=progress, log=log,
+                    init_from=args.init_from, extend_vocab=args.extend_vocab, freeze_layers=args.freeze_layers)
+    from deeprnn import distributed
+
+    if distributed.current().rank == 0:
+        _print_summary(summary, cfg)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], cfg) -> None:
+    unit = "bpc" if cfg.token == "char" else "bits/word"
+    print(f"done ({summary['stop_reason']}): {summary['steps']} steps, {summary['epochs']} epochs, "
+          f"{summary['train_time_s']:.1f} s, {summary['tokens_per_s'] or 0:,.0f} tokens/s on {summary['device']}")
+    if summary.get("best_val_ppl") is not None:
+        print(f"best validation perplexity {summary['best_val_ppl']:.3f} ({summary['best_val_bpc']:.3f} {unit})")
+    if "test_ppl" in summary:
+        print(f"held-out test perplexity {summary['test_ppl']:.3f} ({summary['test_bpc']:.3f} {unit}) "
+              f"on {summary['test_tokens']:,} tokens, best checkpoint")
+    last = summary.get("last") or {}
+    if last.get("train_ppl") is not None:
+        print(f"final training perplexity {last['train_ppl']:.3f}")
+    if summary.get("sample"):
+        print(f"sample: {summary['sample']}")
+    print(f"run: {summary['run_dir']}")
+
+
+def _launch_torchrun(nproc: int) -> int:
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    # drop --nproc N / --nproc=N
+    cleaned: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        cleaned.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "deeprnn", *cleaned]
+    return subprocess.call(cmd)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from deeprnn.checkpoint import load_checkpoint
+    from deeprnn.generate import generate
+    from deeprnn.train import resolve_device
+
+    device = resolve_device(args.device)
+    ck = load_checkpoint(args.checkpoint, map_location=device)
+    stream = args.num_samples == 1 and args.strategy != "beam" and not args.json
+    if stream:
+        sys.stdout.write(args.prefix)
+        sys.stdout.flush()
+
+    def on_text(i: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        texts = generate(ck.model, ck.vocab, args.prefix, args.num_preds, strategy=args.strategy,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         num_samples=args.num_samples, beam_width=args.beam_width, seed=args.seed,
+                         unk=args.unk, on_text=on_text if stream else None, device=device)
+    for w in caught:
+        print(f"deeprnn: warning: {w.message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"samples": texts}))
+    elif stream:
+        sys.stdout.write("\n")
+    else:
+        for t in texts:
+            print(t)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from deeprnn.checkpoint import load_checkpoint
+    from deeprnn.corpus import build_corpus
+    from deeprnn.train import LN2, evaluate_tokens, resolve_device
+
+    device = resolve_device(args.device)
+    ck = load_checkpoint(args.checkpoint, map_location=device)
+    tcfg = ck.train_config
+    sources = args.corpus or tcfg.get("corpus", ["timemachine"])
+    corpus = build_corpus(sources, token=tcfg.get("token", ck.vocab.token), normalization=tcfg.get("normalization", "d2l"),
+                          vocab=ck.vocab, data_dir=args.data_dir, encoding=args.encoding)
+    if args.split == "all":
+        tokens = corpus.tokens
+    else:
+        vf, tf = tcfg.get("val_fraction", 0.05), tcfg.get("test_fraction", 0.05)
+        splits = corpus.split((1 - vf - tf, vf, tf), heldout_from=tcfg.get("heldout_from"))
+        tokens = {"train": splits.train, "valid": splits.valid, "test": splits.test}[args.split]
+    if tokens.numel() < 2:
+        raise ConfigError(f"split {args.split!r} has {tokens.numel()} tokens; need at least 2 to score")
+    s, n = evaluate_tokens(ck.model, tokens, batch_size=args.batch_size, num_steps=args.num_steps, device=device,
+                           precision=args.precision)
+    loss = s / n
+    unk = int((tokens == ck.vocab.unk).sum()) if isinstance(tokens, torch.Tensor) else 0
+    result = {"checkpoint": str(ck.path), "split": args.split, "tokens": n, "loss_nats": loss,
+              "perplexity": math.exp(loss), "bits_per_token": loss / LN2, "unknown_tokens": unk}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        unit = "bpc" if ck.vocab.token == "char" else "bits/word"
+        print(f"{args.split}: perplexity {result['perplexity']:.4f}, {result['bits_per_token']:.4f} {unit}, "
+              f"cross-entropy {loss:.4f} nats over {n:,} tokens ({unk:,} unknown)")
+    return 0
+
+
+def cmd_corpora(args: argparse.Namespace) -> int:
+    from deeprnn.corpus import NAMED_CORPORA, data_dir
+
+    root = data_dir(args.data_dir)
+    print(f"cache directory: {root} (set DEEPRNN_DATA_DIR or --data-dir to change)")
+    for name, info in NAMED_CORPORA.items():
+        where = "bundled with deeprnn" if getattr(info, "bundled", False) else (
+            "cached" if (root / info.filename).exists() else "not downloaded yet")
+        print(f"  {name:<20} {where:<22} {info.url}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from deeprnn.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(args.checkpoint)
+    meta = ck.meta
+    info = {
+        "checkpoint": str(ck.path),
+        "deeprnn_version": meta.get("deeprnn_version"),
+        "model": meta["model_config"],
+        "parameters": ck.model.num_params(),
+        "vocab_size": len(ck.vocab),
+        "token": ck.vocab.token,
+        "position": meta.get("position"),
+        "metrics": meta.get("metrics"),
+        "corpus": ck.train_config.get("corpus"),
+        "lineage": _lineage(meta),
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    m = info["model"]
+    print(f"checkpoint  {info['checkpoint']} (deeprnn {info['deeprnn_version']})")
+    print(f"model       {m['impl']} {m['cell']} {m['num_layers']}x{m['num_hiddens']}, input {m['input']}, "
+          f"{info['parameters']:,} parameters, vocabulary {info['vocab_size']} {info['token']}s")
+    print(f"corpus      {', '.join(info['corpus'] or [])}")
+    pos = info["position"] or {}
+    print(f"trained     {pos.get('step')} steps, {pos.get('tokens', 0):,} tokens, {pos.get('train_time', 0):.1f} s")
+    met = info["metrics"] or {}
+    if met.get("val_ppl") is not None:
+        print(f"validation  perplexity {float(met['val_ppl']):.4f}, {float(met['val_bpc']):.4f} bits/token")
+    print("lineage     " + (" <- ".join(info["lineage"]) if info["lineage"] else "trained from scratch"))
+    return 0
+
+
+def _lineage(meta: dict[str, Any]) -> list[str]:
+    chain: list[str] = []
+    parent = meta.get("parent")
+    seen = set()
+    while parent and parent not in seen:
+        seen.add(parent)
+        chain.append(parent)
+        try:
+            from deeprnn.checkpoint import read_meta
+
+            parent = read_meta(Path(parent)).get("parent")
+        except DeepRNNError:
+            break
+    return chain
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = _Parser(prog="deeprnn", description="Deep recurrent language models (D2L section 9.3), "
+                "trained, evaluated and sampled from the command line.")
+    p.add_argument("--version", action="version", version=f"deeprnn {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (no arguments: the main job on The Time Machine)",
+                       description="Train a deep RNN language model. With no arguments: a 2-layer LSTM on "
+                       "the bundled Time Machine, held-out evaluation, about 3 minutes on 2 CPU cores.")
+    t.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration (flags still win)")
+    t.add_argument("--config", metavar="FILE.toml", help="options from a TOML file ([train] table or top level)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    t.add_argument("--dry-run", action="store_true", help="a few steps of a tiny model, to check the setup")
+    t.add_argument("--nproc", type=int, default=0, help="launch torchrun with this many processes (DDP)")
+    t.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="fine-tune: start from these weights")
+    t.add_argument("--extend-vocab", action="store_true",
+                   help="with --init-from: add rows for new tokens instead of mapping them to <unk>")
+    t.add_argument("--freeze-layers", type=int, default=0, help="with --init-from: freeze the K lowest layers")
+    add_train_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate text from a trained model", formatter_class=fmt)
+    g.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    g.add_argument("--prefix", default="time traveller", help="text to start from")
+    g.add_argument("--num-preds", type=int, default=200, help="tokens to generate")
+    g.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="sample", help="decoding strategy")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    g.add_argument("--num-samples", type=int, default=1, help="independent samples (batched)")
+    g.add_argument("--beam-width", type=int, default=4, help="beam width for --strategy beam")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--unk", choices=["error", "replace"], default="error",
+                   help="prefix characters outside the vocabulary: refuse, or map to <unk>")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    g.add_argument("--json", action="store_true", help="print the samples as JSON")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("evaluate", help="perplexity and bits per character of a checkpoint", formatter_class=fmt)
+    e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    e.add_argument("--corpus", nargs="+", default=None, help="corpora/files to score (default: the run's corpus)")
+    e.add_argument("--split", choices=["train", "valid", "test", "all"], default="test",
+                   help="which split of the corpus to score ('all' for a new file)")
+    e.add_argument("--data-dir", default=None, help="cache directory for named corpora")
+    e.add_argument("--encoding", default=None, help="text encoding of the files")
+    e.add_argument("--batch-size", type=int, default=64, help="parallel streams")
+    e.add_argument("--num-steps", type=int, default=128, help="window length")
+    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="compute precision")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("corpora", help="list named corpora and where they are cached", formatter_class=fmt)
+    c.add_argument("--data-dir", default=None, help="cache directory")
+    c.set_defaults(func=cmd_corpora)
+
+    i = sub.add_parser("info", help="describe a checkpoint: model, training, metrics, lineage", formatter_class=fmt)
+    i.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    i.add_argument("--json", action="store_true", help="print as JSON")
+    i.set_defaults(func=cmd_info)
+
+    for name, module in (("compare", "deeprnn.compare"), ("serve", "deeprnn.serve")):
+        try:
+            mod = __import__(module, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        mod.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = parser._subparsers._group_actions[0].choices.get(args.command) if args.command else None
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from deeprnn.train import TrainingInterrupted
+
+    try:
+        return args.func(args)
+    except TrainingInterrupted as e:
+        print(f"deeprnn: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except DeepRNNError as e:
+        print(f"deeprnn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deeprnn: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        from deeprnn import distributed
+
+        distributed.shutdown()

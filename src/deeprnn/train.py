@@ -1,0 +1,783 @@
+"""The training loop: truncated BPTT, clipping, held-out evaluation, checkpoints, metrics, plots.
+
+Library first: :func:`train` takes a :class:`TrainConfig`, returns a summary dict and reports
+through a ``log`` callback; the command line only builds the config and calls it.
+
+How the corpus is used (char level, ``d2l`` normalisation by default)::
+
+    tokens:  |<------------- train (90%) ------------->|<- valid 5% ->|<- test 5% ->|
+    train:   cut into B streams (sequential partitioning, random start offset per epoch)
+             or random windows; each step sees a (B, T) window per stream
+    valid:   cut into ``eval_batch_size`` contiguous streams, state carried across windows,
+             cross-entropy summed over every predicted token (the < B tokens left over when
+             the split does not divide evenly are not scored)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from deeprnn.errors import CheckpointError, ConfigError, DeepRNNError, VocabError
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class TrainConfig:
+    """Every training option. The command line's flags map one to one onto these fields."""
+
+    # data
+    corpus: list[str] = field(default_factory=lambda: ["timemachine"])  # named corpora, files or dirs
+    data_dir: str | None = None  # cache for named corpora ($DEEPRNN_DATA_DIR, ~/.cache/deeprnn)
+    encoding: str | None = None  # text encoding of user files (default: UTF-8, cp1252 detected)
+    normalization: str = "d2l"  # d2l (book: letters only, lower case) | raw | lower
+    token: str = "char"  # char | word
+    min_freq: int = 0  # tokens rarer than this map to <unk>
+    max_tokens: int | None = None  # keep only the first N tokens of the training split (book: 10000)
+    val_fraction: float = 0.05  # contiguous validation split, after the training part
+    test_fraction: float = 0.05  # contiguous test split at the end
+    heldout_from: list[str] | None = None  # sources that give validation/test text (default: all)
+    # model (see ModelConfig)
+    cell: str = "lstm"  # rnn_tanh | rnn_relu | gru | lstm
+    num_layers: int = 2  # L stacked recurrent layers
+    num_hiddens: int = 256  # hidden units per layer
+    impl: str = "concise"  # concise (torch.nn) | scratch (eq. 9.3.1)
+    input: str = "embedding"  # one_hot (book) | embedding
+    embed_size: int | None = None  # embedding size (default: num_hiddens)
+    dropout: float = 0.25  # dropout between layers and before the output layer
+    tie_weights: bool = False  # share embedding and output weights
+    init: str = "torch"  # d2l | torch | orthogonal
+    forget_bias: float = 0.0  # added to the LSTM forget-gate bias
+    gru_variant: str = "torch"  # torch | d2l (reset gate before the recurrent product)
+    # batching
+    batch_size: int = 32  # streams per step (global batch under DDP)
+    num_steps: int = 35  # BPTT window length
+    sampling: str = "sequential"  # sequential (state carried) | random (state re-initialised)
+    # optimisation
+    optimizer: str = "adam"  # sgd | adam | adamw
+    lr: float = 3e-3  # learning rate
+    weight_decay: float = 0.0  # L2 (sgd/adam) or decoupled (adamw) weight decay
+    momentum: float = 0.0  # SGD momentum
+    clip: float = 1.0  # gradient clipping by global norm (theta); 0 disables
+    schedule: str = "cosine"  # constant | cosine | step | plateau
+    warmup_steps: int = 0  # linear warm-up steps (cosine)
+    min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
+    lr_step_size: int = 10  # step schedule: epochs between decays
+    lr_gamma: float = 0.5  # step/plateau decay factor
+    # budget
+    num_epochs: int = 40  # passes over the training split
+    max_steps: int | None = None  # stop after this many steps
+    time_budget: float | None = None  # stop after this many minutes of training
+    patience: int = 0  # early stopping: evaluations without improvement (0: off)
+    # evaluation and reporting
+    eval_every: int = 0  # steps between evaluations (0: once per epoch)
+    eval_batch_size: int = 64  # parallel streams when scoring a split
+    eval_num_steps: int = 128  # window length when scoring a split
+    sample_every: int = 10  # evaluations between printed samples (0: never)
+    prefix: str = "time traveller"  # prefix of the printed samples
+    num_preds: int = 50  # characters (tokens) per printed sample
+    # execution
+    seed: int = 0  # fixes data order, init, dropout and sampling
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "bf16"  # fp32 | bf16 (autocast; the loss stays fp32)
+    run_dir: str | None = None  # where config, metrics, plot and checkpoints go (default runs/<name>)
+    on_nan: str = "stop"  # stop | rollback (restore last checkpoint, halve lr)
+
+    def model_fields(self) -> dict[str, Any]:
+        names = ("cell", "num_layers", "num_hiddens", "impl", "input", "embed_size", "dropout",
+                 "tie_weights", "init", "forget_bias", "gru_variant")
+        return {n: getattr(self, n) for n in names}
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.token in ("char", "word"), f"token must be 'char' or 'word', got {self.token!r}")
+        need(self.normalization in ("d2l", "raw", "lower"),
+             f"normalization must be one of d2l, raw, lower, got {self.normalization!r}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
+        need(self.sampling in ("sequential", "random"),
+             f"sampling must be 'sequential' or 'random', got {self.sampling!r}")
+        need(self.optimizer in ("sgd", "adam", "adamw"),
+             f"optimizer must be one of sgd, adam, adamw, got {self.optimizer!r}")
+        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(self.clip >= 0, f"clip must be >= 0 (0 disables clipping), got {self.clip}")
+        need(self.schedule in ("constant", "cosine", "step", "plateau"),
+             f"schedule must be one of constant, cosine, step, plateau, got {self.schedule!r}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(self.lr_step_size >= 1, f"lr_step_size must be >= 1, got {self.lr_step_size}")
+        need(0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        need(self.num_epochs >= 1, f"num_epochs must be >= 1, got {self.num_epochs}")
+        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        need(self.time_budget is None or self.time_budget > 0,
+             f"time_budget must be > 0 minutes, got {self.time_budget}")
+        need(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
+        need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        need(self.eval_num_steps >= 1, f"eval_num_steps must be >= 1, got {self.eval_num_steps}")
+        need(self.sample_every >= 0, f"sample_every must be >= 0, got {self.sample_every}")
+        need(self.num_preds >= 0, f"num_preds must be >= 0, got {self.num_preds}")
+        need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        need(0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), got {self.test_fraction}")
+        need(self.val_fraction + self.test_fraction < 1,
+             "val_fraction + test_fraction must be < 1 to leave training text")
+        need(self.max_tokens is None or self.max_tokens >= 2, f"max_tokens must be >= 2, got {self.max_tokens}")
+        need(self.min_freq >= 0, f"min_freq must be >= 0, got {self.min_freq}")
+        need(self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        need(self.on_nan in ("stop", "rollback"), f"on_nan must be 'stop' or 'rollback', got {self.on_nan!r}")
+        need(bool(self.corpus), "corpus must name at least one corpus, file or directory")
+
+
+# Fields a resumed run may change: budgets and reporting. Everything else shapes the computation.
+RESUME_MAY_CHANGE = frozenset({
+    "num_epochs", "max_steps", "time_budget", "patience", "eval_every", "sample_every", "prefix",
+    "num_preds", "device", "run_dir", "data_dir", "on_nan", "eval_batch_size", "eval_num_steps",
+})
+
+
+def check_resumable(cfg: TrainConfig, saved: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume with options that would silently change the computation."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in RESUME_MAY_CHANGE or f.name not in saved:
+            continue
+        new, old = getattr(cfg, f.name), saved[f.name]
+        if isinstance(new, tuple):
+            new = list(new)
+        if new != old:
+            raise ConfigError(f"{f.name} differs from the run in {run_dir} ({old!r} there, {new!r} now); "
+                              "resume without changing it, or start a new run")
+
+
+def saved_train_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The TrainConfig a run was started with (from its last checkpoint)."""
+    from deeprnn.checkpoint import read_meta, resolve_checkpoint
+
+    meta = read_meta(resolve_checkpoint(run_dir, prefer="last"))
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in meta.get("train_config", {}).items() if k in known})
+
+
+class TrainingInterrupted(DeepRNNError):
+    """Raised after SIGINT/SIGTERM once the current step finished and a checkpoint was written."""
+
+    def __init__(self, signum: int, run_dir: Path):
+        self.signum = signum
+        self.run_dir = run_dir
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: checkpoint saved; resume with: deeprnn train --resume {run_dir}")
+
+
+class NonFiniteLoss(DeepRNNError):
+    """The loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an unavailable explicit device is a ConfigError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu or auto")
+    return dev
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int | None, elapsed_fraction: float | None) -> float:
+    """Learning-rate multiplier-free schedule value at optimiser step ``step`` (0-based)."""
+    base = cfg.lr
+    if cfg.schedule == "cosine":
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return base * (step + 1) / cfg.warmup_steps
+        if elapsed_fraction is not None:
+            frac = elapsed_fraction
+        elif total_steps:
+            frac = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        else:
+            frac = 0.0
+        frac = min(max(frac, 0.0), 1.0)
+        floor = base * cfg.min_lr_ratio
+        return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+    return base
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def sequence_loss(logits: torch.Tensor, Y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of time-major logits ``(T, B, V)`` against targets ``Y`` of shape ``(B, T)``."""
+    V = logits.shape[-1]
+    if logits.dtype in (torch.bfloat16, torch.float16):  # the loss is always taken in >= fp32
+        logits = logits.float()
+    return F.cross_entropy(logits.reshape(-1, V), Y.T.reshape(-1), reduction=reduction)
+
+
+def quiet_sample(model, vocab, prefix: str, num_preds: int, device) -> str:
+    """Greedy sample for progress output; prefix tokens outside the vocabulary become <unk>."""
+    import warnings
+
+    from deeprnn.generate import generate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return generate(model, vocab, prefix, num_preds, device=device, unk="replace")[0]
+
+
+def autocast_context(device: torch.device, precision: str):
+    enabled = precision == "bf16" and device.type in ("cpu", "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def evaluate_tokens(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    *,
+    batch_size: int = 64,
+    num_steps: int = 128,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[float, int]:
+    """Sum of next-token cross-entropy (nats) over ``tokens`` and the number of tokens scored.
+
+    The split is cut into ``batch_size`` contiguous streams, scored window by window with the
+    hidden state carried, so every predicted token after the first of each stream is scored
+    exactly once. Under data parallelism each rank scores its own streams; the caller sums.
+    """
+    from deeprnn.models import detach_state  # noqa: F401  (keeps the import graph explicit)
+
+    device = torch.device(device)
+    n = tokens.numel()
+    B = max(1, min(batch_size, (n - 1) // 2)) if n > 2 else 0
+    if B == 0:
+        return 0.0, 0
+    L = (n - 1) // B
+    streams_x = tokens[: B * L].view(B, L)
+    streams_y = tokens[1 : B * L + 1].view(B, L)
+    lo, hi = rank * B // world_size, (rank + 1) * B // world_size
+    streams_x, streams_y = streams_x[lo:hi], streams_y[lo:hi]
+    if streams_x.shape[0] == 0:
+        return 0.0, 0
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    state = model.begin_state(streams_x.shape[0], device=device)
+    try:
+        for s in range(0, L, num_steps):
+            X = streams_x[:, s : s + num_steps].to(device)
+            Y = streams_y[:, s : s + num_steps].to(device)
+            with autocast_context(device, precision):
+                logits, state = model(X, state)
+            total += sequence_loss(logits, Y, reduction="sum").double()
+    finally:
+        model.train(was_training)
+    return float(total), streams_x.numel()
+
+
+# ----------------------------------------------------------------------------------------------
+# run directory
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.cell}-{cfg.num_layers}x{cfg.num_hiddens}-{stamp}"
+
+
+def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create the run directory, refusing to clobber an existing run unless asked."""
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / default_run_name(cfg)
+    if resume:
+        if not run_dir.is_dir():
+            raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise CheckpointError(
+                f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it, "
+                "--overwrite to replace it, or choose another --run-dir"
+            )
+        import shutil
+
+        # Only remove what a run writes; anything else the user put there stays.
+        for name in ("best", "last", ".best.old", ".last.old", "config.json", "metrics.csv",
+                     "curve.png", "summary.json", "samples.txt"):
+            p = run_dir / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+METRIC_FIELDS = ["step", "epoch", "tokens", "elapsed_s", "lr", "train_loss", "train_ppl",
+                 "val_loss", "val_ppl", "val_bpc", "tokens_per_s"]
+
+
+def write_plot(metrics_csv: Path, out_png: Path, title: str = "") -> None:
+    """Training and validation perplexity against epoch (the book's animator, saved as PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_csv)
+    if not rows:
+        return
+    ep = [float(r["epoch"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    tr = [(e, float(r["train_ppl"])) for e, r in zip(ep, rows) if r["train_ppl"] not in ("", "nan")]
+    va = [(e, float(r["val_ppl"])) for e, r in zip(ep, rows) if r["val_ppl"] not in ("", "nan")]
+    if tr:
+        ax.plot(*zip(*tr), label="train perplexity")
+    if va:
+        ax.plot(*zip(*va), label="validation perplexity")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+class _SignalFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalFlag":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _state_tensors(state) -> dict[str, torch.Tensor]:
+    if state is None:
+        return {}
+    if isinstance(state, tuple):
+        return {"carry.h": state[0].detach(), "carry.c": state[1].detach()}
+    return {"carry.h": state.detach()}
+
+
+def _state_from_tensors(t: dict[str, torch.Tensor], device: torch.device):
+    if "carry.h" not in t:
+        return None
+    h = t["carry.h"].to(device)
+    if "carry.c" in t:
+        return (h, t["carry.c"].to(device))
+    return h
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    init_from: str | None = None,
+    extend_vocab: bool = False,
+    freeze_layers: int = 0,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train a model as ``cfg`` says; returns the run summary (also written to ``summary.json``).
+
+    ``resume=True`` continues the run in ``cfg.run_dir`` exactly where its last checkpoint left
+    off (same losses as an uninterrupted run); ``cfg`` must equal the run's own config except for
+    budget and reporting fields (:data:`RESUME_MAY_CHANGE`). ``stop_after_steps`` pauses the run
+    after that many steps in total (an evaluation and ``last/`` checkpoint are written), as an
+    interruption would, without changing the schedule. Raises :class:`DeepRNNError` subclasses on bad
+    input, :class:`TrainingInterrupted` after SIGINT/SIGTERM (checkpoint written).
+    """
+    from deeprnn import distributed as dist_util
+    from deeprnn.batching import BatchLoader
+    from deeprnn.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+    from deeprnn.corpus import build_corpus
+    from deeprnn.models import ModelConfig, build_model, detach_state
+
+    cfg.validate()
+    if (extend_vocab or freeze_layers) and init_from is None:
+        raise ConfigError("--extend-vocab and --freeze-layers need --init-from RUN_OR_CHECKPOINT")
+    dist = dist_util.current()
+    is_main = dist.rank == 0
+    if not is_main:
+        progress = False
+        log = lambda *_a, **_k: None  # noqa: E731
+
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+    resume_ckpt = None
+    if resume:
+        if run_dir is None:
+            raise ConfigError("resume needs a run directory (--resume RUN_DIR)")
+        if not run_dir.is_dir():
+            raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
+        resume_ckpt = load_checkpoint(run_dir, prefer="last")
+        check_resumable(cfg, resume_ckpt.meta.get("train_config", {}), run_dir)
+
+    device = resolve_device(cfg.device) if dist.device is None else dist.device
+    torch.manual_seed(cfg.seed)
+
+    vocab = resume_ckpt.vocab if resume_ckpt else None
+    parent = None
+    if init_from is not None and not resume:
+        parent = load_checkpoint(init_from)
+        vocab = parent.vocab
+    corpus = build_corpus(cfg.corpus, token=cfg.token, normalization=cfg.normalization,
+                          min_freq=cfg.min_freq, vocab=vocab, data_dir=cfg.data_dir, encoding=cfg.encoding)
+    if resume_ckpt is not None and corpus.vocab.to_dict() != resume_ckpt.vocab.to_dict():
+        raise VocabError(f"the corpus' vocabulary differs from the checkpoint's in {run_dir}; "
+                         "resume with the corpus the run was trained on")
+    vocab = corpus.vocab
+    splits = corpus.split((1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction),
+                          heldout_from=cfg.heldout_from)
+    train_tokens = splits.train
+    if cfg.max_tokens is not None:
+        train_tokens = train_tokens[: cfg.max_tokens]
+
+    loader = BatchLoader(train_tokens, cfg.batch_size, cfg.num_steps, mode=cfg.sampling, seed=cfg.seed,
+                         rank=dist.rank, world_size=dist.world_size)
+
+    if resume_ckpt is not None:
+        model = resume_ckpt.model
+    elif parent is not None:
+        model = parent.model
+    else:
+        mcfg = ModelConfig(vocab_size=len(vocab), **cfg.model_fields())
+        mcfg.validate()
+        model = build_model(mcfg)
+    model.to(device)
+    model.train()
+    net = dist.wrap(model)
+    optimizer = build_optimizer(cfg, model)
+
+    step, epoch, batch_in_epoch, tokens_seen, train_time = 0, 0, 0, 0, 0.0
+    best_val, bad_evals, evals_done = math.inf, 0, 0
+    plateau = {"best": math.inf, "bad": 0, "scale": 1.0}
+    state = None
+    if resume_ckpt is not None:
+        meta = resume_ckpt.meta
+        optimizer_from_flat(optimizer, resume_ckpt.train_tensors, meta["optimizer"])
+        pos = meta["position"]
+        step, epoch, tokens_seen, train_time = pos["step"], pos["epoch"], pos["tokens"], pos["train_time"]
+        best_val, bad_evals, evals_done = meta["best_val"], meta["bad_evals"], meta["evals_done"]
+        plateau = meta.get("plateau", plateau)
+        epoch, batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
+        state = _state_from_tensors(resume_ckpt.train_tensors, device)
+        torch.set_rng_state(resume_ckpt.train_tensors["rng.torch"])
+        if "rng.cuda" in resume_ckpt.train_tensors and device.type == "cuda":
+            torch.cuda.set_rng_state(resume_ckpt.train_tensors["rng.cuda"])
+        log(f"resuming {run_dir} at step {step} (epoch {epoch})")
+    else:
+        run_dir = prepare_run_dir(cfg, overwrite=overwrite) if is_main else Path(cfg.run_dir or "runs/_")
+        cfg.run_dir = str(run_dir)
+        if is_main:
+            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    dist.barrier()
+    assert run_dir is not None
+
+    steps_per_epoch = len(loader)
+    # Schedules need a length; epochs may differ by a batch (random offsets), so it is an estimate.
+    sched_steps = cfg.num_epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        sched_steps = min(sched_steps, cfg.max_steps)
+    stop_steps = cfg.max_steps if cfg.max_steps is not None else math.inf
+    budget_s = cfg.time_budget * 60 if cfg.time_budget else None
+    metrics_csv = run_dir / "metrics.csv"
+    n_params = model.num_params()
+
+    if is_main and step == 0:
+        log(f"corpus: {', '.join(cfg.corpus)} — {corpus.tokens.numel():,} {cfg.token}s, vocabulary {len(vocab)}; "
+            f"train {train_tokens.numel():,} / valid {splits.valid.numel():,} / test {splits.test.numel():,}")
+        log(f"model: {cfg.impl} {cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}, {n_params:,} parameters; "
+            f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}x{cfg.num_steps}, {device}, {cfg.precision}; "
+            f"run dir {run_dir}")
+
+    def scored(tokens: torch.Tensor) -> tuple[float, int]:
+        loss_sum, count = evaluate_tokens(model, tokens, batch_size=cfg.eval_batch_size,
+                                          num_steps=cfg.eval_num_steps, device=device,
+                                          precision=cfg.precision, rank=dist.rank,
+                                          world_size=dist.world_size)
+        return dist.all_reduce_sum(loss_sum, count)
+
+    def save(name: str, metrics: dict[str, Any]) -> None:
+        if not is_main:
+            return
+        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+        tensors = {**opt_tensors, **_rng_tensors(), **_state_tensors(state)}
+        meta = {
+            "train_config": dataclasses.asdict(cfg),
+            "position": {"step": step, "epoch": epoch, "tokens": tokens_seen, "train_time": train_time},
+            "loader": {"epoch": epoch, "batch": batch_in_epoch},
+            "optimizer": opt_meta,
+            "best_val": best_val, "bad_evals": bad_evals, "evals_done": evals_done, "plateau": plateau,
+            "metrics": metrics,
+            "parent": (str(parent.path) if parent is not None else
+                       (resume_ckpt.meta.get("parent") if resume_ckpt is not None else None)),
+        }
+        save_checkpoint(run_dir / name, model=model, vocab=vocab, meta=meta, train_tensors=tensors)
+
+    def sample_text() -> str | None:
+        if not cfg.prefix or cfg.num_preds == 0:
+            return None
+        try:
+            return quiet_sample(model, vocab, cfg.prefix, cfg.num_preds, device)
+        except DeepRNNError:
+            return None
+
+    last_row: dict[str, Any] = {}
+    interval_loss = torch.zeros((), dtype=torch.float64, device=device)
+    interval_count = 0
+    interval_tokens, interval_time = 0, 0.0
+    stop_reason = "epochs"
+    pbar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=sched_steps, initial=step, unit="step", dynamic_ncols=True, leave=False)
+
+    def do_eval() -> bool:
+        """Evaluate, log, checkpoint; returns True when early stopping says stop."""
+        nonlocal best_val, bad_evals, evals_done, interval_loss, interval_count
+        nonlocal interval_tokens, interval_time, last_row
+        train_loss = float(interval_loss) / max(1, interval_count)
+        if dist.world_size > 1:
+            s, c = dist.all_reduce_sum(float(interval_loss), interval_count)
+            train_loss = s / max(1, c)
+        val_sum, val_n = scored(splits.valid) if splits.valid.numel() > 1 else (0.0, 0)
+        val_loss = val_sum / val_n if val_n else float("nan")
+        tps = interval_tokens * dist.world_size / interval_time if interval_time > 0 else float("nan")
+        row = {
+            "step": step, "epoch": round(epoch + batch_in_epoch / steps_per_epoch, 4), "tokens": tokens_seen,
+            "elapsed_s": round(train_time, 3), "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
+            "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)) if val_n else float("nan"),
+            "val_bpc": val_loss / LN2 if val_n else float("nan"), "tokens_per_s": tps,
+        }
+        last_row = row
+        evals_done += 1
+        if not math.isfinite(train_loss) or (val_n and not math.isfinite(val_loss)):
+            raise NonFiniteLoss(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} "
+                                f"at step {step}; lower --lr or --clip, or use --on-nan rollback")
+        improved = val_n and val_loss < best_val - 1e-6
+        if is_main:
+            new = not metrics_csv.exists()
+            with open(metrics_csv, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+                if new:
+                    w.writeheader()
+                w.writerow(row)
+            unit = "bpc" if cfg.token == "char" else "bits/word"
+            msg = (f"epoch {row['epoch']:.1f} step {step}: train ppl {row['train_ppl']:.3f}, "
+                   f"valid ppl {row['val_ppl']:.3f} ({row['val_bpc']:.3f} {unit}), "
+                   f"{tps:,.0f} tokens/s{' *' if improved else ''}")
+            if pbar is not None:
+                pbar.write(msg)
+            else:
+                log(msg)
+            if cfg.sample_every and evals_done % cfg.sample_every == 0:
+                text = sample_text()
+                if text is not None:
+                    (pbar.write if pbar is not None else log)(f"  sample: {text!r}")
+        if cfg.schedule == "plateau" and val_n:
+            if val_loss < plateau["best"] - 1e-6:
+                plateau["best"], plateau["bad"] = val_loss, 0
+            else:
+                plateau["bad"] += 1
+                if plateau["bad"] >= max(1, cfg.patience // 2 or 2):
+                    plateau["scale"] *= cfg.lr_gamma
+                    plateau["bad"] = 0
+        if improved:
+            best_val, bad_evals = val_loss, 0
+            save("best", row)
+        else:
+            bad_evals += 1
+        save("last", row)
+        if is_main:
+            write_plot(metrics_csv, run_dir / "curve.png", title=f"{cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}")
+        interval_loss = torch.zeros((), dtype=torch.float64, device=device)
+        interval_count, interval_tokens, interval_time = 0, 0, 0.0
+        return bool(cfg.patience and bad_evals >= cfg.patience)
+
+    def end_of_epoch_eval() -> bool:
+        return cfg.eval_every == 0
+
+    try:
+        with _SignalFlag() as flag:
+            done = epoch >= cfg.num_epochs or step >= stop_steps
+            while not done:
+                loader.load_state_dict({"epoch": epoch, "batch": batch_in_epoch})
+                for X, Y in loader:
+                    t0 = time.perf_counter()
+                    X, Y = X.to(device, non_blocking=True), Y.to(device, non_blocking=True)
+                    if cfg.sampling == "random" or state is None:
+                        state = model.begin_state(X.shape[0], device=device)
+                    else:
+                        state = detach_state(state)
+                    lr = lr_at(cfg, step, sched_steps, train_time / budget_s if budget_s else None)
+                    if cfg.schedule == "step":
+                        lr = cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_step_size)
+                    elif cfg.schedule == "plateau":
+                        lr = cfg.lr * plateau["scale"]
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                    with autocast_context(device, cfg.precision):
+                        logits, state = net(X, state)
+                    loss = sequence_loss(logits, Y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                    optimizer.step()
+                    interval_loss += loss.detach().double()
+                    interval_count += 1
+                    step += 1
+                    batch_in_epoch += 1
+                    ntok = X.numel()
+                    tokens_seen += ntok * dist.world_size
+                    if device.type == "cuda" and (step % 50 == 0 or step >= stop_steps):
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                    train_time += dt
+                    interval_time += dt
+                    interval_tokens += ntok
+                    if pbar is not None:
+                        pbar.update(1)
+                        if step % 10 == 0:
+                            pbar.set_postfix(loss=f"{float(loss):.3f}",
+                                             tok_s=f"{interval_tokens / max(interval_time, 1e-9):,.0f}")
+                    at_end = step >= stop_steps
+                    paused = stop_after_steps is not None and step >= stop_after_steps
+                    over_time = budget_s is not None and dist.any_flag(train_time >= budget_s)
+                    interrupted = dist.any_flag(flag.signum is not None)
+                    if (cfg.eval_every and step % cfg.eval_every == 0) or at_end or over_time or interrupted or paused:
+                        if do_eval():
+                            stop_reason, done = "early stopping", True
+                    if interrupted:
+                        raise TrainingInterrupted(flag.signum or signal.SIGTERM, run_dir)
+                    if at_end:
+                        stop_reason, done = "max_steps", True
+                    elif over_time:
+                        stop_reason, done = "time budget", True
+                    elif paused:
+                        stop_reason, done = "paused", True
+                    if done:
+                        break
+                else:
+                    # The epoch ran out: the next position is the start of the next epoch.
+                    epoch, batch_in_epoch = epoch + 1, 0
+                    if end_of_epoch_eval() and last_row.get("step") != step:
+                        if do_eval():
+                            stop_reason, done = "early stopping", True
+                    if epoch >= cfg.num_epochs:
+                        done = True
+    finally:
+        if pbar is not None:
+            pbar.close()
+
+    # Final: score the test split once, with the best checkpoint.
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "stop_reason": stop_reason, "steps": step,
+                               "epochs": round(epoch + batch_in_epoch / steps_per_epoch, 3), "train_time_s": round(train_time, 2),
+                               "parameters": n_params, "vocab_size": len(vocab), "device": str(device),
+                               "last": last_row}
+    best_dir = run_dir / "best"
+    if (best_dir / "checkpoint.json").exists():
+        best = load_checkpoint(best_dir, map_location=device)
+        eval_model = best.model
+        summary["best"] = best.meta.get("metrics", {})
+    else:
+        eval_model = model
+    if splits.test.numel() > 1:
+        s, c = evaluate_tokens(eval_model, splits.test, batch_size=cfg.eval_batch_size,
+                               num_steps=cfg.eval_num_steps, device=device, precision=cfg.precision,
+                               rank=dist.rank, world_size=dist.world_size)
+        s, c = dist.all_reduce_sum(s, c)
+        test_loss = s / c
+        summary.update(test_loss=test_loss, test_ppl=math.exp(test_loss), test_bpc=test_loss / LN2,
+                       test_tokens=c)
+    summary["best_val_ppl"] = math.exp(best_val) if math.isfinite(best_val) else None
+    summary["best_val_bpc"] = best_val / LN2 if math.isfinite(best_val) else None
+    summary["tokens_per_s"] = tokens_seen / train_time if train_time > 0 else None
+    if is_main:
+        if cfg.prefix and cfg.num_preds:
+            try:
+                summary["sample"] = quiet_sample(eval_model, vocab, cfg.prefix, max(cfg.num_preds, 100), device)
+            except DeepRNNError as e:
+                summary["sample"] = None
+                log(f"no sample: {e}")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return summary

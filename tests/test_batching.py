@@ -1,0 +1,265 @@
+"""Batching: exact small cases, the book's iterators call for call, BatchLoader epochs/resume/shards."""
+
+import random
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deeprnn.batching import (
+    BatchLoader,
+    book_seq_data_iter_random,
+    book_seq_data_iter_sequential,
+    seq_data_iter_random,
+    seq_data_iter_sequential,
+)
+from deeprnn.corpus import build_corpus
+from deeprnn.errors import ConfigError, CorpusError
+
+
+# --- the book's algorithm, transcribed on plain lists (section 8.3.2) --------------------------------
+def reference_random(corpus, batch_size, num_steps):
+    start = random.randint(0, num_steps - 1)  # first call: the offset
+    corpus = corpus[start:]
+    n_windows = (len(corpus) - 1) // num_steps
+    firsts = list(range(0, n_windows * num_steps, num_steps))
+    random.shuffle(firsts)  # second call: the window order
+    out = []
+    for b in range(n_windows // batch_size):
+        chosen = firsts[b * batch_size : (b + 1) * batch_size]
+        out.append(([corpus[p : p + num_steps] for p in chosen], [corpus[p + 1 : p + 1 + num_steps] for p in chosen]))
+    return out
+
+
+def reference_sequential(corpus, batch_size, num_steps):
+    start = random.randint(0, num_steps)  # the only call
+    usable = (len(corpus) - start - 1) // batch_size * batch_size
+    per_row = usable // batch_size
+    xs = [corpus[start + r * per_row : start + (r + 1) * per_row] for r in range(batch_size)]
+    ys = [corpus[start + 1 + r * per_row : start + 1 + (r + 1) * per_row] for r in range(batch_size)]
+    out = []
+    for c in range(0, per_row // num_steps * num_steps, num_steps):
+        out.append(([row[c : c + num_steps] for row in xs], [row[c : c + num_steps] for row in ys]))
+    return out
+
+
+def as_lists(batches):
+    return [(X.tolist(), Y.tolist()) for X, Y in batches]
+
+
+@pytest.fixture(scope="module")
+def book_corpus():
+    """``d2l.load_corpus_time_machine(10000)[0]`` (test_corpus checks this equality)."""
+    return build_corpus("timemachine", max_tokens=10000).tokens.tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42, 2024])
+@pytest.mark.parametrize("which", ["random", "sequential"])
+def test_book_iterators_batch_for_batch(book_corpus, seed, which):
+    ours_fn, ref_fn = {
+        "random": (book_seq_data_iter_random, reference_random),
+        "sequential": (book_seq_data_iter_sequential, reference_sequential),
+    }[which]
+    random.seed(seed)
+    expected = ref_fn(book_corpus, 32, 35)
+    state_after = random.getstate()
+    random.seed(seed)
+    batches = list(ours_fn(torch.tensor(book_corpus), 32, 35))
+    assert as_lists(batches) == expected
+    assert len(expected) == {"random": 8, "sequential": 8}[which]
+    assert all(X.dtype == torch.long and X.shape == (32, 35) for X, _ in batches)
+    assert random.getstate() == state_after  # the same calls, so later draws stay in step
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_book_iterators_on_the_books_toy_sequence(seed):
+    my_seq = list(range(35))  # section 8.3's example
+    for ours_fn, ref_fn in ((book_seq_data_iter_random, reference_random),
+                            (book_seq_data_iter_sequential, reference_sequential)):
+        random.seed(seed)
+        expected = ref_fn(my_seq, 2, 5)
+        random.seed(seed)
+        assert as_lists(ours_fn(my_seq, 2, 5)) == expected
+
+
+def test_book_iterators_draw_lazily():
+    random.seed(3)
+    before = random.getstate()
+    it = book_seq_data_iter_random(list(range(35)), 2, 5)
+    it2 = book_seq_data_iter_sequential(list(range(35)), 2, 5)
+    assert random.getstate() == before  # like the book's generators: nothing drawn before next()
+    next(it)
+    next(it2)
+    assert random.getstate() != before
+
+
+# --- exact batches on hand-made streams --------------------------------------------------------------
+def test_sequential_exact():
+    batches = as_lists(seq_data_iter_sequential(torch.arange(20), 2, 3, offset=1))
+    # offset 1, 18 usable tokens -> rows 1..9 and 10..18, three windows of 3
+    assert batches == [
+        ([[1, 2, 3], [10, 11, 12]], [[2, 3, 4], [11, 12, 13]]),
+        ([[4, 5, 6], [13, 14, 15]], [[5, 6, 7], [14, 15, 16]]),
+        ([[7, 8, 9], [16, 17, 18]], [[8, 9, 10], [17, 18, 19]]),
+    ]
+    assert as_lists(seq_data_iter_sequential([5, 6, 7], 2, 3, offset=0)) == []
+
+
+def test_random_exact_windows_in_generator_order():
+    g = torch.Generator().manual_seed(5)
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(5)).tolist()
+    batches = as_lists(seq_data_iter_random(torch.arange(20), 2, 3, offset=1, generator=g))
+    # offset 1 leaves 19 tokens -> 6 windows starting at 1, 4, ..., 16, dealt out in perm order
+    starts = [1 + 3 * p for p in perm]
+    assert batches == [
+        ([[s, s + 1, s + 2] for s in starts[k : k + 2]], [[s + 1, s + 2, s + 3] for s in starts[k : k + 2]])
+        for k in (0, 2, 4)
+    ]
+
+
+# --- BatchLoader ------------------------------------------------------------------------------------
+def epoch(loader, e):
+    loader.set_epoch(e)
+    return as_lists(loader)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "random"])
+def test_loader_epochs_are_seeded_by_seed_and_epoch_only(mode):
+    tokens = torch.arange(1000)
+    loader = BatchLoader(tokens, 4, 10, mode=mode, seed=3)
+    assert len(loader) == (1000 - 10) // 40 == 24
+    walked = [as_lists(loader) for _ in range(3)]  # a full pass moves on to the next epoch
+    assert loader.state_dict() == {"epoch": 3, "batch": 0}
+    assert all(len(e) == 24 for e in walked)
+    fresh = BatchLoader(tokens, 4, 10, mode=mode, seed=3)
+    assert epoch(fresh, 2) == walked[2]  # no need to replay epochs 0 and 1
+    assert len({str(e) for e in walked}) == 3
+    assert epoch(BatchLoader(tokens, 4, 10, mode=mode, seed=4), 2) != walked[2]
+
+
+@pytest.mark.parametrize("mode", ["sequential", "random"])
+def test_loader_resumes_mid_epoch(mode):
+    tokens = torch.arange(700)
+    loader = BatchLoader(tokens, 3, 7, mode=mode, seed=11)
+    loader.set_epoch(5)
+    full = as_lists(loader)
+    loader.set_epoch(5)
+    it = iter(loader)
+    head = [next(it), next(it), next(it)]
+    state = loader.state_dict()
+    assert state == {"epoch": 5, "batch": 3}
+    resumed = BatchLoader(tokens, 3, 7, mode=mode, seed=11)
+    resumed.load_state_dict(state)
+    assert as_lists(head) + as_lists(resumed) == full
+    assert resumed.state_dict() == {"epoch": 6, "batch": 0}
+    with pytest.raises(ConfigError, match=r"^batch must be in \[0, 33\] for this loader, got 34$"):
+        resumed.load_state_dict({"epoch": 0, "batch": 34})
+
+
+@pytest.mark.parametrize("mode", ["sequential", "random"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_rank_shards_concatenate_to_the_global_batch(mode, world_size):
+    tokens = torch.randint(0, 28, (2000,), generator=torch.Generator().manual_seed(0))
+    single = BatchLoader(tokens, 8, 9, mode=mode, seed=1)
+    ranks = [BatchLoader(tokens, 8, 9, mode=mode, seed=1, rank=r, world_size=world_size) for r in range(world_size)]
+    for e in (0, 1):
+        whole = epoch(single, e)
+        parts = [epoch(loader, e) for loader in ranks]
+        assert all(len(p) == len(whole) for p in parts)
+        for k, (X, Y) in enumerate(whole):
+            assert sum((p[k][0] for p in parts), []) == X
+            assert sum((p[k][1] for p in parts), []) == Y
+            assert len(parts[0][k][0]) == 8 // world_size
+
+
+def test_random_windows_are_disjoint_within_an_epoch():
+    loader = BatchLoader(torch.arange(1000), 4, 10, mode="random", seed=0)
+    for e in range(3):
+        positions = [p for X, _ in epoch(loader, e) for row in X for p in row]
+        assert len(positions) == len(set(positions)) == 24 * 4 * 10
+        for X, Y in epoch(loader, e):
+            for row, target in zip(X, Y):
+                assert row == list(range(row[0], row[0] + 10)) and target == [p + 1 for p in row]
+
+
+def test_sequential_streams_continue_across_batches():
+    loader = BatchLoader(torch.arange(1000), 4, 10, mode="sequential", seed=0)
+    for e in range(3):
+        batches = epoch(loader, e)
+        for (X0, _), (X1, _) in zip(batches, batches[1:]):
+            for i in range(4):
+                assert X1[i][0] == X0[i][-1] + 1
+
+
+def test_too_small_corpus_error():
+    msg = ("corpus has 53 tokens but batch_size=5 and num_steps=9 need at least 54 "
+           "(batch_size*num_steps + num_steps); use more text or smaller sizes")
+    with pytest.raises(CorpusError, match=f"^{re.escape(msg)}$"):
+        BatchLoader(torch.arange(53), 5, 9)
+    # at the minimum, every offset yields one full batch
+    for seed in range(20):
+        for mode in ("sequential", "random"):
+            loader = BatchLoader(torch.arange(54), 5, 9, mode=mode, seed=seed)
+            assert len(loader) == 1 and len(as_lists(loader)) == 1
+
+
+@pytest.mark.parametrize(("kwargs", "msg"), [
+    ({"batch_size": 0}, r"^batch_size must be an integer >= 1, got 0$"),
+    ({"num_steps": -1}, r"^num_steps must be an integer >= 1, got -1$"),
+    ({"mode": "shuffled"}, r"^mode must be one of sequential, random, got 'shuffled'$"),
+    ({"world_size": 3}, r"^batch_size must be divisible by world_size=3, got 4$"),
+    ({"world_size": 2, "rank": 2}, r"^rank must be in \[0, world_size=2\), got 2$"),
+])
+def test_loader_config_errors(kwargs, msg):
+    args = {"batch_size": 4, "num_steps": 5, **kwargs}
+    with pytest.raises(ConfigError, match=msg):
+        BatchLoader(torch.arange(100), **args)
+
+
+# --- properties ------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(
+    tokens=st.lists(st.integers(0, 9), min_size=2, max_size=120),
+    batch_size=st.integers(1, 5),
+    num_steps=st.integers(1, 8),
+    offset=st.integers(0, 8),
+    seed=st.integers(0, 2**31),
+)
+def test_windows_are_the_source_stream_shifted_by_one(tokens, batch_size, num_steps, offset, seed):
+    stream = torch.tensor(tokens)
+    positions = torch.arange(len(tokens))
+    for name in ("sequential", "random"):
+        def run(src, name=name):
+            if name == "sequential":
+                return list(seq_data_iter_sequential(src, batch_size, num_steps, offset=offset))
+            g = torch.Generator().manual_seed(seed)
+            return list(seq_data_iter_random(src, batch_size, num_steps, offset=offset, generator=g))
+        got, where = run(stream), run(positions)
+        assert len(got) == len(where)
+        for (X, Y), (P, _) in zip(got, where):
+            assert X.shape == Y.shape == (batch_size, num_steps)
+            assert torch.equal(P[:, 1:], P[:, :-1] + 1)  # each row is a contiguous window
+            assert torch.equal(X, stream[P]) and torch.equal(Y, stream[P + 1])
+            assert int(P.min()) >= offset
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(20, 300),
+    batch_size=st.integers(1, 4),
+    num_steps=st.integers(1, 6),
+    seed=st.integers(0, 1000),
+    mode=st.sampled_from(["sequential", "random"]),
+)
+def test_loader_windows_are_the_stream_shifted_by_one(n, batch_size, num_steps, seed, mode):
+    if n < batch_size * num_steps + num_steps:
+        return
+    stream = torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(seed))
+    got = list(BatchLoader(stream, batch_size, num_steps, mode=mode, seed=seed))
+    where = list(BatchLoader(torch.arange(n), batch_size, num_steps, mode=mode, seed=seed))
+    assert len(got) == len(where) == (n - num_steps) // (batch_size * num_steps)
+    for (X, Y), (P, _) in zip(got, where):
+        assert torch.equal(P[:, 1:], P[:, :-1] + 1)
+        assert torch.equal(X, stream[P]) and torch.equal(Y, stream[P + 1])

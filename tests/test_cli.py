@@ -1,0 +1,133 @@
+"""The command line: train -> generate -> evaluate -> info, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deeprnn.cli import main
+
+TINY = ["--num-layers", "1", "--num-hiddens", "16", "--batch-size", "4", "--num-steps", "8",
+        "--max-tokens", "2000", "--max-steps", "6", "--eval-batch-size", "4", "--sample-every", "0",
+        "--precision", "fp32", "--quiet"]
+
+
+@pytest.fixture
+def trained(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out test perplexity" in out
+    return run
+
+
+def one_error_line(capsys, code_expected, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == code_expected, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_train_generate_evaluate_info(trained, capsys):
+    assert main(["generate", str(trained), "--prefix", "time traveller", "--num-preds", "20",
+                 "--strategy", "greedy"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("time traveller") and len(out.rstrip("\n")) == len("time traveller") + 20
+
+    assert main(["generate", str(trained), "--num-preds", "10", "--num-samples", "3", "--seed", "1",
+                 "--json"]) == 0
+    samples = json.loads(capsys.readouterr().out)["samples"]
+    assert len(samples) == 3 and all(s.startswith("time traveller") for s in samples)
+
+    assert main(["evaluate", str(trained), "--split", "test", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test" and 1 < result["perplexity"] < 30
+    assert result["bits_per_token"] == pytest.approx(result["loss_nats"] / 0.6931471805599453)
+
+    assert main(["info", str(trained)]) == 0
+    out = capsys.readouterr().out
+    assert "concise lstm 1x16" in out and "trained from scratch" in out
+
+
+def test_resume_continues_and_extends_budget(trained, capsys):
+    assert main(["train", "--resume", str(trained), "--max-steps", "9", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "done (max_steps): 9 steps" in out
+
+
+def test_errors_are_one_line(tmp_path, trained, capsys):
+    line = one_error_line(capsys, 2, ["train", *TINY, "--run-dir", str(trained)])
+    assert line.startswith("deeprnn: error: run directory") and "--overwrite" in line
+
+    line = one_error_line(capsys, 2, ["generate", str(tmp_path / "missing")])
+    assert line == f"deeprnn: error: no such run or checkpoint: {tmp_path / 'missing'}"
+
+    line = one_error_line(capsys, 2, ["train", "--corpus", str(tmp_path / "nope.txt"), "--run-dir",
+                                      str(tmp_path / "r2")])
+    assert line.startswith("deeprnn: error:") and "nope.txt" in line
+
+    line = one_error_line(capsys, 2, ["generate", str(trained), "--prefix", "Time Traveller!"])
+    assert line.startswith("deeprnn: error: prefix has characters not in the vocabulary")
+
+    line = one_error_line(capsys, 2, ["train", *TINY, "--lr", "-1", "--run-dir", str(tmp_path / "r3")])
+    assert line == "deeprnn: error: lr must be > 0, got -1.0"
+
+    line = one_error_line(capsys, 2, ["train", "--resume", str(trained), "--num-hiddens", "32"])
+    assert "num_hiddens differs from the run" in line
+
+    small = tmp_path / "small.txt"
+    small.write_text("abc def " * 5)
+    line = one_error_line(capsys, 2, ["train", "--corpus", str(small), "--run-dir", str(tmp_path / "r4"),
+                                      "--quiet"])
+    assert "need at least" in line
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--no-such-flag"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["deeprnn train: error: unrecognized arguments: --no-such-flag (see deeprnn train --help)"]
+    with pytest.raises(SystemExit):
+        main(["train", "--cell", "transformer"])
+    assert "invalid choice: 'transformer'" in capsys.readouterr().err
+
+
+def test_config_file(tmp_path, capsys):
+    good = tmp_path / "c.toml"
+    good.write_text('[train]\nnum_layers = 1\nnum_hiddens = 12\nbatch_size = 4\nnum_steps = 8\nmax_steps = 2\n'
+                    'max_tokens = 2000\neval_batch_size = 4\nsample_every = 0\nprecision = "fp32"\n')
+    # flags win over the file
+    assert main(["train", "--config", str(good), "--num-hiddens", "10", "--run-dir", str(tmp_path / "r"),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["num_hiddens"] == 10 and cfg["num_layers"] == 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text("num_layerz = 2\n")
+    line = one_error_line(capsys, 2, ["train", "--config", str(bad)])
+    assert line == f"deeprnn: error: {bad}: unknown key 'num_layerz'; see deeprnn train --help for the options"
+    bad.write_text('num_layers = "two"\n')
+    line = one_error_line(capsys, 2, ["train", "--config", str(bad)])
+    assert line == f"deeprnn: error: {bad}: num_layers must be of type int, got str 'two'"
+
+
+def test_corpora_lists_names(capsys):
+    assert main(["corpora"]) == 0
+    out = capsys.readouterr().out
+    for name in ("timemachine", "war-of-the-worlds", "tinyshakespeare"):
+        assert name in out
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    r = subprocess.run([sys.executable, "-m", "deeprnn", "train", "--dry-run", "--run-dir", str(tmp_path / "r")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "held-out test perplexity" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "deeprnn", "--version"], capture_output=True, text=True)
+    assert r.stdout.startswith("deeprnn ")

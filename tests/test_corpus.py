@@ -1,0 +1,349 @@
+"""Reading corpora: the book-equal Time Machine, named corpora, encodings, errors and splits."""
+
+import collections
+import hashlib
+import importlib.resources
+import io
+import re
+import urllib.error
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from deeprnn import corpus as corpus_mod
+from deeprnn.corpus import (
+    NAMED_CORPORA,
+    build_corpus,
+    data_dir,
+    load_sources,
+    normalize,
+    read_text,
+    strip_gutenberg,
+)
+from deeprnn.errors import ConfigError, CorpusError
+from deeprnn.vocab import Vocab
+
+KNOWN = "timemachine, war-of-the-worlds, tinyshakespeare"
+
+
+def book_load_corpus_time_machine(max_tokens=-1):
+    """Section 8.2's pipeline written out: readlines, the regex per line, characters, counts, order."""
+    path = importlib.resources.files("deeprnn") / "data" / "timemachine.txt"
+    with open(path) as f:
+        lines = [re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in f.readlines()]
+    chars = [ch for line in lines for ch in line]
+    ranked = sorted(collections.Counter(chars).items(), key=lambda kv: kv[1], reverse=True)
+    idx_to_token = ["<unk>"] + [tok for tok, _ in ranked]
+    token_to_idx = {tok: i for i, tok in enumerate(idx_to_token)}
+    ids = [token_to_idx[ch] for ch in chars]
+    if max_tokens > 0:
+        ids = ids[:max_tokens]
+    return ids, idx_to_token
+
+
+# --- The Time Machine, as the book has it ----------------------------------------------------------
+def test_time_machine_matches_the_book():
+    corpus = build_corpus("timemachine")
+    expected_ids, expected_vocab = book_load_corpus_time_machine()
+    assert len(corpus.tokens) == 170580 and len(corpus.vocab) == 28
+    assert corpus.tokens.dtype == torch.long and corpus.tokens.dim() == 1
+    assert corpus.vocab.idx_to_token == expected_vocab
+    assert corpus.tokens.tolist() == expected_ids
+    assert corpus.vocab.idx_to_token[:11] == ["<unk>", " ", "e", "t", "a", "i", "n", "o", "s", "h", "r"]
+    assert [corpus.vocab[ch] for ch in "thez"] == [3, 9, 2, 25]
+    assert corpus.vocab.decode(corpus.tokens[:29]) == "the time machine by h g wells"
+    assert corpus.spans == [("timemachine", 0, 170580)]
+    assert (corpus.token, corpus.normalization) == ("char", "d2l")
+
+
+def test_time_machine_max_tokens_keeps_the_full_vocab():
+    corpus = build_corpus("timemachine", max_tokens=10000)
+    expected_ids, _ = book_load_corpus_time_machine(10000)
+    assert corpus.tokens.tolist() == expected_ids
+    assert len(corpus.vocab) == 28 and corpus.spans == [("timemachine", 0, 10000)]
+    assert len(build_corpus("timemachine", max_tokens=-1).tokens) == 170580  # the book's "all"
+
+
+def test_time_machine_words_like_the_book():
+    corpus = build_corpus("timemachine", token="word")
+    assert len(corpus.tokens) == 32775 and len(corpus.vocab) == 4580
+    assert corpus.vocab.idx_to_token[:10] == ["<unk>", "the", "i", "and", "of", "a", "to", "was", "in", "that"]
+    assert corpus.vocab.decode(corpus.tokens[:7]) == "the time machine by h g wells"
+
+
+def test_bundled_file_is_checksummed(monkeypatch):
+    monkeypatch.setattr(corpus_mod, "_read_bundled", lambda filename: b"tampered text\n")
+    with pytest.raises(CorpusError, match=r"^bundled timemachine\.txt is corrupt \(sha1 [0-9a-f]{40}, expected "
+                       r"090b5e7e70c295757f55df93cb0a180b9691891a\); reinstall or re-download it$"):
+        build_corpus("timemachine")
+
+
+# --- named corpora: data dir, offline, download ----------------------------------------------------
+def test_data_dir_precedence(monkeypatch, tmp_path, shared_data):
+    assert data_dir() == shared_data
+    assert data_dir(tmp_path) == tmp_path
+    monkeypatch.delenv("DEEPRNN_DATA_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data_dir() == tmp_path / ".cache" / "deeprnn"
+
+
+def test_named_corpora_from_the_data_dir():
+    shakespeare = build_corpus("tinyshakespeare", normalization="raw")
+    assert len(shakespeare.tokens) == 1115394 and len(shakespeare.vocab) == 66  # 65 symbols + <unk>
+    train, valid, test = shakespeare.split((0.9, 0.1, 0.0))  # nanoGPT's shakespeare_char split
+    assert (len(train), len(valid), len(test)) == (1003854, 111540, 0)
+    assert torch.equal(torch.cat([train, valid]), shakespeare.tokens)
+
+
+def test_offline_named_corpus_says_how_to_supply_it(tmp_path):
+    msg = (f"corpus 'war-of-the-worlds' is not in {tmp_path} and downloads are off ($DEEPRNN_OFFLINE=1); "
+           f"save https://www.gutenberg.org/files/36/36-0.txt as {tmp_path / 'war_of_the_worlds.txt'}, "
+           "or pass the file's path instead of 'war-of-the-worlds'")
+    with pytest.raises(CorpusError, match=f"^{re.escape(msg)}$"):
+        build_corpus("war-of-the-worlds", data_dir=tmp_path)
+
+
+def test_unknown_corpus_name_lists_the_known_ones():
+    msg = f"unknown corpus 'shakespeare'; known corpora: {KNOWN} (or pass a file or directory path)"
+    with pytest.raises(CorpusError, match=f"^{re.escape(msg)}$"):
+        build_corpus("shakespeare")
+    with pytest.raises(CorpusError, match=f"^{re.escape(msg)}$"):
+        corpus_mod.fetch_corpus("shakespeare")
+
+
+class _FakeResponse(io.BytesIO):
+    def __init__(self, payload):
+        super().__init__(payload)
+        self.headers = {"Content-Length": str(len(payload))}
+
+
+def _go_online(monkeypatch, payload=None, error=None):
+    monkeypatch.delenv("DEEPRNN_OFFLINE")
+    calls = []
+
+    def urlopen(url, timeout):
+        calls.append(url)
+        if error is not None:
+            raise error
+        return _FakeResponse(payload)
+
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", urlopen)
+    return calls
+
+
+def test_download_verifies_and_writes_atomically(monkeypatch, tmp_path):
+    payload = b"First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    info = replace(NAMED_CORPORA["tinyshakespeare"], checksum=("sha256", hashlib.sha256(payload).hexdigest()))
+    monkeypatch.setitem(NAMED_CORPORA, "tinyshakespeare", info)
+    calls = _go_online(monkeypatch, payload)
+    corpus = build_corpus("tinyshakespeare", normalization="raw", data_dir=tmp_path / "cache")
+    assert calls == [info.url]
+    assert (tmp_path / "cache" / "tinyshakespeare.txt").read_bytes() == payload
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tinyshakespeare.txt"]
+    assert corpus.vocab.decode(corpus.tokens) == payload.decode()
+    build_corpus("tinyshakespeare", normalization="raw", data_dir=tmp_path / "cache")
+    assert len(calls) == 1  # cached
+
+
+def test_download_with_a_bad_checksum_leaves_nothing(monkeypatch, tmp_path):
+    _go_online(monkeypatch, b"not shakespeare\n")
+    with pytest.raises(CorpusError, match=r"^download of tinyshakespeare from https://raw\.githubusercontent\.com/"
+                       r"\S+ failed its sha256 check \(got [0-9a-f]{64}, expected 86c4e6aa9db7c042ec79f339dcb96d42b00"
+                       r"75e16b8fc2e86bf0ca57e2dc565ed\); save \S+ as \S+tinyshakespeare\.txt yourself, "
+                       r"or pass the file's path instead of 'tinyshakespeare'$"):
+        build_corpus("tinyshakespeare", data_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_failure_is_one_line(monkeypatch, tmp_path):
+    _go_online(monkeypatch, error=urllib.error.URLError("no route to host"))
+    target = tmp_path / "war_of_the_worlds.txt"
+    msg = (f"could not download war-of-the-worlds from https://www.gutenberg.org/files/36/36-0.txt "
+           f"(<urlopen error no route to host>); save https://www.gutenberg.org/files/36/36-0.txt as {target} "
+           "yourself, or pass the file's path instead of 'war-of-the-worlds'")
+    with pytest.raises(CorpusError, match=f"^{re.escape(msg)}$"):
+        build_corpus("war-of-the-worlds", data_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- encodings and bad files -----------------------------------------------------------------------
+def test_windows_1252_is_detected(shared_data):
+    text = read_text(shared_data / "war_of_the_worlds.txt")
+    assert text.startswith("?\nProject Gutenberg's The War of the Worlds, by H. G. Wells\n")
+    counts = {ch: text.count(ch) for ch in "\u201c\u201d\u2018\u2019\u2014"}
+    assert counts == {"\u201c": 407, "\u201d": 407, "\u2018": 4, "\u2019": 411, "\u2014": 311}
+    assert "\ufffd" not in text and "\x93" not in text
+    assert read_text(shared_data / "war_of_the_worlds.txt", encoding="cp1252") == text
+
+
+def test_explicit_encoding_that_does_not_fit(shared_data):
+    path = shared_data / "war_of_the_worlds.txt"
+    with pytest.raises(CorpusError, match=r"^cannot decode \S+war_of_the_worlds\.txt as utf-8 \(byte 0x91 at offset "
+                       r"805\); check the file's encoding and pass the right one with --encoding$"):
+        read_text(path, encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"^unknown encoding 'klingon'; pass a Python codec name such as utf-8 "
+                       r"or cp1252 to --encoding$"):
+        read_text(path, encoding="klingon")
+
+
+@pytest.mark.parametrize("payload", [b"hello \x81\x8d world\n", b"price \xa4\xa6\xa8 list\n", bytes(range(1, 256))])
+def test_undecodable_text_is_refused_naming_encoding(tmp_path, payload):
+    path = tmp_path / "odd.txt"
+    path.write_bytes(payload)
+    with pytest.raises(CorpusError, match=r"^\S+odd\.txt is not UTF-8 \(byte 0x[0-9a-f]{2} at offset \d+\) and does "
+                       r"not look like Windows-1252 text; pass its encoding with --encoding \(e\.g\. --encoding latin-1\)$"):
+        read_text(path)
+    assert read_text(path, encoding="latin-1") == payload.decode("latin-1").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def test_utf8_bom_and_crlf(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffcaf\u00e9 \u201cquoted\u201d\r\nline two\rthree".encode())
+    assert read_text(path) == "caf\u00e9 \u201cquoted\u201d\nline two\nthree"
+
+
+def test_binary_is_refused(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"PK\x03\x04\x00\x00binary")
+    with pytest.raises(CorpusError, match=r"^\S+model\.bin looks binary \(it contains NUL bytes\); pass a text file, "
+                       r"or its encoding with --encoding if it is UTF-16$"):
+        build_corpus(str(path))
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("hello world".encode("utf-16"))
+    assert read_text(utf16, encoding="utf-16") == "hello world"
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n\t\r\n"])
+def test_empty_file_is_refused(tmp_path, content):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(content)
+    with pytest.raises(CorpusError, match=f"^{re.escape(repr(str(path)))} is empty; pass a file with some text$"):
+        build_corpus(str(path))
+
+
+def test_missing_path_and_directory_without_texts(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(CorpusError, match=f"^no such file: {re.escape(repr(str(missing)))}; check the path$"):
+        build_corpus(str(missing))
+    with pytest.raises(CorpusError, match=f"^no such file: {re.escape(repr(str(missing)))}; check the path$"):
+        build_corpus(missing)  # a Path is never taken for a corpus name
+    (tmp_path / "notes.md").write_text("not a txt", encoding="utf-8")
+    with pytest.raises(CorpusError, match=f"^directory {re.escape(repr(str(tmp_path)))} has no \\.txt files; "
+                       "put the texts there as \\.txt files$"):
+        build_corpus(str(tmp_path))
+
+
+def test_nothing_left_after_normalisation(tmp_path):
+    path = tmp_path / "digits.txt"
+    path.write_text("1234 5678 !!!\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match=f"^{re.escape(repr(str(path)))} has no tokens after 'd2l' normalisation; "
+                       "pass another text or normalisation$"):
+        build_corpus(str(path))
+    assert build_corpus(str(path), normalization="raw").vocab.decode(build_corpus(str(path), normalization="raw").tokens) \
+        == "1234 5678 !!!\n"
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match=r"^normalization must be one of d2l, raw, lower, got 'upper'$"):
+        build_corpus("timemachine", normalization="upper")
+    with pytest.raises(ConfigError, match=r"^token must be one of char, word, got 'bpe'$"):
+        build_corpus("timemachine", token="bpe")
+    with pytest.raises(ConfigError, match=r"^token must match the given vocabulary's \('word'\), got 'char'$"):
+        build_corpus("timemachine", vocab=Vocab(["the"], token="word"))
+
+
+# --- text processing ---------------------------------------------------------------------------------
+def test_strip_gutenberg():
+    text = ("Project Gutenberg's Book\nlicence\n*** START OF THIS PROJECT GUTENBERG EBOOK BOOK ***\n\n"
+            "Chapter 1\nIt was.\n*** END OF THIS PROJECT GUTENBERG EBOOK BOOK ***\nfooter licence\n")
+    assert strip_gutenberg(text) == "Chapter 1\nIt was.\n"
+    assert strip_gutenberg("no markers\n") == "no markers\n"
+
+
+def test_war_of_the_worlds_without_boilerplate(shared_data):
+    (source,) = load_sources([str(shared_data / "war_of_the_worlds.txt")])
+    assert source.text.startswith("cover \n\n\n\nThe War of the Worlds\n\nby H. G. Wells\n")
+    assert source.text.endswith("End of the Project Gutenberg EBook of The War of the Worlds, by H. G. Wells\n\n")
+    assert "*** START" not in source.text and "Project Gutenberg-tm" not in source.text
+    (kept,) = load_sources([str(shared_data / "war_of_the_worlds.txt")], strip_boilerplate=False)
+    assert kept.text.startswith("?\nProject Gutenberg's")
+
+
+def test_normalize_modes():
+    text = "The Time-Machine, 1895!\n\n  H. G. Wells\n"
+    assert normalize(text, "d2l") == "the time machine\n\nh g wells\n"
+    assert normalize(text, "raw") == text
+    assert normalize(text, "lower") == "the time-machine, 1895!\n\n  h. g. wells\n"
+    with pytest.raises(ConfigError, match=r"^normalization must be one of d2l, raw, lower, got 'nfkc'$"):
+        normalize(text, "nfkc")
+
+
+def test_d2l_char_stream_drops_line_breaks_words_split_per_line(tmp_path):
+    path = tmp_path / "two.txt"
+    path.write_text("Ab, c\n\nd-E\n", encoding="utf-8")
+    chars = build_corpus(str(path))
+    assert chars.vocab.decode(chars.tokens) == "ab cd e"
+    words = build_corpus(str(path), token="word")
+    assert words.vocab.decode(words.tokens) == "ab c d e"
+
+
+# --- several sources and splits ----------------------------------------------------------------------
+def _write_dir(tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "b.txt").write_text("bbbb bbbb\n" * 10, encoding="utf-8")  # 100 raw chars
+    (books / "a.txt").write_text("aaaaaaaaa\n" * 20, encoding="utf-8")  # 200 raw chars
+    (books / "skip.md").write_text("ignored", encoding="utf-8")
+    return books
+
+
+def test_directory_and_merged_sources(tmp_path):
+    books = _write_dir(tmp_path)
+    corpus = build_corpus([str(books), "timemachine"], normalization="raw", max_tokens=400)
+    a, b = str(books / "a.txt"), str(books / "b.txt")
+    assert corpus.spans == [(a, 0, 200), (b, 200, 300), ("timemachine", 300, 400)]
+    assert corpus.vocab.decode(corpus.tokens[195:205]) == "aaaa\nbbbb "
+    sources = load_sources([str(books)])
+    assert [s.name for s in sources] == [a, b]
+
+
+def test_split_is_contiguous_per_source(tmp_path):
+    books = _write_dir(tmp_path)
+    corpus = build_corpus(str(books), normalization="raw")
+    t = corpus.tokens
+    train, valid, test = corpus.split()
+    # a: 200 -> 180/10/10, b: 100 -> 90/5/5
+    assert torch.equal(train, torch.cat([t[0:180], t[200:290]]))
+    assert torch.equal(valid, torch.cat([t[180:190], t[290:295]]))
+    assert torch.equal(test, torch.cat([t[190:200], t[295:300]]))
+    a = str(books / "a.txt")
+    train, valid, test = corpus.split((0.5, 0.25, 0.25), heldout_from=[a])
+    assert torch.equal(train, torch.cat([t[0:100], t[200:300]]))
+    assert torch.equal(valid, t[100:150]) and torch.equal(test, t[150:200])
+    with pytest.raises(ConfigError, match=r"^fractions must be three non-negative numbers summing to 1, got \(0\.5, 0\.6, 0\.0\)$"):
+        corpus.split((0.5, 0.6, 0.0))
+    with pytest.raises(ConfigError, match=r"^heldout_from names unknown source 'timemachine'; sources: "):
+        corpus.split(heldout_from=["timemachine"])
+
+
+def test_time_machine_split_defaults():
+    corpus = build_corpus("timemachine")
+    train, valid, test = corpus.split()
+    assert (len(train), len(valid), len(test)) == (153522, 8529, 8529)
+    assert torch.equal(torch.cat([train, valid, test]), corpus.tokens)
+
+
+def test_given_vocab_is_used(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("the zebra", encoding="utf-8")
+    vocab = build_corpus("timemachine").vocab
+    corpus = build_corpus(str(path), vocab=vocab)
+    assert corpus.vocab is vocab
+    assert corpus.tokens.tolist() == [vocab[ch] for ch in "the zebra"]
+
+
+def test_corpus_module_never_needs_shared_data():
+    # The product reads The Time Machine from the package, not from ../shared.
+    assert Path(str(importlib.resources.files("deeprnn") / "data" / "timemachine.txt")).is_file()

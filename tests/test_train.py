@@ -1,0 +1,156 @@
+"""The training loop: learning, exact resume, run directory contents, budgets, refusals."""
+
+import csv
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from deeprnn.checkpoint import load_checkpoint
+from deeprnn.errors import CheckpointError, ConfigError, CorpusError
+from deeprnn.train import TrainConfig, evaluate_tokens, sequence_loss, train
+
+
+def tiny(tmp_path, **kw) -> TrainConfig:
+    base = dict(corpus=["timemachine"], num_layers=1, num_hiddens=24, batch_size=8, num_steps=10,
+                max_tokens=4000, val_fraction=0.02, test_fraction=0.02, num_epochs=2, lr=1e-2,
+                eval_batch_size=8, eval_num_steps=50, sample_every=0, num_preds=5, precision="fp32",
+                dropout=0.0, run_dir=str(tmp_path / "run"), seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_lowers_heldout_loss(tmp_path):
+    cfg = tiny(tmp_path, num_epochs=6)
+    summary = train(cfg, progress=False, log=lambda *_: None)
+    r = rows(tmp_path / "run")
+    assert len(r) == 6  # one evaluation per epoch
+    first, last = float(r[0]["val_loss"]), float(r[-1]["val_loss"])
+    # falls epoch over epoch, and far below the untrained model's log(28) = 3.33 nats
+    assert last < first - 0.1, (first, last)
+    assert last < math.log(28) - 0.8
+    assert summary["best_val_ppl"] == pytest.approx(math.exp(min(float(x["val_loss"]) for x in r)))
+    assert summary["test_ppl"] < 20
+
+
+def test_run_directory_contents(tmp_path):
+    cfg = tiny(tmp_path, num_epochs=2)
+    summary = train(cfg, progress=False, log=lambda *_: None)
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.csv", "curve.png", "summary.json", "best/model.safetensors",
+                 "best/checkpoint.json", "last/train_state.safetensors"):
+        assert (run / name).exists(), name
+    assert (run / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["steps"] == summary["steps"]
+    assert json.loads((run / "config.json").read_text())["num_hiddens"] == 24
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["step", "epoch", "tokens"] and "val_bpc" in header
+    for row in rows(run):
+        assert float(row["val_bpc"]) == pytest.approx(float(row["val_loss"]) / math.log(2))
+        assert float(row["val_ppl"]) == pytest.approx(math.exp(float(row["val_loss"])))
+
+
+@pytest.mark.parametrize("sampling,schedule,dropout", [("sequential", "cosine", 0.3), ("random", "constant", 0.0)])
+def test_resume_gives_identical_losses(tmp_path, sampling, schedule, dropout):
+    """2N steps in one go == N steps, pause, resume, N steps (same per-eval losses and weights)."""
+    kw = dict(num_epochs=3, eval_every=5, sampling=sampling, schedule=schedule, dropout=dropout, num_layers=2)
+    full = tiny(tmp_path / "a", **kw)
+    train(full, progress=False, log=lambda *_: None)
+
+    part = tiny(tmp_path / "b", **kw)
+    s1 = train(part, progress=False, log=lambda *_: None, stop_after_steps=15)
+    assert s1["stop_reason"] == "paused" and s1["steps"] == 15
+    train(part, resume=True, progress=False, log=lambda *_: None)
+
+    a, b = rows(tmp_path / "a" / "run"), rows(tmp_path / "b" / "run")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["train_loss"] == rb["train_loss"], ra["step"]
+        assert ra["val_loss"] == rb["val_loss"], ra["step"]
+    wa = load_checkpoint(tmp_path / "a" / "run", prefer="last").model.state_dict()
+    wb = load_checkpoint(tmp_path / "b" / "run", prefer="last").model.state_dict()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_resume_refuses_changed_model(tmp_path):
+    cfg = tiny(tmp_path, max_steps=3)
+    train(cfg, progress=False, log=lambda *_: None)
+    changed = dataclasses.replace(cfg, num_hiddens=32)
+    with pytest.raises(ConfigError, match=r"^num_hiddens differs from the run in .* \(24 there, 32 now\)"):
+        train(changed, resume=True, progress=False, log=lambda *_: None)
+
+
+def test_existing_run_dir_is_refused(tmp_path):
+    cfg = tiny(tmp_path, max_steps=2)
+    train(cfg, progress=False, log=lambda *_: None)
+    with pytest.raises(CheckpointError, match=r"already exists; pass --resume .* --overwrite"):
+        train(cfg, progress=False, log=lambda *_: None)
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    train(cfg, overwrite=True, progress=False, log=lambda *_: None)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only the run's own files replaced
+
+
+def test_resume_missing_run_dir(tmp_path):
+    with pytest.raises(CheckpointError, match=r"^cannot resume: run directory .*nope does not exist$"):
+        train(tiny(tmp_path, run_dir=str(tmp_path / "nope")), resume=True, progress=False)
+
+
+def test_corpus_too_small_names_minimum(tmp_path):
+    f = tmp_path / "small.txt"
+    f.write_text("the time machine " * 5)
+    cfg = tiny(tmp_path, corpus=[str(f)], max_tokens=None, val_fraction=0.1, test_fraction=0.1)
+    with pytest.raises(CorpusError, match=r"need at least 90 "):
+        train(cfg, progress=False, log=lambda *_: None)
+
+
+def test_same_seed_same_losses(tmp_path):
+    a = train(tiny(tmp_path / "a", max_steps=6, dropout=0.2, num_layers=2), progress=False, log=lambda *_: None)
+    b = train(tiny(tmp_path / "b", max_steps=6, dropout=0.2, num_layers=2), progress=False, log=lambda *_: None)
+    assert a["last"]["train_loss"] == b["last"]["train_loss"]
+    c = train(tiny(tmp_path / "c", max_steps=6, dropout=0.2, num_layers=2, seed=4), progress=False,
+              log=lambda *_: None)
+    assert c["last"]["train_loss"] != a["last"]["train_loss"]
+
+
+def test_early_stopping_and_max_steps(tmp_path):
+    s = train(tiny(tmp_path / "a", max_steps=7, eval_every=3), progress=False, log=lambda *_: None)
+    assert s["steps"] == 7 and s["stop_reason"] == "max_steps"
+    # lr so small nothing improves after the first evaluation beyond 1e-6: patience 1 stops at eval 2
+    s = train(tiny(tmp_path / "b", lr=1e-9, eval_every=2, patience=1, num_epochs=5), progress=False,
+              log=lambda *_: None)
+    assert s["stop_reason"] == "early stopping"
+
+
+def test_evaluate_tokens_equals_direct_sum():
+    from deeprnn.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=7, cell="gru", num_layers=2, num_hiddens=6)).double()
+    tokens = torch.randint(0, 7, (2 * 23 + 1,))
+    total, n = evaluate_tokens(model, tokens, batch_size=2, num_steps=5)
+    # Direct: two streams of 23 inputs each, one forward pass over the whole stream.
+    X = tokens[:46].view(2, 23)
+    Y = tokens[1:47].view(2, 23)
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(X)
+    assert n == 46
+    assert total == pytest.approx(float(sequence_loss(logits, Y, reduction="sum")), rel=1e-9)
+
+
+def test_bad_config_values():
+    with pytest.raises(ConfigError, match=r"^lr must be > 0, got -1"):
+        TrainConfig(lr=-1).validate()
+    with pytest.raises(ConfigError, match=r"^optimizer must be one of sgd, adam, adamw, got 'rmsprop'"):
+        TrainConfig(optimizer="rmsprop").validate()
+    with pytest.raises(ConfigError, match=r"^clip must be >= 0"):
+        TrainConfig(clip=-0.5).validate()
