@@ -6,10 +6,14 @@ A checkpoint is a directory::
       model.safetensors        # the LanguageModel's state_dict
       train_state.safetensors  # optimiser tensors, RNG states, carried hidden state (optional)
       checkpoint.json          # format, versions, configs, vocab, position, metrics, file SHA-256s
+                               # and its own SHA-256 (``meta_sha256``)
 
 It is written into a temporary sibling directory, every file fsynced, then renamed over the old one,
-so a crash (even ``kill -9``) at any moment leaves either the old or the new checkpoint, never a mix.
-Loading checks each file's SHA-256 before parsing it and never unpickles anything.
+so a crash (even ``kill -9``) at any moment leaves either the old or the new checkpoint, never a mix
+(between the two renames the old one sits in ``.NAME.old``, which loading falls back to). A full
+disk raises :class:`CheckpointError` and leaves the old checkpoint as it was. Loading checks every
+SHA-256 before parsing anything and never unpickles: a corrupt, truncated, foreign or newer-format
+checkpoint is a :class:`CheckpointError`, never a crash or silently wrong weights.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 META_FILE = "checkpoint.json"
+META_DIGEST = "meta_sha256"  # key in checkpoint.json: SHA-256 of the rest of it (see _meta_digest)
 
 
 @dataclass
@@ -57,6 +62,11 @@ class Checkpoint:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of ``checkpoint.json``'s content in canonical form (sorted keys, no spaces)."""
+    return _sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -79,6 +89,12 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _remove_stale_temps(parent: Path, name: str) -> None:
+    """Delete temp directories a killed save of ``name`` left behind (one writer per run)."""
+    for stale in parent.glob(f".{name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimiser ``state_dict`` into tensors (for safetensors) and JSON."""
     sd = optimizer.state_dict()
@@ -97,17 +113,17 @@ def optimizer_from_flat(
     optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
 ) -> None:
     """Inverse of :func:`optimizer_to_flat`; loads into ``optimizer`` in place."""
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if not key.startswith("optim."):
-            continue
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, values in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(values)
     try:
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if not key.startswith("optim."):
+                continue
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+        for idx, values in meta.get("scalars", {}).items():
+            state.setdefault(int(idx), {}).update(values)
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"optimizer state does not match this model/optimizer: {e}") from None
 
 
@@ -127,7 +143,6 @@ def save_checkpoint(
     """
     path = Path(path)
     parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
     model_sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     model_bytes = st_save(model_sd)
     state_bytes = st_save({k: v.detach().cpu().contiguous() for k, v in (train_tensors or {}).items()})
@@ -140,9 +155,16 @@ def save_checkpoint(
         **meta,
         "files": {MODEL_FILE: _sha256(model_bytes), STATE_FILE: _sha256(state_bytes)},
     }
+    # The JSON carries its own checksum too, so a flipped bit in the vocabulary or the config is
+    # caught like one in the tensors (computed on the JSON round trip that loading will see).
+    full_meta = json.loads(json.dumps(full_meta))
+    full_meta[META_DIGEST] = _meta_digest(full_meta)
     meta_bytes = json.dumps(full_meta, indent=1, sort_keys=True).encode()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    tmp = None
     try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(parent, path.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
         _write_file(tmp / MODEL_FILE, model_bytes)
         _write_file(tmp / STATE_FILE, state_bytes)
         _write_file(tmp / META_FILE, meta_bytes)
@@ -160,7 +182,8 @@ def save_checkpoint(
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
             raise CheckpointError(
                 f"no space left on device while saving checkpoint {path}; the previous checkpoint "
@@ -234,11 +257,26 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
             f"checkpoint format version {version} is not supported by deeprnn {__version__} "
             f"(expects {FORMAT_VERSION}); use the deeprnn version that wrote it"
         )
+    expected = meta.pop(META_DIGEST, None)  # absent only in checkpoints from before it was added
+    if expected is not None and expected != _meta_digest(meta):
+        raise CheckpointError(
+            f"{meta_path} is corrupt or was edited (SHA-256 mismatch); use another checkpoint, "
+            "e.g. the run's last/ or best/"
+        )
+    # Every tensor file must carry its SHA-256: without one a flipped bit would load as garbage.
+    files = meta.get("files")
+    if not (isinstance(files, dict) and isinstance(files.get(MODEL_FILE), str)
+            and all(isinstance(v, str) for v in files.values())):
+        raise CheckpointError(f"{meta_path} lacks the SHA-256 of its tensor files; it is corrupt or was edited")
     return meta
 
 
 def load_tensors(ckpt_dir: Path, name: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    data = _read_verified(ckpt_dir / name, meta.get("files", {}).get(name))
+    """The tensors of one safetensors file, after checking its SHA-256 against ``meta``."""
+    expected = meta["files"].get(name)
+    if expected is None:
+        raise CheckpointError(f"{ckpt_dir / META_FILE} has no SHA-256 for {name}; it is corrupt or was edited")
+    data = _read_verified(ckpt_dir / name, expected)
     try:
         return st_load(data)
     except (SafetensorError, Exception) as e:  # safetensors raises several types on garbage
@@ -248,6 +286,7 @@ def load_tensors(ckpt_dir: Path, name: str, meta: dict[str, Any]) -> dict[str, t
 def load_checkpoint(run_or_ckpt: str | os.PathLike, map_location: str | torch.device = "cpu",
                     prefer: str = "best") -> Checkpoint:
     """Load a checkpoint (or a run's best/last) onto ``map_location``; never unpickles."""
+    from deeprnn.errors import VocabError
     from deeprnn.models import ModelConfig, build_model
     from deeprnn.vocab import Vocab
 
@@ -257,7 +296,7 @@ def load_checkpoint(run_or_ckpt: str | os.PathLike, map_location: str | torch.de
         config = ModelConfig(**meta["model_config"])
         config.validate()
         vocab = Vocab.from_dict(meta["vocab"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, VocabError) as e:
         raise CheckpointError(f"{ckpt_dir / META_FILE} has an invalid model config or vocabulary: {e}") from None
     model = build_model(config)
     sd = load_tensors(ckpt_dir, MODEL_FILE, meta)
@@ -267,5 +306,5 @@ def load_checkpoint(run_or_ckpt: str | os.PathLike, map_location: str | torch.de
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"weights in {ckpt_dir} do not fit the model config: {first}") from None
     model.to(map_location)
-    train_tensors = load_tensors(ckpt_dir, STATE_FILE, meta) if (ckpt_dir / STATE_FILE).exists() else {}
+    train_tensors = load_tensors(ckpt_dir, STATE_FILE, meta) if STATE_FILE in meta["files"] else {}
     return Checkpoint(path=ckpt_dir, meta=meta, model=model, vocab=vocab, train_tensors=train_tensors)

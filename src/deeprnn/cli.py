@@ -155,8 +155,27 @@ def config_from_mapping(values: dict[str, Any], source: str):
             raise ConfigError(f"{source}: {key} must be one of {', '.join(CHOICES[name])}, got {value!r}")
         if base == "float" and isinstance(value, int):
             value = float(value)
+        if name == "run_dir" and value is not None:
+            _check_contained(value, key, source)
         out[name] = value
     return out
+
+
+def _check_contained(value: str, key: str, source: str) -> None:
+    """A directory a config file names for writing must stay inside the current directory.
+
+    A shared or downloaded config file must not make deeprnn write (or ``--overwrite``) files
+    elsewhere: the path must be relative, without ``..``, and must not leave the current
+    directory through a symbolic link. Flags given on the command line are the user's own choice.
+    """
+    pure = Path(value)
+    cwd = Path.cwd().resolve()
+    if pure.is_absolute() or ".." in pure.parts or value.startswith("~") or not value.strip():
+        raise ConfigError(f"{source}: {key} must be a relative path inside the current directory "
+                          f"(no '..', not absolute), got {value!r}; pass --run-dir on the command line instead")
+    if not (cwd / pure).resolve().is_relative_to(cwd):
+        raise ConfigError(f"{source}: {key} {value!r} leads outside the current directory through a "
+                          "symbolic link; pass --run-dir on the command line instead")
 
 
 def build_train_config(args: argparse.Namespace):
@@ -184,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from deeprnn.train import train
 
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_torchrun(args.nproc)
+        return _launch_torchrun(args.nproc, getattr(args, "argv", None))
     if args.resume:
         from deeprnn.train import saved_train_config
 
@@ -223,10 +242,10 @@ def _print_summary(summary: dict[str, Any], cfg) -> None:
     print(f"run: {summary['run_dir']}")
 
 
-def _launch_torchrun(nproc: int) -> int:
+def _launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
     import subprocess
 
-    argv = [a for a in sys.argv[1:]]
+    argv = list(sys.argv[1:] if argv is None else argv)
     # drop --nproc N / --nproc=N
     cleaned: list[str] = []
     skip = False
@@ -470,8 +489,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from deeprnn.train import TrainingInterrupted
 
+    args.argv = argv  # what --nproc relaunches under torchrun
+    ok = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        ok = True
+        return code
     except TrainingInterrupted as e:
         print(f"deeprnn: {e}", file=sys.stderr)
         return 128 + e.signum
@@ -481,7 +504,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deeprnn: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except Exception as e:
+        from deeprnn import distributed
+
+        lost = distributed.peer_failure(e)  # another rank failed first and said why
+        if lost is None:
+            raise
+        print(f"deeprnn: error: {lost}", file=sys.stderr)
+        return 1
     finally:
         from deeprnn import distributed
 
-        distributed.shutdown()
+        distributed.shutdown(wait=ok)

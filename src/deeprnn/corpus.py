@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from deeprnn.errors import ConfigError, CorpusError
-from deeprnn.vocab import TOKEN_KINDS, Vocab
+from deeprnn.vocab import TOKEN_KINDS, Vocab, split_words
 
 
 @dataclass(frozen=True)
@@ -408,7 +408,8 @@ def build_corpus(
         if token == "char":
             stream = text.replace("\n", "") if normalization == "d2l" else text
         else:
-            stream = text.split()  # == the book's per-line line.split(), flattened
+            # d2l: the book's per-line line.split(), flattened; otherwise punctuation-aware with <eol>
+            stream = text.split() if normalization == "d2l" else split_words(text)
         if not stream:
             raise CorpusError(
                 f"{source.name!r} has no tokens after {normalization!r} normalisation; "

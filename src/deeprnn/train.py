@@ -15,6 +15,7 @@ How the corpus is used (char level, ``d2l`` normalisation by default)::
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -116,6 +117,7 @@ class TrainConfig:
         need(self.optimizer in ("sgd", "adam", "adamw"),
              f"optimizer must be one of sgd, adam, adamw, got {self.optimizer!r}")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.lr <= 3e38, f"lr must be <= 3e38 (what float32 weights can take), got {self.lr}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         need(self.clip >= 0, f"clip must be >= 0 (0 disables clipping), got {self.clip}")
@@ -144,6 +146,9 @@ class TrainConfig:
         need(self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         need(self.on_nan in ("stop", "rollback"), f"on_nan must be 'stop' or 'rollback', got {self.on_nan!r}")
         need(bool(self.corpus), "corpus must name at least one corpus, file or directory")
+        from deeprnn.models import ModelConfig  # the model fields too, before any text is read
+
+        ModelConfig(vocab_size=1, **self.model_fields()).validate()
 
 
 # Fields a resumed run may change: budgets and reporting. Everything else shapes the computation.
@@ -186,7 +191,20 @@ class TrainingInterrupted(DeepRNNError):
 
 
 class NonFiniteLoss(DeepRNNError):
-    """The loss became NaN or infinite."""
+    """The loss or the gradients became NaN or infinite (``on_nan="stop"``, or rollbacks exhausted)."""
+
+
+MAX_NAN_ROLLBACKS = 3  # on_nan="rollback": consecutive rollbacks (no good evaluation between) allowed
+NAN_CHECK_EVERY = 50  # steps between non-finite checks on an accelerator (each check is a host sync)
+
+
+def nan_check_interval(device: torch.device, world_size: int = 1) -> int:
+    """Steps between reads of the on-device non-finite flag (evaluations always read it).
+
+    Reading it is free on a lone CPU process; on an accelerator, or across ranks, it costs a host
+    sync (or an all-reduce), so there it happens every :data:`NAN_CHECK_EVERY` steps.
+    """
+    return 1 if device.type == "cpu" and world_size == 1 else NAN_CHECK_EVERY
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,6 +505,10 @@ def train(
         if not run_dir.is_dir():
             raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
         resume_ckpt = load_checkpoint(run_dir, prefer="last")
+        if not {"position", "loader", "optimizer"} <= resume_ckpt.meta.keys() or \
+                "rng.torch" not in resume_ckpt.train_tensors:
+            raise CheckpointError(f"{resume_ckpt.path} holds weights but no training state to resume; "
+                                  "fine-tune from it with --init-from instead")
         check_resumable(cfg, resume_ckpt.meta.get("train_config", {}), run_dir)
 
     device = resolve_device(cfg.device) if dist.device is None else dist.device
@@ -494,14 +516,41 @@ def train(
 
     vocab = resume_ckpt.vocab if resume_ckpt else None
     parent = None
-    if init_from is not None and not resume:
+    build = dict(token=cfg.token, normalization=cfg.normalization, min_freq=cfg.min_freq,
+                 data_dir=cfg.data_dir, encoding=cfg.encoding)
+    if resume_ckpt is not None:
+        corpus = build_corpus(cfg.corpus, vocab=None, **build)
+        if corpus.vocab.idx_to_token != vocab.idx_to_token:
+            if resume_ckpt.meta.get("parent") is None:
+                raise VocabError(f"the corpus' vocabulary ({len(corpus.vocab)} tokens) differs from the "
+                                 f"checkpoint's ({len(vocab)}) in {run_dir}; resume with the text the run was "
+                                 "trained on")
+            corpus = build_corpus(cfg.corpus, vocab=vocab, **build)  # fine-tuned: the parent's vocabulary
+    elif init_from is not None:
+        from deeprnn.finetune import count_unknown, extended_vocab, grow_model, missing_tokens
+
         parent = load_checkpoint(init_from)
+        if parent.vocab.token != cfg.token:
+            raise ConfigError(f"token must match the parent checkpoint's ({parent.vocab.token!r}) when fine-tuning")
+        fresh = build_corpus(cfg.corpus, vocab=None, **build)
+        new_tokens = missing_tokens(parent.vocab, fresh.vocab)
         vocab = parent.vocab
-    corpus = build_corpus(cfg.corpus, token=cfg.token, normalization=cfg.normalization,
-                          min_freq=cfg.min_freq, vocab=vocab, data_dir=cfg.data_dir, encoding=cfg.encoding)
-    if resume_ckpt is not None and corpus.vocab.to_dict() != resume_ckpt.vocab.to_dict():
-        raise VocabError(f"the corpus' vocabulary differs from the checkpoint's in {run_dir}; "
-                         "resume with the corpus the run was trained on")
+        if extend_vocab and new_tokens:
+            vocab = extended_vocab(parent.vocab, new_tokens, fresh.vocab)
+            parent.model = grow_model(parent.model, len(vocab))
+            log(f"fine-tuning from {parent.path}: vocabulary extended by {len(new_tokens)} tokens "
+                f"({len(parent.vocab)} -> {len(vocab)})")
+        corpus = build_corpus(cfg.corpus, vocab=vocab, **build)
+        n_unk = count_unknown(corpus.tokens, vocab)
+        if not extend_vocab:
+            log(f"fine-tuning from {parent.path}: {n_unk:,} tokens of the new corpus are not in the parent's "
+                f"vocabulary and map to <unk> ({len(new_tokens)} distinct; --extend-vocab adds them)")
+        # The run's model fields are the parent's: config.json must tell the truth.
+        for name, value in dataclasses.asdict(parent.model.config).items():
+            if hasattr(cfg, name) and name != "vocab_size":
+                setattr(cfg, name, value)
+    else:
+        corpus = build_corpus(cfg.corpus, vocab=None, **build)
     vocab = corpus.vocab
     splits = corpus.split((1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction),
                           heldout_from=cfg.heldout_from)
@@ -514,8 +563,18 @@ def train(
 
     if resume_ckpt is not None:
         model = resume_ckpt.model
+        ft = resume_ckpt.meta.get("finetune") or {}
+        if ft.get("freeze_layers"):
+            from deeprnn.finetune import freeze_layers as freeze
+
+            freeze(model, ft["freeze_layers"], include_embedding=not ft.get("extend_vocab", False))
     elif parent is not None:
+        from deeprnn.finetune import freeze_layers as freeze
+
         model = parent.model
+        if freeze_layers:
+            frozen = freeze(model, freeze_layers, include_embedding=not extend_vocab)
+            log(f"froze the {freeze_layers} lowest layers ({len(frozen)} parameter tensors)")
     else:
         mcfg = ModelConfig(vocab_size=len(vocab), **cfg.model_fields())
         mcfg.validate()
@@ -528,6 +587,7 @@ def train(
     step, epoch, batch_in_epoch, tokens_seen, train_time = 0, 0, 0, 0, 0.0
     best_val, bad_evals, evals_done = math.inf, 0, 0
     plateau = {"best": math.inf, "bad": 0, "scale": 1.0}
+    lr_scale, nan_rollbacks = 1.0, 0  # on_nan="rollback" halves lr_scale; both saved, so they survive resume
     state = None
     if resume_ckpt is not None:
         meta = resume_ckpt.meta
@@ -536,8 +596,9 @@ def train(
         step, epoch, tokens_seen, train_time = pos["step"], pos["epoch"], pos["tokens"], pos["train_time"]
         best_val, bad_evals, evals_done = meta["best_val"], meta["bad_evals"], meta["evals_done"]
         plateau = meta.get("plateau", plateau)
+        lr_scale, nan_rollbacks = meta.get("lr_scale", 1.0), meta.get("nan_rollbacks", 0)
         epoch, batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
-        state = _state_from_tensors(resume_ckpt.train_tensors, device)
+        state = dist.shard_batch(_state_from_tensors(resume_ckpt.train_tensors, device))  # saved global
         torch.set_rng_state(resume_ckpt.train_tensors["rng.torch"])
         if "rng.cuda" in resume_ckpt.train_tensors and device.type == "cuda":
             torch.cuda.set_rng_state(resume_ckpt.train_tensors["rng.cuda"])
@@ -547,8 +608,8 @@ def train(
         cfg.run_dir = str(run_dir)
         if is_main:
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    dist.barrier()
-    assert run_dir is not None
+    # Every rank names rank 0's run directory (the default name has a time stamp) once it exists.
+    run_dir = Path(dist.broadcast_object(str(run_dir)))
 
     steps_per_epoch = len(loader)
     # Schedules need a length; epochs may differ by a batch (random offsets), so it is an estimate.
@@ -575,21 +636,66 @@ def train(
         return dist.all_reduce_sum(loss_sum, count)
 
     def save(name: str, metrics: dict[str, Any]) -> None:
+        carry = dist.gather_batch(state)  # every rank's streams (L, B, H): resumable under any world size
         if not is_main:
             return
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-        tensors = {**opt_tensors, **_rng_tensors(), **_state_tensors(state)}
+        tensors = {**opt_tensors, **_rng_tensors(), **_state_tensors(carry)}
         meta = {
             "train_config": dataclasses.asdict(cfg),
             "position": {"step": step, "epoch": epoch, "tokens": tokens_seen, "train_time": train_time},
             "loader": {"epoch": epoch, "batch": batch_in_epoch},
             "optimizer": opt_meta,
             "best_val": best_val, "bad_evals": bad_evals, "evals_done": evals_done, "plateau": plateau,
+            "lr_scale": lr_scale, "nan_rollbacks": nan_rollbacks,
             "metrics": metrics,
+            "finetune": ({"freeze_layers": freeze_layers, "extend_vocab": extend_vocab} if parent is not None
+                         else (resume_ckpt.meta.get("finetune") if resume_ckpt is not None else None)),
             "parent": (str(parent.path) if parent is not None else
                        (resume_ckpt.meta.get("parent") if resume_ckpt is not None else None)),
         }
         save_checkpoint(run_dir / name, model=model, vocab=vocab, meta=meta, train_tensors=tensors)
+
+    def roll_back(what: str) -> None:
+        """Non-finite loss or gradients: raise NonFiniteLoss, or (on_nan="rollback") restore last/
+        (weights, optimiser, RNG, position), halve the learning rate and let the loop go on."""
+        nonlocal step, epoch, batch_in_epoch, tokens_seen, best_val, bad_evals, evals_done, plateau, state
+        nonlocal lr_scale, nan_rollbacks, finite, interval_loss, interval_count, interval_tokens, interval_time
+        has_last = dist.broadcast_object(
+            any((run_dir / name / "checkpoint.json").exists() for name in ("last", ".last.old")))
+        if cfg.on_nan != "rollback" or nan_rollbacks >= MAX_NAN_ROLLBACKS or not has_last:
+            if cfg.on_nan != "rollback":
+                hint = ("; lower --lr or --clip; resume from the last good checkpoint with: deeprnn train "
+                        f"--resume {run_dir} --on-nan rollback") if has_last else \
+                    "; lower --lr or --clip, or use --on-nan rollback"
+            elif has_last:
+                hint = f" after {nan_rollbacks} rollbacks in a row; lower --lr or --clip and resume {run_dir}"
+            else:
+                hint = "; no checkpoint to roll back to; lower --lr or --clip"
+            raise NonFiniteLoss(f"{what} at step {step}{hint}")
+        # Rank 0 reads last/ and hands it to every rank (a node may not share its disk).
+        ck = load_checkpoint(run_dir, prefer="last") if is_main else None
+        meta, tensors, weights = dist.broadcast_object(
+            (ck.meta, ck.train_tensors, ck.model.state_dict()) if is_main else None)
+        bad_step = step
+        model.load_state_dict(weights)
+        optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+        step, tokens_seen = meta["position"]["step"], meta["position"]["tokens"]  # train_time keeps counting
+        epoch, batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
+        best_val, bad_evals, evals_done = meta["best_val"], meta["bad_evals"], meta["evals_done"]
+        plateau = meta.get("plateau", plateau)
+        state = dist.shard_batch(_state_from_tensors(tensors, device))
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        nan_rollbacks += 1
+        lr_scale *= 0.5
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        interval_loss = torch.zeros((), dtype=torch.float64, device=device)
+        interval_count, interval_tokens, interval_time = 0, 0, 0.0
+        msg = (f"{what} at step {bad_step}: rolled back to step {step} ({run_dir / 'last'}), learning rate "
+               f"halved to {lr_scale:g} x schedule (rollback {nan_rollbacks} of {MAX_NAN_ROLLBACKS})")
+        (pbar.write if pbar is not None else log)(msg)
 
     def sample_text() -> str | None:
         if not cfg.prefix or cfg.num_preds == 0:
@@ -603,6 +709,10 @@ def train(
     interval_loss = torch.zeros((), dtype=torch.float64, device=device)
     interval_count = 0
     interval_tokens, interval_time = 0, 0.0
+    # Non-finite loss or gradient norm, accumulated on the device and read per nan_check_interval().
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    nan_every = nan_check_interval(device, dist.world_size)
+    rolled_back = False
     stop_reason = "epochs"
     pbar = None
     if progress:
@@ -613,7 +723,7 @@ def train(
     def do_eval() -> bool:
         """Evaluate, log, checkpoint; returns True when early stopping says stop."""
         nonlocal best_val, bad_evals, evals_done, interval_loss, interval_count
-        nonlocal interval_tokens, interval_time, last_row
+        nonlocal interval_tokens, interval_time, last_row, rolled_back, nan_rollbacks
         train_loss = float(interval_loss) / max(1, interval_count)
         if dist.world_size > 1:
             s, c = dist.all_reduce_sum(float(interval_loss), interval_count)
@@ -628,11 +738,15 @@ def train(
             "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)) if val_n else float("nan"),
             "val_bpc": val_loss / LN2 if val_n else float("nan"), "tokens_per_s": tps,
         }
+        if dist.any_flag(not bool(finite)) or not math.isfinite(train_loss) or (
+                val_n and not math.isfinite(val_loss)):
+            bad = train_loss if not math.isfinite(train_loss) else val_loss
+            roll_back(f"loss became {bad}" if not math.isfinite(bad) else "gradients became non-finite")
+            rolled_back = True  # nothing logged or saved: the weights are not finite
+            return False
+        nan_rollbacks = 0  # a good evaluation: the next rollback starts a new count
         last_row = row
         evals_done += 1
-        if not math.isfinite(train_loss) or (val_n and not math.isfinite(val_loss)):
-            raise NonFiniteLoss(f"loss became {train_loss if not math.isfinite(train_loss) else val_loss} "
-                                f"at step {step}; lower --lr or --clip, or use --on-nan rollback")
         improved = val_n and val_loss < best_val - 1e-6
         if is_main:
             new = not metrics_csv.exists()
@@ -679,7 +793,10 @@ def train(
     try:
         with _SignalFlag() as flag:
             done = epoch >= cfg.num_epochs or step >= stop_steps
+            if cfg.on_nan == "rollback" and resume_ckpt is None and step == 0:
+                save("last", {})  # something to roll back to before the first evaluation
             while not done:
+                rolled_back = False
                 loader.load_state_dict({"epoch": epoch, "batch": batch_in_epoch})
                 for X, Y in loader:
                     t0 = time.perf_counter()
@@ -694,14 +811,15 @@ def train(
                     elif cfg.schedule == "plateau":
                         lr = cfg.lr * plateau["scale"]
                     for g in optimizer.param_groups:
-                        g["lr"] = lr
+                        g["lr"] = lr * lr_scale
                     with autocast_context(device, cfg.precision):
                         logits, state = net(X, state)
                     loss = sequence_loss(logits, Y)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    finite &= torch.isfinite(loss.detach())
                     if cfg.clip > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                        finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
                     optimizer.step()
                     interval_loss += loss.detach().double()
                     interval_count += 1
@@ -720,6 +838,9 @@ def train(
                         if step % 10 == 0:
                             pbar.set_postfix(loss=f"{float(loss):.3f}",
                                              tok_s=f"{interval_tokens / max(interval_time, 1e-9):,.0f}")
+                    if step % nan_every == 0 and dist.any_flag(not bool(finite)):
+                        roll_back("loss or gradients became non-finite")  # raises unless rolling back
+                        break  # restart the loader at the restored position
                     at_end = step >= stop_steps
                     paused = stop_after_steps is not None and step >= stop_after_steps
                     over_time = budget_s is not None and dist.any_flag(train_time >= budget_s)
@@ -729,6 +850,8 @@ def train(
                             stop_reason, done = "early stopping", True
                     if interrupted:
                         raise TrainingInterrupted(flag.signum or signal.SIGTERM, run_dir)
+                    if rolled_back:
+                        break  # restart the loader at the restored position
                     if at_end:
                         stop_reason, done = "max_steps", True
                     elif over_time:
@@ -755,10 +878,16 @@ def train(
                                "parameters": n_params, "vocab_size": len(vocab), "device": str(device),
                                "last": last_row}
     best_dir = run_dir / "best"
-    if (best_dir / "checkpoint.json").exists():
-        best = load_checkpoint(best_dir, map_location=device)
-        eval_model = best.model
-        summary["best"] = best.meta.get("metrics", {})
+    # Rank 0 wrote the checkpoints: the other ranks take its word and its weights, so the sharded test
+    # score is one model's even where a node does not share rank 0's disk.
+    if dist.broadcast_object((best_dir / "checkpoint.json").exists()):
+        if is_main:
+            best = load_checkpoint(best_dir, map_location=device)
+            eval_model = best.model
+            summary["best"] = best.meta.get("metrics", {})
+        else:
+            eval_model = copy.deepcopy(model)
+        dist.broadcast_module(eval_model)
     else:
         eval_model = model
     if splits.test.numel() > 1:
@@ -767,9 +896,9 @@ def train(
                                rank=dist.rank, world_size=dist.world_size)
         s, c = dist.all_reduce_sum(s, c)
         test_loss = s / c
-        summary.update(test_loss=test_loss, test_ppl=math.exp(test_loss), test_bpc=test_loss / LN2,
+        summary.update(test_loss=test_loss, test_ppl=math.exp(test_loss) if test_loss < 700 else math.inf, test_bpc=test_loss / LN2,
                        test_tokens=c)
-    summary["best_val_ppl"] = math.exp(best_val) if math.isfinite(best_val) else None
+    summary["best_val_ppl"] = (math.exp(best_val) if best_val < 700 else math.inf) if math.isfinite(best_val) else None
     summary["best_val_bpc"] = best_val / LN2 if math.isfinite(best_val) else None
     summary["tokens_per_s"] = tokens_seen / train_time if train_time > 0 else None
     if is_main:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -22,6 +23,44 @@ from deeprnn.errors import ConfigError, VocabError
 TOKEN_KINDS = ("char", "word")
 _FORMAT = "deeprnn.vocab"
 _FORMAT_VERSION = 1
+
+
+EOL = "<eol>"
+# Words: runs of letters/digits, with inner apostrophes (don't, o'er); every other non-space
+# character is a token of its own (punctuation). Each line break becomes the EOL token.
+_WORD_RE = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*|\S")
+_NO_SPACE_BEFORE = set(".,;:!?)]}'\u2019\u201d%")
+_NO_SPACE_AFTER = set("([{\u201c\u2018$")
+
+
+def split_words(text: str, eol: bool = True) -> list[str]:
+    """Punctuation-aware word tokenisation (the rule for ``--token word`` without ``d2l``
+    normalisation): words keep inner apostrophes, each punctuation mark is a token, and each line
+    break is :data:`EOL`. ``join_words`` inverts it up to whitespace.
+    """
+    out: list[str] = []
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        out.extend(_WORD_RE.findall(line))
+        if eol and i < len(lines) - 1:
+            out.append(EOL)
+    return out
+
+
+def join_words(words: Sequence[str]) -> str:
+    """Words back to text: spaces between words, none before closing punctuation or after opening
+    brackets, :data:`EOL` as a line break."""
+    parts: list[str] = []
+    prev = None
+    for w in words:
+        if w == EOL:
+            parts.append("\n")
+        elif prev is None or prev == EOL or w in _NO_SPACE_BEFORE or prev in _NO_SPACE_AFTER:
+            parts.append(w)
+        else:
+            parts.append(" " + w)
+        prev = w
+    return "".join(parts)
 
 
 def tokenize(lines: Iterable[str], token: str = "char") -> list[list[str]]:
@@ -123,18 +162,18 @@ class Vocab:
                 codepoints = np.frombuffer(text_or_tokens.encode("utf-32-le"), dtype=np.uint32)
                 ids = table[np.minimum(codepoints, len(table) - 1)]
                 return torch.from_numpy(ids)
-            text_or_tokens = text_or_tokens.split()
+            text_or_tokens = split_words(text_or_tokens)
         get, unk = self.token_to_idx.get, self.unk
         return torch.tensor([get(tok, unk) for tok in text_or_tokens], dtype=torch.long)
 
     def decode(self, ids) -> str:
-        """Text of a 1-D sequence of indices: characters joined with ``''``, words with ``' '``."""
+        """Text of a 1-D sequence of indices: characters joined with ``''``, words by :func:`join_words`."""
         arr = np.asarray(ids.tolist() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
         if arr.size and (arr.min() < 0 or arr.max() >= len(self)):
             bad = int(arr[(arr < 0) | (arr >= len(self))][0])
             raise VocabError(f"index {bad} is out of range for a vocabulary of {len(self)} tokens")
         tokens = [self.idx_to_token[i] for i in arr.tolist()]
-        return ("" if self.token == "char" else " ").join(tokens)
+        return "".join(tokens) if self.token == "char" else join_words(tokens)
 
     # --- persistence ----------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -1,0 +1,807 @@
+"""Experiments as commands: a grid of training runs under one budget, cached, summarised as a report.
+
+``deeprnn compare`` expands a grid — cells × layers × hiddens × implementations × data variants ×
+seeds — into :class:`~deeprnn.train.TrainConfig` s that differ only on those axes, trains each with
+:func:`deeprnn.train.train` in ``RUNS/<config hash>/`` (a run whose ``summary.json`` exists is
+reused, ``--rerun`` forces), and writes a report directory::
+
+    OUT/report.md     Markdown table, one row per configuration (mean ± std over seeds)
+    OUT/results.csv   one row per run (every seed), every recorded number
+    OUT/curves.png    held-out perplexity against training wall time, one line per configuration
+    OUT/speed.png     training tokens per second, one bar per configuration
+
+A *data variant* is a labelled list of sources trained on together, optionally with
+``heldout_from`` (only those sources give validation/test text, the rest go wholly to training:
+the "more data" experiment) and ``weights`` (a source's training text repeated or truncated: the
+"merging authors" experiment). ``eval_on`` scores each run's best checkpoint on the validation span
+of each named source, cut exactly as training cut it, so per-source numbers never score training text.
+
+The seed's exercises 2-4 are the presets in :data:`PRESETS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deeprnn.errors import ConfigError
+
+# Held-out files of a weighted variant are split (≈0, valid, test): this leaves int(n * 2e-9) = 0
+# tokens to training for any text shorter than 5e8 tokens, so no held-out token is ever trained on.
+_EPS = 1e-9
+
+
+@dataclass
+class DataVariant:
+    """Sources trained on together. ``weights`` maps a source to a multiplier on its training text
+    (2.5 = two copies and half of a third, 0.3 = its first 30 %), or is ``"balance"``: every source
+    repeated up to the largest one's training size."""
+
+    label: str
+    corpus: list[str]
+    heldout_from: list[str] | None = None
+    weights: dict[str, float] | str | None = None
+
+
+@dataclass
+class GridSpec:
+    """What ``deeprnn compare`` runs. ``base`` holds fixed TrainConfig overrides shared by every run."""
+
+    cells: list[str] = field(default_factory=lambda: ["lstm"])
+    layers: list[int] = field(default_factory=lambda: [2])
+    hiddens: list[int] = field(default_factory=lambda: [256])
+    impls: list[str] = field(default_factory=lambda: ["concise"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data: list[DataVariant] = field(default_factory=lambda: [DataVariant("timemachine", ["timemachine"])])
+    base: dict[str, Any] = field(default_factory=dict)
+    eval_on: list[str] = field(default_factory=list)  # sources scored on their own validation span
+    target_ppl: float | None = None  # report the training time to reach this held-out perplexity
+    title: str = "deeprnn compare"
+    description: str = ""  # Markdown placed above the table (the question and the recipe)
+
+
+@dataclass
+class RunPoint:
+    """One grid point: the config to train, its cache key and its place in the report."""
+
+    label: str  # the configuration, without the seed
+    seed: int
+    variant: DataVariant
+    cfg: Any  # TrainConfig (logical: the variant's own sources, before weighting)
+    key: str
+
+
+# ----------------------------------------------------------------------------------------------
+# presets: the seed's exercises 2-4
+
+# The book's architecture (section 9.3: 2 x 256, one-hot input, batch 32 x 35) with a recipe that is
+# measured on held-out text. The book's SGD lr 2 for 500 epochs on 10,000 characters memorises them
+# ("perplexity 1.0" for every cell); here every cell gets the same wall-clock budget on the whole
+# book with a held-out tail, Adam 3e-3 with a cosine decay over that budget, clipping 1, no dropout
+# (too short a budget to overfit), bf16 autocast (the project default; 2x faster for the LSTM on CPU).
+BOOK_RECIPE: dict[str, Any] = dict(
+    normalization="d2l", token="char", input="one_hot", dropout=0.0, init="torch", batch_size=32,
+    num_steps=35, sampling="sequential", optimizer="adam", lr=3e-3, clip=1.0, schedule="cosine",
+    precision="bf16", eval_every=100, sample_every=0, num_preds=0,
+)
+
+WELLS = ["timemachine", "war-of-the-worlds"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gru-vs-lstm": dict(
+        title="Exercise 2: vanilla RNN vs GRU vs LSTM at the book's configuration",
+        cells=["rnn_tanh", "gru", "lstm"], layers=[2], hiddens=[256], impls=["concise"], seeds=[0],
+        data=[DataVariant("timemachine", ["timemachine"])], base=dict(BOOK_RECIPE), minutes=1.0,
+        target_ppl=8.0,
+        description=(
+            "Which cell is more accurate and which is faster at the book's 2 x 256 configuration? The book "
+            "answers \"perplexity 1.0 for both\" because it scores the 10,000 characters it trained on. "
+            "Here every cell trains on the whole *Time Machine* (90 %) for the same wall-clock budget and is "
+            "scored on the held-out 5 % validation / 5 % test tail.\n\n"
+            "Recipe (all cells alike): one-hot input, 2 layers x 256 hidden units, batch 32 x 35 sequential, "
+            "Adam lr 3e-3 with a cosine decay over the budget, clipping 1, no dropout, bf16 autocast, "
+            "evaluation every 100 steps."),
+    ),
+    "more-data": dict(
+        title="Exercise 3: more data — The Time Machine alone vs + The War of the Worlds",
+        cells=["lstm"], layers=[2], hiddens=[256], impls=["concise"], seeds=[0],
+        data=[DataVariant("timemachine", ["timemachine"], heldout_from=["timemachine"]),
+              DataVariant("timemachine+war-of-the-worlds", WELLS, heldout_from=["timemachine"])],
+        base=dict(BOOK_RECIPE), minutes=1.0, target_ppl=8.0, eval_on=["timemachine"],
+        description=(
+            "Does adding *The War of the Worlds* to the training text lower the perplexity on *The Time "
+            "Machine*? Both models are scored on **the same held-out Time Machine split** (its last 10 %: "
+            "validation 5 %, test 5 %); with `heldout_from=[\"timemachine\"]` the added book goes wholly to "
+            "training and never into the held-out text. Recipe: the gru-vs-lstm recipe (2 x 256 LSTM, "
+            "one-hot, Adam 3e-3 cosine, clip 1, no dropout)."),
+    ),
+    "authors": dict(
+        title="Exercise 4: merging authors — Wells vs Tiny Shakespeare vs the merge",
+        cells=["lstm"], layers=[2], hiddens=[256], impls=["concise"], seeds=[0],
+        data=[DataVariant("wells", WELLS),
+              DataVariant("shakespeare", ["tinyshakespeare"]),
+              DataVariant("merge", [*WELLS, "tinyshakespeare"]),
+              DataVariant("merge-balanced", [*WELLS, "tinyshakespeare"], weights="balance")],
+        base=dict(BOOK_RECIPE), minutes=1.0, target_ppl=8.0,
+        eval_on=[*WELLS, "tinyshakespeare"],
+        description=(
+            "Should texts by different authors be merged? Each model is scored on the validation span of "
+            "every source (each source is split 90/5/5 on its own, so these spans are never trained on). "
+            "`merge-balanced` repeats each source's training text up to the largest one's size "
+            "(`--weights balance`). The book's `d2l` normalisation (lower-case letters and spaces) gives "
+            "every source the same 28-symbol vocabulary, so cross-author perplexities are comparable. "
+            "Recipe: the gru-vs-lstm recipe (2 x 256 LSTM, one-hot, Adam 3e-3 cosine, clip 1, no dropout)."),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# the grid
+
+
+def _norm_heldout(corpus: list[str], heldout_from: list[str] | None) -> list[str] | None:
+    """``None`` when every source is held out anyway, so equal computations share a cache key."""
+    if heldout_from is None or set(heldout_from) >= set(corpus):
+        return None
+    return list(heldout_from)
+
+
+def config_key(cfg, weights: dict[str, float] | str | None = None) -> str:
+    """Cache key of a run: a hash of every TrainConfig field that shapes the result, and the weights."""
+    d = dataclasses.asdict(cfg)
+    for volatile in ("run_dir", "data_dir", "device"):
+        d.pop(volatile, None)
+    d["_weights"] = weights
+    blob = json.dumps(d, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def expand_grid(spec: GridSpec) -> list[RunPoint]:
+    """Every grid point in report order (data variant, cell, layers, hiddens, impl, then seed)."""
+    from deeprnn.train import TrainConfig
+
+    points = []
+    multi = len(spec.data) > 1
+    for variant in spec.data:
+        for cell in spec.cells:
+            for layers in spec.layers:
+                for hiddens in spec.hiddens:
+                    for impl in spec.impls:
+                        label = f"{cell} {layers}x{hiddens} {impl}"
+                        if multi:
+                            label = f"{variant.label} · {label}"
+                        for seed in spec.seeds:
+                            cfg = TrainConfig(**{
+                                **spec.base, "corpus": list(variant.corpus),
+                                "heldout_from": _norm_heldout(variant.corpus, variant.heldout_from),
+                                "cell": cell, "num_layers": layers, "num_hiddens": hiddens, "impl": impl,
+                                "seed": seed})
+                            cfg.validate()
+                            points.append(RunPoint(label, seed, variant, cfg, config_key(cfg, variant.weights)))
+    return points
+
+
+# ----------------------------------------------------------------------------------------------
+# data: held-out spans and weighted training text
+
+
+def split_fractions(cfg) -> tuple[float, float, float]:
+    return (1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction)
+
+
+def heldout_ranges(corpus, fractions, heldout_from=None) -> dict[str, list[tuple[str, int, int]]]:
+    """Where :meth:`Corpus.split` takes each part from: ``{"train"|"valid"|"test": [(source, start,
+    end), ...]}`` as half-open ranges of ``corpus.tokens`` (empty ranges omitted)."""
+    held = {n for n, _, _ in corpus.spans} if heldout_from is None else set(heldout_from)
+    out: dict[str, list[tuple[str, int, int]]] = {"train": [], "valid": [], "test": []}
+    for name, start, end in corpus.spans:
+        n = end - start
+        if name in held:
+            cut1 = int(n * fractions[0])
+            cut2 = n if fractions[2] == 0 else int(n * (fractions[0] + fractions[1]))
+        else:
+            cut1 = cut2 = n
+        for part, (a, b) in zip(out, ((0, cut1), (cut1, cut2), (cut2, n))):
+            if b > a:
+                out[part].append((name, start + a, start + b))
+    return out
+
+
+def _weight_for(weights, name: str, n_train: int, largest: int) -> float:
+    if weights == "balance":
+        return largest / max(1, n_train)
+    return float((weights or {}).get(name, 1.0))
+
+
+def materialise_weighted(cfg, weights, dest: Path):
+    """Write a weighted variant's text to ``dest`` and return the TrainConfig that trains on it.
+
+    Per source, ``<i>.train.txt`` holds its training text repeated/truncated by its weight and
+    ``<i>.heldout.txt`` its untouched validation + test text; the returned config holds out only the
+    ``.heldout`` files, split so that none of their tokens reach training (see ``_EPS``).
+    """
+    from deeprnn.corpus import build_corpus
+
+    if isinstance(weights, dict):
+        bad = [w for w in weights.values() if not (math.isfinite(w) and w > 0)]
+        if bad:
+            raise ConfigError(f"weights must be > 0, got {bad[0]}")
+    corpus = build_corpus(cfg.corpus, token=cfg.token, normalization=cfg.normalization,
+                          data_dir=cfg.data_dir, encoding=cfg.encoding)
+    fr = split_fractions(cfg)
+    ranges = heldout_ranges(corpus, fr, cfg.heldout_from)
+    train_of = {name: (a, b) for name, a, b in ranges["train"]}
+    largest = max((b - a for a, b in train_of.values()), default=0)
+    dest.mkdir(parents=True, exist_ok=True)
+    train_files, held_files = [], []
+    for i, (name, start, end) in enumerate(corpus.spans):
+        a, b = train_of.get(name, (start, start))
+        ids = corpus.tokens[a:b]
+        w = _weight_for(weights, name, b - a, largest)
+        whole, frac = int(w), w - int(w)
+        weighted = torch.cat([ids.repeat(whole), ids[: round(frac * len(ids))]])
+        if weighted.numel():
+            p = dest / f"{i}.train.txt"
+            p.write_text(corpus.vocab.decode(weighted), encoding="utf-8")
+            train_files.append(str(p))
+        held = [(a2, b2) for part in ("valid", "test") for n2, a2, b2 in ranges[part] if n2 == name]
+        if held:
+            p = dest / f"{i}.heldout.txt"
+            p.write_text(corpus.vocab.decode(corpus.tokens[held[0][0]: held[-1][1]]), encoding="utf-8")
+            held_files.append(str(p))
+    if not held_files:
+        raise ConfigError("heldout_from leaves no validation text in the weighted variant")
+    vf, tf = cfg.val_fraction, cfg.test_fraction
+    scale = (1 - 2 * _EPS) / (vf + tf)
+    return dataclasses.replace(cfg, corpus=train_files + held_files, heldout_from=held_files,
+                               val_fraction=vf * scale, test_fraction=tf * scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# one run
+
+
+def time_to_target(rows: list[dict[str, str]], target: float | None) -> float | None:
+    """Training seconds (``elapsed_s``) at the first evaluation with held-out perplexity <= target."""
+    if target is None:
+        return None
+    for r in rows:
+        v = r.get("val_ppl", "")
+        if v not in ("", "nan") and float(v) <= target:
+            return float(r["elapsed_s"])
+    return None
+
+
+def per_source_eval(run_dir: Path, cfg, variant: DataVariant, sources: list[str]) -> dict[str, dict[str, Any]]:
+    """Best checkpoint scored on each source's own validation span (cut as training cut it).
+
+    A source the run trained on without holding any of it out is not scored (``None``): its
+    "validation span" was training text.
+    """
+    from deeprnn.checkpoint import load_checkpoint
+    from deeprnn.corpus import build_corpus
+    from deeprnn.train import LN2, evaluate_tokens
+
+    ck = load_checkpoint(run_dir, map_location="cpu")
+    held = set(variant.corpus) if variant.heldout_from is None else set(variant.heldout_from)
+    out: dict[str, dict[str, Any]] = {}
+    for src in sources:
+        if src in variant.corpus and src not in held:
+            out[src] = None
+            continue
+        corpus = build_corpus([src], token=cfg.token, normalization=cfg.normalization, vocab=ck.vocab,
+                              data_dir=cfg.data_dir, encoding=cfg.encoding)
+        valid = corpus.split(split_fractions(cfg)).valid
+        s, n = evaluate_tokens(ck.model, valid, batch_size=cfg.eval_batch_size, num_steps=cfg.eval_num_steps,
+                               precision=cfg.precision)
+        loss = s / n if n else float("nan")
+        out[src] = {"ppl": math.exp(loss), "bpc": loss / LN2, "tokens": n,
+                    "unknown": int((valid == ck.vocab.unk).sum())}
+    return out
+
+
+def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl: float | None,
+              rerun: bool = False, train_log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train ``point`` unless ``runs_dir/<key>/summary.json`` exists; return its record."""
+    from deeprnn.train import read_metrics, train
+
+    run_dir = runs_dir / point.key
+    done = (run_dir / "summary.json").exists() and (run_dir / "compare.json").exists()
+    cached = done and not rerun
+    if not cached:
+        cfg = dataclasses.replace(point.cfg, run_dir=str(run_dir))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("summary.json", "compare.json", "eval.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+        if point.variant.weights:
+            cfg = materialise_weighted(cfg, point.variant.weights, run_dir / "data")
+        t0 = time.perf_counter()
+        train(cfg, overwrite=True, progress=False, log=train_log or (lambda *_a, **_k: None))
+        wall = time.perf_counter() - t0
+        info = {"label": point.label, "seed": point.seed, "key": point.key,
+                "variant": dataclasses.asdict(point.variant), "config": dataclasses.asdict(point.cfg),
+                "wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (run_dir / "compare.json").write_text(json.dumps(info, indent=1) + "\n")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    info = json.loads((run_dir / "compare.json").read_text())
+
+    evals: dict[str, Any] = {}
+    eval_path = run_dir / "eval.json"
+    if eval_path.exists():
+        evals = json.loads(eval_path.read_text())
+    missing = [s for s in eval_on if s not in evals]
+    if missing:
+        evals.update(per_source_eval(run_dir, point.cfg, point.variant, missing))
+        eval_path.write_text(json.dumps(evals, indent=1) + "\n")
+
+    last = summary.get("last") or {}
+    cfg = point.cfg
+    rec: dict[str, Any] = {
+        "label": point.label, "data": point.variant.label, "cell": cfg.cell, "layers": cfg.num_layers,
+        "hiddens": cfg.num_hiddens, "impl": cfg.impl, "seed": point.seed, "key": point.key,
+        "parameters": summary.get("parameters"),
+        "best_val_ppl": summary.get("best_val_ppl"), "best_val_bpc": summary.get("best_val_bpc"),
+        "final_val_ppl": _num(last.get("val_ppl")), "final_val_bpc": _num(last.get("val_bpc")),
+        "test_ppl": summary.get("test_ppl"), "test_bpc": summary.get("test_bpc"),
+        "train_ppl": _num(last.get("train_ppl")), "tokens": _num(last.get("tokens")),
+        "tokens_per_s": summary.get("tokens_per_s"),
+        "train_time_s": summary.get("train_time_s"), "wall_s": info.get("wall_s"),
+        "steps": summary.get("steps"), "epochs": summary.get("epochs"),
+        "target_ppl": target_ppl,
+        "time_to_target_s": time_to_target(read_metrics(run_dir / "metrics.csv"), target_ppl),
+        "stop_reason": summary.get("stop_reason"), "cached": cached, "run_dir": str(run_dir),
+    }
+    for src in eval_on:
+        e = evals.get(src)
+        rec[f"valid_ppl[{src}]"] = e["ppl"] if e else None
+        rec[f"valid_bpc[{src}]"] = e["bpc"] if e else None
+    return rec
+
+
+def _num(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+
+COLUMNS = [  # (record field, header, format)
+    ("parameters", "params", "{:,.0f}"),
+    ("best_val_ppl", "held-out ppl (best)", "{:.3f}"),
+    ("best_val_bpc", "held-out bpc (best)", "{:.3f}"),
+    ("final_val_ppl", "held-out ppl (final)", "{:.3f}"),
+    ("final_val_bpc", "held-out bpc (final)", "{:.3f}"),
+    ("test_ppl", "test ppl (best ckpt)", "{:.3f}"),
+    ("train_ppl", "train ppl (final)", "{:.3f}"),
+    ("tokens", "tokens seen", "{:,.0f}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("wall_s", "wall s", "{:.1f}"),
+]
+
+
+def _cell(values: list[float | None], fmt: str) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    mean = statistics.fmean(vals)
+    text = fmt.format(mean)
+    if len(vals) > 1:
+        text += " ± " + fmt.format(statistics.stdev(vals))
+    return text
+
+
+def aggregate(records: list[dict[str, Any]], eval_on: list[str], target_ppl: float | None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the report table: one row per configuration, mean ± std over its seeds."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(r["label"], []).append(r)
+    header = ["configuration", "seeds", *[h for _, h, _ in COLUMNS]]
+    if target_ppl is not None:
+        header.append(f"train s to ppl ≤ {target_ppl:g}")
+    header += [f"valid ppl {src}" for src in eval_on]
+    rows = []
+    for label, runs in groups.items():
+        row = [label, str(len(runs))]
+        row += [_cell([r[k] for r in runs], fmt) for k, _, fmt in COLUMNS]
+        if target_ppl is not None:
+            reached = [r["time_to_target_s"] for r in runs if r["time_to_target_s"] is not None]
+            if len(reached) == len(runs):
+                row.append(_cell(reached, "{:.1f}"))
+            else:
+                row.append(f"not reached ({len(runs) - len(reached)}/{len(runs)})")
+        for src in eval_on:
+            vals = [r[f"valid_ppl[{src}]"] for r in runs]
+            row.append(_cell(vals, "{:.3f}") if any(v is not None for v in vals) else "n/a (trained on)")
+        rows.append(row)
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(records: list[dict[str, Any]], out_png: Path, target_ppl: float | None = None) -> None:
+    """Held-out perplexity against training seconds; seeds of one configuration share a colour."""
+    from deeprnn.train import read_metrics
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    colours: dict[str, Any] = {}
+    for r in records:
+        rows = [x for x in read_metrics(Path(r["run_dir"]) / "metrics.csv") if x["val_ppl"] not in ("", "nan")]
+        if not rows:
+            continue
+        first = r["label"] not in colours
+        if first:
+            colours[r["label"]] = f"C{len(colours) % 10}"
+        ax.plot([float(x["elapsed_s"]) for x in rows], [float(x["val_ppl"]) for x in rows],
+                color=colours[r["label"]], marker=".", alpha=0.9, label=r["label"] if first else None)
+    if target_ppl is not None:
+        ax.axhline(target_ppl, color="grey", linestyle=":", linewidth=1, label=f"target ppl {target_ppl:g}")
+    ax.set_xlabel("training wall time (s)")
+    ax.set_ylabel("held-out (validation) perplexity")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def plot_speed(records: list[dict[str, Any]], out_png: Path) -> None:
+    """Training tokens per second per configuration (bar = mean, whisker = std over seeds)."""
+    plt = _plt()
+    groups: dict[str, list[float]] = {}
+    for r in records:
+        groups.setdefault(r["label"], []).append(r["tokens_per_s"] or 0.0)
+    labels = list(groups)
+    means = [statistics.fmean(v) for v in groups.values()]
+    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in groups.values()]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels) + 2), 4.5), dpi=100)
+    ax.bar(range(len(labels)), means, yerr=stds, color=[f"C{i % 10}" for i in range(len(labels))], capsize=4)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("training tokens / s")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def _answers(records: list[dict[str, Any]], eval_on: list[str], same_heldout: bool = True) -> list[str]:
+    """One-line answers: the most accurate and the fastest configuration, the best on each source.
+    The most accurate is only named when every run was scored on the same held-out sources."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by.setdefault(r["label"], []).append(r)
+
+    def mean(label, key):
+        vals = [r[key] for r in by[label] if r[key] is not None]
+        return statistics.fmean(vals) if vals else None
+
+    lines = []
+    acc = [(mean(k, "best_val_ppl"), k) for k in by if mean(k, "best_val_ppl") is not None]
+    if acc and same_heldout:
+        v, k = min(acc)
+        lines.append(f"- Lowest held-out perplexity: **{k}** ({v:.3f}).")
+    spd = [(mean(k, "tokens_per_s"), k) for k in by if mean(k, "tokens_per_s") is not None]
+    if spd:
+        v, k = max(spd)
+        lines.append(f"- Highest training throughput: **{k}** ({v:,.0f} tokens/s).")
+    for src in eval_on:
+        key = f"valid_ppl[{src}]"
+        scored = [(mean(k, key), k) for k in by if mean(k, key) is not None]
+        if scored:
+            v, k = min(scored)
+            lines.append(f"- Lowest perplexity on {src}'s validation text: **{k}** ({v:.3f}).")
+    return lines
+
+
+def write_report(out: Path, spec: GridSpec, records: list[dict[str, Any]], *, command: str = "",
+                 machine: str = "") -> str:
+    """Write report.md, results.csv, curves.png and speed.png into ``out``; return the Markdown table.
+
+    ``out/notes.md``, when present, is appended as a "Notes" section (findings written by hand)."""
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = aggregate(records, spec.eval_on, spec.target_ppl)
+    table = markdown_table(header, rows)
+    fields = list(records[0]) if records else []
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in records:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    plot_curves(records, out / "curves.png", spec.target_ppl)
+    plot_speed(records, out / "speed.png")
+    budget = []
+    if spec.base.get("time_budget"):
+        budget.append(f"{spec.base['time_budget']:g} min of training per run")
+    if spec.base.get("max_steps"):
+        budget.append(f"at most {spec.base['max_steps']} steps per run")
+    if not spec.base.get("time_budget"):
+        budget.append(f"{spec.base.get('num_epochs', 'default')} epochs per run")
+    shown = {k: v for k, v in spec.base.items() if not (k == "num_epochs" and spec.base.get("time_budget"))}
+    base_text = ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+    parts = [f"# {spec.title}", ""]
+    if spec.description:
+        parts += [spec.description, ""]
+    parts += [
+        f"Budget: {'; '.join(budget)}; seed{'s' if len(spec.seeds) > 1 else ''} "
+        f"{', '.join(str(s) for s in spec.seeds)}. "
+        "Held-out = the validation split (best = the best evaluation, final = the last one); test = the "
+        "test split scored once with the best checkpoint. bpc = bits per character = log2 of perplexity.",
+        "",
+    ]
+    if command:
+        parts += ["Reproduce:", "", "```", command, "```", ""]
+    parts += [table, ""]
+    if any(r["time_to_target_s"] is None for r in records) and spec.target_ppl is not None:
+        parts += [f"*not reached*: the run's held-out perplexity never fell to {spec.target_ppl:g} within the budget.", ""]
+    if spec.eval_on:
+        parts += ["`valid ppl <source>`: the best checkpoint on that source's own validation span (5 % of it, "
+                  "never trained on); *n/a (trained on)*: the run trained on the whole source.", ""]
+    held = {frozenset(v.heldout_from or v.corpus) for v in spec.data}
+    if len(held) > 1:
+        parts += ["`held-out ppl` and `test ppl` score each run on its own sources' held-out text; they compare "
+                  "across rows only where those sources agree.", ""]
+    parts += _answers(records, spec.eval_on, same_heldout=len(held) == 1) + [""]
+    parts += ["![held-out perplexity against wall time](curves.png)", "", "![training throughput](speed.png)", ""]
+    parts += ["Fixed options (every run): " + (f"`{base_text}`" if base_text else "the defaults of `deeprnn train`") + ".", ""]
+    if machine:
+        parts += [f"Machine: {machine} Throughput and wall times depend on the machine and on what else "
+                  "ran on it; compare them within one report only.", ""]
+    others = sorted({s for r in spec.data for s in r.corpus} - {"timemachine"})
+    if others:
+        parts += [f"Corpora: *The Time Machine* is bundled; {', '.join(others)} "
+                  "come from `$DEEPRNN_DATA_DIR` (downloaded there when missing unless `DEEPRNN_OFFLINE=1`).", ""]
+    notes = out / "notes.md"
+    if notes.exists():  # hand-written findings survive regenerating the report
+        parts += ["## Notes", "", notes.read_text().strip(), ""]
+    parts += ["Per-run numbers (every seed) are in [results.csv](results.csv).", ""]
+    (out / "report.md").write_text("\n".join(parts))
+    return table
+
+
+def machine_summary() -> str:
+    load = ""
+    try:
+        load = ", load average {:.1f} at the start".format(os.getloadavg()[0])
+    except OSError:
+        pass
+    dev = "CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return (f"{platform.platform()}, {os.cpu_count()} CPU cores{load}, {dev}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}), "
+            f"{time.strftime('%Y-%m-%d')}.")
+
+
+def run_compare(spec: GridSpec, out: str | os.PathLike, *, runs_dir: str | os.PathLike | None = None,
+                rerun: bool = False, command: str = "", log: Callable[[str], None] = print,
+                train_log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or reuse) every grid point and write the report. Returns ``{"records", "table", "trained"}``
+    where ``trained`` counts the runs trained now (the rest came from the cache)."""
+    out = Path(out)
+    runs = Path(runs_dir) if runs_dir is not None else out / "runs"
+    points = expand_grid(spec)
+    machine = machine_summary()
+    records = []
+    for i, p in enumerate(points, 1):
+        cached = (runs / p.key / "summary.json").exists() and (runs / p.key / "compare.json").exists() and not rerun
+        log(f"[{i}/{len(points)}] {p.label} seed {p.seed}: {'cached' if cached else 'training'} ({runs / p.key})")
+        rec = run_point(p, runs, eval_on=spec.eval_on, target_ppl=spec.target_ppl, rerun=rerun,
+                        train_log=train_log)
+        records.append(rec)
+    table = write_report(out, spec, records, command=command, machine=machine)
+    return {"records": records, "table": table, "trained": sum(not r["cached"] for r in records)}
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _csv_list(text: str, kind=str) -> list:
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs as typed TrainConfig overrides (lists: comma-separated; ``none``)."""
+    from deeprnn.cli import _parse_bool, config_from_mapping
+    from deeprnn.train import TrainConfig
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    grid = {"cell": "--cells", "num_layers": "--layers", "num_hiddens": "--hiddens", "impl": "--impl",
+            "seed": "--seeds", "corpus": "--corpus", "heldout_from": "--heldout-from", "run_dir": "--runs-dir"}
+    raw: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name = key.strip().replace("-", "_")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        if name in grid:
+            raise ConfigError(f"{name} is a grid axis or compare option; use {grid[name]} instead of --set")
+        if name not in types:
+            raise ConfigError(f"--set: unknown key {key!r}; see deeprnn train --help for the options")
+        t = types[name]
+        base = t.split("|")[0].strip()
+        try:
+            if value.lower() == "none" and "None" in t:
+                raw[name] = None
+            elif base == "bool":
+                raw[name] = _parse_bool(value)
+            elif base.startswith("list"):
+                raw[name] = _csv_list(value)
+            elif base in ("int", "float"):
+                raw[name] = {"int": int, "float": float}[base](value)
+            else:
+                raw[name] = value
+        except (ValueError, argparse.ArgumentTypeError):
+            raise ConfigError(f"{name} must be of type {base}, got {value!r}") from None
+    return config_from_mapping(raw, "--set")
+
+
+def parse_weights(text: str | None) -> dict[str, float] | str | None:
+    if text is None:
+        return None
+    if text.strip() == "balance":
+        return "balance"
+    out = {}
+    for part in _csv_list(text):
+        name, sep, w = part.rpartition("=")
+        try:
+            out[name] = float(w)
+        except ValueError:
+            name = ""
+        if not sep or not name or not (math.isfinite(out[name]) and out[name] > 0):
+            raise ConfigError(f"weights must be 'balance' or SOURCE=W,... with W > 0, got {part!r}")
+    return out
+
+
+def parse_variant(text: str) -> DataVariant:
+    label, sep, sources = text.partition("=")
+    if not sep:
+        label, sources = text, text
+    srcs = _csv_list(sources)
+    if not srcs:
+        raise ConfigError(f"corpus must name at least one source, got {text!r}")
+    return DataVariant(label.strip(), srcs)
+
+
+def spec_from_args(args: argparse.Namespace) -> GridSpec:
+    """Preset values, then flags."""
+    import copy
+
+    preset = copy.deepcopy(PRESETS[args.preset]) if args.preset else {}
+    minutes = preset.pop("minutes", None)
+    base = dict(preset.pop("base", {}))
+    spec = GridSpec(**preset, base=base)
+    if not args.preset:
+        spec.title = "deeprnn compare"
+    for attr, flag in (("cells", "cells"), ("layers", "layers"), ("hiddens", "hiddens"), ("impls", "impl"),
+                       ("seeds", "seeds"), ("eval_on", "eval_on")):
+        if getattr(args, flag) is not None:
+            setattr(spec, attr, getattr(args, flag))
+    if args.corpus:
+        spec.data = [parse_variant(c) for c in args.corpus]
+    if args.heldout_from is not None:
+        for v in spec.data:
+            v.heldout_from = args.heldout_from
+    weights = parse_weights(args.weights)
+    if isinstance(weights, dict):
+        known = {src for v in spec.data if len(v.corpus) > 1 for src in v.corpus}
+        unknown = sorted(set(weights) - known)
+        if unknown:
+            raise ConfigError(f"weights name {unknown[0]!r}, which no multi-source --corpus variant trains on; "
+                              f"sources: {', '.join(sorted(known)) or 'none'}")
+    if weights is not None:
+        for v in spec.data:
+            if len(v.corpus) > 1 and (weights == "balance" or set(weights) & set(v.corpus)):
+                v.weights = weights
+    if args.target_ppl is not None:
+        spec.target_ppl = args.target_ppl
+    spec.base.update(parse_set(args.set or []))
+    if args.minutes is not None:
+        minutes = args.minutes
+    if args.epochs is not None:
+        spec.base.update(num_epochs=args.epochs)
+        spec.base.pop("time_budget", None)
+    elif minutes is not None:
+        if not (math.isfinite(minutes) and minutes > 0):
+            raise ConfigError(f"minutes must be > 0, got {minutes}")
+        # the wall clock is the budget: epochs only bound it from above
+        spec.base.update(time_budget=float(minutes), num_epochs=10**6)
+    for c in spec.cells:
+        if c not in ("rnn_tanh", "rnn_relu", "gru", "lstm"):
+            raise ConfigError(f"cells must be among rnn_tanh, rnn_relu, gru, lstm, got {c!r}")
+    for i in spec.impls:
+        if i not in ("concise", "scratch"):
+            raise ConfigError(f"impl must be concise or scratch, got {i!r}")
+    return spec
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``deeprnn compare`` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "compare", help="train a grid of configurations under one budget and report a comparison",
+        description="Train every combination of --cells x --layers x --hiddens x --impl x --corpus x --seeds "
+        "with the same budget, cache each run by its config hash, and write OUT/report.md, results.csv, "
+        "curves.png and speed.png. Presets reproduce the seed's exercises 2-4.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a ready experiment (flags still win)")
+    p.add_argument("--cells", type=_csv_list, help="cells, comma-separated: rnn_tanh,rnn_relu,gru,lstm")
+    p.add_argument("--layers", type=lambda s: _csv_list(s, int), help="numbers of layers, comma-separated")
+    p.add_argument("--hiddens", type=lambda s: _csv_list(s, int), help="hidden sizes, comma-separated")
+    p.add_argument("--impl", type=_csv_list, help="implementations, comma-separated: concise,scratch")
+    p.add_argument("--seeds", type=lambda s: _csv_list(s, int), help="seeds, comma-separated (mean ± std)")
+    p.add_argument("--corpus", action="append", metavar="[LABEL=]SRC[,SRC]",
+                   help="a data variant: sources trained on together; repeat for several variants")
+    p.add_argument("--heldout-from", type=_csv_list, metavar="SRC[,SRC]",
+                   help="only these sources give validation/test text (the rest go wholly to training)")
+    p.add_argument("--weights", metavar="SRC=W[,SRC=W]|balance",
+                   help="multiply a source's training text in every multi-source variant that has it (W=2: twice, "
+                   "W=0.5: its first half); 'balance' repeats each up to the largest source's size")
+    p.add_argument("--eval-on", type=_csv_list, metavar="SRC[,SRC]",
+                   help="also score each run's best checkpoint on these sources' validation spans")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, help="budget per run in epochs")
+    budget.add_argument("--minutes", type=float, help="budget per run in minutes of training")
+    p.add_argument("--target-ppl", type=float, help="report the training time to reach this held-out perplexity")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a fixed TrainConfig override for every run, e.g. --set lr=0.001 --set dropout=0 "
+                   "(any `deeprnn train` option, underscores or dashes; lists comma-separated)")
+    p.add_argument("--out", help="report directory (default: reports/<preset> or reports/compare)")
+    p.add_argument("--runs-dir", help="where runs are trained and cached (default: OUT/runs); share it between "
+                   "reports to reuse runs")
+    p.add_argument("--rerun", action="store_true", help="train again even when a finished run is cached")
+    p.add_argument("--verbose", action="store_true", help="print every evaluation of every run")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 is much faster "
+                   "on a machine shared with other jobs")
+    p.set_defaults(func=cmd_compare)
+    return p
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or f"reports/{args.preset or 'compare'}")
+    command = "deeprnn " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else ""
+    result = run_compare(spec, out, runs_dir=args.runs_dir, rerun=args.rerun, command=command,
+                         log=print, train_log=(lambda m: print("    " + m)) if args.verbose else None)
+    print(result["table"])
+    print(f"report: {out / 'report.md'} ({result['trained']} trained, "
+          f"{len(result['records']) - result['trained']} from the cache)")
+    return 0

@@ -1,0 +1,496 @@
+"""Text generation from a trained language model: greedy, sampling and beam search.
+
+Greedy decoding is the book's ``predict_ch8`` (d2l section 8.5): warm the state up on the prefix, then
+feed back the argmax one token at a time. Sampling adds temperature, top-k and top-p (nucleus) filtering,
+a seed through a local ``torch.Generator`` (the global RNG is never touched) and several streams decoded
+as one batch. Beam search keeps the ``beam_width`` best continuations by total log-probability.
+
+Every strategy reads the model one token per step, so the per-step cost is what matters. Two steppers
+share one interface:
+
+* ``_ModelStepper`` calls ``model(X, state)`` with ``X`` of shape ``(B, 1)``; it works for any model that
+  follows the ``LanguageModel`` contract.
+* ``_CellStepper`` runs the same recurrence on ``torch.lstm_cell`` / ``gru_cell`` / ``rnn_*_cell`` with the
+  weights of a ``ConciseModel`` or ``ScratchModel`` in ``torch.nn`` layout. One C++ call per layer per step
+  avoids the module and one-hot overhead of a full forward (about 3x faster for one stream on a CPU,
+  see ``benchmarks/bench_generate.py``); the tests check it against ``model.forward``.
+
+The prefix warm-up is one forward call over all prefix tokens but the last (the same state as feeding
+them one at a time, as the book does); the last prefix token is the first input of the decoding loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from deeprnn.errors import ConfigError, VocabError
+
+STRATEGIES = ("greedy", "sample", "beam")
+UNK_POLICIES = ("error", "replace")
+
+OnText = Callable[[int, str], object]
+
+
+def generate(
+    model: nn.Module,
+    vocab,
+    prefix: str,
+    num_preds: int,
+    *,
+    strategy: str = "greedy",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_samples: int = 1,
+    beam_width: int = 4,
+    seed: int | None = None,
+    unk: str = "error",
+    on_text: OnText | None = None,
+    device: torch.device | str | None = None,
+) -> list[str]:
+    """Continue ``prefix`` by ``num_preds`` tokens; return ``num_samples`` strings that include the prefix.
+
+    ``model`` follows the ``LanguageModel`` contract (``forward(X (B, T), state) -> (logits (T, B, V),
+    state)``, ``begin_state(batch_size, device=...)``); ``vocab`` the ``Vocab`` one. Each returned string is
+    ``prefix + ''.join(pieces)`` where a piece is a predicted character, or ``' ' + word`` for a word
+    vocabulary (the prefix is kept as the caller wrote it, also with ``unk="replace"``).
+
+    Strategies:
+
+    * ``"greedy"``: argmax at every step, the book's ``predict_ch8``. ``temperature``/``top_k``/``top_p``
+      are ignored; ``num_samples`` copies of the one result are returned.
+    * ``"sample"``: draw from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely
+      tokens and then to the smallest set whose probability reaches ``top_p``. ``num_samples`` streams
+      run as one batch; ``seed`` makes the draws reproducible (``None``: a fresh random seed).
+    * ``"beam"``: beam search of width ``beam_width`` scoring a sequence by its total log-probability; returns
+      the ``num_samples`` (``<= beam_width``) best beams, best first (fewer only when fewer distinct
+      sequences exist, e.g. one for ``num_preds=0``). ``temperature``/``top_k``/``top_p`` are ignored.
+
+    ``on_text(i, piece)`` is called for stream ``i`` as each piece is produced (greedy and sampling); beam
+    search revises its beams until the end, so it calls ``on_text`` for each returned beam, in order, once
+    the search is done. Prefix tokens not in the vocabulary raise ``VocabError`` listing them
+    (``unk="error"``) or are fed as ``<unk>`` with a warning (``unk="replace"``). ``device`` defaults to the
+    model's; it must be where the model's parameters are. The model runs in eval mode under
+    ``torch.inference_mode()``; each submodule's training flag is restored afterwards. On a CPU, up to
+    8 streams run on one intra-op thread (``torch.set_num_threads``, restored afterwards).
+
+    Raises ``ConfigError`` (message starts with the argument's name) for out-of-range arguments and
+    ``VocabError`` for prefix tokens outside the vocabulary or a vocabulary of the wrong size.
+    """
+    _check_args(
+        prefix=prefix,
+        num_preds=num_preds,
+        strategy=strategy,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_samples=num_samples,
+        beam_width=beam_width,
+        seed=seed,
+        unk=unk,
+        on_text=on_text,
+    )
+    ids = encode_prefix(vocab, prefix, unk=unk)
+    dev = _resolve_device(model, device)
+    _check_vocab_size(getattr(getattr(model, "config", None), "vocab_size", None), vocab)
+    word = getattr(vocab, "token", "char") == "word"
+    tokens = vocab.idx_to_token
+    pieces = [(" " + t if word else t) for t in tokens]
+
+    streams = {"greedy": 1, "sample": num_samples, "beam": beam_width}[strategy]
+    with _eval_inference(model), _few_threads(dev, streams):
+        stepper = make_stepper(model, dev)
+        stepper.warm_up(ids[:-1])
+        first = torch.tensor([ids[-1]], dtype=torch.long, device=dev)
+        if strategy == "greedy":
+            emit = None if on_text is None else _replicated(on_text, pieces, num_samples)
+            seqs = _greedy(stepper, first, num_preds, vocab, emit) * num_samples
+        elif strategy == "sample":
+            gen = torch.Generator(device=dev)
+            if seed is None:
+                gen.seed()  # from the OS, not from the global RNG
+            else:
+                gen.manual_seed(seed)
+            stepper.expand(num_samples)
+            emit = None if on_text is None else _streamed(on_text, pieces)
+            seqs = _sample(
+                stepper, first.expand(num_samples), num_preds, vocab, emit,
+                temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+            )
+        else:
+            seqs = _beam(stepper, first, num_preds, vocab, beam_width)[:num_samples]
+            if on_text is not None:
+                for i, seq in enumerate(seqs):
+                    for t in seq:
+                        on_text(i, pieces[t])
+    return [prefix + "".join(pieces[t] for t in seq) for seq in seqs]
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_args(*, prefix, num_preds, strategy, temperature, top_k, top_p, num_samples, beam_width,
+                seed, unk, on_text) -> None:
+    """Raise ``ConfigError`` for the first bad argument, in signature order; messages start with its name."""
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise ConfigError(f"prefix must be a non-empty string (it seeds the model's state), got {prefix!r}")
+    if not _is_int(num_preds):
+        raise ConfigError(f"num_preds must be an integer >= 0, got {num_preds!r}")
+    if num_preds < 0:
+        raise ConfigError(f"num_preds must be >= 0, got {num_preds}")
+    if not _is_real(temperature) or not math.isfinite(temperature):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if temperature <= 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None:
+        if not _is_int(top_k):
+            raise ConfigError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+        if top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None:
+        if not _is_real(top_p) or not math.isfinite(top_p):
+            raise ConfigError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if not _is_int(num_samples):
+        raise ConfigError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if num_samples < 1:
+        raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
+    if not _is_int(beam_width):
+        raise ConfigError(f"beam_width must be an integer >= 1, got {beam_width!r}")
+    if beam_width < 1:
+        raise ConfigError(f"beam_width must be >= 1, got {beam_width}")
+    if strategy == "beam" and num_samples > beam_width:
+        raise ConfigError(
+            f"num_samples must be <= beam_width for beam search, got num_samples={num_samples} "
+            f"and beam_width={beam_width}; raise beam_width or ask for fewer samples"
+        )
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+        raise ConfigError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
+    if not isinstance(unk, str) or unk not in UNK_POLICIES:
+        raise ConfigError(f"unk must be one of {', '.join(UNK_POLICIES)}; got {unk!r}")
+    if on_text is not None and not callable(on_text):
+        raise ConfigError(f"on_text must be a callable (stream index, text piece) or None, got {on_text!r}")
+
+
+def encode_prefix(vocab, prefix: str, *, unk: str = "error") -> list[int]:
+    """Token indices of ``prefix`` (characters, or whitespace-split words for a word vocabulary).
+
+    Tokens outside the vocabulary raise ``VocabError`` listing them (``unk="error"``) or become ``<unk>``
+    with a ``UserWarning`` (``unk="replace"``). Nothing is lowercased: with the book's ``d2l``
+    normalisation the vocabulary holds lowercase letters only, and the message says so.
+    """
+    word = getattr(vocab, "token", "char") == "word"
+    toks = prefix.split() if word else list(prefix)
+    known = vocab.token_to_idx
+    missing = list(dict.fromkeys(t for t in toks if t not in known))
+    if missing:
+        kind = "words" if word else "characters"
+        listed = ", ".join(repr(t) for t in missing)
+        if unk == "error":
+            hint = ""
+            if all(t.lower() in known for t in missing):
+                hint = " (the vocabulary is lowercase: lowercase the prefix)"
+            raise VocabError(
+                f"prefix has {kind} not in the vocabulary: {listed}{hint}; "
+                "use --unk replace to map them to <unk>"
+            )
+        warnings.warn(f"prefix {kind} not in the vocabulary were fed as <unk>: {listed}", UserWarning, stacklevel=3)
+    return vocab[toks]
+
+
+def _check_vocab_size(model_vocab_size: int | None, vocab) -> None:
+    if model_vocab_size is not None and model_vocab_size != len(vocab):
+        raise VocabError(
+            f"the model predicts {model_vocab_size} tokens but the vocabulary has {len(vocab)}; "
+            "use the vocabulary saved with the model"
+        )
+
+
+def _resolve_device(model: nn.Module, device) -> torch.device:
+    param = next(model.parameters(), None)
+    model_dev = param.device if param is not None else torch.device("cpu")
+    if device is None:
+        return model_dev
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if param is not None and dev != model_dev:
+        raise ConfigError(
+            f"device is {dev} but the model's parameters are on {model_dev}; "
+            "move the model with model.to(device) or leave device=None"
+        )
+    return dev
+
+
+@contextlib.contextmanager
+def _eval_inference(model: nn.Module):
+    """Eval mode under ``torch.inference_mode()``; every submodule's own training flag restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+# Up to this many streams the per-step products are too small to split across CPU threads: extra threads
+# only add synchronisation (measured: no gain on an idle 2-core CPU, 40x slower when the cores are busy).
+_SINGLE_THREAD_MAX_STREAMS = 8
+
+
+@contextlib.contextmanager
+def _few_threads(device: torch.device, streams: int):
+    """One intra-op thread for small batches on the CPU; the caller's setting is restored after."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or streams > _SINGLE_THREAD_MAX_STREAMS or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# -- steppers: one model step for B streams ---------------------------------------------------
+
+
+class _ModelStepper:
+    """Steps any ``LanguageModel`` through its ``forward``; the state keeps the model's own format."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model, self.device = model, device
+        self.state = None
+
+    def warm_up(self, ids: Sequence[int]) -> None:
+        """Build the B = 1 state from ``ids`` (may be empty) in one forward call."""
+        self.state = self.model.begin_state(1, device=self.device)
+        if len(ids):
+            X = torch.tensor([list(ids)], dtype=torch.long, device=self.device)  # (1, T)
+            _, self.state = self.model(X, self.state)
+        self._from_model_state(self.state)
+
+    def _from_model_state(self, state) -> None:
+        pass
+
+    def expand(self, batch_size: int) -> None:
+        """Copy the B = 1 state to ``batch_size`` streams."""
+        self.state = _map_state(self.state, lambda s: s.expand(s.shape[0], batch_size, *s.shape[2:]).contiguous())
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Streams ``index`` (new B,) of the current ones become the new streams (beam search)."""
+        self.state = _map_state(self.state, lambda s: s.index_select(1, index))  # (L, B, H)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` (B,) long -> logits (B, V) of the next token."""
+        logits, self.state = self.model(tokens.view(-1, 1), self.state)  # (1, B, V)
+        return logits[0]
+
+
+def _map_state(state, fn):
+    return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)
+
+
+class _CellStepper(_ModelStepper):
+    """The model's recurrence on ``torch.*_cell`` with ``torch.nn``-layout weights, state per layer (B, H)."""
+
+    _CELLS = {"lstm": torch.lstm_cell, "gru": torch.gru_cell,
+              "rnn_tanh": torch.rnn_tanh_cell, "rnn_relu": torch.rnn_relu_cell}
+
+    def __init__(self, model, device, *, cell, layers, embedding, out_weight, out_bias):
+        super().__init__(model, device)
+        self.cell_fn = self._CELLS[cell]
+        self.lstm = cell == "lstm"
+        self.layers = layers  # [(w_ih (G*H, in), w_hh (G*H, H), b_ih or None, b_hh or None)]
+        self.embedding = embedding  # (V, in), or None for a one-hot input
+        self.out_weight_t = out_weight.t()  # (H, V)
+        self.out_bias = out_bias
+        self.vocab_size = out_weight.shape[0]
+        self.dtype = out_weight.dtype
+        self.one_hot = None
+
+    def _from_model_state(self, state) -> None:
+        h, c = state if self.lstm else (state, None)
+        self.h = [x.contiguous() for x in h.unbind(0)]  # L x (B, H)
+        self.c = [x.contiguous() for x in c.unbind(0)] if self.lstm else None
+
+    def expand(self, batch_size: int) -> None:
+        grow = lambda x: x.expand(batch_size, -1).contiguous()  # noqa: E731
+        self.h = [grow(x) for x in self.h]
+        if self.lstm:
+            self.c = [grow(x) for x in self.c]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.h = [x.index_select(0, index) for x in self.h]
+        if self.lstm:
+            self.c = [x.index_select(0, index) for x in self.c]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        B = tokens.shape[0]
+        if self.embedding is not None:
+            x = self.embedding.index_select(0, tokens)  # (B, in)
+        else:
+            if self.one_hot is None or self.one_hot.shape[0] != B:
+                self.one_hot = torch.zeros(B, self.vocab_size, dtype=self.dtype, device=self.device)
+            x = self.one_hot.zero_()
+            x.scatter_(1, tokens.view(B, 1), 1.0)  # (B, V), reused buffer
+        for l, weights in enumerate(self.layers):
+            if self.lstm:
+                self.h[l], self.c[l] = self.cell_fn(x, (self.h[l], self.c[l]), *weights)
+            else:
+                self.h[l] = self.cell_fn(x, self.h[l], *weights)
+            x = self.h[l]  # (B, H)
+        return torch.addmm(self.out_bias, x, self.out_weight_t)  # (B, V)
+
+
+def make_stepper(model: nn.Module, device: torch.device) -> _ModelStepper:
+    """The fastest stepper that computes exactly what ``model.forward`` does.
+
+    ``ConciseModel`` and ``ScratchModel`` (except the book's GRU variant, which has no ``torch.nn`` cell)
+    get a ``_CellStepper``; anything else steps through its ``forward``.
+    """
+    from deeprnn.models import ConciseModel, ScratchModel  # models import nothing from here
+
+    cfg = getattr(model, "config", None)
+    embedding = None if getattr(model, "embedding", None) is None else model.embedding.weight
+    out = getattr(model, "output", None)
+    if type(model) is ConciseModel and isinstance(model.rnn, nn.RNNBase):
+        rnn = model.rnn
+        if rnn.bidirectional or getattr(rnn, "proj_size", 0) or not rnn.bias:
+            return _ModelStepper(model, device)
+        layers = [
+            tuple(getattr(rnn, f"{name}_l{l}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            for l in range(rnn.num_layers)
+        ]
+    elif type(model) is ScratchModel and not (cfg.cell == "gru" and cfg.gru_variant == "d2l"):
+        layers = []
+        for layer in model.layers:
+            b_hh = None
+            if cfg.cell == "gru":  # torch's GRU keeps b_hn apart: r multiplies it
+                b_hh = torch.cat([layer.b_hn.new_zeros(2 * cfg.num_hiddens), layer.b_hn])
+            layers.append((layer.W_xh.t(), layer.W_hh.t(), layer.b_h, b_hh))
+    else:
+        return _ModelStepper(model, device)
+    return _CellStepper(model, device, cell=cfg.cell, layers=layers, embedding=embedding,
+                        out_weight=out.weight, out_bias=out.bias)
+
+
+# -- decoding loops -----------------------------------------------------------------------------
+
+
+def _replicated(on_text: OnText, pieces: list[str], n: int):
+    def emit(tokens: torch.Tensor) -> None:
+        piece = pieces[int(tokens[0])]
+        for i in range(n):
+            on_text(i, piece)
+    return emit
+
+
+def _streamed(on_text: OnText, pieces: list[str]):
+    def emit(tokens: torch.Tensor) -> None:
+        for i, t in enumerate(tokens.tolist()):
+            on_text(i, pieces[t])
+    return emit
+
+
+def _check_logits(logits: torch.Tensor, vocab) -> None:
+    _check_vocab_size(logits.shape[-1], vocab)
+
+
+def _greedy(stepper, first, num_preds, vocab, emit) -> list[list[int]]:
+    """The argmax path of one stream; ``first`` (1,) is the last prefix token."""
+    out = torch.empty(num_preds + 1, 1, dtype=torch.long, device=first.device)  # (steps, B)
+    out[0] = first
+    for t in range(num_preds):
+        logits = stepper.step(out[t])  # (1, V)
+        if t == 0:
+            _check_logits(logits, vocab)
+        torch.argmax(logits, dim=1, out=out[t + 1])  # no host sync unless streaming
+        if emit is not None:
+            emit(out[t + 1])
+    return [out[1:, 0].tolist()]
+
+
+def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Scaled logits (B, V) with tokens outside the top-k / top-p sets at ``-inf`` (a new float tensor).
+
+    top-p keeps, per row, the most likely tokens until their probability reaches ``top_p`` (always at
+    least the most likely one); it applies after top-k, on the renormalised distribution.
+    """
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float().clone()
+    V = logits.shape[-1]
+    if top_k is not None and top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits.masked_fill_(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        # Stable: among equal logits the lower index stays first, as argmax picks it.
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+        drop = before >= top_p
+        drop[:, 0] = False
+        logits.scatter_(-1, order, sorted_logits.masked_fill_(drop, -math.inf))
+    return logits
+
+
+def _sample(stepper, first, num_preds, vocab, emit, *, temperature, top_k, top_p, generator):
+    """``B = len(first)`` streams drawn together; returns each stream's tokens."""
+    B, dev, V = first.shape[0], first.device, len(vocab)
+    out = torch.empty(num_preds + 1, B, dtype=torch.long, device=dev)  # (steps, B)
+    out[0] = first
+    u = torch.empty(B, 1, dtype=torch.float64, device=dev)
+    draw = torch.empty(B, 1, dtype=torch.long, device=dev)
+    for t in range(num_preds):
+        logits = stepper.step(out[t])  # (B, V)
+        if t == 0:
+            _check_logits(logits, vocab)
+        probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(-1)
+        # Inverse-CDF draw: ~8x cheaper than torch.multinomial on a CPU for (64, 28). right=True never
+        # lands on a zero-probability token; the clamp only guards float rounding of u up to the total.
+        cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
+        torch.rand(B, 1, dtype=torch.float64, generator=generator, device=dev, out=u)
+        torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True, out=draw)  # (B, 1)
+        out[t + 1] = draw.view(B).clamp_(max=V - 1)
+        if emit is not None:
+            emit(out[t + 1])
+    return out[1:].T.tolist()  # (B, num_preds)
+
+
+def _beam(stepper, first, num_preds, vocab, beam_width) -> list[list[int]]:
+    """Beam search by total log-probability; beams (best first) of exactly ``num_preds`` tokens."""
+    dev = first.device
+    scores = torch.zeros(1, device=dev)  # (beams,) log-probability of each beam so far
+    seqs = torch.empty(1, 0, dtype=torch.long, device=dev)  # (beams, t)
+    tokens = first
+    for t in range(num_preds):
+        logits = stepper.step(tokens)  # (beams, V)
+        if t == 0:
+            _check_logits(logits, vocab)
+        V = logits.shape[-1]
+        cand = scores[:, None] + torch.log_softmax(logits.float(), dim=-1)  # (beams, V)
+        scores, flat = torch.topk(cand.view(-1), min(beam_width, cand.numel()))  # sorted, best first
+        parent, tokens = flat // V, flat % V
+        seqs = torch.cat([seqs.index_select(0, parent), tokens[:, None]], dim=1)
+        if t + 1 < num_preds:
+            stepper.reorder(parent)
+    return seqs.tolist() if num_preds else [[]]

@@ -1,0 +1,133 @@
+"""The language-model interface shared by the scratch and concise implementations.
+
+Internals are time-major like ``torch.nn`` RNNs and the book: the public input ``X`` is ``(B, T)``
+token indices, everything after the input layer is ``(T, B, …)``, and the logits are ``(T, B, V)``
+(so the loss compares them with ``Y.T``).
+
+    X (B, T) ──input layer──▶ (T, B, in) ──L recurrent layers──▶ (T, B, H) ──dropout──▶ output ──▶ (T, B, V)
+
+The output layer ``nn.Linear(num_hiddens, vocab_size)`` is ``W_hq, b_q`` of eq. (9.3.2); it reads the
+top layer only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deeprnn.models.config import ModelConfig
+
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def detach_state(state: State) -> State:
+    """Cut the autograd graph at a window boundary (truncated BPTT), keeping the values.
+
+    Accepts ``h`` or an LSTM ``(h, c)`` tuple and returns the same structure.
+    """
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)
+    return state.detach()
+
+
+def init_block_(w: torch.Tensor, scheme: str, *, recurrent: bool, num_hiddens: int) -> None:
+    """Initialise one gate block of an RNN weight in place.
+
+    The distributions are symmetric under transposition, so the scratch ``(in, H)`` blocks and the
+    concise ``(H, in)`` blocks get the same law: ``d2l`` N(0, 0.01²) (the book's ``randn * 0.01``),
+    ``torch`` U(±1/sqrt(H)) (torch.nn's default), ``orthogonal`` orthogonal recurrent and Xavier
+    input weights.
+    """
+    with torch.no_grad():
+        if scheme == "d2l":
+            w.normal_(0.0, 0.01)
+        elif scheme == "torch":
+            bound = 1.0 / math.sqrt(num_hiddens)
+            w.uniform_(-bound, bound)
+        elif recurrent:
+            nn.init.orthogonal_(w)
+        else:
+            nn.init.xavier_uniform_(w)
+
+
+def torch_bias_(b: torch.Tensor, num_hiddens: int) -> None:
+    """U(±1/sqrt(H)) in place: torch.nn's default for each of its two RNN biases."""
+    bound = 1.0 / math.sqrt(num_hiddens)
+    with torch.no_grad():
+        b.uniform_(-bound, bound)
+
+
+class LanguageModel(nn.Module):
+    """Input layer, ``num_layers`` recurrent layers, dropout, output layer on the top layer.
+
+    Subclasses implement ``_recur(X, state) -> (Y (T, B, H), state)`` and ``_init_recurrent()``.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        V, H = config.vocab_size, config.num_hiddens
+        self.embedding = nn.Embedding(V, config.input_size) if config.input == "embedding" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.output = nn.Linear(H, V)  # W_hq, b_q of eq. (9.3.2)
+        if config.tie_weights:
+            self.output.weight = self.embedding.weight  # both (V, H)
+
+    # -- the interface ---------------------------------------------------------------------------
+    def forward(self, X: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """``X`` (B, T) long token indices -> (logits (T, B, V), final state).
+
+        ``state`` defaults to zeros (``begin_state``); it is ``(L, B, H)`` or, for LSTM, ``(h, c)``.
+        """
+        if state is None:
+            state = self.begin_state(X.shape[0], device=X.device)
+        Y, state = self._recur(X, state)  # (T, B, H)
+        return self.output(self.drop(Y)), state  # (T, B, V)
+
+    def begin_state(self, batch_size: int, device=None, dtype=None) -> State:
+        """Zero state with torch.nn shapes: ``(L, B, H)``, or ``(h, c)`` of that shape for LSTM.
+
+        ``device``/``dtype`` default to those of the model's parameters.
+        """
+        p = self.output.weight
+        shape = (self.config.num_layers, batch_size, self.config.num_hiddens)
+        kw = dict(device=p.device if device is None else device, dtype=p.dtype if dtype is None else dtype)
+        if self.config.cell == "lstm":
+            return torch.zeros(shape, **kw), torch.zeros(shape, **kw)
+        return torch.zeros(shape, **kw)
+
+    def num_params(self) -> int:
+        """Number of trainable scalars (a tied weight counts once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # -- shared pieces ---------------------------------------------------------------------------
+    def _embed(self, X: torch.Tensor) -> torch.Tensor:
+        """(B, T) indices -> (T, B, in) first-layer input: one-hot in the parameters' dtype, or embedded."""
+        if self.embedding is not None:
+            return self.embedding(X.T)
+        return F.one_hot(X.T, self.config.vocab_size).to(self.output.weight.dtype)
+
+    def reset_parameters(self) -> None:
+        """Draw every parameter afresh from the config's init scheme (same law in both impls)."""
+        scheme = self.config.init
+        if self.embedding is not None and not self.config.tie_weights:
+            self.embedding.reset_parameters()  # N(0, 1), torch's default, for every scheme
+        if scheme == "torch":
+            self.output.reset_parameters()
+        else:
+            with torch.no_grad():
+                if scheme == "d2l":
+                    self.output.weight.normal_(0.0, 0.01)
+                else:
+                    nn.init.xavier_uniform_(self.output.weight)
+                self.output.bias.zero_()
+        self._init_recurrent()
+
+    def _recur(self, X: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        raise NotImplementedError
+
+    def _init_recurrent(self) -> None:
+        raise NotImplementedError

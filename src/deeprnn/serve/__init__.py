@@ -1,0 +1,86 @@
+"""``deeprnn serve``: a local web playground and HTTP API for trained models.
+
+FastAPI and uvicorn are optional (``pip install 'deeprnn[serve]'``): this module imports neither, so
+the command line can always register the subcommand; :mod:`deeprnn.serve.app` imports them when a
+server is actually built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from deeprnn.errors import DeepRNNError
+
+INSTALL_HINT = "the web playground needs FastAPI and uvicorn: pip install 'deeprnn[serve]'"
+
+
+def create_app(paths: str | os.PathLike | list[str | os.PathLike], **kwargs: Any):
+    """Build the ASGI app for ``paths`` (runs, checkpoints or directories of runs).
+
+    See :func:`deeprnn.serve.app.create_app` for the keyword arguments. Raises :class:`DeepRNNError`
+    with the install hint when FastAPI is missing, :class:`~deeprnn.errors.CheckpointError` when a
+    path holds no usable checkpoint.
+    """
+    try:
+        from deeprnn.serve.app import create_app as _create_app
+    except ImportError as e:
+        if getattr(e, "name", None) in ("fastapi", "starlette", "pydantic"):
+            raise DeepRNNError(INSTALL_HINT) from None
+        raise
+    return _create_app(paths, **kwargs)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The ``serve`` subcommand: build the app, print its address, run uvicorn until interrupted."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise DeepRNNError(INSTALL_HINT) from None
+    if args.torch_threads < 1:
+        raise DeepRNNError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+    import torch
+
+    # The process is ours: parallelism comes from the generation workers, and a small RNN step split
+    # across busy cores only adds synchronisation (see deeprnn.generate).
+    torch.set_num_threads(args.torch_threads)
+    app = create_app(args.paths, device=args.device, workers=args.workers, max_queue=args.max_queue)
+    models = app.state.registry.ids()
+    print(f"deeprnn serve: {len(models)} model(s): {', '.join(models)}")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"deeprnn serve: warning: listening on {args.host}, reachable from other machines")
+    url = f"http://{_url_host(args.host)}:{args.port}/"
+    print(f"deeprnn serve: open {url}  (OpenAPI schema at {url}openapi.json; Ctrl-C stops)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``deeprnn serve`` on the CLI's subparsers."""
+    s = subparsers.add_parser(
+        "serve",
+        help="web playground and HTTP API for trained models",
+        description="Serve a text-generation page at / and a JSON/SSE API at /api (OpenAPI at /openapi.json). "
+        "Give a run directory, a checkpoint directory, or a directory of runs (every run found is offered).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    s.add_argument("paths", nargs="+", metavar="RUN_OR_CHECKPOINT_OR_RUNS_DIR",
+                   help="run directories, checkpoint directories or directories holding runs")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
+    s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
+    s.add_argument("--workers", type=int, default=2, help="generation threads")
+    s.add_argument("--max-queue", type=int, default=32, help="requests waiting for a thread before 503")
+    s.add_argument("--torch-threads", type=int, default=1,
+                   help="intra-op threads of each generation (the workers already run in parallel)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level")
+    s.set_defaults(func=cmd_serve)
+    return s

@@ -1,0 +1,626 @@
+"""The playground's ASGI app: a page at ``/``, a JSON/SSE API under ``/api``, ``/healthz``.
+
+Requests never share mutable model state: :func:`deeprnn.generate.generate` builds its hidden state per
+call and only reads the weights, and every model is loaded once, in eval mode. Generation runs on a
+small thread pool behind a bounded queue, so the event loop stays free to stream and a flood of requests
+gets 503 instead of unbounded memory. Request bodies are capped (413) before any JSON is parsed.
+
+Streaming (``"stream": true``) answers ``text/event-stream``::
+
+    event: start   data: {"model", "prefix", "num_samples", "seed", ...}
+    event: token   data: {"i": sample index, "text": the characters produced since the last event}
+    ...
+    event: done    data: {"samples": [full strings, prefix included], "elapsed_s", "tokens_per_s"}
+    (or)  event: error   data: {"detail": one line}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deeprnn import __version__
+from deeprnn.checkpoint import load_checkpoint, resolve_checkpoint
+from deeprnn.errors import CheckpointError, ConfigError, DeepRNNError, VocabError
+from deeprnn import generate as _gen
+
+log = logging.getLogger("deeprnn.serve")
+
+STATIC_DIR = Path(__file__).with_name("static")
+MAX_PREDS = 2000
+MAX_SAMPLES = 16
+MAX_BEAM = 16
+MAX_PREFIX = 2000
+MAX_BODY = 16 * 1024
+_RUN_SCAN_DEPTH = 3
+_CKPT_NAMES = ("best", "last", ".best.old", ".last.old")
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelEntry:
+    """One servable model: the loaded network and vocabulary plus what the model card shows."""
+
+    id: str
+    checkpoint: Path
+    run_dir: Path | None
+    model: Any
+    vocab: Any
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def curve(self) -> Path | None:
+        p = self.run_dir / "curve.png" if self.run_dir is not None else None
+        return p if p is not None and p.is_file() else None
+
+
+def _run_dir_of(given: Path, ckpt: Path) -> Path | None:
+    if given.is_dir() and given.resolve() != ckpt.resolve():
+        return given
+    return ckpt.parent if ckpt.name in _CKPT_NAMES else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _finite(x) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _card(entry_id: str, ckpt, run_dir: Path | None) -> dict[str, Any]:
+    meta, vocab = ckpt.meta, ckpt.vocab
+    mc = meta.get("model_config", {})
+    tc = meta.get("train_config", {})
+    summary = _read_json(run_dir / "summary.json") if run_dir is not None else {}
+    metrics = meta.get("metrics") or {}
+    pos = meta.get("position") or {}
+    tokens = [t for t in vocab.idx_to_token if t != "<unk>"]
+    return {
+        "id": entry_id,
+        "checkpoint": str(ckpt.path),
+        "cell": mc.get("cell"),
+        "num_layers": mc.get("num_layers"),
+        "num_hiddens": mc.get("num_hiddens"),
+        "impl": mc.get("impl"),
+        "input": mc.get("input"),
+        "parameters": sum(p.numel() for p in ckpt.model.parameters()),
+        "corpus": tc.get("corpus"),
+        "normalization": tc.get("normalization"),
+        "token": getattr(vocab, "token", "char"),
+        "vocab_size": len(vocab),
+        # Characters the prefix may use (for a char vocabulary); the page shows them next to the box.
+        "vocabulary": "".join(sorted(tokens)) if getattr(vocab, "token", "char") == "char" else None,
+        "steps": pos.get("step"),
+        "tokens_seen": pos.get("tokens"),
+        "valid_ppl": _finite(metrics.get("val_ppl")),
+        "valid_bpc": _finite(metrics.get("val_bpc")),
+        "test_ppl": _finite(summary.get("test_ppl")),
+        "test_bpc": _finite(summary.get("test_bpc")),
+        "default_prefix": tc.get("prefix") or None,
+        "curve_url": None,  # filled by the registry once it knows the file exists
+    }
+
+
+def _find_runs(root: Path, depth: int) -> list[Path]:
+    """Directories under ``root`` holding a checkpoint, not descending into the ones found."""
+    found: list[Path] = []
+    try:
+        children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return found
+    for child in children:
+        try:
+            resolve_checkpoint(child)
+        except CheckpointError:
+            if depth > 1:
+                found.extend(_find_runs(child, depth - 1))
+            continue
+        found.append(child)
+    return found
+
+
+class Registry:
+    """The models a server offers, by id; read-only once built (safe to share between threads)."""
+
+    def __init__(self, entries: list[ModelEntry], skipped: list[dict[str, str]] | None = None):
+        if not entries:
+            raise CheckpointError("no model to serve; give a run directory, a checkpoint or a directory of runs")
+        self._entries = {e.id: e for e in entries}
+        self.default = entries[0].id
+        self.skipped = skipped or []
+
+    def ids(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, model_id: str | None) -> ModelEntry | None:
+        return self._entries.get(self.default if model_id is None else model_id)
+
+    def __iter__(self):
+        return iter(self._entries.values())
+
+    @classmethod
+    def from_paths(cls, paths, device: str = "cpu") -> "Registry":
+        """Load every run/checkpoint named by ``paths``; a directory of runs offers each run inside.
+
+        A path given directly must load (``CheckpointError`` otherwise); a broken run found while
+        scanning a directory is skipped and listed in ``skipped``.
+        """
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        found: list[tuple[str, Path, bool]] = []  # (id, path, given directly)
+        for raw in paths:
+            p = Path(raw)
+            try:
+                resolve_checkpoint(p)
+            except CheckpointError:
+                if not p.is_dir():
+                    raise
+                runs = _find_runs(p, _RUN_SCAN_DEPTH)
+                if not runs:
+                    raise CheckpointError(
+                        f"{p} holds no deeprnn run or checkpoint (looked {_RUN_SCAN_DEPTH} levels deep); "
+                        "train one with `deeprnn train --run-dir ...`"
+                    ) from None
+                found.extend((r.relative_to(p).as_posix(), r, False) for r in runs)
+                continue
+            name = p.resolve().name
+            if name in _CKPT_NAMES:
+                name = f"{p.resolve().parent.name}/{name}"
+            found.append((name, p, True))
+        entries: list[ModelEntry] = []
+        skipped: list[dict[str, str]] = []
+        taken: set[str] = set()
+        for model_id, p, direct in found:
+            try:
+                ckpt = load_checkpoint(p, map_location=device)
+            except DeepRNNError as e:
+                if direct:
+                    raise
+                log.warning("skipping %s: %s", p, e)
+                skipped.append({"path": str(p), "reason": str(e)})
+                continue
+            ckpt.model.eval()  # generate() also runs under inference_mode; eval here keeps it stable
+            unique, n = model_id, 2
+            while unique in taken:
+                unique, n = f"{model_id}-{n}", n + 1
+            taken.add(unique)
+            run_dir = _run_dir_of(p, ckpt.path)
+            entry = ModelEntry(unique, ckpt.path, run_dir, ckpt.model, ckpt.vocab, _card(unique, ckpt, run_dir))
+            if entry.curve is not None:
+                entry.card["curve_url"] = f"/api/model/curve.png?model={_quote(unique)}"
+            entries.append(entry)
+        return cls(entries, skipped)
+
+
+def _quote(s: str) -> str:
+    from urllib.parse import quote
+
+    return quote(s, safe="")
+
+
+# -- the worker pool ----------------------------------------------------------------------------
+
+
+class QueueFull(Exception):
+    """Every worker is busy and the waiting line is full."""
+
+
+class GenerationPool:
+    """A thread pool with at most ``workers + max_queue`` requests admitted at once (running or waiting)."""
+
+    def __init__(self, workers: int, max_queue: int):
+        self.workers, self.max_queue = workers, max_queue
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="deeprnn-generate")
+        self._lock = threading.Lock()
+        self._admitted = 0
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    def submit(self, fn, *args, **kwargs) -> concurrent.futures.Future:
+        """Run ``fn`` on a worker; raises :class:`QueueFull` instead of waiting when the line is full."""
+        with self._lock:
+            if self._admitted >= self.workers + self.max_queue:
+                raise QueueFull
+            self._admitted += 1
+        try:
+            fut = self._executor.submit(fn, *args, **kwargs)
+        except BaseException:
+            self._release()
+            raise
+        fut.add_done_callback(lambda _f: self._release())
+        return fut
+
+    def _release(self) -> None:
+        with self._lock:
+            self._admitted -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# -- request and response bodies ----------------------------------------------------------------
+
+
+class GenerateRequest(BaseModel):
+    """Body of ``POST /api/generate``; the fields are :func:`deeprnn.generate.generate`'s arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: str = Field(min_length=1, max_length=MAX_PREFIX, description="text the continuation starts from")
+    num_preds: int = Field(100, ge=0, le=MAX_PREDS, description="tokens (characters) to generate")
+    strategy: Literal["greedy", "sample", "beam"] = "greedy"
+    temperature: float = Field(1.0, gt=0, le=100, allow_inf_nan=False, description="sampling temperature")
+    top_k: int | None = Field(None, ge=1, description="sample only among the k most likely tokens")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling: smallest set reaching this mass")
+    num_samples: int = Field(1, ge=1, le=MAX_SAMPLES, description="independent continuations")
+    beam_width: int = Field(4, ge=1, le=MAX_BEAM, description="beams kept by beam search")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="fixes the draws; null picks one (returned)")
+    model: str | None = Field(None, description="model id from /api/models (default: the first)")
+    unk: Literal["error", "replace"] = Field("error", description="prefix tokens outside the vocabulary")
+    stream: bool = Field(False, description="answer with server-sent events as the text is produced")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must contain a non-space character (it seeds the model's state)")
+        return v
+
+    @model_validator(mode="after")
+    def _beam_samples(self) -> "GenerateRequest":
+        if self.strategy == "beam" and self.num_samples > self.beam_width:
+            raise ValueError(
+                f"num_samples must be <= beam_width for beam search, got num_samples={self.num_samples} "
+                f"and beam_width={self.beam_width}"
+            )
+        return self
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    prefix: str
+    strategy: str
+    seed: int | None
+    num_preds: int
+    samples: list[str]
+    elapsed_s: float
+    tokens_per_s: float | None
+
+
+def _error(status: int, message: str, field_name: str | None = None, **extra) -> JSONResponse:
+    errors = [{"field": field_name, "message": message, **extra}] if field_name else []
+    return JSONResponse({"detail": message, "errors": errors}, status_code=status)
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    """422 whose ``detail`` is one line naming the field(s), and ``errors`` one entry per problem."""
+    errors = []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        name = ".".join(loc)
+        msg = err.get("msg", "invalid value")
+        if err.get("type") == "json_invalid":
+            name, msg = "body", f"body is not valid JSON ({err.get('ctx', {}).get('error', msg)})"
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        if not name:
+            # A whole-body error: a model validator (its message starts with the field) or bad JSON.
+            name = msg.split(" ", 1)[0] if msg.split(" ", 1)[0] in GenerateRequest.model_fields else "body"
+        errors.append({"field": name, "message": msg if msg.startswith(name) else f"{name}: {msg}"})
+    detail = "; ".join(e["message"] for e in errors) or "invalid request"
+    return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+
+def _missing_tokens(vocab, prefix: str) -> list[str]:
+    toks = prefix.split() if getattr(vocab, "token", "char") == "word" else list(prefix)
+    known = vocab.token_to_idx
+    return list(dict.fromkeys(t for t in toks if t not in known))
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class _Cancelled(Exception):
+    """Raised inside a worker's ``on_text`` when the streaming client has gone."""
+
+
+# -- the body-size guard ------------------------------------------------------------------------
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over ``max_body`` bytes, by ``Content-Length`` or by counting the stream.
+
+    The body (at most ``max_body`` bytes) is read here and replayed to the app, so the app never sees a
+    partial body; after it, ``receive`` is the server's again (disconnect detection keeps working).
+    """
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return await self._reject(send, 400, "Content-Length is not a number")
+            if n > self.max_body:
+                return await self._too_large(send)
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS") and length is None \
+                and b"transfer-encoding" not in headers:
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                # The client went away before sending its body.
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_body:
+                return await self._too_large(send)
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, replayed, send)
+
+    async def _too_large(self, send):
+        await self._reject(send, 413, f"request body is larger than {self.max_body} bytes; "
+                                      "shorten the prefix (the limit is the server's max_body)")
+
+    @staticmethod
+    async def _reject(send, status: int, message: str):
+        body = json.dumps({"detail": message, "errors": []}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+# -- the app ------------------------------------------------------------------------------------
+
+
+def create_app(
+    paths,
+    *,
+    device: str = "cpu",
+    workers: int = 2,
+    max_queue: int = 32,
+    max_body: int = MAX_BODY,
+) -> FastAPI:
+    """The playground app for the runs/checkpoints in ``paths`` (one path or a list).
+
+    ``workers`` threads generate; up to ``max_queue`` more requests wait for one, further ones get 503.
+    Bodies over ``max_body`` bytes get 413. Raises ``CheckpointError`` when a path holds no usable
+    checkpoint and ``ConfigError`` for out-of-range arguments.
+    """
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
+    if not isinstance(max_queue, int) or max_queue < 0:
+        raise ConfigError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+    if not isinstance(max_body, int) or max_body < 1024:
+        raise ConfigError(f"max_body must be an integer >= 1024 (bytes), got {max_body!r}")
+    registry = Registry.from_paths(paths, device=device)
+    pool = GenerationPool(workers, max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        pool.shutdown()
+
+    app = FastAPI(
+        title="deeprnn playground",
+        version=__version__,
+        description="Generate text with deep recurrent language models (d2l section 9.3).",
+        lifespan=lifespan,
+        # The schema is at /openapi.json; FastAPI's /docs and /redoc load their UI from a CDN,
+        # which an offline machine cannot reach, so they are off.
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.registry = registry
+    app.state.pool = pool
+    app.add_middleware(BodyLimitMiddleware, max_body=max_body)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_request: Request, exc: RequestValidationError):
+        return _validation_response(exc)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/healthz", tags=["service"], summary="liveness and load")
+    async def healthz():
+        return {"status": "ok", "version": __version__, "models": len(registry.ids()),
+                "workers": pool.workers, "admitted": pool.admitted, "max_queue": pool.max_queue}
+
+    @app.get("/api/models", tags=["models"], summary="every model offered, with its card")
+    async def models():
+        return {"default": registry.default, "models": [e.card for e in registry], "skipped": registry.skipped}
+
+    @app.get("/api/model", tags=["models"], summary="one model's card (default: the first model)")
+    async def model_card(model: str | None = Query(None, description="model id from /api/models")):
+        entry = registry.get(model)
+        if entry is None:
+            return _unknown_model(model)
+        return entry.card
+
+    @app.get("/api/model/curve.png", tags=["models"], summary="the training curve plotted by the run",
+             response_class=FileResponse)
+    async def curve(model: str | None = Query(None, description="model id from /api/models")):
+        entry = registry.get(model)
+        if entry is None:
+            return _unknown_model(model)
+        if entry.curve is None:
+            return _error(404, f"model {entry.id!r} has no training curve (no curve.png in its run directory)")
+        return FileResponse(entry.curve, media_type="image/png")
+
+    def _unknown_model(model_id) -> JSONResponse:
+        return _error(404, f"model {model_id!r} not found; choose one of: {', '.join(registry.ids())}", "model")
+
+    @app.post(
+        "/api/generate",
+        tags=["generate"],
+        summary="continue a prefix",
+        response_model=GenerateResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}},
+                  "description": "JSON, or server-sent events (start, token..., done | error) with stream=true"},
+            404: {"description": "unknown model"},
+            413: {"description": "request body too large"},
+            422: {"description": "a field is out of range, or the prefix has tokens outside the vocabulary"},
+            503: {"description": "every worker busy and the queue full; retry later"},
+        },
+    )
+    async def generate_endpoint(req: GenerateRequest):
+        entry = registry.get(req.model)
+        if entry is None:
+            return _unknown_model(req.model)
+        if req.unk == "error":
+            missing = _missing_tokens(entry.vocab, req.prefix)
+            if missing:
+                kind = "words" if entry.vocab.token == "word" else "characters"
+                hint = " (the vocabulary is lowercase: lowercase the prefix)" \
+                    if all(t.lower() in entry.vocab.token_to_idx for t in missing) else ""
+                listed = ", ".join(repr(t) for t in missing)
+                return _error(422, f"prefix has {kind} not in the vocabulary: {listed}{hint}", "prefix",
+                              invalid=missing)
+        seed = req.seed
+        if seed is None and req.strategy == "sample":
+            seed = secrets.randbits(63)  # returned, so any sample can be reproduced
+        args = dict(strategy=req.strategy, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                    num_samples=req.num_samples, beam_width=req.beam_width, seed=seed, unk=req.unk)
+        head = {"model": entry.id, "prefix": req.prefix, "strategy": req.strategy, "seed": seed,
+                "num_preds": req.num_preds}
+        if req.stream:
+            return _stream(entry, req, args, head)
+        t0 = time.perf_counter()
+        try:
+            fut = pool.submit(_run, entry, req.prefix, req.num_preds, args, None)
+        except QueueFull:
+            return _busy()
+        try:
+            samples = await asyncio.wrap_future(fut)
+        except (ConfigError, VocabError) as e:
+            return _error(422, str(e), str(e).split(" ", 1)[0])
+        elapsed = time.perf_counter() - t0
+        return {**head, "samples": samples, "elapsed_s": round(elapsed, 4),
+                "tokens_per_s": round(req.num_preds * len(samples) / elapsed, 1) if elapsed > 0 else None}
+
+    def _busy() -> JSONResponse:
+        resp = _error(503, f"server busy: {pool.workers} worker(s) and {pool.max_queue} queued requests; "
+                           "retry in a moment")
+        resp.headers["Retry-After"] = "1"
+        return resp
+
+    def _stream(entry: ModelEntry, req: GenerateRequest, args: dict, head: dict):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()
+
+        def on_text(i: int, piece: str) -> None:
+            if gone.is_set():
+                raise _Cancelled
+            loop.call_soon_threadsafe(queue.put_nowait, (i, piece))
+
+        t0 = time.perf_counter()
+        try:
+            fut = pool.submit(_run, entry, req.prefix, req.num_preds, args, on_text)
+        except QueueFull:
+            return _busy()
+
+        def finished(f: concurrent.futures.Future) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        fut.add_done_callback(finished)
+
+        async def events():
+            try:
+                yield _sse("start", {**head, "num_samples": req.num_samples})
+                done = False
+                while not done:
+                    item = await queue.get()
+                    batch: dict[int, list[str]] = {}
+                    # Coalesce what has piled up since the last event: one event per sample, not per char.
+                    while item is not None:
+                        batch.setdefault(item[0], []).append(item[1])
+                        if queue.empty():
+                            break
+                        item = queue.get_nowait()
+                    done = item is None
+                    if batch:  # one write per batch, one event per sample in it
+                        yield b"".join(_sse("token", {"i": i, "text": "".join(pieces)})
+                                       for i, pieces in sorted(batch.items()))
+                    # Let the loop run: the worker's queued pieces land (fewer, larger events) and a
+                    # closed connection is noticed before we write to it again.
+                    await asyncio.sleep(0)
+                try:
+                    samples = fut.result()
+                except DeepRNNError as e:
+                    yield _sse("error", {"detail": str(e)})
+                    return
+                except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+                    log.exception("generation failed")
+                    yield _sse("error", {"detail": f"generation failed: {type(e).__name__}: {e}"})
+                    return
+                elapsed = time.perf_counter() - t0
+                yield _sse("done", {"samples": samples, "elapsed_s": round(elapsed, 4),
+                                    "tokens_per_s": round(req.num_preds * len(samples) / elapsed, 1)
+                                    if elapsed > 0 else None})
+            finally:
+                gone.set()  # a client that left stops its worker at the next character
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def _run(entry: ModelEntry, prefix: str, num_preds: int, args: dict, on_text) -> list[str]:
+    """One generation on a worker thread; the state lives in this call only."""
+    return _gen.generate(entry.model, entry.vocab, prefix, num_preds, on_text=on_text, **args)

@@ -1,0 +1,174 @@
+"""ModelConfig validation (exact messages, field name first), build_model, init schemes, helpers."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from deeprnn.errors import ConfigError
+from deeprnn.models import ConciseModel, ModelConfig, ScratchModel, build_model, detach_state
+
+BASE = dict(vocab_size=7, cell="lstm", num_layers=2, num_hiddens=5)
+
+BAD = [
+    (dict(num_layers=0), "num_layers must be >= 1, got 0"),
+    (dict(num_layers=2.0), "num_layers must be an integer >= 1, got 2.0"),
+    (dict(num_hiddens=0), "num_hiddens must be >= 1, got 0"),
+    (dict(vocab_size=0), "vocab_size must be >= 1, got 0"),
+    (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0"),
+    (dict(dropout=-0.1), "dropout must be in [0, 1), got -0.1"),
+    (dict(dropout="0.5"), "dropout must be a number in [0, 1), got '0.5'"),
+    (dict(cell="transformer"), "cell must be one of rnn_tanh, rnn_relu, gru, lstm; got 'transformer'"),
+    (dict(impl="jit"), "impl must be one of concise, scratch; got 'jit'"),
+    (dict(input="bytes"), "input must be one of one_hot, embedding; got 'bytes'"),
+    (dict(init="xavier"), "init must be one of d2l, torch, orthogonal; got 'xavier'"),
+    (dict(cell="gru", gru_variant="keras"), "gru_variant must be one of torch, d2l; got 'keras'"),
+    (dict(tie_weights=True), "tie_weights needs input='embedding' (a one-hot input has no weight to share)"),
+    (
+        dict(tie_weights=True, input="embedding", embed_size=4),
+        "tie_weights needs embed_size == num_hiddens, got embed_size=4 and num_hiddens=5; set embed_size=5",
+    ),
+    (dict(input="embedding", embed_size=0), "embed_size must be >= 1, got 0"),
+    (
+        dict(embed_size=4),
+        "embed_size is only used with input='embedding' (input is 'one_hot'); "
+        "leave it None or set input='embedding'",
+    ),
+    (
+        dict(cell="gru", gru_variant="d2l", impl="concise"),
+        "gru_variant='d2l' has no torch.nn form; use impl='scratch' or gru_variant='torch'",
+    ),
+    (dict(gru_variant="d2l", impl="scratch"), "gru_variant='d2l' only applies to cell='gru' (cell is 'lstm')"),
+    (dict(cell="gru", forget_bias=1.0), "forget_bias only applies to cell='lstm' (cell is 'gru'); set it to 0"),
+    (dict(residual=True), "residual is reserved and not implemented yet; set residual=False"),
+    (dict(layer_norm=True), "layer_norm is reserved and not implemented yet; set layer_norm=False"),
+]
+
+
+@pytest.mark.parametrize("changes,message", BAD, ids=[m.split()[0] + f"-{i}" for i, (_, m) in enumerate(BAD)])
+def test_bad_config_names_the_field(changes, message):
+    cfg = ModelConfig(**{**BASE, **changes})
+    with pytest.raises(ConfigError) as info:
+        cfg.validate()
+    assert str(info.value) == message
+    assert isinstance(info.value, ValueError)
+    field = message.split()[0].split("=")[0]
+    assert field in {f.name for f in dataclasses.fields(ModelConfig)}
+    with pytest.raises(ConfigError):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "gru", "lstm"])
+@pytest.mark.parametrize("impl", ["scratch", "concise"])
+def test_good_configs_build_and_round_trip_json(cell, impl):
+    cfg = ModelConfig(vocab_size=7, cell=cell, num_layers=2, num_hiddens=5, impl=impl, dropout=0.2)
+    assert cfg.validate() is cfg
+    model = build_model(cfg)
+    assert isinstance(model, ScratchModel if impl == "scratch" else ConciseModel)
+    assert model.config is cfg
+    again = ModelConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+    assert again == cfg
+
+
+def test_defaults_follow_the_contract():
+    cfg = ModelConfig(vocab_size=28, cell="lstm")
+    assert (cfg.num_layers, cfg.num_hiddens, cfg.impl, cfg.input, cfg.embed_size) == (2, 256, "concise", "one_hot", None)
+    assert (cfg.dropout, cfg.tie_weights, cfg.forget_bias, cfg.gru_variant) == (0.0, False, 0.0, "torch")
+    assert (cfg.residual, cfg.layer_norm) == (False, False)
+    assert ModelConfig(vocab_size=28, cell="lstm", input="embedding").input_size == 256
+
+
+def test_num_params():
+    V, H, L, G = 7, 5, 2, 4
+    concise = build_model(ModelConfig(**BASE))
+    assert concise.num_params() == sum(p.numel() for p in concise.parameters())
+    rnn = L * (2 * G * H * H + 2 * G * H) + G * H * (V - H)  # torch: W_ih, W_hh, b_ih, b_hh per layer
+    assert concise.num_params() == rnn + H * V + V
+    scratch = build_model(ModelConfig(**BASE, impl="scratch"))
+    assert scratch.num_params() == concise.num_params() - L * G * H  # one bias per layer, like the book
+
+
+def test_tied_weights_share_one_tensor():
+    cfg = ModelConfig(**{**BASE, "input": "embedding", "tie_weights": True}, impl="scratch")
+    model = build_model(cfg)
+    assert model.output.weight is model.embedding.weight
+    untied = build_model(dataclasses.replace(cfg, tie_weights=False))
+    assert model.num_params() == untied.num_params() - 7 * 5
+
+
+def test_detach_state():
+    h = torch.ones(2, 3, 4, requires_grad=True) * 2
+    assert not detach_state(h).requires_grad and torch.equal(detach_state(h), h)
+    hc = detach_state((h, h + 1))
+    assert isinstance(hc, tuple) and len(hc) == 2 and not any(s.requires_grad for s in hc)
+
+
+# -- init schemes: the same law in both implementations ---------------------------------------
+def _rnn_tensors(model):
+    """(input weights, recurrent weights, summed biases) per layer, in scratch layout."""
+    out = []
+    for l in range(model.config.num_layers):
+        if isinstance(model, ScratchModel):
+            layer = model.layers[l]
+            out.append((layer.W_xh, layer.W_hh, layer.b_h))
+        else:
+            r = model.rnn
+            out.append((
+                getattr(r, f"weight_ih_l{l}").T, getattr(r, f"weight_hh_l{l}").T,
+                getattr(r, f"bias_ih_l{l}") + getattr(r, f"bias_hh_l{l}"),
+            ))
+    return out
+
+
+BIG = dict(vocab_size=30, cell="lstm", num_layers=2, num_hiddens=64)
+
+
+@pytest.mark.parametrize("impl", ["scratch", "concise"])
+def test_init_d2l(impl):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**BIG, impl=impl, init="d2l", forget_bias=1.0))
+    H = 64
+    for W_xh, W_hh, b in _rnn_tensors(model):
+        for w in (W_xh, W_hh):
+            assert abs(w.std().item() - 0.01) < 1e-3 and abs(w.mean().item()) < 1e-3
+        expected = torch.zeros(4 * H)
+        expected[H : 2 * H] = 1.0  # forget_bias
+        assert torch.equal(b.detach(), expected)
+    assert abs(model.output.weight.std().item() - 0.01) < 2e-3 and not model.output.bias.any()
+
+
+@pytest.mark.parametrize("impl", ["scratch", "concise"])
+def test_init_torch(impl):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**BIG, impl=impl, init="torch"))
+    k = 1 / 64**0.5
+    for W_xh, W_hh, b in _rnn_tensors(model):
+        for w in (W_xh, W_hh):
+            assert w.abs().max() <= k and abs(w.var().item() - k * k / 3) < 0.1 * k * k / 3
+        # the sum of torch's two uniform biases: triangular on [-2k, 2k], variance 2k²/3
+        assert b.abs().max() <= 2 * k and abs(b.var().item() - 2 * k * k / 3) < 0.25 * 2 * k * k / 3
+
+
+@pytest.mark.parametrize("impl", ["scratch", "concise"])
+def test_init_orthogonal(impl):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**BIG, impl=impl, init="orthogonal"))
+    H = 64
+    for W_xh, W_hh, b in _rnn_tensors(model):
+        for g in range(4):
+            block = W_hh[:, g * H : (g + 1) * H].detach()
+            torch.testing.assert_close(block.T @ block, torch.eye(H), atol=1e-5, rtol=0)
+        bound = (6 / (30 + 64)) ** 0.5  # xavier_uniform on a (30, 64) block of layer 0
+        if W_xh.shape[0] == 30:
+            assert W_xh.abs().max() <= bound
+        assert not b.any()
+
+
+def test_reset_parameters_is_seeded():
+    cfg = ModelConfig(**BASE, impl="scratch")
+    torch.manual_seed(5)
+    a = build_model(cfg).state_dict()
+    torch.manual_seed(5)
+    b = build_model(cfg).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

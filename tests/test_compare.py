@@ -1,0 +1,240 @@
+"""deeprnn compare: grid report, run cache, the data experiments' held-out spans, per-source scores."""
+
+import csv
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from deeprnn import compare
+from deeprnn.cli import build_parser, main
+from deeprnn.corpus import build_corpus
+from deeprnn.errors import ConfigError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+# Tiny models and budgets: every run is a few steps of an 8-unit model.
+TINY_SET = ["max_steps=3", "batch_size=4", "num_steps=8", "eval_every=2", "eval_batch_size=8",
+            "eval_num_steps=32", "num_preds=0", "sample_every=0", "precision=fp32", "dropout=0",
+            "val_fraction=0.1", "test_fraction=0.1"]
+
+
+def _set_flags(items):
+    return [x for item in items for x in ("--set", item)]
+
+
+def _table_rows(report: str) -> list[list[str]]:
+    lines = [ln for ln in report.splitlines() if ln.startswith("| ")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run several times faster on one thread when the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_text(tmp_path, shared_data) -> Path:
+    path = tmp_path / "tiny.txt"
+    path.write_text((shared_data / "timemachine.txt").read_text()[:6000])
+    return path
+
+
+def test_grid_report_then_cache(tmp_path, tiny_text, capsys):
+    out = tmp_path / "report"
+    argv = ["compare", "--cells", "gru,lstm", "--layers", "1,2", "--hiddens", "8", "--corpus", f"tiny={tiny_text}",
+            "--epochs", "1", "--target-ppl", "1e6", "--out", str(out), *_set_flags(TINY_SET)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "4 trained, 0 from the cache" in printed
+
+    report = (out / "report.md").read_text()
+    header, _sep, *rows = _table_rows(report)
+    assert header[0] == "configuration" and "held-out ppl (best)" in header and "tokens/s" in header
+    assert [r[0] for r in rows] == ["gru 1x8 concise", "gru 2x8 concise", "lstm 1x8 concise", "lstm 2x8 concise"]
+    for row in rows:  # every column filled with a number
+        assert len(row) == len(header)
+        for cell in row[1:]:
+            assert cell and cell not in ("n/a", "nan") and "not reached" not in cell, (row, cell)
+            float(cell.split(" ± ")[0].replace(",", ""))
+    assert "| gru 1x8 concise |" in printed  # the table is printed too
+
+    with open(out / "results.csv", newline="") as f:
+        results = list(csv.DictReader(f))
+    assert len(results) == 4
+    for r in results:
+        assert float(r["best_val_ppl"]) <= float(r["final_val_ppl"]) + 1e-9
+        assert float(r["best_val_bpc"]) == pytest.approx(math.log2(float(r["best_val_ppl"])))
+        assert int(r["parameters"]) > 0 and float(r["tokens_per_s"]) > 0 and int(r["steps"]) == 3
+        assert 0 <= float(r["time_to_target_s"]) <= float(r["train_time_s"]) + 1e-6
+    # depth adds parameters; an LSTM has 4 gates to the GRU's 3
+    p = {r["label"]: int(r["parameters"]) for r in results}
+    assert p["gru 2x8 concise"] > p["gru 1x8 concise"] and p["lstm 1x8 concise"] > p["gru 1x8 concise"]
+    for png in ("curves.png", "speed.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+
+    summaries = sorted((out / "runs").glob("*/summary.json"))
+    assert len(summaries) == 4
+    stamps = {s: s.stat().st_mtime_ns for s in summaries}
+    assert main(argv) == 0
+    assert "0 trained, 4 from the cache" in capsys.readouterr().out
+    assert {s: s.stat().st_mtime_ns for s in summaries} == stamps
+    assert sorted((out / "runs").glob("*/summary.json")) == summaries  # no new run directories
+
+
+def test_time_to_target_reads_metrics():
+    rows = [{"val_ppl": "20.0", "elapsed_s": "1.5"}, {"val_ppl": "nan", "elapsed_s": "2"},
+            {"val_ppl": "9.5", "elapsed_s": "3.25"}, {"val_ppl": "8.0", "elapsed_s": "4"}]
+    assert compare.time_to_target(rows, 10.0) == 3.25
+    assert compare.time_to_target(rows, 5.0) is None
+    assert compare.time_to_target(rows, None) is None
+
+
+def test_aggregate_mean_and_std_over_seeds():
+    def rec(seed, ppl, t):
+        r = {k: 1.0 for k, _, _ in compare.COLUMNS}
+        r.update(label="lstm 2x256 concise", seed=seed, best_val_ppl=ppl, time_to_target_s=t)
+        return r
+
+    header, rows = compare.aggregate([rec(0, 6.0, 10.0), rec(1, 8.0, None)], [], 7.0)
+    col = header.index("held-out ppl (best)")
+    assert rows[0][1] == "2" and rows[0][col] == "7.000 ± 1.414"
+    assert rows[0][-1] == "not reached (1/2)"
+
+
+def test_config_key_ignores_where_not_what(tmp_path):
+    spec = compare.GridSpec(cells=["gru", "lstm"], seeds=[0, 1])
+    points = compare.expand_grid(spec)
+    assert len({p.key for p in points}) == 4
+    cfg = points[0].cfg
+    assert compare.config_key(dataclasses.replace(cfg, run_dir=str(tmp_path))) == compare.config_key(cfg)
+    assert compare.config_key(cfg, {"timemachine": 2.0}) != compare.config_key(cfg)
+
+
+def test_set_and_weights_parsing():
+    assert compare.parse_set(["lr=0.01", "dropout=0", "tie-weights=true", "max-steps=none"]) == \
+        {"lr": 0.01, "dropout": 0.0, "tie_weights": True, "max_steps": None}
+    with pytest.raises(ConfigError, match="--cells"):
+        compare.parse_set(["cell=gru"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        compare.parse_set(["learning_rate=1"])
+    with pytest.raises(ConfigError, match="lr must be of type float"):
+        compare.parse_set(["lr=fast"])
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        compare.parse_set(["optimizer=lbfgs"])
+    assert compare.parse_weights("tinyshakespeare=0.25,timemachine=3") == {"tinyshakespeare": 0.25, "timemachine": 3.0}
+    assert compare.parse_weights("balance") == "balance"
+    with pytest.raises(ConfigError, match="weights"):
+        compare.parse_weights("timemachine=-1")
+
+
+def test_compare_is_a_cli_command():
+    args = build_parser().parse_args(["compare", "--preset", "more-data", "--minutes", "0.5", "--seeds", "0,1"])
+    spec = compare.spec_from_args(args)
+    assert spec.base["time_budget"] == 0.5 and spec.seeds == [0, 1]
+    assert [v.heldout_from for v in spec.data] == [["timemachine"], ["timemachine"]]
+    assert compare.PRESETS["more-data"]["data"][0].weights is None  # flags never alter the preset itself
+    args = build_parser().parse_args(["compare", "--preset", "authors", "--weights", "tinyshakespeare=0.5"])
+    assert [v.weights for v in compare.spec_from_args(args).data] == \
+        [None, None, {"tinyshakespeare": 0.5}, {"tinyshakespeare": 0.5}]
+    with pytest.raises(ConfigError, match="shakespear"):
+        compare.spec_from_args(build_parser().parse_args(["compare", "--preset", "authors", "--weights", "shakespear=2"]))
+
+
+def test_more_data_heldout_is_only_time_machine():
+    """Exercise 3: the validation/test text of the merged corpus lies inside The Time Machine's span."""
+    variant = compare.PRESETS["more-data"]["data"][1]
+    assert variant.corpus == ["timemachine", "war-of-the-worlds"] and variant.heldout_from == ["timemachine"]
+    corpus = build_corpus(variant.corpus)
+    (tm, tm_a, tm_b), (wotw, w_a, w_b) = corpus.spans
+    assert (tm, wotw) == ("timemachine", "war-of-the-worlds") and tm_b == w_a
+    fractions = (0.9, 0.05, 0.05)
+    ranges = compare.heldout_ranges(corpus, fractions, variant.heldout_from)
+    splits = corpus.split(fractions, heldout_from=variant.heldout_from)
+    for part in ("valid", "test"):
+        assert ranges[part] and all(name == "timemachine" and tm_a <= a < b <= tm_b for name, a, b in ranges[part])
+        # the ranges are exactly what Corpus.split handed to training as held-out text
+        got = torch.cat([corpus.tokens[a:b] for _, a, b in ranges[part]])
+        assert torch.equal(got, getattr(splits, part))
+    # the added book goes wholly to training; the Time Machine held-out tail is the same as alone
+    assert ("war-of-the-worlds", w_a, w_b) in ranges["train"]
+    alone = build_corpus(["timemachine"], vocab=corpus.vocab).split(fractions)
+    assert torch.equal(alone.valid, splits.valid) and torch.equal(alone.test, splits.test)
+    # and the grid gives both runs that held-out split
+    points = compare.expand_grid(compare.GridSpec(data=compare.PRESETS["more-data"]["data"]))
+    assert [p.cfg.heldout_from for p in points] == [None, ["timemachine"]]  # None: its only source
+
+
+def test_weighted_text_keeps_heldout_out_of_training(tmp_path, shared_data):
+    """--weights repeats/truncates training text only; held-out tokens never reach training."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    text = (shared_data / "timemachine.txt").read_text()
+    a.write_text(text[:4000])
+    b.write_text(text[20000:22000])
+    from deeprnn.train import TrainConfig
+
+    cfg = TrainConfig(corpus=[str(a), str(b)])
+    corpus = build_corpus(cfg.corpus)
+    fr = compare.split_fractions(cfg)
+    plain = corpus.split(fr)
+    ranges = compare.heldout_ranges(corpus, fr)
+    n_train = {name: hi - lo for name, lo, hi in ranges["train"]}
+    weighted = compare.materialise_weighted(cfg, {str(a): 0.5, str(b): 2.5}, tmp_path / "data")
+    new = build_corpus(weighted.corpus)
+    split = new.split(compare.split_fractions(weighted), heldout_from=weighted.heldout_from)
+    want = int(n_train[str(a)] * 0.5) + round(n_train[str(b)] * 2.5)
+    assert abs(split.train.numel() - want) <= 4  # up to the spaces that normalisation strips at the ends
+    for i, name in enumerate([str(a), str(b)]):  # each .heldout file is that source's valid + test text
+        parts = [(lo, hi) for part in ("valid", "test") for n, lo, hi in ranges[part] if n == name]
+        want_text = corpus.vocab.decode(corpus.tokens[parts[0][0]: parts[-1][1]])
+        assert (tmp_path / "data" / f"{i}.heldout.txt").read_text() == want_text
+    assert abs(split.valid.numel() + split.test.numel() - plain.valid.numel() - plain.test.numel()) <= 4
+    # no held-out token went to training: training is exactly the two .train.txt files
+    train_files = [c for c in weighted.corpus if c.endswith(".train.txt")]
+    assert split.train.numel() == sum(e - s for n, s, e in new.spans if n in train_files)
+    balanced = compare.materialise_weighted(cfg, "balance", tmp_path / "bal")
+    sizes = [Path(c).stat().st_size for c in balanced.corpus if c.endswith(".train.txt")]
+    assert abs(sizes[0] - sizes[1]) <= 2
+
+
+def test_authors_preset_scores_every_source(tmp_path, capsys):
+    """Exercise 4 at a tiny budget: every model has a perplexity on every source's validation span."""
+    out = tmp_path / "authors"
+    tiny = ["max_tokens=2000", "val_fraction=0.004", "test_fraction=0.004", "eval_every=0",
+            "eval_batch_size=16", "eval_num_steps=64", "max_steps=2", "batch_size=4", "num_steps=8"]
+    argv = ["compare", "--preset", "authors", "--layers", "1", "--hiddens", "8", "--epochs", "1",
+            "--out", str(out), *_set_flags(tiny)]
+    assert main(argv) == 0
+    with open(out / "results.csv", newline="") as f:
+        results = {r["data"]: r for r in csv.DictReader(f)}
+    assert list(results) == ["wells", "shakespeare", "merge", "merge-balanced"]
+    for r in results.values():
+        for src in ("timemachine", "war-of-the-worlds", "tinyshakespeare"):
+            ppl = float(r[f"valid_ppl[{src}]"])
+            assert 1 < ppl < 60, (r["data"], src, ppl)  # an 8-unit model after 2 steps: near uniform (28)
+            assert float(r[f"valid_bpc[{src}]"]) == pytest.approx(math.log2(ppl))
+    header = _table_rows((out / "report.md").read_text())[0]
+    assert header[-3:] == ["valid ppl timemachine", "valid ppl war-of-the-worlds", "valid ppl tinyshakespeare"]
+    capsys.readouterr()
+
+
+def test_per_source_eval_refuses_trained_on_text(tmp_path, tiny_text, capsys):
+    """A source trained on wholly (heldout_from elsewhere) is reported n/a, never scored."""
+    other = tmp_path / "other.txt"
+    other.write_text(tiny_text.read_text()[::-1])
+    out = tmp_path / "r"
+    argv = ["compare", "--hiddens", "8", "--layers", "1", "--corpus", f"both={tiny_text},{other}",
+            "--heldout-from", str(tiny_text), "--eval-on", f"{tiny_text},{other}", "--epochs", "1",
+            "--out", str(out), *_set_flags(TINY_SET)]
+    assert main(argv) == 0
+    with open(out / "results.csv", newline="") as f:
+        (r,) = list(csv.DictReader(f))
+    assert float(r[f"valid_ppl[{tiny_text}]"]) > 1 and r[f"valid_ppl[{other}]"] == ""
+    assert "n/a (trained on)" in (out / "report.md").read_text()
+    capsys.readouterr()

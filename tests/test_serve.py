@@ -1,0 +1,476 @@
+"""The playground's HTTP API (``deeprnn serve``) through an in-process ASGI client.
+
+Every generation is compared with :func:`deeprnn.generate.generate` on the same checkpoint and seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from deeprnn import cli  # noqa: E402
+from deeprnn.checkpoint import load_checkpoint  # noqa: E402
+from deeprnn.errors import DeepRNNError, VocabError  # noqa: E402
+from deeprnn.generate import generate  # noqa: E402
+from deeprnn.serve import INSTALL_HINT, create_app  # noqa: E402
+from deeprnn.serve import app as app_module  # noqa: E402
+from deeprnn.train import TrainConfig, train  # noqa: E402
+
+PREFIX = "time traveller"
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    """A tiny trained run (best/, last/, metrics.csv, curve.png, summary.json, config.json)."""
+    path = tmp_path_factory.mktemp("serve") / "tiny-lstm"
+    # One thread: the tiny LSTM's evaluation is ~10x slower on two threads when the cores are busy.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DEEPRNN_OFFLINE", "1")
+            mp.setenv("MPLBACKEND", "Agg")
+            train(TrainConfig(num_layers=1, num_hiddens=16, batch_size=4, num_steps=8, max_tokens=2000, max_steps=5,
+                              eval_batch_size=4, sample_every=0, precision="fp32", run_dir=str(path)), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ckpt(run_dir):
+    return load_checkpoint(run_dir)
+
+
+@pytest.fixture(scope="session")
+def app(run_dir):
+    return create_app(run_dir)
+
+
+def expected(ckpt, prefix=PREFIX, num_preds=100, **kw):
+    return generate(ckpt.model, ckpt.vocab, prefix, num_preds, **kw)
+
+
+async def _request(app, method, url, **kw):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        return await c.request(method, url, **kw)
+
+
+def call(app, method, url, **kw) -> httpx.Response:
+    return asyncio.run(_request(app, method, url, **kw))
+
+
+def post(app, body, **kw) -> httpx.Response:
+    return call(app, "POST", "/api/generate", json=body, **kw)
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+# -- generation equals the library --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    dict(strategy="greedy"),
+    dict(strategy="greedy", num_samples=2),
+    dict(strategy="sample", seed=7),
+    dict(strategy="sample", seed=123, temperature=0.7, top_k=5, top_p=0.9, num_samples=3),
+    dict(strategy="beam", beam_width=3, num_samples=2),
+], ids=["greedy", "greedy-x2", "sample", "sample-filtered-x3", "beam"])
+def test_generate_matches_library(app, ckpt, args):
+    r = post(app, {"prefix": PREFIX, "num_preds": 60, **args})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want = expected(ckpt, num_preds=60, **args)
+    assert body["samples"] == want
+    assert all(s.startswith(PREFIX) for s in body["samples"])
+    assert body["model"] == "tiny-lstm" and body["strategy"] == args["strategy"] and body["num_preds"] == 60
+
+
+def test_sample_without_seed_returns_the_seed_it_used(app, ckpt):
+    first = post(app, {"prefix": PREFIX, "num_preds": 40, "strategy": "sample"}).json()
+    assert isinstance(first["seed"], int)
+    assert first["samples"] == expected(ckpt, num_preds=40, strategy="sample", seed=first["seed"])
+    again = post(app, {"prefix": PREFIX, "num_preds": 40, "strategy": "sample", "seed": first["seed"]}).json()
+    assert again["samples"] == first["samples"]
+
+
+def test_zero_length_returns_the_prefix(app):
+    r = post(app, {"prefix": "the", "num_preds": 0})
+    assert r.status_code == 200 and r.json()["samples"] == ["the"]
+
+
+@pytest.mark.filterwarnings("ignore:prefix characters not in the vocabulary")
+def test_unk_replace_feeds_unknown_characters_as_unk(app, ckpt):
+    r = post(app, {"prefix": "Time!", "num_preds": 20, "unk": "replace"})
+    assert r.status_code == 200, r.text
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert r.json()["samples"] == expected(ckpt, prefix="Time!", num_preds=20, unk="replace")
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"num_preds": 2001}, "num_preds"),
+    ({"num_preds": -1}, "num_preds"),
+    ({"num_preds": "ten"}, "num_preds"),
+    ({"num_samples": 17}, "num_samples"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"temperature": 0}, "temperature"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_k": 0}, "top_k"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"beam_width": 0}, "beam_width"),
+    ({"beam_width": 17}, "beam_width"),
+    ({"seed": -1}, "seed"),
+    ({"strategy": "nucleus"}, "strategy"),
+    ({"unk": "ignore"}, "unk"),
+    ({"stream": "maybe"}, "stream"),
+    ({"prefix": ""}, "prefix"),
+    ({"prefix": "   "}, "prefix"),
+    ({"prefix": "a" * 2001}, "prefix"),
+    ({"prefix": None}, "prefix"),
+    ({"colour": "red"}, "colour"),
+    ({"strategy": "beam", "beam_width": 4, "num_samples": 5}, "num_samples"),
+])
+def test_validation_errors_are_422_naming_the_field(app, patch, field):
+    body = {"prefix": PREFIX, "num_preds": 10, **patch}
+    if patch.get("prefix", "") is None:
+        del body["prefix"]
+    for stream in (False, True):
+        r = post(app, {**body, "stream": stream} if field != "stream" else body)
+        assert r.status_code == 422, r.text
+        data = r.json()
+        assert data["detail"].startswith(field), data
+        assert [e["field"] for e in data["errors"]] == [field]
+
+
+def test_several_errors_are_all_reported(app):
+    r = post(app, {"prefix": PREFIX, "num_preds": 5000, "top_p": 2})
+    assert r.status_code == 422
+    assert {e["field"] for e in r.json()["errors"]} == {"num_preds", "top_p"}
+
+
+def test_invalid_json_is_422(app):
+    r = call(app, "POST", "/api/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["field"] == "body"
+    assert r.json()["detail"].startswith("body is not valid JSON")
+
+
+def test_prefix_outside_the_vocabulary_is_reported(app):
+    r = post(app, {"prefix": "The Time Machine!", "num_preds": 10})
+    assert r.status_code == 422
+    data = r.json()
+    assert data["errors"] == [{"field": "prefix", "message": data["detail"], "invalid": ["T", "M", "!"]}]
+    assert data["detail"].startswith("prefix has characters not in the vocabulary: 'T', 'M', '!'")
+    upper_only = post(app, {"prefix": "TIME", "num_preds": 10}).json()
+    assert "lowercase the prefix" in upper_only["detail"]
+
+
+def test_unknown_model_is_404(app):
+    r = post(app, {"prefix": PREFIX, "model": "nope"})
+    assert r.status_code == 404
+    assert r.json()["errors"][0]["field"] == "model" and "tiny-lstm" in r.json()["detail"]
+    assert call(app, "GET", "/api/model", params={"model": "nope"}).status_code == 404
+    assert call(app, "GET", "/api/model/curve.png", params={"model": "nope"}).status_code == 404
+
+
+def test_body_over_the_limit_is_413(app):
+    # By Content-Length: rejected before the body is read.
+    r = post(app, {"prefix": "a" * 20_000})
+    assert r.status_code == 413 and "16384 bytes" in r.json()["detail"]
+
+    # Streamed without a Content-Length (chunked): counted as it arrives.
+    async def chunks():
+        for _ in range(20):
+            yield b" " * 1000
+
+    r = call(app, "POST", "/api/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413
+
+    # Under the limit, the same path reaches validation.
+    r = post(app, {"prefix": "a" * 15_000})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "prefix"
+
+    async def small_body():
+        yield json.dumps({"prefix": "the", "num_preds": 3}).encode()
+
+    small = call(app, "POST", "/api/generate", content=small_body(), headers={"content-type": "application/json"})
+    assert small.status_code == 200 and small.json()["samples"][0].startswith("the")
+
+
+# -- streaming ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    dict(strategy="sample", seed=5, num_samples=3),
+    dict(strategy="greedy"),
+    dict(strategy="beam", num_samples=2),
+], ids=["sample", "greedy", "beam"])
+def test_stream_yields_prefix_then_characters_then_done(app, ckpt, args):
+    r = post(app, {"prefix": PREFIX, "num_preds": 80, "stream": True, **args})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    kinds = [e for e, _ in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) == {"token"}
+    start, done = events[0][1], events[-1][1]
+    n = args.get("num_samples", 1)
+    assert start["prefix"] == PREFIX and start["num_samples"] == n
+    want = expected(ckpt, num_preds=80, **args)
+    assert done["samples"] == want
+    streamed = [PREFIX] * n
+    for kind, data in events[1:-1]:
+        streamed[data["i"]] += data["text"]
+    assert streamed == want
+
+
+def test_stream_reports_a_failure_as_an_error_event(app, monkeypatch):
+    def broken(*_args, **_kw):
+        raise VocabError("the model predicts 30 tokens but the vocabulary has 28; use the vocabulary saved with it")
+
+    monkeypatch.setattr(app_module, "_run", broken)
+    events = sse_events(post(app, {"prefix": PREFIX, "stream": True}).text)
+    assert [e for e, _ in events] == ["start", "error"]
+    assert events[1][1]["detail"].startswith("the model predicts 30 tokens")
+
+
+def test_stream_stops_its_worker_when_the_client_leaves(run_dir, monkeypatch):
+    small = create_app(run_dir, workers=1, max_queue=0)
+    stopped = threading.Event()
+
+    def endless(entry, prefix, num_preds, args, on_text):
+        try:
+            while True:
+                on_text(0, "a")
+                time.sleep(0.001)
+        except app_module._Cancelled:
+            stopped.set()
+            raise
+
+    monkeypatch.setattr(app_module, "_run", endless)
+    body = json.dumps({"prefix": "the", "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/api/generate", "raw_path": b"/api/generate",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+    async def scenario():
+        sent, left = [], asyncio.Event()
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if pending:
+                return pending.pop()
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+            if len(sent) == 3:  # response start, start event, first characters: then hang up
+                left.set()
+
+        await asyncio.wait_for(small(scope, receive, send), 10)
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert sent[0]["status"] == 200 and sent[1]["body"].startswith(b"event: start")
+    assert stopped.wait(5), "the worker kept generating for a client that had left"
+    deadline = time.monotonic() + 5
+    while small.state.pool.admitted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert small.state.pool.admitted == 0
+    small.state.pool.shutdown()
+
+
+# -- concurrency ----------------------------------------------------------------------------------
+
+
+def test_parallel_requests_are_independent(app, ckpt):
+    """200 requests, 8 in flight at a time, mixed strategies/lengths; each equals its library result."""
+    reqs = []
+    for k in range(200):
+        body = {"prefix": ["time traveller", "the", "my dear"][k % 3], "num_preds": 10 + k % 37,
+                "strategy": "sample", "seed": 1000 + k, "num_samples": 1 + k % 3, "temperature": 0.8}
+        if k % 10 == 3:
+            body = {"prefix": body["prefix"], "num_preds": body["num_preds"], "strategy": "greedy"}
+        body["stream"] = k % 5 == 0
+        reqs.append(body)
+    want = [expected(ckpt, **{k: v for k, v in b.items() if k != "stream"}) for b in reqs]
+
+    async def run_all():
+        sem = asyncio.Semaphore(8)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            async def one(body):
+                async with sem:
+                    return await c.post("/api/generate", json=body)
+            return await asyncio.gather(*(one(b) for b in reqs))
+
+    responses = asyncio.run(run_all())
+    assert [r.status_code for r in responses] == [200] * 200
+    got = [sse_events(r.text)[-1][1]["samples"] if b["stream"] else r.json()["samples"]
+           for b, r in zip(reqs, responses)]
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"request {k} ({reqs[k]}) differs from the library"
+    assert app.state.pool.admitted == 0
+
+
+def test_full_queue_answers_503(run_dir, monkeypatch):
+    small = create_app(run_dir, workers=1, max_queue=1)
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow(entry, prefix, num_preds, args, on_text):
+        started.set()
+        assert release.wait(10), "test never released the worker"
+        return [prefix + "x" * num_preds] * args["num_samples"]
+
+    monkeypatch.setattr(app_module, "_run", slow)
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=small), base_url="http://test") as c:
+            body = {"prefix": "the", "num_preds": 4}
+            running = asyncio.create_task(c.post("/api/generate", json=body))
+            queued = asyncio.create_task(c.post("/api/generate", json=body))
+            while small.state.pool.admitted < 2:
+                await asyncio.sleep(0.01)
+            rejected = await c.post("/api/generate", json=body)
+            rejected_stream = await c.post("/api/generate", json={**body, "stream": True})
+            health = await c.get("/healthz")  # the event loop is not blocked by the workers
+            release.set()
+            return rejected, rejected_stream, health, await running, await queued
+
+    rejected, rejected_stream, health, running, queued = asyncio.run(scenario())
+    assert started.is_set()
+    for r in (rejected, rejected_stream):
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["detail"].startswith("server busy")
+    assert health.status_code == 200 and health.json()["admitted"] == 2
+    assert running.status_code == queued.status_code == 200
+    assert running.json()["samples"] == ["thexxxx"]
+    assert small.state.pool.admitted == 0
+    small.state.pool.shutdown()
+
+
+# -- model card, page, schema ---------------------------------------------------------------------
+
+
+def test_model_card(app, ckpt, run_dir):
+    card = call(app, "GET", "/api/model").json()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert card["id"] == "tiny-lstm"
+    assert (card["cell"], card["num_layers"], card["num_hiddens"]) == ("lstm", 1, 16)
+    assert card["parameters"] == sum(p.numel() for p in ckpt.model.parameters()) == summary["parameters"]
+    assert card["corpus"] == ["timemachine"] and card["vocab_size"] == 28
+    assert card["test_ppl"] == pytest.approx(summary["test_ppl"])
+    assert card["test_bpc"] == pytest.approx(summary["test_bpc"])
+    assert card["valid_ppl"] == pytest.approx(ckpt.meta["metrics"]["val_ppl"])
+    assert card["vocabulary"] == " abcdefghijklmnopqrstuvwxyz"
+    png = call(app, "GET", card["curve_url"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content == (run_dir / "curve.png").read_bytes()
+    listing = call(app, "GET", "/api/models").json()
+    assert listing["default"] == "tiny-lstm" and listing["models"] == [card]
+
+
+def test_health_page_static_and_openapi(app):
+    health = call(app, "GET", "/healthz").json()
+    assert health["status"] == "ok" and health["models"] == 1
+    page = call(app, "GET", "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert asset in page.text
+        r = call(app, "GET", asset)
+        assert r.status_code == 200
+        # Works offline: nothing is fetched from another host.
+        assert "http://" not in r.text and "https://" not in r.text
+    assert "http://" not in page.text and "https://" not in page.text
+    assert call(app, "GET", "/docs").status_code == 404  # its UI would come from a CDN: off
+    schema = call(app, "GET", "/openapi.json").json()
+    assert {"/api/generate", "/api/model", "/api/models", "/healthz"} <= set(schema["paths"])
+    props = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert props["num_preds"]["maximum"] == 2000 and props["num_samples"]["maximum"] == 16
+
+
+def test_runs_directory_offers_every_run(run_dir, ckpt, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / "lstm-a")
+    shutil.copytree(run_dir, runs / "sweep" / "lstm-b")
+    (runs / "broken" / "best").mkdir(parents=True)
+    (runs / "broken" / "best" / "checkpoint.json").write_text("not json")
+    (runs / "notes").mkdir()
+    multi = create_app(runs)
+    listing = call(multi, "GET", "/api/models").json()
+    assert [m["id"] for m in listing["models"]] == ["lstm-a", "sweep/lstm-b"]
+    assert listing["default"] == "lstm-a"
+    assert [s["path"] for s in listing["skipped"]] == [str(runs / "broken")]
+    card = call(multi, "GET", "/api/model", params={"model": "sweep/lstm-b"}).json()
+    assert call(multi, "GET", card["curve_url"]).status_code == 200
+    r = post(multi, {"prefix": "the", "num_preds": 30, "model": "sweep/lstm-b", "strategy": "sample", "seed": 2})
+    assert r.json()["model"] == "sweep/lstm-b"
+    assert r.json()["samples"] == expected(ckpt, prefix="the", num_preds=30, strategy="sample", seed=2)
+    # A checkpoint directory itself, and the same run twice: ids stay unique.
+    both = create_app([run_dir / "best", run_dir])
+    assert [m["id"] for m in call(both, "GET", "/api/models").json()["models"]] == ["tiny-lstm/best", "tiny-lstm"]
+
+
+def test_paths_without_a_model_are_rejected(tmp_path):
+    with pytest.raises(DeepRNNError, match="holds no deeprnn run or checkpoint"):
+        create_app(tmp_path)
+    with pytest.raises(DeepRNNError, match="no such run or checkpoint"):
+        create_app(tmp_path / "missing")
+    with pytest.raises(ValueError, match="^max_queue"):
+        create_app(tmp_path, max_queue=-1)
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_cli_registers_serve(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "RUN_OR_CHECKPOINT_OR_RUNS_DIR" in out and "--port" in out and "127.0.0.1" in out
+
+
+def test_cli_without_fastapi_says_how_to_install(run_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
+    assert cli.main(["serve", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"deeprnn: error: {INSTALL_HINT}" and "pip install 'deeprnn[serve]'" in err
+
+    monkeypatch.delitem(sys.modules, "deeprnn.serve.app")
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    with pytest.raises(DeepRNNError, match=r"pip install 'deeprnn\[serve\]'"):
+        create_app(run_dir)
+
+
+def test_core_package_does_not_import_fastapi():
+    code = ("import sys, deeprnn, deeprnn.generate, deeprnn.serve, deeprnn.cli; deeprnn.cli.build_parser(); "
+            "bad = [m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
