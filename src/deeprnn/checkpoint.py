@@ -127,6 +127,18 @@ def optimizer_from_flat(
         raise CheckpointError(f"optimizer state does not match this model/optimizer: {e}") from None
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies for tensors that share storage (tied embedding/output weights): safetensors refuses
+    aliases, and loading the two equal copies into one tied parameter restores the tie."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -143,7 +155,7 @@ def save_checkpoint(
     """
     path = Path(path)
     parent = path.parent
-    model_sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    model_sd = _unshared({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     model_bytes = st_save(model_sd)
     state_bytes = st_save({k: v.detach().cpu().contiguous() for k, v in (train_tensors or {}).items()})
     full_meta = {

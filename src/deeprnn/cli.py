@@ -33,6 +33,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "d2l-full": dict(corpus=["timemachine"], normalization="d2l", cell="lstm", num_layers=2, num_hiddens=256,
                      impl="concise", input="one_hot", dropout=0.0, init="torch", batch_size=32, num_steps=35,
                      optimizer="sgd", lr=2.0, clip=1.0, schedule="constant", num_epochs=60, precision="fp32"),
+    # Word level on The Time Machine with the book's tokenize(lines, 'word'): tied embedding/output.
+    "word-tm": dict(corpus=["timemachine"], normalization="d2l", token="word", min_freq=2, input="embedding",
+                    tie_weights=True, num_layers=2, num_hiddens=256, dropout=0.4, batch_size=32, num_steps=35,
+                    optimizer="adam", lr=3e-3, num_epochs=30, patience=5, prefix="the time traveller",
+                    num_preds=20),
+    # Word level on any text (punctuation-aware tokens and <eol>): pass --corpus PATH.
+    "word": dict(normalization="raw", token="word", min_freq=2, input="embedding", tie_weights=True,
+                 num_layers=2, num_hiddens=256, dropout=0.4, optimizer="adam", lr=3e-3, num_epochs=30,
+                 patience=5, prefix="The", num_preds=20),
     # A tiny configuration for smoke tests and --dry-run.
     "tiny": dict(num_layers=1, num_hiddens=16, batch_size=4, num_steps=8, num_epochs=1, max_steps=5,
                  eval_batch_size=4, eval_num_steps=32, sample_every=0, num_preds=10, precision="fp32"),

@@ -26,9 +26,10 @@ _FORMAT_VERSION = 1
 
 
 EOL = "<eol>"
-# Words: runs of letters/digits, with inner apostrophes (don't, o'er); every other non-space
+# Words: numbers with inner . or , (3.5, 1,000), runs of letters/digits with inner apostrophes
+# (don't, o'er); every other non-space
 # character is a token of its own (punctuation). Each line break becomes the EOL token.
-_WORD_RE = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*|\S")
+_WORD_RE = re.compile(r"\d+(?:[.,]\d+)+|[^\W_]+(?:['\u2019][^\W_]+)*|\S")
 _NO_SPACE_BEFORE = set(".,;:!?)]}'\u2019\u201d%")
 _NO_SPACE_AFTER = set("([{\u201c\u2018$")
 

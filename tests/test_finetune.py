@@ -1,0 +1,161 @@
+"""Fine-tuning from a checkpoint (--init-from, --extend-vocab, --freeze-layers) and word-level models."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+from deeprnn.checkpoint import load_checkpoint
+from deeprnn.cli import main
+from deeprnn.errors import ConfigError
+from deeprnn.finetune import freeze_layers, grow_model
+from deeprnn.models import ModelConfig, build_model
+from deeprnn.train import TrainConfig, train
+from deeprnn.vocab import EOL, join_words, split_words
+
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+def tiny(run_dir, **kw) -> TrainConfig:
+    base = dict(corpus=["timemachine"], num_layers=2, num_hiddens=24, batch_size=8, num_steps=10,
+                max_tokens=4000, val_fraction=0.02, test_fraction=0.02, num_epochs=2, lr=1e-2,
+                eval_batch_size=8, eval_num_steps=50, sample_every=0, num_preds=5, precision="fp32",
+                dropout=0.0, run_dir=str(run_dir), seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("parent") / "run"
+    summary = train(tiny(run), **QUIET)
+    return run, summary
+
+
+def val_losses(run):
+    with open(run / "metrics.csv", newline="") as f:
+        return [float(r["val_loss"]) for r in csv.DictReader(f)]
+
+
+def test_finetune_starts_at_parents_heldout_loss(parent, tmp_path):
+    run, summary = parent
+    parent_best = math.log(summary["best_val_ppl"])
+    # Same data, a learning rate too small to move the weights: the child's first evaluation is
+    # the parent's held-out loss.
+    child = tiny(tmp_path / "child", lr=1e-12, max_steps=1, num_hiddens=99)  # model fields come from the parent
+    train(child, init_from=str(run), **QUIET)
+    assert val_losses(tmp_path / "child")[0] == pytest.approx(parent_best, abs=1e-5)
+    ck = load_checkpoint(tmp_path / "child", prefer="last")
+    assert ck.meta["parent"] == str(run / "best")
+    assert ck.model.config.num_hiddens == 24
+
+
+def test_unknown_characters_are_counted(parent, tmp_path, shared_data):
+    run, _ = parent
+    lines = []
+    cfg = tiny(tmp_path / "c", corpus=["tinyshakespeare"], normalization="raw", max_tokens=3000, max_steps=1)
+    train(cfg, init_from=str(run), progress=False, log=lines.append)
+    text = (shared_data / "tinyshakespeare.txt").read_text()
+    train_text = text[: int(len(text) * 0.96)]
+    known = set("abcdefghijklmnopqrstuvwxyz ")
+    expected_unknown = sum(1 for ch in text if ch not in known)
+    distinct = len(set(text) - known)
+    msg = next(line for line in lines if "map to <unk>" in line)
+    assert f"{expected_unknown:,} tokens of the new corpus are not in the parent's vocabulary" in msg
+    assert f"({distinct} distinct;" in msg
+    assert train_text  # the split itself is covered in tests/test_corpus.py
+
+
+def test_extend_vocab_keeps_old_rows(parent, tmp_path):
+    run, _ = parent
+    lines = []
+    cfg = tiny(tmp_path / "e", corpus=["tinyshakespeare"], normalization="raw", max_tokens=3000, max_steps=1,
+               lr=1e-12)
+    train(cfg, init_from=str(run), extend_vocab=True, progress=False, log=lines.append)
+    old = load_checkpoint(run)
+    new = load_checkpoint(tmp_path / "e", prefer="last")
+    assert new.vocab.idx_to_token[: len(old.vocab)] == old.vocab.idx_to_token
+    added = len(new.vocab) - len(old.vocab)
+    assert any(f"vocabulary extended by {added} tokens" in line for line in lines)
+    # After zero-size steps every old row is as the parent left it; new rows exist.
+    osd, nsd = old.model.state_dict(), new.model.state_dict()
+    w_old, w_new = osd["output.weight"], nsd["output.weight"]
+    assert w_new.shape[0] == len(new.vocab)
+    torch.testing.assert_close(w_new[: len(old.vocab)], w_old, atol=1e-9, rtol=0)
+
+
+def test_grow_model_is_bit_identical_on_old_rows():
+    torch.manual_seed(0)
+    for impl in ("concise", "scratch"):
+        for inp in ("one_hot", "embedding"):
+            m = build_model(ModelConfig(vocab_size=6, cell="lstm", num_layers=2, num_hiddens=5, impl=impl, input=inp))
+            g = grow_model(m, 9)
+            assert g.config.vocab_size == 9
+            for name, p in m.state_dict().items():
+                q = g.state_dict()[name]
+                sl = tuple(slice(0, s) for s in p.shape)
+                assert torch.equal(q[sl], p), (impl, inp, name)
+            # The old tokens' logits are unchanged when fed old tokens (one-hot: new columns unused).
+            X = torch.randint(0, 6, (2, 4))
+            m.eval(), g.eval()
+            with torch.no_grad():
+                torch.testing.assert_close(g(X)[0][..., :6], m(X)[0])
+
+
+def test_freeze_layers(parent, tmp_path):
+    run, _ = parent
+    train(tiny(tmp_path / "f", max_steps=3), init_from=str(run), freeze_layers=1, **QUIET)
+    before = load_checkpoint(run).model.state_dict()
+    after = load_checkpoint(tmp_path / "f", prefer="last").model.state_dict()
+    for name in before:
+        same = torch.equal(before[name], after[name])
+        if name.endswith("_l0") or name.startswith("embedding."):
+            assert same, name
+        elif name.startswith("rnn.") or name.startswith("output."):
+            assert not same, name
+    m = build_model(ModelConfig(vocab_size=6, cell="gru", num_layers=2, num_hiddens=5, impl="scratch"))
+    assert freeze_layers(m, 1) == ["layers.0.W_xh", "layers.0.W_hh", "layers.0.b_h", "layers.0.b_hn"]
+    with pytest.raises(ConfigError, match=r"^freeze_layers must be in \[0, num_layers=2\], got 3$"):
+        freeze_layers(m, 3)
+
+
+def test_finetune_flags_need_init_from(tmp_path):
+    with pytest.raises(ConfigError, match="need --init-from"):
+        train(tiny(tmp_path / "x"), extend_vocab=True, **QUIET)
+
+
+def test_info_shows_lineage(parent, tmp_path, capsys):
+    run, _ = parent
+    train(tiny(tmp_path / "child", max_steps=1), init_from=str(run), **QUIET)
+    assert main(["info", str(tmp_path / "child")]) == 0
+    out = capsys.readouterr().out
+    assert f"lineage     {run / 'best'}" in out
+
+
+# --- word level ------------------------------------------------------------------------------
+
+
+def test_word_tokenisation_round_trip():
+    text = "Well, said he, don't (you) know? Yes.\nNew line: 3.5% done!"
+    words = split_words(text)
+    assert words[:6] == ["Well", ",", "said", "he", ",", "don't"]
+    assert EOL in words and words[words.index(EOL) + 1] == "New"
+    assert join_words(words) == "Well, said he, don't (you) know? Yes.\nNew line: 3.5% done!"
+
+
+def test_word_level_model_learns(tmp_path):
+    cfg = tiny(tmp_path / "w", token="word", input="embedding", tie_weights=True, num_hiddens=32, max_tokens=None,
+               val_fraction=0.05, test_fraction=0.05, num_epochs=3, num_steps=12, batch_size=16, lr=5e-3,
+               min_freq=3)
+    summary = train(cfg, **QUIET)
+    losses = val_losses(tmp_path / "w")
+    assert losses[-1] < losses[0]
+    ck = load_checkpoint(tmp_path / "w")
+    assert ck.vocab.token == "word" and ck.model.config.tie_weights
+    assert summary["best_val_ppl"] < len(ck.vocab)  # far better than uniform over the vocabulary
+    from deeprnn.generate import generate
+
+    out = generate(ck.model, ck.vocab, "the time", 5)[0]
+    assert out.startswith("the time ") and len(out.split()) == 7
