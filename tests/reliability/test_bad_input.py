@@ -1,0 +1,285 @@
+"""Bad input: one clear line on stderr, exit status 2, and a typed exception from the library.
+
+Each case runs the real command line (``deeprnn.cli.main``) and, where the check lives in the
+library, the library call a program would make, asserting the ``DeepRNNError`` subclass.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deeprnn.checkpoint import save_checkpoint
+from deeprnn.cli import main
+from deeprnn.corpus import build_corpus
+from deeprnn.errors import ConfigError, CorpusError, VocabError
+from deeprnn.generate import generate
+from deeprnn.models import ModelConfig, build_model
+from deeprnn.train import TrainConfig, train
+from deeprnn.vocab import Vocab
+
+
+def train_argv(corpus, tmp_path, flags, *extra) -> list[str]:
+    return ["train", "--corpus", str(corpus), "--run-dir", str(tmp_path / "run"), *flags(max_steps=2), *extra]
+
+
+# --- corpus files ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [b"", b"   \n\t\r\n  \n"], ids=["empty", "whitespace"])
+def test_empty_or_whitespace_corpus(tmp_path, cli_error, flags, content):
+    f = tmp_path / "empty.txt"
+    f.write_bytes(content)
+    line = cli_error(train_argv(f, tmp_path, flags))
+    assert line == f"deeprnn: error: {str(f)!r} is empty; pass a file with some text"
+    with pytest.raises(CorpusError):
+        build_corpus([str(f)])
+    assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+
+
+def test_corpus_with_no_letters_left_after_normalisation(tmp_path, cli_error, flags):
+    f = tmp_path / "digits.txt"
+    f.write_text("1234 5678 90 --- !!!\n")
+    line = cli_error(train_argv(f, tmp_path, flags))
+    assert line.startswith("deeprnn: error:") and "no tokens after 'd2l' normalisation" in line
+
+
+def test_corpus_shorter_than_one_batch_states_the_minimum(tmp_path, cli_error, flags):
+    f = tmp_path / "short.txt"
+    f.write_text("the time machine by h g wells\n")  # 28 characters: fewer than 4*8 + 8
+    line = cli_error(train_argv(f, tmp_path, flags))
+    assert "need at least 40 (batch_size*num_steps + num_steps)" in line, line
+    cfg = TrainConfig(corpus=[str(f)], run_dir=str(tmp_path / "lib"), **{**_tiny(), "max_steps": 2})
+    with pytest.raises(CorpusError, match=r"need at least 40 "):
+        train(cfg, progress=False, log=lambda *_: None)
+
+
+def _tiny():
+    return dict(num_layers=1, num_hiddens=16, batch_size=4, num_steps=8, precision="fp32", sample_every=0)
+
+
+def test_binary_file(tmp_path, cli_error, flags):
+    f = tmp_path / "model.bin"
+    f.write_bytes(bytes(range(256)) * 40)
+    line = cli_error(train_argv(f, tmp_path, flags))
+    assert "looks binary" in line and "pass a text file" in line
+    with pytest.raises(CorpusError, match="looks binary"):
+        build_corpus([str(f)])
+
+
+def test_invalid_utf8_without_encoding_says_to_pass_one(tmp_path, cli_error, flags):
+    f = tmp_path / "latin.txt"
+    # Bytes undefined in Windows-1252 too, so no encoding is guessed.
+    f.write_bytes(("the time traveller " * 10).encode() + b"\x81\x8d\x8f\x90\x9d")
+    line = cli_error(train_argv(f, tmp_path, flags))
+    assert "is not UTF-8 (byte 0x81 at offset 190)" in line and "--encoding" in line
+    with pytest.raises(CorpusError, match="--encoding"):
+        build_corpus([str(f)])
+    assert len(build_corpus([str(f)], encoding="latin-1")) > 0  # the fix the message gives works
+
+
+def test_unknown_encoding_name(tmp_path, cli_error, flags):
+    f = tmp_path / "a.txt"
+    f.write_text("some text " * 20)
+    line = cli_error(train_argv(f, tmp_path, flags, "--encoding", "klingon-8"))
+    assert line.startswith("deeprnn: error: unknown encoding 'klingon-8'")
+
+
+def test_fifty_megabyte_single_line_file_works(tmp_path, capsys):
+    """No line-based reading: one 50 MB line trains (2 steps of a tiny model)."""
+    f = tmp_path / "one_line.txt"
+    unit = b"the quick brown fox jumps over the lazy dog "
+    with open(f, "wb") as out:
+        out.write(unit * (50_000_000 // len(unit) + 1))
+    assert f.stat().st_size >= 50_000_000
+    code = main(["train", "--corpus", str(f), "--run-dir", str(tmp_path / "run"), "--max-steps", "2",
+                 "--num-layers", "1", "--num-hiddens", "16", "--batch-size", "4", "--num-steps", "8",
+                 "--max-tokens", "2000", "--val-fraction", "0.00001", "--test-fraction", "0.00001",
+                 "--eval-batch-size", "4", "--sample-every", "0", "--num-preds", "5", "--precision", "fp32",
+                 "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "done (max_steps): 2 steps" in out.out and out.err == ""
+
+
+# --- paths and names -------------------------------------------------------------------------------
+
+
+def test_nonexistent_paths(tmp_path, cli_error, flags):
+    missing = tmp_path / "nope"
+    line = cli_error(train_argv(tmp_path / "nope.txt", tmp_path, flags))
+    assert line == f"deeprnn: error: no such file: {str(tmp_path / 'nope.txt')!r}; check the path"
+    for command in ("generate", "evaluate", "info"):
+        assert cli_error([command, str(missing)]) == f"deeprnn: error: no such run or checkpoint: {missing}"
+    assert cli_error(["train", "--resume", str(missing)]) == f"deeprnn: error: no such run or checkpoint: {missing}"
+    line = cli_error(["train", "--config", str(tmp_path / "c.toml")])
+    assert line == f"deeprnn: error: config file {tmp_path / 'c.toml'} does not exist"
+    line = cli_error(train_argv(tmp_path / "nope.txt", tmp_path, flags, "--init-from", str(missing)))
+    assert line == f"deeprnn: error: no such run or checkpoint: {missing}"
+    with pytest.raises(CorpusError):
+        build_corpus([str(tmp_path / "nope.txt")])
+
+
+def test_directory_without_text(tmp_path, cli_error, flags):
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "weights.bin").write_bytes(b"\x00\x01")
+    (d / "notes.md").write_text("not a .txt")
+    line = cli_error(train_argv(d, tmp_path, flags))
+    assert line == f"deeprnn: error: directory {str(d)!r} has no .txt files; put the texts there as .txt files"
+    with pytest.raises(CorpusError):
+        build_corpus([str(d)])
+
+
+def test_unknown_corpus_name(tmp_path, cli_error, flags):
+    line = cli_error(["train", "--corpus", "timemachin", "--run-dir", str(tmp_path / "r"), *flags()])
+    assert line.startswith("deeprnn: error: unknown corpus 'timemachin'; known corpora: timemachine, ")
+    with pytest.raises(CorpusError, match="unknown corpus"):
+        build_corpus(["timemachin"])
+
+
+@pytest.mark.parametrize("flag, value", [("--cell", "transformer"), ("--optimizer", "rmsprop"),
+                                         ("--impl", "jax"), ("--schedule", "linear"), ("--on-nan", "ignore")])
+def test_unknown_choice_names(cli_error, flag, value):
+    line = cli_error(["train", flag, value])
+    assert line.startswith(f"deeprnn train: error: argument {flag}: invalid choice: '{value}'")
+
+
+def test_unknown_names_in_the_library():
+    with pytest.raises(ConfigError, match=r"^cell must be one of rnn_tanh, rnn_relu, gru, lstm; got 'transformer'"):
+        ModelConfig(vocab_size=5, cell="transformer").validate()
+    with pytest.raises(ConfigError, match=r"^optimizer must be one of sgd, adam, adamw, got 'rmsprop'"):
+        TrainConfig(optimizer="rmsprop").validate()
+    with pytest.raises(ConfigError, match=r"^strategy must be one of greedy, sample, beam"):
+        generate(build_model(ModelConfig(vocab_size=3, cell="gru", num_layers=1, num_hiddens=4)), Vocab("ab"), "a", 1,
+                 strategy="nucleus")
+
+
+# --- out-of-range hyperparameters ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--num-layers", "0", "num_layers must be >= 1, got 0"),
+    ("--num-hiddens", "0", "num_hiddens must be >= 1, got 0"),
+    ("--num-hiddens", "-16", "num_hiddens must be >= 1, got -16"),
+    ("--lr", "0", "lr must be > 0, got 0.0"),
+    ("--lr", "nan", "lr must be > 0, got nan"),
+    ("--dropout", "1", "dropout must be in [0, 1), got 1.0"),
+    ("--dropout", "-0.1", "dropout must be in [0, 1), got -0.1"),
+    ("--batch-size", "0", "batch_size must be >= 1, got 0"),
+    ("--num-steps", "-5", "num_steps must be >= 1, got -5"),
+    ("--clip", "-1", "clip must be >= 0 (0 disables clipping), got -1.0"),
+    ("--num-epochs", "0", "num_epochs must be >= 1, got 0"),
+    ("--max-steps", "0", "max_steps must be >= 1, got 0"),
+    ("--num-preds", "-1", "num_preds must be >= 0, got -1"),
+    ("--max-tokens", "-3", "max_tokens must be >= 2, got -3"),
+    ("--eval-num-steps", "0", "eval_num_steps must be >= 1, got 0"),
+    ("--val-fraction", "1.5", "val_fraction must be in [0, 1), got 1.5"),
+])
+def test_out_of_range_training_values(cli_error, tmp_path, flag, value, message):
+    line = cli_error(["train", "--run-dir", str(tmp_path / "r"), flag, value])
+    assert line == f"deeprnn: error: {message}"
+    assert not (tmp_path / "r").exists()
+
+
+def test_wrongly_typed_flag_value(cli_error):
+    line = cli_error(["train", "--num-layers", "two"])
+    assert line == "deeprnn train: error: argument --num-layers: invalid int value: 'two' (see deeprnn train --help)"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint of an untrained tiny model: generation's argument checks do not need training."""
+    vocab = Vocab("the time traveller for so it will be convenient to speak of him")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=len(vocab), cell="lstm", num_layers=1, num_hiddens=8))
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    save_checkpoint(path, model=model, vocab=vocab, meta={})
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "0"], "temperature must be > 0, got 0.0"),
+    (["--temperature", "-1"], "temperature must be > 0, got -1.0"),
+    (["--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
+    (["--top-p", "1.01"], "top_p must be in (0, 1], got 1.01"),
+    (["--top-k", "0"], "top_k must be >= 1, got 0"),
+    (["--num-preds", "-1"], "num_preds must be >= 0, got -1"),
+    (["--num-samples", "0"], "num_samples must be >= 1, got 0"),
+    (["--beam-width", "0", "--strategy", "beam"], "beam_width must be >= 1, got 0"),
+    (["--prefix", ""], "prefix must be a non-empty string (it seeds the model's state), got ''"),
+])
+def test_out_of_range_generation_values(checkpoint, cli_error, args, message):
+    line = cli_error(["generate", str(checkpoint), *args])
+    assert line == f"deeprnn: error: {message}"
+
+
+def test_prefix_outside_the_vocabulary(checkpoint, cli_error):
+    line = cli_error(["generate", str(checkpoint), "--prefix", "Time Machine?"])
+    assert line == ("deeprnn: error: prefix has characters not in the vocabulary: 'T', 'M', '?'; "
+                    "use --unk replace to map them to <unk>")
+    from deeprnn.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    with pytest.raises(VocabError, match="prefix has characters not in the vocabulary"):
+        generate(ck.model, ck.vocab, "Time Machine?", 5)
+
+
+# --- config files ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, message", [
+    ("num_layerz = 2\n", "unknown key 'num_layerz'; see deeprnn train --help for the options"),
+    ("[train]\nlearning_rate = 0.1\n", "unknown key 'learning_rate'; see deeprnn train --help for the options"),
+    ('num_layers = "two"\n', "num_layers must be of type int, got str 'two'"),
+    ("num_layers = 2.5\n", "num_layers must be of type int, got float 2.5"),
+    ("lr = true\n", "lr must be of type float, got bool True"),
+    ('tie_weights = "yes"\n', "tie_weights must be of type bool, got str 'yes'"),
+    ("corpus = 3\n", "corpus must be a list of strings, got 3"),
+    ('cell = "transformer"\n', "cell must be one of rnn_tanh, rnn_relu, gru, lstm, got 'transformer'"),
+])
+def test_config_file_unknown_keys_and_wrong_types(tmp_path, cli_error, body, message):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(body)
+    assert cli_error(["train", "--config", str(cfg)]) == f"deeprnn: error: {cfg}: {message}"
+
+
+def test_config_file_that_is_not_toml(tmp_path, cli_error):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("num_layers = = 2\n")
+    line = cli_error(["train", "--config", str(cfg)])
+    assert line.startswith(f"deeprnn: error: config file {cfg} is not valid TOML: ")
+    cfg.write_bytes(b"\xff\xfe\x00binary")
+    assert cli_error(["train", "--config", str(cfg)]).startswith(f"deeprnn: error: config file {cfg} is not valid")
+
+
+def test_config_file_out_of_range_value(tmp_path, cli_error):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[train]\nnum_hiddens = 0\n")
+    assert cli_error(["train", "--config", str(cfg)]) == "deeprnn: error: num_hiddens must be >= 1, got 0"
+
+
+# --- resuming with another vocabulary --------------------------------------------------------------
+
+
+def test_resume_with_another_vocabulary(tmp_path, cli_error, flags, capsys):
+    text = tmp_path / "book.txt"
+    text.write_text("the time traveller for so it will be convenient to speak of him " * 20)
+    run = tmp_path / "run"
+    assert main(["train", "--corpus", str(text), "--run-dir", str(run), *flags(max_steps=2)]) == 0
+    capsys.readouterr()
+    # The file changed under the run: new characters mean another vocabulary.
+    text.write_text("xyzzy quux 0123 jumped over the lazy dog " * 20)
+    line = cli_error(["train", "--resume", str(run), "--max-steps", "4", "--quiet"])
+    assert line.startswith("deeprnn: error: the corpus' vocabulary (") and "resume with the text" in line
+    cfg = TrainConfig(**{**json.loads((run / "config.json").read_text()), "max_steps": 4})
+    with pytest.raises(VocabError):
+        train(cfg, resume=True, progress=False, log=lambda *_: None)
+    # Another corpus named on the command line is refused before any text is read.
+    other = tmp_path / "other.txt"
+    other.write_text("abc " * 100)
+    line = cli_error(["train", "--resume", str(run), "--corpus", str(other), "--quiet"])
+    assert line.startswith("deeprnn: error: corpus differs from the run in ")
+

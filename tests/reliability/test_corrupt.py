@@ -1,0 +1,178 @@
+"""Truncated, bit-flipped, foreign-version and mismatched checkpoints: a clear CheckpointError, never
+a crash and never silently wrong weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deeprnn import __version__
+from deeprnn.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from deeprnn.cli import main
+from deeprnn.errors import CheckpointError
+from deeprnn.train import TrainConfig, train
+
+FILES = ("model.safetensors", "train_state.safetensors", "checkpoint.json")
+
+
+@pytest.fixture(scope="module")
+def run(small_corpus, tmp_path_factory) -> Path:
+    """A real 3-step run: best/ and last/ with weights, optimiser state and RNG."""
+    out = tmp_path_factory.mktemp("corrupt") / "run"
+    cfg = TrainConfig(corpus=[str(small_corpus)], run_dir=str(out), max_steps=3, num_layers=1, num_hiddens=16,
+                      batch_size=4, num_steps=8, eval_batch_size=4, eval_num_steps=64, sample_every=0,
+                      num_preds=5, precision="fp32", dropout=0.0)
+    train(cfg, progress=False, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture
+def ckpt(run, tmp_path) -> Path:
+    """A private copy of the run's last/ checkpoint to damage."""
+    return Path(shutil.copytree(run / "last", tmp_path / "ckpt"))
+
+
+def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def refused(ckpt: Path, capsys, match: str) -> None:
+    """load_checkpoint raises CheckpointError matching ``match``; the CLI says it in one line, exit 2."""
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_checkpoint(ckpt)
+    assert "\n" not in str(err.value)
+    capsys.readouterr()
+    assert main(["generate", str(ckpt), "--num-preds", "3"]) == 2
+    err_lines = capsys.readouterr().err.splitlines()
+    assert len(err_lines) == 1 and err_lines[0].startswith("deeprnn: error: "), err_lines
+
+
+CORRUPT = r"is corrupt (or was edited )?\(SHA-256 mismatch\)"
+
+
+@pytest.mark.parametrize("name", FILES)
+@pytest.mark.parametrize("damage", ["truncate-half", "truncate-empty", "flip-header", "flip-data", "garbage"])
+def test_damaged_file_is_refused(ckpt, capsys, name, damage):
+    f = ckpt / name
+    size = f.stat().st_size
+    if damage == "truncate-half":
+        os.truncate(f, size // 2)
+    elif damage == "truncate-empty":
+        os.truncate(f, 0)
+    elif damage == "flip-header":  # safetensors: 8-byte length, then the JSON header
+        flip_bit(f, 12, 3)
+    elif damage == "flip-data":
+        flip_bit(f, size - 2, 0)
+    else:
+        f.write_bytes(os.urandom(size))
+    if name == "checkpoint.json":
+        match = CORRUPT + "|is not a deeprnn checkpoint"
+    else:
+        match = CORRUPT
+    refused(ckpt, capsys, match)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_missing_file_is_refused(ckpt, capsys, name):
+    (ckpt / name).unlink()
+    if name == "checkpoint.json":
+        refused(ckpt, capsys, r"holds no deeprnn checkpoint \(no checkpoint\.json in it, nor in best/ or last/\)")
+    else:
+        refused(ckpt, capsys, "checkpoint file missing: .*" + name.replace(".", r"\."))
+
+
+@pytest.mark.parametrize("body", [b"[]", b"{}", b'{"format": "deeprnn-checkpoint"}', b"null", b"\xff\xfe"])
+def test_json_that_is_not_a_checkpoint(ckpt, capsys, body):
+    (ckpt / "checkpoint.json").write_bytes(body)
+    refused(ckpt, capsys, "is not a deeprnn checkpoint|format version None is not supported")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.sampled_from(FILES), where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
+def test_any_single_bit_flip_is_caught(run, which, where, bit):
+    """Bit rot anywhere in any file: a CheckpointError, never a crash and never different data.
+
+    The one flip that loads is one that does not change the content: a last digit of a float in
+    the JSON whose other spelling parses to the same number (``...885`` -> ``...884``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(shutil.copytree(run / "last", Path(tmp) / "ckpt"))
+        f = ckpt / which
+        flip_bit(f, int(where * f.stat().st_size), bit)
+        try:
+            ck = load_checkpoint(ckpt)
+        except CheckpointError:
+            return
+        good = load_checkpoint(run / "last")
+        assert which == "checkpoint.json" and ck.meta == good.meta
+        assert all(torch.equal(v, good.model.state_dict()[k]) for k, v in ck.model.state_dict().items())
+        assert ck.train_tensors.keys() == good.train_tensors.keys()
+
+
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 0, str(FORMAT_VERSION), None])
+def test_other_format_version_is_a_clear_error(ckpt, capsys, edit_meta, version):
+    edit_meta(ckpt, lambda meta: meta.update(format_version=version))
+    refused(ckpt, capsys, rf"^checkpoint format version {version} is not supported by deeprnn {__version__} "
+                          rf"\(expects {FORMAT_VERSION}\); use the deeprnn version that wrote it$")
+
+
+def test_other_deeprnn_version_same_format_loads(ckpt, edit_meta, capsys):
+    """Compatibility follows the format version, not the package version (documented)."""
+    edit_meta(ckpt, lambda meta: meta.update(deeprnn_version="9.9.9"))
+    ck = load_checkpoint(ckpt)
+    assert ck.meta["deeprnn_version"] == "9.9.9"
+    assert main(["info", str(ckpt)]) == 0
+    assert "(deeprnn 9.9.9)" in capsys.readouterr().out
+
+
+def test_weights_for_another_config_are_refused(ckpt, capsys, edit_meta):
+    edit_meta(ckpt, lambda meta: meta["model_config"].update(num_hiddens=32))
+    refused(ckpt, capsys, r"weights in .* do not fit the model config: ")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda meta: meta["model_config"].update(cell="transformer"),
+    lambda meta: meta["model_config"].update(wormholes=3),
+    lambda meta: meta.update(vocab={"idx_to_token": ["a", "a"]}),
+    lambda meta: meta.pop("model_config"),
+], ids=["bad-cell", "unknown-field", "bad-vocab", "no-config"])
+def test_invalid_config_or_vocab_is_refused(ckpt, capsys, edit_meta, edit):
+    edit_meta(ckpt, edit)
+    refused(ckpt, capsys, r"has an invalid model config or vocabulary: ")
+
+
+def test_resume_from_weights_without_training_state(run, tmp_path, capsys):
+    """An exported model (weights only) is not a run to resume: say to fine-tune from it instead."""
+    src = load_checkpoint(run, prefer="last")
+    target = tmp_path / "exported"
+    save_checkpoint(target / "last", model=src.model, vocab=src.vocab, meta={"train_config": src.train_config})
+    cfg = TrainConfig(**{**src.train_config, "run_dir": str(target)})
+    with pytest.raises(CheckpointError, match=r"holds weights but no training state to resume; fine-tune from it "
+                                              r"with --init-from instead$"):
+        train(cfg, resume=True, progress=False, log=lambda *_: None)
+    assert main(["train", "--resume", str(target), "--quiet"]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_crash_between_the_two_renames_falls_back_to_the_old_copy(run, tmp_path):
+    """save renames last/ -> .last.old, then the new one -> last/; a crash in between loses nothing."""
+    r = Path(shutil.copytree(run, tmp_path / "run"))
+    os.rename(r / "last", r / ".last.old")
+    ck = load_checkpoint(r, prefer="last")
+    assert ck.path == r / ".last.old"
+    want = load_checkpoint(run, prefer="last").model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in ck.model.state_dict().items())
+    # ... and resuming from there carries on and writes a proper last/ again.
+    cfg = dataclasses.replace(TrainConfig(**load_checkpoint(r, prefer="last").train_config),
+                              run_dir=str(r), max_steps=5)
+    assert train(cfg, resume=True, progress=False, log=lambda *_: None)["steps"] == 5
+    assert load_checkpoint(r / "last").meta["position"]["step"] == 5
