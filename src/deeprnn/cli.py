@@ -27,7 +27,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "d2l-9.3": dict(corpus=["timemachine"], normalization="d2l", max_tokens=10000, cell="lstm", num_layers=2,
                     num_hiddens=256, impl="concise", input="one_hot", dropout=0.0, init="torch",
                     batch_size=32, num_steps=35, sampling="sequential", optimizer="sgd", lr=2.0, clip=1.0,
-                    schedule="constant", num_epochs=500, precision="fp32", eval_every=0, sample_every=10,
+                    schedule="constant", num_epochs=500, precision="fp32", eval_every=80, sample_every=1,
                     prefix="time traveller", num_preds=50),
     # The book's recipe on the whole book with a held-out tail (the reference curve in the README).
     "d2l-full": dict(corpus=["timemachine"], normalization="d2l", cell="lstm", num_layers=2, num_hiddens=256,
@@ -45,6 +45,42 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A tiny configuration for smoke tests and --dry-run.
     "tiny": dict(num_layers=1, num_hiddens=16, batch_size=4, num_steps=8, num_epochs=1, max_steps=5,
                  eval_batch_size=4, eval_num_steps=32, sample_every=0, num_preds=10, precision="fp32"),
+    # Quality recipes (docs/quality.md): AWD-LSTM-style regularisation, trained to a wall-clock budget.
+    # The Time Machine (d2l normalisation, last 10% held out), 2 CPU cores, 10 minutes.
+    "tm-cpu": dict(corpus=["timemachine"], normalization="d2l", val_fraction=0.1, test_fraction=0.0,
+                   cell="lstm", num_layers=2, num_hiddens=512, impl="concise", input="embedding", embed_size=128,
+                   dropout=0.3, output_dropout=0.4, input_dropout=0.1, embed_dropout=0.05, locked_dropout=True,
+                   weight_drop=0.3, ar_alpha=2.0, tar_beta=1.0, variable_bptt=True, batch_size=32, num_steps=80,
+                   optimizer="adam", lr=3e-3, clip=0.25, schedule="cosine", warmup_steps=50, min_lr_ratio=0.02,
+                   ema_decay=0.995, ema_start=600, time_budget=10.0, num_epochs=1000, eval_every=100,
+                   eval_batch_size=64, eval_num_steps=256, precision="bf16", sample_every=5),
+    # The same with The War of the Worlds added to training; held out: the Time Machine's last 10% only.
+    "tm-wells-cpu": dict(corpus=["timemachine", "war-of-the-worlds"], heldout_from=["timemachine"],
+                         normalization="d2l", val_fraction=0.1, test_fraction=0.0, cell="lstm", num_layers=2,
+                         num_hiddens=512, impl="concise", input="embedding", embed_size=128, dropout=0.25,
+                         output_dropout=0.3, input_dropout=0.1, embed_dropout=0.02, locked_dropout=True,
+                         weight_drop=0.25, ar_alpha=2.0, tar_beta=1.0, variable_bptt=True, batch_size=32,
+                         num_steps=80, optimizer="adam", lr=3e-3, clip=0.25, schedule="cosine", warmup_steps=50,
+                         min_lr_ratio=0.02, ema_decay=0.995, ema_start=600, time_budget=10.0, num_epochs=1000,
+                         eval_every=100, eval_batch_size=64, eval_num_steps=256, precision="bf16", sample_every=5),
+    # Tiny Shakespeare as is (raw), first 90% train / last 10% validation like nanoGPT; 2 CPU cores, 10 minutes.
+    "shakespeare-cpu": dict(corpus=["tinyshakespeare"], normalization="raw", val_fraction=0.1, test_fraction=0.0,
+                            cell="lstm", num_layers=2, num_hiddens=512, impl="concise", input="embedding",
+                            embed_size=128, dropout=0.2, output_dropout=0.25, input_dropout=0.05,
+                            locked_dropout=True, weight_drop=0.2, ar_alpha=1.0, tar_beta=1.0, variable_bptt=True,
+                            batch_size=32, num_steps=100, optimizer="adam", lr=3e-3, clip=0.25, schedule="cosine",
+                            warmup_steps=50, min_lr_ratio=0.02, ema_decay=0.995, ema_start=500, time_budget=10.0,
+                            num_epochs=1000, eval_every=200, eval_batch_size=64, eval_num_steps=256,
+                            precision="bf16", prefix="ROMEO:", sample_every=5),
+    # Tiny Shakespeare on one GPU (cuDNN LSTM, weight-drop through the fused call), 3 minutes.
+    "shakespeare-gpu": dict(corpus=["tinyshakespeare"], normalization="raw", val_fraction=0.1, test_fraction=0.0,
+                            cell="lstm", num_layers=3, num_hiddens=1024, impl="concise", input="embedding",
+                            embed_size=256, dropout=0.25, output_dropout=0.3, input_dropout=0.1, embed_dropout=0.02,
+                            locked_dropout=True, weight_drop=0.3, ar_alpha=1.0, tar_beta=1.0, variable_bptt=True,
+                            batch_size=128, num_steps=150, optimizer="adam", lr=2e-3, clip=0.25, schedule="cosine",
+                            warmup_steps=100, min_lr_ratio=0.02, ema_decay=0.998, ema_start=1000, time_budget=3.0,
+                            num_epochs=1000, eval_every=200, eval_batch_size=128, eval_num_steps=512,
+                            precision="bf16", device="cuda", prefix="ROMEO:", sample_every=5),
 }
 
 CHOICES: dict[str, list[str]] = {

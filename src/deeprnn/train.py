@@ -15,6 +15,7 @@ How the corpus is used (char level, ``d2l`` normalisation by default)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from deeprnn.errors import CheckpointError, ConfigError, DeepRNNError, VocabError
+from deeprnn.regularize import activation_penalty
 
 LN2 = math.log(2.0)
 
@@ -58,18 +60,25 @@ class TrainConfig:
     impl: str = "concise"  # concise (torch.nn) | scratch (eq. 9.3.1)
     input: str = "embedding"  # one_hot (book) | embedding
     embed_size: int | None = None  # embedding size (default: num_hiddens)
-    dropout: float = 0.25  # dropout between layers and before the output layer
+    dropout: float = 0.3  # dropout between layers and before the output layer
     tie_weights: bool = False  # share embedding and output weights
     init: str = "torch"  # d2l | torch | orthogonal
     forget_bias: float = 0.0  # added to the LSTM forget-gate bias
     gru_variant: str = "torch"  # torch | d2l (reset gate before the recurrent product)
+    residual: bool = False  # residual connections between stacked layers (layers 2..L)
+    layer_norm: bool = False  # layer-normalised LSTM/GRU cells (impl scratch only)
+    embed_dropout: float = 0.0  # embedding dropout: drop whole tokens of the input (AWD-LSTM)
+    input_dropout: float = 0.0  # dropout on the first layer's input
+    output_dropout: float | None = None  # dropout before the output layer (default: dropout)
+    locked_dropout: bool = False  # variational dropout: one mask per sequence, shared across time
+    weight_drop: float = 0.0  # DropConnect on the recurrent weights W_hh (AWD-LSTM weight-drop)
     # batching
     batch_size: int = 32  # streams per step (global batch under DDP)
-    num_steps: int = 35  # BPTT window length
+    num_steps: int = 64  # BPTT window length
     sampling: str = "sequential"  # sequential (state carried) | random (state re-initialised)
     # optimisation
     optimizer: str = "adam"  # sgd | adam | adamw
-    lr: float = 3e-3  # learning rate
+    lr: float = 4e-3  # learning rate
     weight_decay: float = 0.0  # L2 (sgd/adam) or decoupled (adamw) weight decay
     momentum: float = 0.0  # SGD momentum
     clip: float = 1.0  # gradient clipping by global norm (theta); 0 disables
@@ -78,8 +87,13 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
     lr_step_size: int = 10  # step schedule: epochs between decays
     lr_gamma: float = 0.5  # step/plateau decay factor
+    ar_alpha: float = 0.0  # activation regularisation: alpha * mean(h_top^2) added to the loss
+    tar_beta: float = 0.0  # temporal activation regularisation: beta * mean((h_t - h_t-1)^2)
+    variable_bptt: bool = False  # window length ~ N(num_steps, 5) (p=0.95, else half), lr scaled by len/num_steps
+    ema_decay: float = 0.0  # evaluate and keep as best an EMA of the weights with this decay (0: off)
+    ema_start: int = 0  # optimiser steps before the weight average starts
     # budget
-    num_epochs: int = 40  # passes over the training split
+    num_epochs: int = 24  # passes over the training split
     max_steps: int | None = None  # stop after this many steps
     time_budget: float | None = None  # stop after this many minutes of training
     patience: int = 0  # early stopping: evaluations without improvement (0: off)
@@ -99,7 +113,8 @@ class TrainConfig:
 
     def model_fields(self) -> dict[str, Any]:
         names = ("cell", "num_layers", "num_hiddens", "impl", "input", "embed_size", "dropout",
-                 "tie_weights", "init", "forget_bias", "gru_variant")
+                 "tie_weights", "init", "forget_bias", "gru_variant", "residual", "layer_norm",
+                 "embed_dropout", "input_dropout", "output_dropout", "locked_dropout", "weight_drop")
         return {n: getattr(self, n) for n in names}
 
     def validate(self) -> None:
@@ -127,6 +142,12 @@ class TrainConfig:
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(self.lr_step_size >= 1, f"lr_step_size must be >= 1, got {self.lr_step_size}")
         need(0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        need(self.ar_alpha >= 0, f"ar_alpha must be >= 0, got {self.ar_alpha}")
+        need(self.tar_beta >= 0, f"tar_beta must be >= 0, got {self.tar_beta}")
+        need(not self.variable_bptt or self.sampling == "sequential",
+             "variable_bptt needs sampling='sequential' (random windows carry no state)")
+        need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (0 disables), got {self.ema_decay}")
+        need(self.ema_start >= 0, f"ema_start must be >= 0, got {self.ema_start}")
         need(self.num_epochs >= 1, f"num_epochs must be >= 1, got {self.num_epochs}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         need(self.time_budget is None or self.time_budget > 0,
@@ -365,6 +386,7 @@ def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool =
     return run_dir
 
 
+PLOT_EVERY_S = 30.0
 METRIC_FIELDS = ["step", "epoch", "tokens", "elapsed_s", "lr", "train_loss", "train_ppl",
                  "val_loss", "val_ppl", "val_bpc", "tokens_per_s"]
 
@@ -558,8 +580,11 @@ def train(
     if cfg.max_tokens is not None:
         train_tokens = train_tokens[: cfg.max_tokens]
 
-    loader = BatchLoader(train_tokens, cfg.batch_size, cfg.num_steps, mode=cfg.sampling, seed=cfg.seed,
-                         rank=dist.rank, world_size=dist.world_size)
+    from deeprnn.regularize import VariableLengthLoader
+
+    loader_cls = VariableLengthLoader if cfg.variable_bptt else BatchLoader
+    loader = loader_cls(train_tokens, cfg.batch_size, cfg.num_steps, mode=cfg.sampling, seed=cfg.seed,
+                        rank=dist.rank, world_size=dist.world_size)
 
     if resume_ckpt is not None:
         model = resume_ckpt.model
@@ -583,6 +608,11 @@ def train(
     model.train()
     net = dist.wrap(model)
     optimizer = build_optimizer(cfg, model)
+    averager = None  # averaged weights for evaluation and best/ (ema_decay > 0)
+    if cfg.ema_decay > 0:
+        from deeprnn.averaging import WeightAverage
+
+        averager = WeightAverage(model, cfg.ema_decay, cfg.ema_start)
 
     step, epoch, batch_in_epoch, tokens_seen, train_time = 0, 0, 0, 0, 0.0
     best_val, bad_evals, evals_done = math.inf, 0, 0
@@ -599,6 +629,8 @@ def train(
         lr_scale, nan_rollbacks = meta.get("lr_scale", 1.0), meta.get("nan_rollbacks", 0)
         epoch, batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
         state = dist.shard_batch(_state_from_tensors(resume_ckpt.train_tensors, device))  # saved global
+        if averager is not None:
+            averager.load_tensors(resume_ckpt.train_tensors)
         torch.set_rng_state(resume_ckpt.train_tensors["rng.torch"])
         if "rng.cuda" in resume_ckpt.train_tensors and device.type == "cuda":
             torch.cuda.set_rng_state(resume_ckpt.train_tensors["rng.cuda"])
@@ -640,7 +672,8 @@ def train(
         if not is_main:
             return
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-        tensors = {**opt_tensors, **_rng_tensors(), **_state_tensors(carry)}
+        tensors = {**opt_tensors, **_rng_tensors(), **_state_tensors(carry),
+                   **(averager.tensors() if averager is not None else {})}
         meta = {
             "train_config": dataclasses.asdict(cfg),
             "position": {"step": step, "epoch": epoch, "tokens": tokens_seen, "train_time": train_time},
@@ -654,7 +687,9 @@ def train(
             "parent": (str(parent.path) if parent is not None else
                        (resume_ckpt.meta.get("parent") if resume_ckpt is not None else None)),
         }
-        save_checkpoint(run_dir / name, model=model, vocab=vocab, meta=meta, train_tensors=tensors)
+        # best/ holds the averaged weights (what was evaluated); last/ the raw ones, to resume from.
+        with averager.swapped(model) if averager is not None and name == "best" else contextlib.nullcontext():
+            save_checkpoint(run_dir / name, model=model, vocab=vocab, meta=meta, train_tensors=tensors)
 
     def roll_back(what: str) -> None:
         """Non-finite loss or gradients: raise NonFiniteLoss, or (on_nan="rollback") restore last/
@@ -685,6 +720,8 @@ def train(
         best_val, bad_evals, evals_done = meta["best_val"], meta["bad_evals"], meta["evals_done"]
         plateau = meta.get("plateau", plateau)
         state = dist.shard_batch(_state_from_tensors(tensors, device))
+        if averager is not None:
+            averager.load_tensors(tensors)
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -728,7 +765,8 @@ def train(
         if dist.world_size > 1:
             s, c = dist.all_reduce_sum(float(interval_loss), interval_count)
             train_loss = s / max(1, c)
-        val_sum, val_n = scored(splits.valid) if splits.valid.numel() > 1 else (0.0, 0)
+        with averager.swapped(model) if averager is not None else contextlib.nullcontext():
+            val_sum, val_n = scored(splits.valid) if splits.valid.numel() > 1 else (0.0, 0)
         val_loss = val_sum / val_n if val_n else float("nan")
         tps = interval_tokens * dist.world_size / interval_time if interval_time > 0 else float("nan")
         row = {
@@ -781,11 +819,15 @@ def train(
         else:
             bad_evals += 1
         save("last", row)
-        if is_main:
+        if is_main and time.perf_counter() - last_plot[0] > PLOT_EVERY_S:
+            # Drawing costs ~0.2-1 s: refreshed at most every PLOT_EVERY_S seconds, and at the end.
             write_plot(metrics_csv, run_dir / "curve.png", title=f"{cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}")
+            last_plot[0] = time.perf_counter()
         interval_loss = torch.zeros((), dtype=torch.float64, device=device)
         interval_count, interval_tokens, interval_time = 0, 0, 0.0
         return bool(cfg.patience and bad_evals >= cfg.patience)
+
+    last_plot = [-math.inf]
 
     def end_of_epoch_eval() -> bool:
         return cfg.eval_every == 0
@@ -810,13 +852,21 @@ def train(
                         lr = cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_step_size)
                     elif cfg.schedule == "plateau":
                         lr = cfg.lr * plateau["scale"]
+                    if cfg.variable_bptt:
+                        lr *= X.shape[1] / cfg.num_steps  # AWD-LSTM: a short window takes a smaller step
                     for g in optimizer.param_groups:
                         g["lr"] = lr * lr_scale
                     with autocast_context(device, cfg.precision):
-                        logits, state = net(X, state)
+                        if cfg.ar_alpha or cfg.tar_beta:
+                            logits, state, top = net(X, state, return_hidden=True)  # top (T, B, H)
+                        else:
+                            logits, state = net(X, state)
                     loss = sequence_loss(logits, Y)
+                    objective = loss
+                    if cfg.ar_alpha or cfg.tar_beta:
+                        objective = loss + activation_penalty(top, cfg.ar_alpha, cfg.tar_beta)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    objective.backward()
                     finite &= torch.isfinite(loss.detach())
                     if cfg.clip > 0:
                         finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
@@ -824,6 +874,8 @@ def train(
                     interval_loss += loss.detach().double()
                     interval_count += 1
                     step += 1
+                    if averager is not None:
+                        averager.update(step)
                     batch_in_epoch += 1
                     ntok = X.numel()
                     tokens_seen += ntok * dist.world_size
@@ -835,7 +887,8 @@ def train(
                     interval_tokens += ntok
                     if pbar is not None:
                         pbar.update(1)
-                        if step % 10 == 0:
+                        # float(loss) is a host sync on an accelerator: there only with the timing sync above
+                        if step % (50 if device.type == "cuda" else 10) == 0:
                             pbar.set_postfix(loss=f"{float(loss):.3f}",
                                              tok_s=f"{interval_tokens / max(interval_time, 1e-9):,.0f}")
                     if step % nan_every == 0 and dist.any_flag(not bool(finite)):
@@ -872,6 +925,8 @@ def train(
         if pbar is not None:
             pbar.close()
 
+    if is_main and metrics_csv.exists():
+        write_plot(metrics_csv, run_dir / "curve.png", title=f"{cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}")
     # Final: score the test split once, with the best checkpoint.
     summary: dict[str, Any] = {"run_dir": str(run_dir), "stop_reason": stop_reason, "steps": step,
                                "epochs": round(epoch + batch_in_epoch / steps_per_epoch, 3), "train_time_s": round(train_time, 2),

@@ -41,8 +41,13 @@ BAD = [
     ),
     (dict(gru_variant="d2l", impl="scratch"), "gru_variant='d2l' only applies to cell='gru' (cell is 'lstm')"),
     (dict(cell="gru", forget_bias=1.0), "forget_bias only applies to cell='lstm' (cell is 'gru'); set it to 0"),
-    (dict(residual=True), "residual is reserved and not implemented yet; set residual=False"),
-    (dict(layer_norm=True), "layer_norm is reserved and not implemented yet; set layer_norm=False"),
+    (dict(layer_norm=True), "layer_norm has no torch.nn form; use impl='scratch' or layer_norm=False"),
+    (dict(layer_norm=True, cell="rnn_tanh", impl="scratch"),
+     "layer_norm applies to cell='lstm' or 'gru' (cell is 'rnn_tanh')"),
+    (dict(weight_drop=1.0), "weight_drop must be in [0, 1), got 1.0"),
+    (dict(embed_dropout=-0.1), "embed_dropout must be in [0, 1), got -0.1"),
+    (dict(input_dropout="0.1"), "input_dropout must be a number in [0, 1), got '0.1'"),
+    (dict(output_dropout=1.5), "output_dropout must be in [0, 1), got 1.5"),
 ]
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deeprnn.models.config import ModelConfig
+from deeprnn.regularize import dropout, one_hot_dropout_scale, token_keep_scale
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -71,21 +72,24 @@ class LanguageModel(nn.Module):
         self.config = config.validate()
         V, H = config.vocab_size, config.num_hiddens
         self.embedding = nn.Embedding(V, config.input_size) if config.input == "embedding" else None
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout)  # kept for callers; the model uses _dropout()
         self.output = nn.Linear(H, V)  # W_hq, b_q of eq. (9.3.2)
         if config.tie_weights:
             self.output.weight = self.embedding.weight  # both (V, H)
 
     # -- the interface ---------------------------------------------------------------------------
-    def forward(self, X: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def forward(self, X: torch.Tensor, state: State | None = None, *, return_hidden: bool = False):
         """``X`` (B, T) long token indices -> (logits (T, B, V), final state).
 
         ``state`` defaults to zeros (``begin_state``); it is ``(L, B, H)`` or, for LSTM, ``(h, c)``.
+        ``return_hidden=True`` adds a third value, the top layer's outputs (T, B, H) before the output
+        dropout (what AR/TAR penalise).
         """
         if state is None:
             state = self.begin_state(X.shape[0], device=X.device)
         Y, state = self._recur(X, state)  # (T, B, H)
-        return self.output(self.drop(Y)), state  # (T, B, V)
+        logits = self.output(self._dropout(Y, self.config.out_dropout))  # (T, B, V)
+        return (logits, state, Y) if return_hidden else (logits, state)
 
     def begin_state(self, batch_size: int, device=None, dtype=None) -> State:
         """Zero state with torch.nn shapes: ``(L, B, H)``, or ``(h, c)`` of that shape for LSTM.
@@ -105,10 +109,37 @@ class LanguageModel(nn.Module):
 
     # -- shared pieces ---------------------------------------------------------------------------
     def _embed(self, X: torch.Tensor) -> torch.Tensor:
-        """(B, T) indices -> (T, B, in) first-layer input: one-hot in the parameters' dtype, or embedded."""
+        """(B, T) indices -> (T, B, in) first-layer input: one-hot in the parameters' dtype, or embedded.
+
+        In training, embedding dropout and input dropout apply here.
+        """
         if self.embedding is not None:
-            return self.embedding(X.T)
-        return F.one_hot(X.T, self.config.vocab_size).to(self.output.weight.dtype)
+            x = self.embedding(X.T)
+            scale = self._token_scale(X.T, x.dtype)
+            x = x if scale is None else x * scale
+            return self._dropout(x, self.config.input_dropout)
+        x = F.one_hot(X.T, self.config.vocab_size).to(self.output.weight.dtype)
+        scale = self._token_scale(X.T, x.dtype)
+        return x if scale is None else x * scale
+
+    def _token_scale(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """(T, B) indices -> (T, B, 1) multiplier of each token's input row, or None (nothing dropped).
+
+        Embedding dropout (whole tokens) for either input; for a one-hot input also the input dropout,
+        which can only act on the one non-zero entry.
+        """
+        cfg = self.config
+        scale = token_keep_scale(tokens, cfg.vocab_size, cfg.embed_dropout, self.training, dtype)
+        if self.embedding is None:
+            s = one_hot_dropout_scale(tokens, cfg.vocab_size, cfg.input_dropout, self.training,
+                                      cfg.locked_dropout, dtype)
+            if s is not None:
+                scale = s if scale is None else scale * s
+        return scale
+
+    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """Dropout of (T, B, F) activations, locked across time when the config says so."""
+        return dropout(x, p, self.training, self.config.locked_dropout)
 
     def reset_parameters(self) -> None:
         """Draw every parameter afresh from the config's init scheme (same law in both impls)."""

@@ -32,8 +32,14 @@ class ModelConfig:
     init: str = "torch"  # "d2l" (randn*0.01, zero biases), "torch" (uniform ±1/sqrt(h)), "orthogonal"
     forget_bias: float = 0.0  # added to the LSTM forget-gate bias after init
     gru_variant: str = "torch"  # "torch": r ⊙ (h W_hn + b_hn); "d2l": (r ⊙ h) W_hn, the book's
-    residual: bool = False  # reserved: residual connections between layers (not implemented yet)
-    layer_norm: bool = False  # reserved: layer normalisation (not implemented yet)
+    residual: bool = False  # add each layer's input to its output, layers 2..L (He et al. / GNMT)
+    layer_norm: bool = False  # layer-normalised LSTM/GRU cells (Ba et al. 2016); impl="scratch" only
+    # AWD-LSTM regularisers (Merity et al. 2018); all act in training only, eval stays deterministic
+    embed_dropout: float = 0.0  # drop whole tokens: a token's input row is zeroed for the whole window
+    input_dropout: float = 0.0  # dropout on the first layer's input (embedding or one-hot)
+    output_dropout: float | None = None  # dropout before the output layer; None: the same as dropout
+    locked_dropout: bool = False  # one dropout mask per sequence and window, shared across time steps
+    weight_drop: float = 0.0  # DropConnect on the recurrent weights W_hh, one mask per window
 
     @property
     def input_size(self) -> int:
@@ -96,11 +102,23 @@ class ModelConfig:
                 raise ConfigError(
                     "gru_variant='d2l' has no torch.nn form; use impl='scratch' or gru_variant='torch'"
                 )
-        if self.residual:
-            raise ConfigError("residual is reserved and not implemented yet; set residual=False")
         if self.layer_norm:
-            raise ConfigError("layer_norm is reserved and not implemented yet; set layer_norm=False")
+            if self.cell not in ("lstm", "gru"):
+                raise ConfigError(f"layer_norm applies to cell='lstm' or 'gru' (cell is {self.cell!r})")
+            if self.impl != "scratch":
+                raise ConfigError("layer_norm has no torch.nn form; use impl='scratch' or layer_norm=False")
+            if self.cell == "gru" and self.gru_variant != "torch":
+                raise ConfigError("layer_norm needs gru_variant='torch' for cell='gru'")
+        for name in ("embed_dropout", "input_dropout", "weight_drop"):
+            _check_rate(name, getattr(self, name))
+        if self.output_dropout is not None:
+            _check_rate("output_dropout", self.output_dropout)
         return self
+
+    @property
+    def out_dropout(self) -> float:
+        """The dropout rate before the output layer (``output_dropout``, else ``dropout``)."""
+        return self.dropout if self.output_dropout is None else self.output_dropout
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -108,6 +126,13 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_rate(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {value}")
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
