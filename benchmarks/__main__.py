@@ -1,0 +1,5 @@
+"""``python -m benchmarks``: the CPU suite (see ``benchmarks/suite.py``)."""
+
+from benchmarks.suite import main
+
+main()

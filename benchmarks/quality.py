@@ -1,0 +1,167 @@
+"""Time to quality: train a recipe under a wall-clock budget and print the held-out curve.
+
+    python benchmarks/quality.py --preset tm-cpu --minutes 10                 # issue 11's measurement
+    python benchmarks/quality.py --preset tm-cpu --minutes 2 --set num_hiddens=256 lr=0.004
+    python benchmarks/quality.py --ablation --steps 600 --seeds 0 1           # the table in docs/quality.md
+
+A run trains ``--preset`` (from ``deeprnn.cli.PRESETS``) with ``time_budget = --minutes`` (training
+time only: evaluation is not counted, as in ``deeprnn train``), evaluating every ``--eval-every``
+steps, and prints one line per evaluation (minutes, step, validation loss in nats and perplexity),
+then the best held-out value, the test score of the best checkpoint and the machine it ran on.
+
+``--ablation`` runs the regulariser ablation on The Time Machine: a small baseline (2x128 LSTM,
+ordinary dropout 0.2) and the baseline with each regulariser switched on alone, then everything on,
+for every seed, all with the same number of optimiser steps (``--steps``) so that the comparison does
+not depend on how loaded the machine is; it prints a Markdown table (mean and each seed's best
+validation perplexity) ready for ``docs/quality.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from deeprnn.cli import PRESETS
+from deeprnn.train import TrainConfig, read_metrics, train
+
+
+def machine() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f} at the end")
+
+
+def parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, text = item.partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def run(values: dict, *, run_dir: Path, log=None) -> dict:
+    cfg = TrainConfig(**{**values, "run_dir": str(run_dir)})
+    summary = train(cfg, overwrite=True, progress=False, log=log or (lambda *_: None))
+    summary["curve"] = [(float(r["elapsed_s"]) / 60, int(r["step"]), float(r["val_loss"]), float(r["val_ppl"]))
+                        for r in read_metrics(run_dir / "metrics.csv")]
+    return summary
+
+
+def print_curve(summary: dict) -> None:
+    print(f"{'minutes':>8} {'step':>7} {'val loss':>9} {'val ppl':>8}")
+    for minutes, step, loss, ppl in summary["curve"]:
+        print(f"{minutes:8.2f} {step:7d} {loss:9.4f} {ppl:8.3f}")
+    best = min(summary["curve"], key=lambda r: r[2]) if summary["curve"] else None
+    if best:
+        print(f"best held-out: loss {best[2]:.4f} nats, perplexity {best[3]:.3f} at {best[0]:.2f} min "
+              f"(step {best[1]})")
+    if "test_ppl" in summary:
+        print(f"test (best checkpoint): loss {summary['test_loss']:.4f} nats, perplexity {summary['test_ppl']:.3f}")
+    print(f"steps {summary['steps']}, training time {summary['train_time_s'] / 60:.2f} min, "
+          f"{summary['parameters']:,} parameters, stop: {summary['stop_reason']}")
+
+
+# The ablation: each regulariser alone on top of a small baseline, then all together.
+ABLATION_BASE = dict(corpus=["timemachine"], normalization="d2l", cell="lstm", num_layers=2, num_hiddens=128,
+                     impl="concise", input="embedding", embed_size=128, dropout=0.2, batch_size=32,
+                     num_steps=64, optimizer="adam", lr=4e-3, clip=0.25, schedule="cosine", min_lr_ratio=0.05,
+                     val_fraction=0.1, test_fraction=0.0, eval_batch_size=64, eval_num_steps=256,
+                     sample_every=0, precision="fp32", num_epochs=1000)
+ABLATION_ROWS: dict[str, dict] = {
+    "baseline (dropout 0.2 between layers and on the output)": {},
+    "+ locked dropout (same rates)": dict(locked_dropout=True),
+    "+ embedding dropout 0.05": dict(embed_dropout=0.05),
+    "+ input dropout 0.1": dict(input_dropout=0.1),
+    "+ weight-drop 0.25": dict(weight_drop=0.25),
+    "+ AR 2 / TAR 1": dict(ar_alpha=2.0, tar_beta=1.0),
+    "+ variable-length BPTT": dict(variable_bptt=True),
+    "+ weight EMA 0.99 (from 1/3 of the steps)": dict(ema_decay=0.99, ema_start=-1),
+    "+ residual connections (3 layers)": dict(residual=True, num_layers=3),
+    "3 layers without residual (reference for the row above)": dict(num_layers=3),
+    "+ tied embeddings": dict(tie_weights=True),
+    "+ forget-gate bias 1": dict(forget_bias=1.0),
+    "+ layer-norm LSTM (scratch)": dict(layer_norm=True, impl="scratch"),
+    "scratch baseline (reference for the row above)": dict(impl="scratch"),
+    "all of locked, embedding, input, weight-drop, AR/TAR, variable BPTT, EMA": dict(
+        locked_dropout=True, embed_dropout=0.05, input_dropout=0.1, weight_drop=0.25, ar_alpha=2.0,
+        tar_beta=1.0, variable_bptt=True, ema_decay=0.99, ema_start=-1),
+}
+
+
+def ablation(args) -> None:
+    rows = {name: change for name, change in ABLATION_ROWS.items()
+            if not args.only or any(o in name for o in args.only)}
+    results: dict[str, list[float]] = {}
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, change in rows.items():
+            for seed in args.seeds:
+                values = {**ABLATION_BASE, **change, "seed": seed, "max_steps": args.steps,
+                          "eval_every": max(1, args.steps // 10)}
+                if values.get("ema_start") == -1:
+                    values["ema_start"] = args.steps // 3
+                s = run(values, run_dir=Path(tmp) / f"r{len(results)}-{seed}")
+                ppl = min(r[3] for r in s["curve"])
+                results.setdefault(name, []).append(ppl)
+                print(json.dumps({"row": name, "seed": seed, "best_val_ppl": round(ppl, 4),
+                                  "train_s": s["train_time_s"], "steps": s["steps"]}), flush=True)
+    base = statistics.mean(next(iter(results.values())))
+    print(f"\n{args.steps} optimiser steps per run, seeds {args.seeds}; {time.time() - t0:.0f} s in all; "
+          f"{machine()}\n")
+    print("| configuration | best held-out ppl (mean) | per seed | vs baseline |")
+    print("| --- | ---: | --- | ---: |")
+    for name, ppls in results.items():
+        m = statistics.mean(ppls)
+        print(f"| {name} | {m:.3f} | {', '.join(f'{p:.3f}' for p in ppls)} | {m - base:+.3f} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tm-cpu", choices=sorted(PRESETS), help="recipe from deeprnn.cli.PRESETS")
+    p.add_argument("--minutes", type=float, default=10.0, help="training-time budget in minutes")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: preset's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TrainConfig fields")
+    p.add_argument("--run-dir", default=None, help="keep the run here (default: a temporary directory)")
+    p.add_argument("--ablation", action="store_true", help="run the regulariser ablation instead")
+    p.add_argument("--steps", type=int, default=600, help="ablation: optimiser steps per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="ablation: seeds")
+    p.add_argument("--only", nargs="*", default=None, help="ablation: rows whose name contains one of these")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.ablation:
+        ablation(args)
+        return 0
+    values = {**PRESETS[args.preset], "seed": args.seed, "time_budget": args.minutes, **parse_sets(args.set)}
+    if args.eval_every is not None:
+        values["eval_every"] = args.eval_every
+    print(f"preset {args.preset}, {args.minutes} min: "
+          + json.dumps({k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}))
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
+        summary = run(values, run_dir=run_dir, log=print)
+    print_curve(summary)
+    print(f"machine: {machine()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""The CPU benchmark suite of issue 7: deeprnn against faithful book-style baselines, in one run.
+
+    python -m benchmarks [--quick] [--threads N] [--skip-ingest] [--no-save]
+
+Every figure is a ratio against a baseline measured in the same process, in interleaved rounds (each
+round runs every workload once for about ``--seconds``), so load from other processes hits both sides
+alike; a ratio is the median over rounds of (ours / baseline) within a round, a rate the median over
+rounds. The table also gives each workload's fraction of the fp32 matrix-product ceiling, measured
+here (2048^3 ``torch.mm``, best of 3 at the start and at the end, the higher taken): FLOPs/token x
+tokens/s / GFLOP/s, with the issue's FLOP counts (2-layer 256-hidden LSTM training 4.88 MFLOP/token,
+GRU 3.7, tanh RNN 1.3; generation 1.64 MFLOP/char). Above 100% means a workload ran its products in
+bf16, whose ceiling is printed too.
+
+Training workloads (book config: 2 layers, 256 hidden, vocabulary 28, one-hot input, batch 32 x 35
+steps, SGD, clipping at 1, state carried and detached between windows, random tokens):
+
+* book: d2l's ``RNNModel(nn.LSTM/GRU/RNN)`` with the step of ``train_epoch_ch8`` as d2l 0.17 writes
+  it (its ``grad_clipping``, ``torch.optim.SGD``, ``float(l * numel)`` per batch), fp32;
+* book-style scratch: d2l 9.1/9.2's scratch LSTM/GRU stacked twice (one product per gate per step,
+  autograd through every step, d2l's ``sgd``), fp32;
+* ours: ``build_model`` (concise = torch.nn, scratch = deeprnn's window kernels) with the step of
+  ``deeprnn.train`` (autocast when bf16, loss on device, ``clip_grad_norm_``, ``torch.optim.SGD``).
+
+Generation: ``predict_ch8`` as the book writes it against ``deeprnn.generate`` on the same weights
+(greedy output checked identical), and 64 sampled streams. Ingestion: a 100 MB text file (The Time
+Machine repeated) through ``build_corpus`` (char level, d2l normalisation) in a fresh subprocess,
+peak RSS (``ru_maxrss``) above the interpreter's baseline against the file size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.bench_d2l import book_grad_clipping, book_sgd
+from benchmarks.bench_generate import PREFIX, BookRNNModel, book_predict_ch8
+from benchmarks.bench_models import BookStyleLSTM
+from deeprnn.generate import generate
+from deeprnn.models import ModelConfig, build_model, detach_state
+from deeprnn.train import autocast_context, sequence_loss
+from deeprnn.vocab import Vocab
+
+VOCAB, HIDDENS, LAYERS, BATCH, STEPS = 28, 256, 2, 32, 35
+MFLOP = {"lstm": 4.88, "gru": 3.7, "rnn_tanh": 1.3, "generate": 1.64}  # per token (training) / per char
+RESULTS = Path(__file__).resolve().parent / "results"
+# The book's ``float(l * y.numel())`` on a loss that requires grad: torch warns, the book does it anyway.
+warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
+
+
+# -- baselines ------------------------------------------------------------------------------------
+
+
+class BookStyleGRU(nn.Module):
+    """d2l 9.1's scratch GRU stacked twice: per-gate weights, one product per gate and input per step."""
+
+    def __init__(self, vocab_size: int, num_hiddens: int, num_layers: int = 2):
+        super().__init__()
+        self.vocab_size, self.num_hiddens, self.num_layers = vocab_size, num_hiddens, num_layers
+
+        def normal(*shape):
+            return nn.Parameter(torch.randn(*shape) * 0.01)
+
+        self.params = nn.ParameterList()
+        for l in range(num_layers):
+            num_inputs = vocab_size if l == 0 else num_hiddens
+            for _ in "zrh":  # W_x?, W_h?, b_? for the update and reset gates and the candidate
+                self.params.extend([normal(num_inputs, num_hiddens), normal(num_hiddens, num_hiddens),
+                                    nn.Parameter(torch.zeros(num_hiddens))])
+        self.W_hq, self.b_q = normal(num_hiddens, vocab_size), nn.Parameter(torch.zeros(vocab_size))
+
+    def begin_state(self, batch_size):
+        return torch.zeros(self.num_layers, batch_size, self.num_hiddens)
+
+    def forward(self, X, state):
+        inputs = F.one_hot(X.T, self.vocab_size).float()  # (T, B, V)
+        Hs = list(state.unbind(0))
+        outputs = []
+        for x in inputs:
+            for l in range(self.num_layers):
+                W_xz, W_hz, b_z, W_xr, W_hr, b_r, W_xh, W_hh, b_h = self.params[9 * l : 9 * (l + 1)]
+                H = Hs[l]
+                Z = torch.sigmoid((x @ W_xz) + (H @ W_hz) + b_z)
+                R = torch.sigmoid((x @ W_xr) + (H @ W_hr) + b_r)
+                H_tilda = torch.tanh((x @ W_xh) + ((R * H) @ W_hh) + b_h)
+                H = Z * H + (1 - Z) * H_tilda
+                Hs[l], x = H, H
+            outputs.append(x @ self.W_hq + self.b_q)
+        return torch.cat(outputs, dim=0), torch.stack(Hs)  # (T*B, V), as RNNModelScratch
+
+
+class BookRNNModelTrain(BookRNNModel):
+    """d2l's ``RNNModel`` with its ``begin_state`` for any torch.nn layer (LSTM: an (h, c) pair)."""
+
+    def begin_state(self, device="cpu", batch_size=1):
+        shape = (self.rnn.num_layers, batch_size, self.num_hiddens)
+        if isinstance(self.rnn, nn.LSTM):
+            return torch.zeros(shape), torch.zeros(shape)
+        return torch.zeros(shape)
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randint(0, VOCAB, (BATCH, STEPS), generator=gen),
+            torch.randint(0, VOCAB, (BATCH, STEPS), generator=gen))
+
+
+def book_step(net, *, scratch: bool):
+    """One step of d2l 0.17's ``train_epoch_ch8`` (sequential partitioning: state detached in place)."""
+    X, Y = _batch()
+    loss = nn.CrossEntropyLoss()
+    if scratch:
+        params = list(net.parameters())
+        update = lambda: book_sgd(params, 1.0, 1)  # noqa: E731  (d2l.sgd, batch_size=1 as train_ch8)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    box = {"state": net.begin_state(batch_size=BATCH)}
+
+    def step():
+        state = box["state"]
+        for s in state if isinstance(state, tuple) else (state,):
+            s.detach_()
+        y = Y.T.reshape(-1)
+        y_hat, state = net(X, state)
+        l = loss(y_hat.reshape(-1, VOCAB), y.long()).mean()
+        if scratch:
+            l.backward()
+            book_grad_clipping(net, 1)
+            update()
+        else:
+            opt.zero_grad()
+            l.backward()
+            book_grad_clipping(net, 1)
+            opt.step()
+        box["metric"] = float(l * y.numel())  # the book's per-batch host sync
+        box["state"] = state
+
+    return step
+
+
+def ours_step(cell: str, impl: str, precision: str):
+    """One step of ``deeprnn.train``'s loop on ``build_model`` at the book config."""
+    model = build_model(ModelConfig(vocab_size=VOCAB, cell=cell, num_layers=LAYERS, num_hiddens=HIDDENS,
+                                    impl=impl, input="one_hot"))
+    X, Y = _batch()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    dev = torch.device("cpu")
+    box = {"state": model.begin_state(BATCH), "loss": torch.zeros((), dtype=torch.float64)}
+
+    def step():
+        with autocast_context(dev, precision):
+            logits, state = model(X, detach_state(box["state"]))  # (T, B, V)
+        loss = sequence_loss(logits, Y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        box["loss"] += loss.detach().double()  # accumulated on the device, as the loop does
+        box["state"] = state
+
+    return step
+
+
+# -- measurement ----------------------------------------------------------------------------------
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} ({torch.get_num_threads()} threads, "
+            f"{torch.backends.cpu.get_cpu_capability()}); Python {platform.python_version()}; "
+            f"{platform.system()} {platform.release()}")
+
+
+def matmul_gflops(dtype=torch.float32, n: int = 2048, repeats: int = 3) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def interleaved(workloads: dict, rounds: int, seconds: float) -> dict[str, list[float]]:
+    """Units/s of every ``name -> (fn(n), units per n)`` in each of ``rounds`` interleaved rounds.
+
+    Each workload is warmed up and sized so that ``fn(n)`` takes about ``seconds``; a round runs every
+    workload once, in alternating order (forwards, then backwards), so neither side always runs first.
+    """
+    sizes = {}
+    for name, (fn, _) in workloads.items():
+        fn(1)
+        fn(1)
+        t = time.perf_counter()
+        fn(1)
+        sizes[name] = max(1, round(seconds / max(time.perf_counter() - t, 1e-6)))
+    rates = {name: [] for name in workloads}
+    names = list(workloads)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn, units = workloads[name]
+            n = sizes[name]
+            t = time.perf_counter()
+            fn(n)
+            rates[name].append(n * units / (time.perf_counter() - t))
+    return rates
+
+
+def repeat(step):
+    def run(n):
+        for _ in range(n):
+            step()
+    return run
+
+
+def ratio(rates, ours: str, base: str) -> float:
+    return statistics.median(a / b for a, b in zip(rates[ours], rates[base]))
+
+
+INGEST_CODE = r"""
+import resource, sys, time
+from deeprnn.corpus import build_corpus
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+c = build_corpus([sys.argv[1]], token="char", normalization="d2l")
+dt = time.perf_counter() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(dt, base * 1024, peak * 1024, c.tokens.numel(), len(c.vocab))
+"""
+
+
+def ingest(size_mb: int = 100) -> dict:
+    """Time and peak RSS of ``build_corpus`` on a ``size_mb`` MB file, in a fresh subprocess."""
+    from deeprnn.corpus import _read_bundled
+
+    text = _read_bundled("timemachine.txt")
+    size = size_mb * 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "big.txt"
+        with open(path, "wb") as f:
+            written = 0
+            while written < size:
+                chunk = text[: size - written]
+                f.write(chunk)
+                written += len(chunk)
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+        proc = subprocess.run([sys.executable, "-c", INGEST_CODE, str(path)], capture_output=True, text=True,
+                              env=env, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ingestion subprocess failed: {proc.stderr.strip()[-500:]}")
+    dt, base, peak, ntok, nvocab = proc.stdout.split()
+    return {"seconds": float(dt), "rss_over": (int(peak) - int(base)) / size, "rss_total": int(peak) / size,
+            "tokens": int(ntok), "vocab": int(nvocab), "size": size}
+
+
+# -- the suite ------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about 2-3 minutes)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice, printed)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3 quick, 7 full)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="seconds per workload per round (default 0.25 quick, 0.6 full)")
+    parser.add_argument("--skip-ingest", action="store_true", help="leave out the 100 MB ingestion run")
+    parser.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds or (3 if args.quick else 7)
+    seconds = args.seconds or (0.25 if args.quick else 0.6)
+    torch.manual_seed(0)
+    started = datetime.datetime.now()
+    load_start = loadavg()
+    t_start = time.perf_counter()
+    peak_start, bf16_peak = matmul_gflops(), matmul_gflops(torch.bfloat16)
+
+    # training steps
+    unit = BATCH * STEPS
+    train = {
+        "book LSTM": book_step(BookRNNModelTrain(nn.LSTM(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
+        "book GRU": book_step(BookRNNModelTrain(nn.GRU(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
+        "book RNN": book_step(BookRNNModelTrain(nn.RNN(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
+        "book-style scratch LSTM": book_step(BookStyleLSTM(VOCAB, HIDDENS, LAYERS), scratch=True),
+        "book-style scratch GRU": book_step(BookStyleGRU(VOCAB, HIDDENS, LAYERS), scratch=True),
+    }
+    for cell, impl in (("lstm", "concise"), ("lstm", "scratch"), ("gru", "scratch"), ("rnn_tanh", "scratch")):
+        for prec in ("fp32", "bf16"):
+            train[f"{impl} {cell} {prec}"] = ours_step(cell, impl, prec)
+    rates = interleaved({k: (repeat(s), unit) for k, s in train.items()}, rounds, seconds)
+
+    # generation
+    vocab = Vocab("abcdefghijklmnopqrstuvwxyz ")  # <unk>, 26 letters, space: the book's 28 tokens
+    book = BookRNNModel(nn.LSTM(len(vocab), HIDDENS, LAYERS), len(vocab))
+    ours = build_model(ModelConfig(vocab_size=len(vocab), cell="lstm", num_layers=LAYERS, num_hiddens=HIDDENS))
+    with torch.no_grad():
+        ours.rnn.load_state_dict(book.rnn.state_dict())
+        ours.output.load_state_dict(book.linear.state_dict())
+    with torch.no_grad():
+        same = generate(ours, vocab, PREFIX, 300) == [book_predict_ch8(PREFIX, 300, book, vocab, "cpu")]
+
+    def run_book(n):
+        with torch.no_grad():
+            book_predict_ch8(PREFIX, 100 * n, book, vocab, "cpu")
+
+    gen = interleaved({
+        "predict_ch8": (run_book, 100),
+        "greedy": (lambda n: generate(ours, vocab, PREFIX, 100 * n), 100),
+        "sample x64": (lambda n: generate(ours, vocab, PREFIX, 100 * n, strategy="sample", num_samples=64,
+                                          seed=0), 6400),
+    }, rounds, seconds)
+
+    ing = None if args.skip_ingest else ingest()
+    peak = max(peak_start, matmul_gflops())
+    load_end = loadavg()
+    elapsed = time.perf_counter() - t_start
+
+    def med(d, k):
+        return statistics.median(d[k])
+
+    def frac(mflop, rate):
+        return f"{mflop * 1e6 * rate / (peak * 1e9):.0%}"
+
+    rows = []  # (workload, measured, baseline, ratio, target, met, of peak)
+
+    def add(name, rate, unit_name, base_name, base_rate, r, target, mflop):
+        rows.append((name, f"{rate:,.0f} {unit_name}", f"{base_name} {base_rate:,.0f}", f"{r:.2f}x",
+                     f">= {target:g}x", "yes" if r >= target else "NO", frac(mflop, rate)))
+
+    bl, bg, br = med(rates, "book LSTM"), med(rates, "book GRU"), med(rates, "book RNN")
+    sl, sg = med(rates, "book-style scratch LSTM"), med(rates, "book-style scratch GRU")
+    for prec, target in (("fp32", 1.0), ("bf16", 1.7)):
+        k = f"concise lstm {prec}"
+        add(f"concise LSTM {prec} vs book nn.LSTM", med(rates, k), "tok/s", "book", bl,
+            ratio(rates, k, "book LSTM"), target, MFLOP["lstm"])
+    for cell, base, bname, mf in (("gru", "book GRU", "book nn.GRU", "gru"), ("rnn_tanh", "book RNN", "book nn.RNN", "rnn_tanh")):
+        for prec in ("fp32", "bf16"):
+            k = f"scratch {cell} {prec}"
+            add(f"scratch {cell.replace('rnn_tanh', 'RNN tanh').replace('gru', 'GRU')} {prec} vs {bname}",
+                med(rates, k), "tok/s", "book", med(rates, base), ratio(rates, k, base), 1.6, MFLOP[mf])
+    for cell, base, bname, mf in (("lstm", "book-style scratch LSTM", "book-style scratch", "lstm"),
+                                  ("gru", "book-style scratch GRU", "book-style scratch", "gru")):
+        for prec in ("fp32", "bf16"):
+            k = f"scratch {cell} {prec}"
+            add(f"scratch {cell.upper()} {prec} vs {bname}", med(rates, k), "tok/s", "book-style",
+                med(rates, base), ratio(rates, k, base), 3.5, MFLOP[mf])
+    for cell in ("lstm", "gru"):
+        for prec in ("fp32", "bf16"):
+            k = f"scratch {cell} {prec}"
+            add(f"scratch {cell.upper()} {prec} vs nn.LSTM (book)", med(rates, k), "tok/s", "book nn.LSTM", bl,
+                ratio(rates, k, "book LSTM"), 0.9, MFLOP[cell])
+    gb = med(gen, "predict_ch8")
+    add("generation greedy, 1 stream vs predict_ch8", med(gen, "greedy"), "ch/s", "predict_ch8", gb,
+        ratio(gen, "greedy", "predict_ch8"), 8.0, MFLOP["generate"])
+    s64 = med(gen, "sample x64")
+    rows.append(("generation sampling, 64 streams", f"{s64:,.0f} ch/s", "-", "-", ">= 50,000 ch/s",
+                 "yes" if s64 >= 50_000 else "NO", frac(MFLOP["generate"], s64)))
+    if ing is not None:
+        rows.append((f"ingestion {ing['size'] // 2**20} MB file, char/d2l: time", f"{ing['seconds']:.1f} s", "-",
+                     "-", "<= 10 s", "yes" if ing["seconds"] <= 10 else "NO", "-"))
+        rows.append(("ingestion: peak RSS above interpreter / file size", f"{ing['rss_over']:.2f}x",
+                     f"total {ing['rss_total']:.2f}x", "-", "<= 2x", "yes" if ing["rss_over"] <= 2 else "NO", "-"))
+
+    header = ("workload", "measured", "baseline (same run)", "ratio", "target", "met", "of fp32 peak")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths)))
+    lines = [
+        f"deeprnn benchmark suite ({'--quick' if args.quick else 'full'}), {started:%Y-%m-%d %H:%M}, "
+        f"{elapsed:.0f} s",
+        f"machine: {machine()}",
+        f"load average (1/5/15 min): start {load_start}; end {load_end}",
+        f"fp32 matmul 2048^3: {peak:.1f} GFLOP/s (the ceiling below; start {peak_start:.1f}); "
+        f"bf16 matmul 2048^3: {bf16_peak:.1f} GFLOP/s",
+        f"training: {LAYERS} layers, {HIDDENS} hidden, vocab {VOCAB}, one-hot, batch {BATCH} x {STEPS} steps, "
+        f"SGD, clip 1; {rounds} interleaved rounds of ~{seconds:g} s per workload; ratio = median over rounds "
+        "of ours/baseline in the round; bf16 = torch.autocast (the book's side is fp32)",
+        f"generation: same weights in both; greedy output identical to predict_ch8: {'yes' if same else 'NO'}",
+        "",
+        fmt(header),
+        fmt(tuple("-" * w for w in widths)),
+        *(fmt(r) for r in rows),
+        "",
+        "tokens/s, median over rounds: " + ", ".join(f"{k} {med(rates, k):,.0f}" for k in rates),
+    ]
+    if ing is not None:
+        lines.append(f"ingestion: {ing['tokens']:,} tokens, vocabulary {ing['vocab']}; tokens are int64 "
+                     f"(8 bytes per character) by the Corpus contract")
+    out = "\n".join(lines)
+    print(out)
+    if not args.no_save:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"cpu-{started:%Y-%m-%d}{'-quick' if args.quick else ''}.txt"
+        path.write_text(out + "\n")
+        print(f"written to {path.relative_to(RESULTS.parent.parent)}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
