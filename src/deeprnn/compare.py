@@ -206,21 +206,8 @@ def split_fractions(cfg) -> tuple[float, float, float]:
 
 
 def heldout_ranges(corpus, fractions, heldout_from=None) -> dict[str, list[tuple[str, int, int]]]:
-    """Where :meth:`Corpus.split` takes each part from: ``{"train"|"valid"|"test": [(source, start,
-    end), ...]}`` as half-open ranges of ``corpus.tokens`` (empty ranges omitted)."""
-    held = {n for n, _, _ in corpus.spans} if heldout_from is None else set(heldout_from)
-    out: dict[str, list[tuple[str, int, int]]] = {"train": [], "valid": [], "test": []}
-    for name, start, end in corpus.spans:
-        n = end - start
-        if name in held:
-            cut1 = int(n * fractions[0])
-            cut2 = n if fractions[2] == 0 else int(n * (fractions[0] + fractions[1]))
-        else:
-            cut1 = cut2 = n
-        for part, (a, b) in zip(out, ((0, cut1), (cut1, cut2), (cut2, n))):
-            if b > a:
-                out[part].append((name, start + a, start + b))
-    return out
+    """Where :meth:`Corpus.split` takes each part from (see :meth:`Corpus.split_ranges`)."""
+    return corpus.split_ranges(fractions, heldout_from)
 
 
 def _weight_for(weights, name: str, n_train: int, largest: int) -> float:

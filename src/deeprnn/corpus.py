@@ -351,11 +351,12 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def split(self, fractions=(0.9, 0.05, 0.05), heldout_from=None) -> Splits:
-        """Contiguous train/valid/test parts of the token stream (no overlap, deterministic).
+    def split_ranges(self, fractions=(0.9, 0.05, 0.05), heldout_from=None) -> dict[str, list[tuple[str, int, int]]]:
+        """Where :meth:`split` takes each part from: ``{"train"|"valid"|"test": [(source, start, end)]}``,
+        half-open ranges of ``tokens`` in source order (empty ranges omitted).
 
-        Each source's span is cut on its own at ``int(n*f_train)`` and ``int(n*(f_train+f_valid))``
-        and the parts concatenated; with ``heldout_from`` only those sources give valid/test text.
+        Each source's span is cut on its own at ``int(n*f_train)`` and ``int(n*(f_train+f_valid))``;
+        with ``heldout_from`` only those sources give valid/test text (the others train in full).
         """
         fractions = tuple(float(f) for f in fractions)
         if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
@@ -365,7 +366,7 @@ class Corpus:
         unknown = sorted(held - set(names))
         if unknown:
             raise ConfigError(f"heldout_from names unknown source {unknown[0]!r}; sources: {', '.join(names)}")
-        parts: tuple[list, list, list] = ([], [], [])
+        out: dict[str, list[tuple[str, int, int]]] = {"train": [], "valid": [], "test": []}
         for name, start, end in self.spans:
             n = end - start
             if name in held:
@@ -373,8 +374,16 @@ class Corpus:
                 cut2 = n if fractions[2] == 0 else int(n * (fractions[0] + fractions[1]))
             else:
                 cut1 = cut2 = n
-            for part, (a, b) in zip(parts, ((0, cut1), (cut1, cut2), (cut2, n))):
-                part.append(self.tokens[start + a : start + b])
+            for part, (a, b) in zip(out, ((0, cut1), (cut1, cut2), (cut2, n))):
+                if b > a:
+                    out[part].append((name, start + a, start + b))
+        return out
+
+    def split(self, fractions=(0.9, 0.05, 0.05), heldout_from=None) -> Splits:
+        """Contiguous train/valid/test parts of the token stream (no overlap, deterministic), cut as
+        :meth:`split_ranges` says and concatenated per part."""
+        ranges = self.split_ranges(fractions, heldout_from)
+        parts = [[self.tokens[a:b] for _, a, b in ranges[p]] for p in ("train", "valid", "test")]
         return Splits(*(torch.cat(part) if part else self.tokens[:0] for part in parts))
 
 
