@@ -204,6 +204,23 @@ def test_resume_under_ddp_gives_identical_losses(tmp_path, ddp_runs):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_dropout_differs_by_rank_and_resumes_exactly(tmp_path):
+    """With dropout each rank draws its own masks (its own generator, saved per rank), and resuming
+    restores every rank's generator: 6 + 6 steps == 12 straight."""
+    drop = {**BASE, **OPTIMIZERS["adam"], "dropout": 0.3}
+    for r in two_ranks(flags({**drop, "run_dir": "straight"}), tmp_path):
+        ok(r)
+    for r in two_ranks(flags({**drop, "max_steps": 6, "run_dir": "run"}), tmp_path):
+        ok(r)
+    for r in two_ranks(["--resume", "run", "--max-steps", "12"], tmp_path):
+        ok(r)
+    straight, resumed = rows(tmp_path / "straight"), rows(tmp_path / "run")
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
+    assert [r["val_loss"] for r in resumed] == [r["val_loss"] for r in straight]
+    t = load_checkpoint(tmp_path / "run" / "last").train_tensors
+    assert not torch.equal(t["rng.torch"], t["rng.torch.rank1"])  # rank 1's masks are its own
+
+
 def test_checkpoint_holds_every_ranks_carried_state(ddp_runs):
     """The carried state is saved for the global batch, so any world size dividing B can resume."""
     ck = load_checkpoint(ddp_runs["adam"] / "last")

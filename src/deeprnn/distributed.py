@@ -78,6 +78,14 @@ class DistContext:
         tdist.broadcast_object_list(box, src=0, device=self._comm_device())
         return box[0]
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Overwrite ``module``'s parameters and buffers with rank 0's (same architecture on every rank)."""
         if not self.active:

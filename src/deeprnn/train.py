@@ -459,6 +459,25 @@ class _SignalFlag:
             signal.signal(s, h)
 
 
+RANK_SEED_STRIDE = 1_000_003
+
+
+def _rng_key(rank: int) -> str:
+    return "rng.torch" if rank == 0 else f"rng.torch.rank{rank}"
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], rank: int, device: torch.device, fallback_seed: int) -> None:
+    """This rank's CPU (and CUDA) generator from a checkpoint; a rank the checkpoint did not have
+    (resumed with more processes) gets a fresh seed of its own."""
+    key = _rng_key(rank)
+    if key in tensors:
+        torch.set_rng_state(tensors[key])
+    else:
+        torch.manual_seed(fallback_seed)
+    if rank == 0 and "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
 def _rng_tensors() -> dict[str, torch.Tensor]:
     out = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -607,6 +626,9 @@ def train(
     model.to(device)
     model.train()
     net = dist.wrap(model)
+    if dist.rank > 0 and resume_ckpt is None:
+        # Weights are equal on every rank (same seed); dropout masks must not be.
+        torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * dist.rank)
     optimizer = build_optimizer(cfg, model)
     averager = None  # averaged weights for evaluation and best/ (ema_decay > 0)
     if cfg.ema_decay > 0:
@@ -631,9 +653,8 @@ def train(
         state = dist.shard_batch(_state_from_tensors(resume_ckpt.train_tensors, device))  # saved global
         if averager is not None:
             averager.load_tensors(resume_ckpt.train_tensors)
-        torch.set_rng_state(resume_ckpt.train_tensors["rng.torch"])
-        if "rng.cuda" in resume_ckpt.train_tensors and device.type == "cuda":
-            torch.cuda.set_rng_state(resume_ckpt.train_tensors["rng.cuda"])
+        _restore_rng(resume_ckpt.train_tensors, dist.rank, device,
+                     cfg.seed + RANK_SEED_STRIDE * dist.rank + step)
         log(f"resuming {run_dir} at step {step} (epoch {epoch})")
     else:
         run_dir = prepare_run_dir(cfg, overwrite=overwrite) if is_main else Path(cfg.run_dir or "runs/_")
@@ -669,10 +690,12 @@ def train(
 
     def save(name: str, metrics: dict[str, Any]) -> None:
         carry = dist.gather_batch(state)  # every rank's streams (L, B, H): resumable under any world size
+        rngs = dist.gather_objects(torch.get_rng_state())  # each rank's dropout generator
         if not is_main:
             return
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         tensors = {**opt_tensors, **_rng_tensors(), **_state_tensors(carry),
+                   **{_rng_key(r): t for r, t in enumerate(rngs) if r > 0},
                    **(averager.tensors() if averager is not None else {})}
         meta = {
             "train_config": dataclasses.asdict(cfg),
@@ -722,9 +745,7 @@ def train(
         state = dist.shard_batch(_state_from_tensors(tensors, device))
         if averager is not None:
             averager.load_tensors(tensors)
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        _restore_rng(tensors, dist.rank, device, cfg.seed + RANK_SEED_STRIDE * dist.rank + step)
         nan_rollbacks += 1
         lr_scale *= 0.5
         finite = torch.ones((), dtype=torch.bool, device=device)
