@@ -351,8 +351,7 @@ def main(argv=None) -> str:
         rows.append((name, f"{rate:,.0f} {unit_name}", f"{base_name} {base_rate:,.0f}", f"{r:.2f}x",
                      f">= {target:g}x", "yes" if r >= target else "NO", frac(mflop, rate)))
 
-    bl, bg, br = med(rates, "book LSTM"), med(rates, "book GRU"), med(rates, "book RNN")
-    sl, sg = med(rates, "book-style scratch LSTM"), med(rates, "book-style scratch GRU")
+    bl = med(rates, "book LSTM")
     for prec, target in (("fp32", 1.0), ("bf16", 1.7)):
         k = f"concise lstm {prec}"
         add(f"concise LSTM {prec} vs book nn.LSTM", med(rates, k), "tok/s", "book", bl,

@@ -28,3 +28,24 @@ def shared_data() -> Path:
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny trained run (best/, last/, metrics.csv, curve.png, summary.json, config.json), trained
+    once per session and shared by the tests that only read it (serve, browser)."""
+    from deeprnn.train import TrainConfig, train
+
+    path = tmp_path_factory.mktemp("tiny-run") / "tiny-lstm"
+    # One thread: the tiny LSTM's evaluation is ~10x slower on two threads when the cores are busy.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DEEPRNN_OFFLINE", "1")
+            mp.setenv("MPLBACKEND", "Agg")
+            train(TrainConfig(num_layers=1, num_hiddens=16, batch_size=4, num_steps=8, max_tokens=2000, max_steps=5,
+                              eval_batch_size=4, sample_every=0, precision="fp32", run_dir=str(path)), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return path

@@ -16,11 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from deeprnn.checkpoint import load_checkpoint
 from deeprnn.generate import generate
-from deeprnn.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -66,22 +64,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_run):
     """A directory of two runs (the same tiny training, copied) so the page shows its model picker."""
     root = tmp_path_factory.mktemp("browser") / "runs"
-    # One thread: the tiny LSTM's evaluation is ~10x slower on two threads when the cores are busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("DEEPRNN_OFFLINE", "1")
-            mp.setenv("MPLBACKEND", "Agg")
-            train(TrainConfig(num_layers=1, num_hiddens=16, batch_size=4, num_steps=8, max_tokens=2000, max_steps=5,
-                              eval_batch_size=4, sample_every=0, precision="fp32", run_dir=str(root / "lstm-1x16")),
-                  progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    shutil.copytree(root / "lstm-1x16", root / "lstm-1x16-copy")
+    shutil.copytree(tiny_run, root / "lstm-1x16")
+    shutil.copytree(tiny_run, root / "lstm-1x16-copy")
     return root
 
 

@@ -16,7 +16,6 @@ import time
 import warnings
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -27,27 +26,13 @@ from deeprnn.errors import DeepRNNError, VocabError  # noqa: E402
 from deeprnn.generate import generate  # noqa: E402
 from deeprnn.serve import INSTALL_HINT, create_app  # noqa: E402
 from deeprnn.serve import app as app_module  # noqa: E402
-from deeprnn.train import TrainConfig, train  # noqa: E402
 
 PREFIX = "time traveller"
 
 
 @pytest.fixture(scope="session")
-def run_dir(tmp_path_factory):
-    """A tiny trained run (best/, last/, metrics.csv, curve.png, summary.json, config.json)."""
-    path = tmp_path_factory.mktemp("serve") / "tiny-lstm"
-    # One thread: the tiny LSTM's evaluation is ~10x slower on two threads when the cores are busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("DEEPRNN_OFFLINE", "1")
-            mp.setenv("MPLBACKEND", "Agg")
-            train(TrainConfig(num_layers=1, num_hiddens=16, batch_size=4, num_steps=8, max_tokens=2000, max_steps=5,
-                              eval_batch_size=4, sample_every=0, precision="fp32", run_dir=str(path)), progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return path
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="session")

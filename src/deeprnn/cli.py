@@ -430,6 +430,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _lineage(meta: dict[str, Any]) -> list[str]:
+    from deeprnn.checkpoint import read_meta
+
     chain: list[str] = []
     parent = meta.get("parent")
     seen = set()
@@ -437,8 +439,6 @@ def _lineage(meta: dict[str, Any]) -> list[str]:
         seen.add(parent)
         chain.append(parent)
         try:
-            from deeprnn.checkpoint import read_meta
-
             parent = read_meta(Path(parent)).get("parent")
         except DeepRNNError:
             break

@@ -76,7 +76,8 @@ def data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 _data_dir = data_dir  # for functions whose ``data_dir`` argument shadows the function
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """True when ``$DEEPRNN_OFFLINE`` forbids downloads (tests set it)."""
     return os.environ.get(_OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -96,19 +97,24 @@ def _read_bundled(filename: str) -> bytes:
     return importlib.resources.files("deeprnn").joinpath("data", filename).read_bytes()
 
 
-def _download(info: CorpusInfo, target: Path, progress: bool) -> None:
-    """Fetch ``info.url`` into ``target``: streamed to a temp file beside it, verified, then renamed."""
+def download(url: str, target: Path, checksum: tuple[str, str] | None = None, *, what: str | None = None,
+             hint: str, progress: bool = True) -> Path:
+    """Fetch ``url`` into ``target``: streamed to a temp file beside it, fsynced, checked against
+    ``checksum`` (``(algorithm, hex digest)``; ``None``: not checked), then renamed into place, so a
+    failed or interrupted download leaves nothing behind. ``what`` names the download in messages
+    (default: the URL); ``hint`` says what the user can do instead. Raises :class:`CorpusError`.
+    """
     from tqdm.auto import tqdm
 
-    hint = f"save {info.url} as {target} yourself, or pass the file's path instead of {info.name!r}"
+    what = what or url
     tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.new(info.checksum[0]) if info.checksum else None
+        digest = hashlib.new(checksum[0]) if checksum else None
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(info.url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=info.name, disable=not progress) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, disable=not progress) as bar:
                 while chunk := response.read(1 << 16):
                     out.write(chunk)
                     if digest is not None:
@@ -116,10 +122,10 @@ def _download(info: CorpusInfo, target: Path, progress: bool) -> None:
                     bar.update(len(chunk))
             out.flush()
             os.fsync(out.fileno())
-        if digest is not None and digest.hexdigest() != info.checksum[1]:
+        if digest is not None and digest.hexdigest() != checksum[1]:
             raise CorpusError(
-                f"download of {info.name} from {info.url} failed its {info.checksum[0]} check "
-                f"(got {digest.hexdigest()}, expected {info.checksum[1]}); {hint}"
+                f"download of {what} failed its {checksum[0]} check "
+                f"(got {digest.hexdigest()}, expected {checksum[1]}); {hint}"
             )
         os.replace(tmp, target)
         tmp = None
@@ -127,10 +133,11 @@ def _download(info: CorpusInfo, target: Path, progress: bool) -> None:
         raise
     except Exception as err:  # network, HTTP and file-system errors alike
         reason = " ".join(str(err).split()) or type(err).__name__
-        raise CorpusError(f"could not download {info.name} from {info.url} ({reason}); {hint}") from err
+        raise CorpusError(f"could not download {what} ({reason}); {hint}") from err
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+    return target
 
 
 def fetch_corpus(name: str, data_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
@@ -145,13 +152,13 @@ def fetch_corpus(name: str, data_dir: str | os.PathLike | None = None, *, progre
     target = _data_dir(data_dir) / info.filename
     if target.is_file():
         return target
-    if _offline():
+    if offline():
         raise CorpusError(
             f"corpus {name!r} is not in {target.parent} and downloads are off (${_OFFLINE_ENV}=1); "
             f"save {info.url} as {target}, or pass the file's path instead of {name!r}"
         )
-    _download(info, target, progress)
-    return target
+    hint = f"save {info.url} as {target} yourself, or pass the file's path instead of {name!r}"
+    return download(info.url, target, info.checksum, what=f"{name} from {info.url}", hint=hint, progress=progress)
 
 
 def _read_named(name: str, data_dir, encoding: str | None) -> str:

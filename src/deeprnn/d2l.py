@@ -23,7 +23,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -271,7 +270,6 @@ DATA_HUB = dict()
 DATA_URL = "http://d2l-data.s3-accelerate.amazonaws.com/"
 DATA_HUB["time_machine"] = (DATA_URL + "timemachine.txt", "090b5e7e70c295757f55df93cb0a180b9691891a")
 
-_DOWNLOAD_TIMEOUT_S = 30
 
 
 def _sha1_ok(path: Path, sha1_hash: str | None) -> bool:
@@ -309,10 +307,6 @@ def _known_copies(url: str, basename: str) -> list[Path]:
     return paths
 
 
-def _offline() -> bool:
-    return os.environ.get("DEEPRNN_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def download(name, cache_dir=os.path.join("..", "data")):
     """Return the local file name of the ``DATA_HUB`` entry ``name``, downloading it if needed
     (section 4.10).
@@ -341,28 +335,14 @@ def download(name, cache_dir=os.path.join("..", "data")):
     for path in [Path(fname), *_known_copies(url, basename)]:
         if path.is_file() and _sha1_ok(path, sha1_hash):
             return str(path)
-    if _offline():
+    if corpus.offline():
         raise CorpusError(
             f"{basename} is neither in {cache_dir} nor in deeprnn's data and downloads are off "
             f"($DEEPRNN_OFFLINE=1); save {url} as {fname}, or register a local path in d2l.DATA_HUB[{name!r}]"
         )
     print(f"Downloading {fname} from {url}...")
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{basename}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
-            while chunk := response.read(1 << 16):
-                out.write(chunk)
-        if not _sha1_ok(Path(tmp), sha1_hash):
-            raise CorpusError(f"the download of {url} failed its SHA-1 check; retry, or save the file as {fname}")
-        os.replace(tmp, fname)
-    except CorpusError:
-        raise
-    except Exception as err:  # network, HTTP and file-system errors alike
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise CorpusError(f"could not download {url} ({reason}); save it as {fname} yourself") from err
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    checksum = ("sha1", sha1_hash) if sha1_hash is not None else None
+    corpus.download(url, Path(fname), checksum, hint=f"save it as {fname} yourself", progress=False)
     return fname
 
 

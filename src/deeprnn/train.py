@@ -320,8 +320,6 @@ def evaluate_tokens(
     hidden state carried, so every predicted token after the first of each stream is scored
     exactly once. Under data parallelism each rank scores its own streams; the caller sums.
     """
-    from deeprnn.models import detach_state  # noqa: F401  (keeps the import graph explicit)
-
     device = torch.device(device)
     n = tokens.numel()
     B = max(1, min(batch_size, (n - 1) // 2)) if n > 2 else 0
@@ -850,9 +848,6 @@ def train(
 
     last_plot = [-math.inf]
 
-    def end_of_epoch_eval() -> bool:
-        return cfg.eval_every == 0
-
     try:
         with _SignalFlag() as flag:
             done = epoch >= cfg.num_epochs or step >= stop_steps
@@ -937,7 +932,7 @@ def train(
                 else:
                     # The epoch ran out: the next position is the start of the next epoch.
                     epoch, batch_in_epoch = epoch + 1, 0
-                    if end_of_epoch_eval() and last_row.get("step") != step:
+                    if cfg.eval_every == 0 and last_row.get("step") != step:  # once per epoch
                         if do_eval():
                             stop_reason, done = "early stopping", True
                     if epoch >= cfg.num_epochs:

@@ -34,6 +34,17 @@ def detach_state(state: State) -> State:
     return state.detach()
 
 
+def stack_layer_states(states: list[State]) -> State:
+    """Per-layer final states, each ``(B, H)`` or ``(1, B, H)`` (or an LSTM pair of them), in the
+    torch.nn layout: ``(L, B, H)``, or ``(h, c)`` of that shape."""
+    def cat(ts):
+        return torch.cat([t.reshape(1, *t.shape[-2:]) for t in ts])  # (L, B, H)
+
+    if isinstance(states[0], tuple):
+        return cat([s[0] for s in states]), cat([s[1] for s in states])
+    return cat(states)
+
+
 def init_block_(w: torch.Tensor, scheme: str, *, recurrent: bool, num_hiddens: int) -> None:
     """Initialise one gate block of an RNN weight in place.
 

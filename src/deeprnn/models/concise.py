@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from deeprnn.models.base import LanguageModel, State, init_block_
+from deeprnn.models.base import LanguageModel, State, init_block_, stack_layer_states
 from deeprnn.models.config import ModelConfig
 from deeprnn.regularize import drop_connect
 
@@ -60,7 +60,7 @@ class ConciseModel(LanguageModel):
             return functional_call(self.rnn, dropped, (x, state))
         cfg = self.config
         lstm = cfg.cell == "lstm"
-        hs, cs = [], []
+        finals = []  # each layer's final state
         out = x
         for l in range(cfg.num_layers):
             inp = x if l == 0 else self._dropout(out, cfg.dropout)  # dropout between layers
@@ -68,14 +68,8 @@ class ConciseModel(LanguageModel):
             s = (state[0][l : l + 1], state[1][l : l + 1]) if lstm else state[l : l + 1]  # (1, B, H)
             y, s = functional_call(self._runners[min(l, 1)], weights, (inp, s))  # (T, B, H)
             out = y + out if cfg.residual and l > 0 else y
-            if lstm:
-                hs.append(s[0])
-                cs.append(s[1])
-            else:
-                hs.append(s)
-        if lstm:
-            return out, (torch.cat(hs), torch.cat(cs))  # (L, B, H) each
-        return out, torch.cat(hs)
+            finals.append(s)
+        return out, stack_layer_states(finals)  # (L, B, H), or (h, c) of that shape
 
     def _dropped_weights(self) -> dict[str, torch.Tensor]:
         """Weight-drop in training: ``{"weight_hh_l{l}": masked weight}``; empty when it does not apply."""

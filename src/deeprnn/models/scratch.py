@@ -28,7 +28,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
-from deeprnn.models.base import LanguageModel, State, init_block_, torch_bias_
+from deeprnn.models.base import LanguageModel, State, init_block_, stack_layer_states, torch_bias_
 from deeprnn.models.config import ModelConfig
 from deeprnn.regularize import drop_connect
 
@@ -572,7 +572,8 @@ class ScratchModel(LanguageModel):
     def _recur(self, X: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         cfg = self.config
         lstm = cfg.cell == "lstm"
-        hs, cs = [], []
+        finals = []  # each layer's final state
+        out = None  # the previous layer's output (set by layer 0)
         one_hot_plain = self.embedding is None and (
             not self.training or (cfg.embed_dropout == 0 and cfg.input_dropout == 0))
         for l, layer in enumerate(self.layers):
@@ -588,14 +589,8 @@ class ScratchModel(LanguageModel):
             else:
                 y, s = layer(xproj, s)  # (T, B, H)
             out = y + out if cfg.residual and l > 0 else y
-            if lstm:
-                hs.append(s[0])
-                cs.append(s[1])
-            else:
-                hs.append(s)
-        if lstm:
-            return out, (torch.stack(hs), torch.stack(cs))  # (L, B, H) each
-        return out, torch.stack(hs)
+            finals.append(s)
+        return out, stack_layer_states(finals)  # (L, B, H), or (h, c) of that shape
 
     def _init_recurrent(self) -> None:
         for layer in self.layers:
