@@ -263,3 +263,47 @@ def test_loader_windows_are_the_stream_shifted_by_one(n, batch_size, num_steps, 
     for (X, Y), (P, _) in zip(got, where):
         assert torch.equal(P[:, 1:], P[:, :-1] + 1)
         assert torch.equal(X, stream[P]) and torch.equal(Y, stream[P + 1])
+
+
+# --- compact streams: a corpus keeps uint8/int16 tokens, every batch is int64 ------------------------
+def test_compact_streams_give_the_same_int64_batches():
+    from deeprnn.regularize import VariableLengthLoader
+
+    wide = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        narrow = wide.to(dtype)
+        runs = [
+            lambda s: seq_data_iter_sequential(s, 4, 7, offset=3),
+            lambda s: seq_data_iter_random(s, 4, 7, offset=3, generator=torch.Generator().manual_seed(1)),
+            lambda s: BatchLoader(s, 4, 7, mode="sequential", seed=2),
+            lambda s: BatchLoader(s, 4, 7, mode="random", seed=2, rank=1, world_size=2),
+            lambda s: VariableLengthLoader(s, 4, 7, seed=2),
+        ]
+        for run in runs:
+            got, expected = list(run(narrow)), list(run(wide))
+            assert len(got) == len(expected) > 0
+            for (X, Y), (X0, Y0) in zip(got, expected):
+                assert X.dtype == Y.dtype == torch.long
+                assert torch.equal(X, X0) and torch.equal(Y, Y0)
+        for book in (book_seq_data_iter_random, book_seq_data_iter_sequential):
+            random.seed(5)
+            got = list(book(narrow, 4, 7))
+            random.seed(5)
+            assert as_lists(got) == as_lists(book(wide, 4, 7))
+            assert all(X.dtype == Y.dtype == torch.long for X, Y in got)
+    loader = BatchLoader(wide.to(torch.uint8), 4, 7)
+    assert loader.tokens.dtype == torch.uint8  # the stream is not widened whole
+
+
+def test_corpus_tokens_are_compact_and_batches_int64():
+    from deeprnn.models import ModelConfig, build_model
+    from deeprnn.train import evaluate_tokens
+
+    corpus = build_corpus("timemachine", max_tokens=2000)
+    assert corpus.tokens.dtype == torch.uint8
+    X, Y = next(iter(BatchLoader(corpus.tokens, 4, 10)))
+    assert X.dtype == Y.dtype == torch.long and X.max() < len(corpus.vocab)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=len(corpus.vocab), cell="lstm", num_hiddens=8, num_layers=1))
+    narrow = evaluate_tokens(model, corpus.tokens, batch_size=4, num_steps=10)
+    assert narrow == evaluate_tokens(model, corpus.tokens.long(), batch_size=4, num_steps=10)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deeprnn import corpus as corpus_mod
 from deeprnn.corpus import (
@@ -20,7 +22,9 @@ from deeprnn.corpus import (
     load_sources,
     normalize,
     read_text,
+    repeat_tokens,
     strip_gutenberg,
+    token_dtype,
 )
 from deeprnn.errors import ConfigError, CorpusError
 from deeprnn.vocab import Vocab
@@ -48,7 +52,7 @@ def test_time_machine_matches_the_book():
     corpus = build_corpus("timemachine")
     expected_ids, expected_vocab = book_load_corpus_time_machine()
     assert len(corpus.tokens) == 170580 and len(corpus.vocab) == 28
-    assert corpus.tokens.dtype == torch.long and corpus.tokens.dim() == 1
+    assert corpus.tokens.dtype == torch.uint8 and corpus.tokens.dim() == 1  # token_dtype(28)
     assert corpus.vocab.idx_to_token == expected_vocab
     assert corpus.tokens.tolist() == expected_ids
     assert corpus.vocab.idx_to_token[:11] == ["<unk>", " ", "e", "t", "a", "i", "n", "o", "s", "h", "r"]
@@ -328,6 +332,34 @@ def test_split_is_contiguous_per_source(tmp_path):
         corpus.split(heldout_from=["timemachine"])
 
 
+def test_train_weights_repeat_each_sources_training_text_only(tmp_path):
+    books = _write_dir(tmp_path)
+    corpus = build_corpus(str(books), normalization="raw")
+    t = corpus.tokens
+    train, valid, test = corpus.split(train_weights=[2, 0.5])
+    # a trains on t[0:180] twice, b on the first half of t[200:290]; held-out text as without weights
+    assert torch.equal(train, torch.cat([t[0:180], t[0:180], t[200:245]]))
+    assert torch.equal(valid, torch.cat([t[180:190], t[290:295]]))
+    assert torch.equal(test, torch.cat([t[190:200], t[295:300]]))
+    # a source that is all held out has nothing to repeat
+    a = str(books / "a.txt")
+    train, _, _ = corpus.split((0.5, 0.25, 0.25), heldout_from=[a], train_weights=[3, 1.5])
+    assert torch.equal(train, torch.cat([t[0:100]] * 3 + [t[200:300], t[200:250]]))
+    with pytest.raises(ConfigError, match=r"^source_weights has 1 values but the corpus has 2 sources \(.*a\.txt, "
+                                          r".*b\.txt\); give one weight per source, in that order$"):
+        corpus.split(train_weights=[2])
+    with pytest.raises(ConfigError, match=r"^source weights must be > 0, got -1$"):
+        corpus.split(train_weights=[1, -1])
+
+
+def test_repeat_tokens():
+    ids = torch.arange(10, dtype=torch.uint8)
+    assert repeat_tokens(ids, 1).tolist() == list(range(10))
+    assert repeat_tokens(ids, 2.5).tolist() == list(range(10)) * 2 + [0, 1, 2, 3, 4]
+    assert repeat_tokens(ids, 0.3).tolist() == [0, 1, 2]
+    assert repeat_tokens(ids, 2.5).dtype == torch.uint8
+
+
 def test_time_machine_split_defaults():
     corpus = build_corpus("timemachine")
     train, valid, test = corpus.split()
@@ -347,3 +379,181 @@ def test_given_vocab_is_used(tmp_path):
 def test_corpus_module_never_needs_shared_data():
     # The product reads The Time Machine from the package, not from ../shared.
     assert Path(str(importlib.resources.files("deeprnn") / "data" / "timemachine.txt")).is_file()
+
+
+# --- large files: streamed in chunks, the same corpus as read whole ----------------------------------
+def reference_chars(specs, normalization, **kwargs):
+    """The whole-text character pipeline written out: load_sources, normalize, one Vocab over all the
+    text (collections.Counter order), Vocab.encode per source."""
+    streams = [normalize(s.text, normalization) for s in load_sources(specs, **kwargs)]
+    if normalization == "d2l":
+        streams = [s.replace("\n", "") for s in streams]
+    vocab = Vocab("".join(streams), token="char")
+    return [vocab.encode(s) for s in streams], vocab
+
+
+def build_streamed(monkeypatch, specs, chunk=1000, **kwargs):
+    """build_corpus with every file streamed in ``chunk``-byte reads (and never read whole)."""
+    def no_whole_reads(path, encoding=None):
+        raise AssertionError(f"{path} was read whole")
+
+    with monkeypatch.context() as m:
+        m.setattr(corpus_mod, "STREAM_MIN_BYTES", 0)
+        m.setattr(corpus_mod, "CHUNK_BYTES", chunk)
+        m.setattr(corpus_mod, "read_text", no_whole_reads)
+        return build_corpus(specs, **kwargs)
+
+
+def assert_same_corpus(corpus, ids, vocab, names):
+    assert corpus.tokens.tolist() == torch.cat(ids).tolist()
+    assert corpus.vocab.idx_to_token == vocab.idx_to_token
+    assert corpus.vocab.token_freqs == vocab.token_freqs
+    ends = torch.tensor([len(i) for i in ids]).cumsum(0).tolist()
+    assert corpus.spans == [(name, a, b) for name, a, b in zip(names, [0] + ends[:-1], ends)]
+
+
+@pytest.mark.parametrize("normalization", ["d2l", "raw", "lower"])
+@pytest.mark.parametrize("filename", ["timemachine.txt", "war_of_the_worlds.txt", "tinyshakespeare.txt"])
+def test_streamed_file_equals_the_whole_text_pipeline(monkeypatch, shared_data, filename, normalization):
+    path = str(shared_data / filename)
+    corpus = build_streamed(monkeypatch, path, normalization=normalization)
+    ids, vocab = reference_chars(path, normalization)
+    assert_same_corpus(corpus, ids, vocab, [path])
+    assert corpus.tokens.dtype == torch.uint8
+    whole = build_corpus(path, normalization=normalization)  # small files are read whole by default
+    assert torch.equal(whole.tokens, corpus.tokens) and whole.vocab.token_freqs == corpus.vocab.token_freqs
+
+
+def test_streamed_sources_share_one_vocabulary(monkeypatch, shared_data):
+    specs = [str(shared_data / "war_of_the_worlds.txt"), "timemachine", str(shared_data / "timemachine.txt")]
+    corpus = build_streamed(monkeypatch, specs, chunk=777)  # the named corpus is read whole, the files are not
+    ids, vocab = reference_chars(specs, "d2l")
+    assert_same_corpus(corpus, ids, vocab, specs)
+    cut = len(ids[0]) + 1000
+    first = build_streamed(monkeypatch, specs, chunk=777, max_tokens=cut)
+    assert torch.equal(first.tokens, corpus.tokens[:cut])
+    assert first.spans == [(specs[0], 0, len(ids[0])), (specs[1], len(ids[0]), cut)]
+    given = build_streamed(monkeypatch, specs[0], normalization="raw", vocab=vocab)  # a d2l vocabulary: unknowns
+    assert given.vocab is vocab
+    assert given.tokens.tolist() == vocab.encode(load_sources(specs[0])[0].text).tolist()
+
+
+# Line breaks of every kind, multi-byte characters (2 and 3 bytes, and Σ, whose lowercase depends on
+# its neighbours), markers split over lines, blank and non-letter lines.
+MESSY = ("\ufeffThe Café — naïve\r\nΟΔΟΣ ΣΑΣ\r\n\r\n***\r\n  \r\nSTART OF THIS BOOK ***\r\n\r\n\n"
+         "It was — 1895!\rOld\tline\r\n  \r\n*** END OF THIS BOOK\r\nfooter é\r\n")
+
+
+@pytest.mark.parametrize("strip_boilerplate", [True, False])
+@pytest.mark.parametrize("normalization", ["d2l", "raw", "lower"])
+def test_chunk_ends_anywhere(monkeypatch, tmp_path, normalization, strip_boilerplate):
+    path = tmp_path / "messy.txt"
+    path.write_bytes(MESSY.encode() * 3)
+    ids, vocab = reference_chars(str(path), normalization, strip_boilerplate=strip_boilerplate)
+    for chunk in [*range(1, 18), 1000]:  # every split of "\r\n", of "é" (2 bytes) and "—" (3 bytes)
+        corpus = build_streamed(monkeypatch, str(path), chunk, normalization=normalization,
+                                strip_boilerplate=strip_boilerplate)
+        assert_same_corpus(corpus, ids, vocab, [str(path)])
+
+
+@pytest.mark.parametrize(("content", "encoding"), [
+    ("Caf\u00e9 \u201cquoted\u201d\r\nline two\n", "cp1252"),
+    ("\ufeffhello \u00e9 world\r\nagain\n", "utf-16"),
+    ("\ufeff\ufeffdouble bom\n", "utf-8-sig"),  # the codec drops one BOM, read_text the other
+])
+def test_streamed_forced_encodings(monkeypatch, tmp_path, content, encoding):
+    path = tmp_path / "forced.txt"
+    path.write_bytes(content.encode(encoding))
+    ids, vocab = reference_chars(str(path), "raw", encoding=encoding)
+    for chunk in (1, 2, 3, 1000):
+        corpus = build_streamed(monkeypatch, str(path), chunk, normalization="raw", encoding=encoding)
+        assert_same_corpus(corpus, ids, vocab, [str(path)])
+
+
+GUTENBERG_EMPTY = b"header\n*** START OF THE BOOK ***\n\n  \n*** END OF THE BOOK ***\nlicence\n"
+
+
+@pytest.mark.parametrize(("content", "kwargs"), [
+    (b"", {}),
+    (b"  \n\t\r\n", {}),
+    (b"PK\x03\x04\x00\x00binary", {}),
+    (b"\xff\xfe not utf-8, and a NUL later \x00", {}),  # NUL bytes are refused before decoding
+    (b"hello \x81\x8d world\n", {}),
+    (b"price \xa4\xa6\xa8 list\n", {}),
+    (bytes(range(1, 256)), {}),
+    (b"\xef\xbb\xbfa BOM, then \x81", {}),
+    (b"caf\xe9 au lait\n", {"encoding": "utf-8"}),
+    (b"caf\xe9 \x00\n", {"encoding": "utf-8"}),  # the decoding error comes before the NUL
+    (b"text with a NUL \x00 character\n", {"encoding": "latin-1"}),
+    (b"text\n", {"encoding": "klingon"}),
+    (b"text\n", {"encoding": "rot13"}),  # a codec, but not a text encoding
+    (GUTENBERG_EMPTY, {}),
+    (b"1234 5678 !!!\n", {}),
+])
+def test_streamed_errors_are_the_whole_text_errors(monkeypatch, tmp_path, content, kwargs):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(CorpusError) as whole:
+        build_corpus(str(path), **kwargs)
+    with pytest.raises(CorpusError) as streamed:
+        build_streamed(monkeypatch, str(path), chunk=5, **kwargs)
+    assert str(streamed.value) == str(whole.value)
+    assert "\n" not in str(whole.value)
+
+
+def test_decoding_error_offsets_count_from_the_start_of_the_file(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfabc\xff")  # the BOM counts: 0xff is byte 6
+    with pytest.raises(CorpusError, match=r"^\S+bom\.txt is not UTF-8 \(byte 0xff at offset 6\) "):
+        read_text(path)
+    with pytest.raises(CorpusError, match=r"^cannot decode \S+bom\.txt as utf-8-sig \(byte 0xff at offset 6\); "):
+        read_text(path, encoding="utf-8-sig")
+
+
+def test_large_vocabularies_take_wider_dtypes(monkeypatch, tmp_path):
+    assert [token_dtype(n) for n in (1, 256, 257, 32768, 32769)] == [
+        torch.uint8, torch.uint8, torch.int16, torch.int16, torch.int32]
+    path = tmp_path / "han.txt"
+    rare, common = "".join(map(chr, range(0x4E00, 0x4E64))), "".join(map(chr, range(0x5000, 0x50C8)))
+    path.write_text(rare + common * 2, encoding="utf-8")  # 100 characters once, 200 twice
+    ids, vocab = reference_chars(str(path), "raw")
+    for corpus in (build_corpus(str(path), normalization="raw"), build_streamed(monkeypatch, str(path), 64,
+                                                                                  normalization="raw")):
+        assert len(corpus.vocab) == 301 and corpus.tokens.dtype == torch.int16
+        assert_same_corpus(corpus, ids, vocab, [str(path)])
+        kept = build_corpus(str(path), normalization="raw", min_freq=2)  # 201 tokens: back to uint8
+        assert len(kept.vocab) == 201 and kept.tokens.dtype == torch.uint8
+        assert kept.tokens.tolist() == [0] * 100 + list(range(1, 201)) * 2
+    words = build_corpus("timemachine", token="word")
+    assert words.tokens.dtype == torch.int16 and len(words.vocab) == 4580
+
+
+TEXT_PARTS = ["***", " START OF it", "START OF", " END OF", "\r\n", "\n", "\r", "  ", "\t", "Ab", "zz", "é", "—",
+              "Σ", "1,", "\x0b"]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.sampled_from(TEXT_PARTS), max_size=40), bom=st.booleans(), chunk=st.integers(1, 12),
+       normalization=st.sampled_from(["d2l", "raw", "lower"]))
+def test_streamed_equals_whole_on_any_text(monkeypatch, tmp_path, parts, bom, chunk, normalization):
+    path = tmp_path / "any.txt"
+    path.write_bytes(("\ufeff" if bom else "").encode() + "".join(parts).encode())
+    try:
+        expected = reference_chars(str(path), normalization)
+    except CorpusError as err:
+        with pytest.raises(CorpusError) as streamed:
+            build_streamed(monkeypatch, str(path), chunk, normalization=normalization)
+        assert str(streamed.value) == str(err)
+        return
+    if not expected[0][0].numel():  # nothing left after normalisation: build_corpus refuses it
+        with pytest.raises(CorpusError, match="has no tokens after"):
+            build_streamed(monkeypatch, str(path), chunk, normalization=normalization)
+        return
+    assert_same_corpus(build_streamed(monkeypatch, str(path), chunk, normalization=normalization),
+                       *expected, [str(path)])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="aZ q.\n\r\t\x0b-é—Σ1", max_size=60))
+def test_vectorised_d2l_is_the_books_per_line_regex(text):
+    assert bytes(corpus_mod._d2l_chars(text)).decode() == normalize(text, "d2l").replace("\n", "")

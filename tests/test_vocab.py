@@ -138,3 +138,33 @@ def test_char_round_trip(text):
 def test_char_encode_matches_lookup_on_any_text(text):
     vocab = Vocab("hello wörld ✓")
     assert vocab.encode(text).tolist() == [vocab[ch] for ch in text]
+
+
+def test_from_counts_orders_like_the_text():
+    text = "zyyxxxqq" + "é" * 2
+    counts = {}
+    for ch in text:  # first-seen order, as a reader counting chunk by chunk keeps it
+        counts[ch] = counts.get(ch, 0) + 1
+    for kwargs in ({}, {"min_freq": 2}, {"reserved_tokens": ["<pad>"]}):
+        vocab, again = Vocab(text, **kwargs), Vocab.from_counts(counts, **kwargs)
+        assert again.idx_to_token == vocab.idx_to_token and again.token_freqs == vocab.token_freqs
+        assert again.token == "char" and again.encode("xyé?").tolist() == vocab.encode("xyé?").tolist()
+    assert Vocab.from_counts(counts).idx_to_token == ["<unk>", "x", "y", "q", "é", "z"]
+    assert Vocab.from_counts([("the", 2), ("a", 2)]).token == "word"
+
+
+def test_encode_in_a_narrow_dtype():
+    vocab = Vocab("the time machine")
+    for text in ("time? 😀 €the\n", ["t", "zz", "e"]):
+        wide = vocab.encode(text)
+        for dtype in (torch.uint8, torch.int16, torch.int32):
+            narrow = vocab.encode(text, dtype=dtype)
+            assert narrow.dtype == dtype and narrow.tolist() == wide.tolist()
+    big = Vocab([f"w{i}" for i in range(300)], token="word")  # 301 tokens: index 300 needs more than uint8
+    assert big.encode("w299 w0", dtype=torch.int16).tolist() == [300, 1]
+    with pytest.raises(ConfigError, match=r"^dtype must be an integer type that holds indices up to 300, "
+                       r"got torch\.uint8$"):
+        big.encode("w1", dtype=torch.uint8)
+    with pytest.raises(ConfigError, match=r"^dtype must be an integer type that holds indices up to 9, "
+                       r"got torch\.float32$"):
+        vocab.encode("time", dtype=torch.float32)

@@ -9,6 +9,9 @@ of batch ``k + 1`` continues row ``i`` of batch ``k`` (the hidden state can be c
 
 Random sampling drops ``offset`` tokens, cuts the rest into disjoint windows of ``T`` and deals them
 out in a random order, ``B`` per batch. ``Y`` is always ``X`` shifted one token along the stream.
+
+A stream may be stored in any integer dtype (a corpus keeps the smallest that holds its vocabulary);
+every batch comes out int64, converted one batch at a time, so the stream is never widened whole.
 """
 
 from __future__ import annotations
@@ -25,14 +28,21 @@ MODES = ("sequential", "random")
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+_STREAM_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _as_tokens(tokens) -> torch.Tensor:
-    return torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    """A 1-D tensor of ``tokens`` (tensor, array or list) in its own integer dtype (others: int64)."""
+    tokens = torch.as_tensor(tokens)
+    if tokens.dtype not in _STREAM_DTYPES:
+        tokens = tokens.long()
+    return tokens.reshape(-1)
 
 
 def _windows(tokens: torch.Tensor, starts: torch.Tensor, num_steps: int) -> Batch:
-    """``X[i] = tokens[starts[i] : starts[i] + T]`` and ``Y`` one further, both ``(len(starts), T)``."""
+    """``X[i] = tokens[starts[i] : starts[i] + T]`` and ``Y`` one further, both ``(len(starts), T)`` int64."""
     idx = starts[:, None] + torch.arange(num_steps)  # (B, T)
-    return tokens[idx], tokens[idx + 1]
+    return tokens[idx].long(), tokens[idx + 1].long()
 
 
 def seq_data_iter_sequential(tokens, batch_size: int, num_steps: int, *, offset: int) -> Iterator[Batch]:
@@ -42,7 +52,7 @@ def seq_data_iter_sequential(tokens, batch_size: int, num_steps: int, *, offset:
     Xs = tokens[offset : offset + num_tokens].reshape(batch_size, -1)  # (B, L)
     Ys = tokens[offset + 1 : offset + 1 + num_tokens].reshape(batch_size, -1)  # (B, L)
     for i in range(0, Xs.shape[1] // num_steps * num_steps, num_steps):
-        yield Xs[:, i : i + num_steps], Ys[:, i : i + num_steps]
+        yield Xs[:, i : i + num_steps].long(), Ys[:, i : i + num_steps].long()
 
 
 def seq_data_iter_random(
@@ -151,7 +161,7 @@ class BatchLoader:
             Xs = self.tokens[offset : offset + num_tokens].reshape(B, -1)[self._rows]  # (B/W, L)
             Ys = self.tokens[offset + 1 : offset + 1 + num_tokens].reshape(B, -1)[self._rows]
             for k in range(self.batch, len(self)):
-                yield Xs[:, k * T : (k + 1) * T], Ys[:, k * T : (k + 1) * T]
+                yield Xs[:, k * T : (k + 1) * T].long(), Ys[:, k * T : (k + 1) * T].long()
         else:
             num_subseqs = (len(self.tokens) - offset - 1) // T
             starts = torch.randperm(num_subseqs, generator=g) * T + offset

@@ -148,4 +148,4 @@ class VariableLengthLoader(BatchLoader):
             starts.append(starts[-1] + n)
         for k in range(self.batch, len(lengths)):
             a, b = starts[k], starts[k + 1]
-            yield Xs[:, a:b], Ys[:, a:b]
+            yield Xs[:, a:b].long(), Ys[:, a:b].long()  # the stream may be compact; batches are int64

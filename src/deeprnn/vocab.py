@@ -89,10 +89,20 @@ class Vocab:
     """
 
     def __init__(self, tokens=None, min_freq: int = 0, reserved_tokens=None, *, token: str | None = None):
-        if tokens is None:
-            tokens = []
+        self._build(count_corpus([] if tokens is None else tokens), min_freq, reserved_tokens, token)
+
+    @classmethod
+    def from_counts(cls, counts, min_freq: int = 0, reserved_tokens=None, *, token: str | None = None) -> Vocab:
+        """The vocabulary of a text known only by its token counts: ``counts`` maps each token to its
+        frequency *in first-seen order* (a ``dict``/``Counter`` filled while reading, or ``(token,
+        count)`` pairs), which gives the same indices as ``Vocab(text)`` on the text itself."""
+        vocab = cls.__new__(cls)
+        vocab._build(dict(counts), min_freq, reserved_tokens, token)
+        return vocab
+
+    def _build(self, counter: dict, min_freq: int, reserved_tokens, token: str | None) -> None:
         reserved = list(reserved_tokens or [])
-        counter = count_corpus(tokens)
+        # sorted() is stable: equal counts keep the counter's (first-seen) order, as in the book.
         self._token_freqs = sorted(counter.items(), key=lambda item: item[1], reverse=True)
         self.idx_to_token: list[str] = ["<unk>"] + reserved
         self.token_to_idx: dict[str, int] = {tok: idx for idx, tok in enumerate(self.idx_to_token)}
@@ -151,21 +161,29 @@ class Vocab:
             self._table = table
         return self._table
 
-    def encode(self, text_or_tokens: str | Sequence[str]) -> torch.Tensor:
-        """Indices of a text or token sequence as a 1-D LongTensor; unknown tokens map to ``unk`` (0).
+    def encode(self, text_or_tokens: str | Sequence[str], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Indices of a text or token sequence as a 1-D tensor; unknown tokens map to ``unk`` (0).
 
         A ``str`` is split into characters for a char vocabulary (vectorised through a codepoint
-        table, about 10 ms per million characters) and on whitespace for a word vocabulary.
+        table, about 10 ms per million characters) and by :func:`split_words` for a word vocabulary.
+        ``dtype`` is the integer dtype of the result (default int64); raises :class:`ConfigError` when
+        it cannot hold this vocabulary's largest index.
         """
+        dtype = torch.long if dtype is None else dtype
+        integer = not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+        if not integer or torch.iinfo(dtype).max < len(self) - 1:
+            raise ConfigError(f"dtype must be an integer type that holds indices up to {len(self) - 1}, got {dtype}")
         if isinstance(text_or_tokens, str):
             if self.token == "char":
                 table = self._lookup_table()
+                if dtype != torch.long:  # look up in the narrow type: no int64 copy of the text
+                    table = table.astype(torch.empty(0, dtype=dtype).numpy().dtype)
                 codepoints = np.frombuffer(text_or_tokens.encode("utf-32-le"), dtype=np.uint32)
                 ids = table[np.minimum(codepoints, len(table) - 1)]
                 return torch.from_numpy(ids)
             text_or_tokens = split_words(text_or_tokens)
         get, unk = self.token_to_idx.get, self.unk
-        return torch.tensor([get(tok, unk) for tok in text_or_tokens], dtype=torch.long)
+        return torch.tensor([get(tok, unk) for tok in text_or_tokens], dtype=dtype)
 
     def decode(self, ids) -> str:
         """Text of a 1-D sequence of indices: characters joined with ``''``, words by :func:`join_words`."""
