@@ -1,5 +1,6 @@
 """The command line: train -> generate -> evaluate -> info, and one-line errors for bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,7 +8,8 @@ import sys
 
 import pytest
 
-from deeprnn.cli import main
+from deeprnn.cli import PRESETS, main
+from deeprnn.train import TrainConfig
 
 TINY = ["--num-layers", "1", "--num-hiddens", "16", "--batch-size", "4", "--num-steps", "8",
         "--max-tokens", "2000", "--max-steps", "6", "--eval-batch-size", "4", "--sample-every", "0",
@@ -114,6 +116,22 @@ def test_config_file(tmp_path, capsys):
     bad.write_text('num_layers = "two"\n')
     line = one_error_line(capsys, 2, ["train", "--config", str(bad)])
     assert line == f"deeprnn: error: {bad}: num_layers must be of type int, got str 'two'"
+    bad.write_text('source_weights = ["two", 1]\n')
+    line = one_error_line(capsys, 2, ["train", "--config", str(bad)])
+    assert line == f"deeprnn: error: {bad}: source_weights must be a list of numbers, got ['two', 1]"
+
+
+def test_source_weights_from_file_and_flag(tmp_path, capsys):
+    """A list of numbers from TOML (ints become floats) and from ``--source-weights``; a bad count is one line."""
+    from deeprnn.cli import config_from_mapping
+
+    assert config_from_mapping({"source_weights": [2, 0.5]}, "c.toml") == {"source_weights": [2.0, 0.5]}
+    line = one_error_line(capsys, 2, ["train", "--source-weights", "2", "1", "--max-steps", "1",
+                                      "--run-dir", str(tmp_path / "r")])
+    assert line == ("deeprnn: error: source_weights has 2 values but the corpus has 1 sources (timemachine); "
+                    "give one weight per source, in that order")
+    line = one_error_line(capsys, 2, ["train", "--source-weights", "0", "--run-dir", str(tmp_path / "r2")])
+    assert line == "deeprnn: error: source_weights must be numbers > 0 (one per source), got [0.0]"
 
 
 def test_corpora_lists_names(capsys):
@@ -131,3 +149,12 @@ def test_python_dash_m_entry_point(tmp_path):
     assert "held-out test perplexity" in r.stdout
     r = subprocess.run([sys.executable, "-m", "deeprnn", "--version"], capture_output=True, text=True)
     assert r.stdout.startswith("deeprnn ")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_a_valid_configuration(name):
+    """A preset is a TrainConfig that passes validation (model fields included) before any text is read."""
+    cfg = TrainConfig(**PRESETS[name])
+    cfg.validate()
+    values = dataclasses.asdict(cfg)
+    assert {k: values[k] for k in PRESETS[name]} == PRESETS[name]

@@ -154,3 +154,16 @@ def test_bad_config_values():
         TrainConfig(optimizer="rmsprop").validate()
     with pytest.raises(ConfigError, match=r"^clip must be >= 0"):
         TrainConfig(clip=-0.5).validate()
+
+
+def test_source_weights_repeat_a_sources_training_text(tmp_path):
+    """--source-weights: the training split holds each source's training text W times; held out as before."""
+    (tmp_path / "b.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40, encoding="utf-8")
+    lines = []
+    cfg = tiny(tmp_path, corpus=["timemachine", str(tmp_path / "b.txt")], max_tokens=None, max_steps=1,
+               source_weights=[0.05, 3], heldout_from=["timemachine"])
+    train(cfg, progress=False, log=lines.append)
+    # Time Machine: 170,580 chars, 96% trains: 163,756, 5% of it is 8,188; b: 1,720 chars, all training, x3.
+    assert any("train 13,348 / valid 3,412 / test 3,412" in line for line in lines), lines[0]
+    with pytest.raises(ConfigError, match=r"^source_weights must be numbers > 0 \(one per source\), got \[0\]$"):
+        tiny(tmp_path, source_weights=[0]).validate()

@@ -223,7 +223,7 @@ def materialise_weighted(cfg, weights, dest: Path):
     ``<i>.heldout.txt`` its untouched validation + test text; the returned config holds out only the
     ``.heldout`` files, split so that none of their tokens reach training (see ``_EPS``).
     """
-    from deeprnn.corpus import build_corpus
+    from deeprnn.corpus import build_corpus, repeat_tokens
 
     if isinstance(weights, dict):
         bad = [w for w in weights.values() if not (math.isfinite(w) and w > 0)]
@@ -240,9 +240,7 @@ def materialise_weighted(cfg, weights, dest: Path):
     for i, (name, start, end) in enumerate(corpus.spans):
         a, b = train_of.get(name, (start, start))
         ids = corpus.tokens[a:b]
-        w = _weight_for(weights, name, b - a, largest)
-        whole, frac = int(w), w - int(w)
-        weighted = torch.cat([ids.repeat(whole), ids[: round(frac * len(ids))]])
+        weighted = repeat_tokens(ids, _weight_for(weights, name, b - a, largest))
         if weighted.numel():
             p = dest / f"{i}.train.txt"
             p.write_text(corpus.vocab.decode(weighted), encoding="utf-8")

@@ -53,6 +53,7 @@ class TrainConfig:
     val_fraction: float = 0.05  # contiguous validation split, after the training part
     test_fraction: float = 0.05  # contiguous test split at the end
     heldout_from: list[str] | None = None  # sources that give validation/test text (default: all)
+    source_weights: list[float] | None = None  # per source, in order: repeat its training text W times (default 1)
     # model (see ModelConfig)
     cell: str = "lstm"  # rnn_tanh | rnn_relu | gru | lstm
     num_layers: int = 2  # L stacked recurrent layers
@@ -167,6 +168,9 @@ class TrainConfig:
         need(self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         need(self.on_nan in ("stop", "rollback"), f"on_nan must be 'stop' or 'rollback', got {self.on_nan!r}")
         need(bool(self.corpus), "corpus must name at least one corpus, file or directory")
+        need(self.source_weights is None or all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0
+                                                for w in self.source_weights),
+             f"source_weights must be numbers > 0 (one per source), got {self.source_weights}")
         from deeprnn.models import ModelConfig  # the model fields too, before any text is read
 
         ModelConfig(vocab_size=1, **self.model_fields()).validate()
@@ -338,8 +342,8 @@ def evaluate_tokens(
     state = model.begin_state(streams_x.shape[0], device=device)
     try:
         for s in range(0, L, num_steps):
-            X = streams_x[:, s : s + num_steps].to(device)
-            Y = streams_y[:, s : s + num_steps].to(device)
+            X = streams_x[:, s : s + num_steps].to(device).long()
+            Y = streams_y[:, s : s + num_steps].to(device).long()
             with autocast_context(device, precision):
                 logits, state = model(X, state)
             total += sequence_loss(logits, Y, reduction="sum").double()
@@ -592,7 +596,7 @@ def train(
         corpus = build_corpus(cfg.corpus, vocab=None, **build)
     vocab = corpus.vocab
     splits = corpus.split((1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction),
-                          heldout_from=cfg.heldout_from)
+                          heldout_from=cfg.heldout_from, train_weights=cfg.source_weights)
     train_tokens = splits.train
     if cfg.max_tokens is not None:
         train_tokens = train_tokens[: cfg.max_tokens]
@@ -945,7 +949,7 @@ def train(
         write_plot(metrics_csv, run_dir / "curve.png", title=f"{cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}")
     # Final: score the test split once, with the best checkpoint.
     summary: dict[str, Any] = {"run_dir": str(run_dir), "stop_reason": stop_reason, "steps": step,
-                               "epochs": round(epoch + batch_in_epoch / steps_per_epoch, 3), "train_time_s": round(train_time, 2),
+                               "epochs": round(epoch + batch_in_epoch / steps_per_epoch, 3), "train_time_s": round(train_time, 3),
                                "parameters": n_params, "vocab_size": len(vocab), "device": str(device),
                                "last": last_row}
     best_dir = run_dir / "best"
