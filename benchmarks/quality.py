@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from deeprnn.cli import PRESETS
+from deeprnn.errors import DeepRNNError
 from deeprnn.train import TrainConfig, read_metrics, train
 
 
@@ -164,4 +165,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DeepRNNError as err:  # bad input: one line, as the CLI does
+        sys.exit(f"quality.py: error: {err}")

@@ -107,3 +107,23 @@ def test_gpu_script_falls_back_on_cpu():
     assert proc.returncode == 0, proc.stderr
     assert "fell back to CPU" in proc.stdout
     assert "tokens/s" in proc.stdout
+
+
+def test_cpu_suite_prints_every_row():
+    """``python -m benchmarks`` end to end at a token size: every workload row, the hardware-limit column,
+    and the same greedy text as the book's ``predict_ch8`` on the same weights."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--rounds", "1", "--seconds", "0.002", "--skip-ingest", "--no-save",
+         "--threads", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "greedy output identical to predict_ch8: yes" in out
+    header = next(line for line in out.splitlines() if line.startswith("workload"))
+    assert header.split()[-3:] == ["ratio", "at", "ceiling"]
+    for row in ("concise LSTM fp32 vs book nn.LSTM", "scratch GRU bf16 vs book nn.GRU",
+                "scratch LSTM fp32 vs book-style scratch", "generation greedy, 1 stream vs predict_ch8",
+                "bound: the step's products alone (3.3 MB fp32 read/char)", "generation sampling, 64 streams"):
+        assert row in out, row
