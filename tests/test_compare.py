@@ -126,6 +126,9 @@ def test_set_and_weights_parsing():
         compare.parse_set(["learning_rate=1"])
     with pytest.raises(ConfigError, match="lr must be of type float"):
         compare.parse_set(["lr=fast"])
+    assert compare.parse_set(["source-weights=2,0.5"]) == {"source_weights": [2.0, 0.5]}
+    with pytest.raises(ConfigError, match=r"^source_weights must be of type list\[float\], got 'two,1'$"):
+        compare.parse_set(["source_weights=two,1"])
     with pytest.raises(ConfigError, match="optimizer must be one of"):
         compare.parse_set(["optimizer=lbfgs"])
     assert compare.parse_weights("tinyshakespeare=0.25,timemachine=3") == {"tinyshakespeare": 0.25, "timemachine": 3.0}

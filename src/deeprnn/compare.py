@@ -646,6 +646,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
                 raw[name] = None
             elif base == "bool":
                 raw[name] = _parse_bool(value)
+            elif base == "list[float]":
+                raw[name] = _csv_list(value, float)
             elif base.startswith("list"):
                 raw[name] = _csv_list(value)
             elif base in ("int", "float"):

@@ -6,7 +6,9 @@ The pipeline is ``specs -> load_sources -> normalize -> tokens -> Corpus``. With
 
 Tokens are stored in the smallest integer dtype that holds the vocabulary (:func:`token_dtype`).
 At character level a large file (:data:`STREAM_MIN_BYTES`) is read in chunks, never whole, with the
-same result as reading it whole: a 100 MB file takes about its own size in memory.
+same result as reading it whole: a 100 MB file takes about its own size in memory. Pieces end at line
+breaks, so a file with very long lines (text8 is one 100 MB line) is held a line at a time: no better
+than reading it whole.
 """
 
 from __future__ import annotations

@@ -168,9 +168,11 @@ class TrainConfig:
         need(self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         need(self.on_nan in ("stop", "rollback"), f"on_nan must be 'stop' or 'rollback', got {self.on_nan!r}")
         need(bool(self.corpus), "corpus must name at least one corpus, file or directory")
-        need(self.source_weights is None or all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0
-                                                for w in self.source_weights),
-             f"source_weights must be numbers > 0 (one per source), got {self.source_weights}")
+        need(self.source_weights is None or (
+            isinstance(self.source_weights, (list, tuple)) and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                for w in self.source_weights)),
+             f"source_weights must be a list of numbers > 0 (one per source), got {self.source_weights}")
         from deeprnn.models import ModelConfig  # the model fields too, before any text is read
 
         ModelConfig(vocab_size=1, **self.model_fields()).validate()
