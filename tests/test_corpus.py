@@ -4,6 +4,7 @@ import collections
 import hashlib
 import importlib.resources
 import io
+import random
 import re
 import urllib.error
 from dataclasses import replace
@@ -392,14 +393,16 @@ def reference_chars(specs, normalization, **kwargs):
     return [vocab.encode(s) for s in streams], vocab
 
 
-def build_streamed(monkeypatch, specs, chunk=1000, **kwargs):
-    """build_corpus with every file streamed in ``chunk``-byte reads (and never read whole)."""
+def build_streamed(monkeypatch, specs, chunk=1000, long_line=5, **kwargs):
+    """build_corpus with every file streamed in ``chunk``-byte reads (and never read whole), lines longer
+    than ``long_line`` characters cut (with small chunks that happens in most lines)."""
     def no_whole_reads(path, encoding=None):
         raise AssertionError(f"{path} was read whole")
 
     with monkeypatch.context() as m:
         m.setattr(corpus_mod, "STREAM_MIN_BYTES", 0)
         m.setattr(corpus_mod, "CHUNK_BYTES", chunk)
+        m.setattr(corpus_mod, "LONG_LINE_CHARS", long_line)
         m.setattr(corpus_mod, "read_text", no_whole_reads)
         return build_corpus(specs, **kwargs)
 
@@ -454,6 +457,40 @@ def test_chunk_ends_anywhere(monkeypatch, tmp_path, normalization, strip_boilerp
         corpus = build_streamed(monkeypatch, str(path), chunk, normalization=normalization,
                                 strip_boilerplate=strip_boilerplate)
         assert_same_corpus(corpus, ids, vocab, [str(path)])
+
+
+@pytest.mark.parametrize("normalization", ["d2l", "raw", "lower"])
+def test_one_long_line_is_cut_into_bounded_pieces(monkeypatch, tmp_path, normalization):
+    """A text8-like file (one line, no line break) streams in pieces no longer than the long-line limit
+    plus a chunk, cut only between two ASCII letters, with the same result as reading it whole."""
+    words = ["anarchism", "originated", "as", "a", "term", "of", "abuse", "ΟΔΟΣ", "ΣΑΣ", "1895", "—", "é"]
+    rng = random.Random(0)
+    line = " ".join(rng.choice(words) for _ in range(4000))  # about 25k characters, one line
+    path = tmp_path / "one_line.txt"
+    path.write_text(line, encoding="utf-8")
+    with monkeypatch.context() as m:
+        m.setattr(corpus_mod, "CHUNK_BYTES", 256)
+        m.setattr(corpus_mod, "LONG_LINE_CHARS", 1000)
+        pieces = list(corpus_mod._decoded_pieces(path, "utf-8-sig", strip_bom=False))
+    assert "".join(pieces) == line
+    assert len(pieces) >= len(line) // (1000 + 256) and max(len(p) for p in pieces) <= 1000 + 256
+    for a, b in zip(pieces, pieces[1:]):
+        assert re.fullmatch("[A-Za-z]", a[-1]) and re.fullmatch("[A-Za-z]", b[0])
+    ids, vocab = reference_chars(str(path), normalization)
+    assert_same_corpus(build_streamed(monkeypatch, str(path), 256, long_line=1000, normalization=normalization),
+                       ids, vocab, [str(path)])
+
+
+def test_a_long_line_that_may_be_a_marker_is_not_cut(monkeypatch, tmp_path):
+    path = tmp_path / "marker.txt"
+    path.write_text("before\n*** START OF " + "x" * 3000 + " ***\nthe text\n*** END OF IT\n", encoding="utf-8")
+    with monkeypatch.context() as m:
+        m.setattr(corpus_mod, "CHUNK_BYTES", 64)
+        m.setattr(corpus_mod, "LONG_LINE_CHARS", 100)
+        pieces = list(corpus_mod._decoded_pieces(path, "utf-8-sig", strip_bom=False))
+    assert any(p.startswith("*** START OF " + "x" * 3000 + " ***\n") for p in pieces)  # the line in one piece
+    corpus = build_streamed(monkeypatch, str(path), 64, long_line=100, normalization="raw")
+    assert corpus.vocab.decode(corpus.tokens) == "the text\n"
 
 
 @pytest.mark.parametrize(("content", "encoding"), [

@@ -6,9 +6,8 @@ The pipeline is ``specs -> load_sources -> normalize -> tokens -> Corpus``. With
 
 Tokens are stored in the smallest integer dtype that holds the vocabulary (:func:`token_dtype`).
 At character level a large file (:data:`STREAM_MIN_BYTES`) is read in chunks, never whole, with the
-same result as reading it whole: a 100 MB file takes about its own size in memory. Pieces end at line
-breaks, so a file with very long lines (text8 is one 100 MB line) is held a line at a time: no better
-than reading it whole.
+same result as reading it whole: a 100 MB file takes about its own size in memory, also when it is one
+long line (text8): such a line is cut into pieces between two ASCII letters.
 """
 
 from __future__ import annotations
@@ -74,6 +73,7 @@ _DATA_DIR_ENV = "DEEPRNN_DATA_DIR"
 _OFFLINE_ENV = "DEEPRNN_OFFLINE"
 _DOWNLOAD_TIMEOUT_S = 30
 STREAM_MIN_BYTES = 16 * 2**20  # at char level, files this large are read in chunks, never whole
+LONG_LINE_CHARS = 2**20  # a line longer than this is cut, between two ASCII letters, into pieces
 CHUNK_BYTES = 2**20  # bytes per read (more makes the per-chunk numpy temporaries dominate memory)
 
 
@@ -491,13 +491,16 @@ def _piece_end(text: str) -> int:
 def _decoded_pieces(path: Path, codec: str, strip_bom: bool) -> Iterator[str]:
     """The text read_text gives for ``path`` — decoded with ``codec``, a leading BOM dropped when
     ``strip_bom``, ``\\r\\n`` and ``\\r`` translated to ``\\n`` — in pieces of about CHUNK_BYTES that
-    each begin at a line start, and such that no Gutenberg marker spans two (see :func:`_piece_end`).
+    each begin at a line start, and such that no Gutenberg marker spans two (see :func:`_piece_end`);
+    a line longer than LONG_LINE_CHARS is cut between two ASCII letters (see :func:`_long_line_cut`).
 
     Raises :class:`_DecodeFailure`, or :class:`CorpusError` when the file cannot be read.
     """
     decoder = codecs.getincrementaldecoder(codec)()
     chunks = _file_chunks(path)
     pending: list[str] = []  # text after the last piece, waiting for a line end
+    pending_len = 0  # characters in pending
+    at_line_start = True  # pending begins at a line start (not after a cut inside a long line)
     held_cr = ""  # a "\r" that ended the last chunk: a "\n" opening the next one belongs to it
     fed, final = 0, False
     while not final:
@@ -513,12 +516,39 @@ def _decoded_pieces(path: Path, codec: str, strip_bom: bool) -> Iterator[str]:
         text = held_cr + text
         held_cr = "\r" if text.endswith("\r") and not final else ""
         pending.append(_translate_newlines(text[: len(text) - len(held_cr)]))
+        pending_len += len(pending[-1])
         if "\n" in pending[-1] or final:
             text = "".join(pending)
             end = len(text) if final else _piece_end(text)
-            pending = [text[end:]]
-            if end:
-                yield text[:end]
+            at_line_start = end > 0 or at_line_start
+        elif pending_len > LONG_LINE_CHARS:
+            # One line longer than LONG_LINE_CHARS so far (text8 is one 100 MB line): cut it where no
+            # per-line rule can see the cut, between two ASCII letters (not in a run that d2l turns into
+            # a space or strips, not next to a Σ whose lower case looks at its neighbours). A line that
+            # could be a Gutenberg marker stays whole: the marker's pattern runs to the line's end.
+            text = "".join(pending)
+            if at_line_start and text.startswith("***"):
+                pending = [text]
+                continue
+            end = _long_line_cut(text)
+            at_line_start = at_line_start and not end
+        else:
+            continue
+        pending = [text[end:]]
+        pending_len = len(pending[0])
+        if end:
+            yield text[:end]
+
+
+_LETTER_PAIR = re.compile("[A-Za-z](?=[A-Za-z])")
+
+
+def _long_line_cut(text: str) -> int:
+    """The last place in ``text``'s final 64 KiB between two ASCII letters (0: none there)."""
+    cut = 0
+    for m in _LETTER_PAIR.finditer(text, max(0, len(text) - 2**16)):
+        cut = m.end()
+    return cut
 
 
 class _TextScan:
