@@ -23,17 +23,20 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
-import platform
 import random
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from deeprnn import d2l
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.common import loadavg, machine  # noqa: E402
+from deeprnn import d2l  # noqa: E402
 
 BATCH, STEPS, HIDDENS, LAYERS = 32, 35, 256, 2
 
@@ -152,18 +155,6 @@ def scratch_copy(net):
 
 
 # --- the comparison -------------------------------------------------------------------------------------
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"machine: {cpu}, {os.cpu_count()} logical CPUs, load average {load}; {platform.system()} "
-            f"{platform.release()}; Python {platform.python_version()}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
-
 
 def compare(name, contestants, device, seconds):
     """``contestants``: (label, net, epoch_fn(net) -> (ppl, tokens/sec)), the first being "book".
@@ -205,7 +196,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else d2l.try_gpu()
-    print(machine())
+    print(f"machine: {machine()}; load average {loadavg()}")
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}")
     random.seed(0)

@@ -22,17 +22,20 @@ Targets (issue 7): greedy >= 8x the book, 64-stream sampling >= 50k chars/s.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deeprnn.generate import _ModelStepper, generate
-from deeprnn.models import ModelConfig, build_model
-from deeprnn.vocab import Vocab
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.common import loadavg, machine, matmul_gflops  # noqa: E402
+from deeprnn.generate import _ModelStepper, generate  # noqa: E402
+from deeprnn.models import ModelConfig, build_model  # noqa: E402
+from deeprnn.vocab import Vocab  # noqa: E402
 
 PREFIX = "time traveller "
 
@@ -79,28 +82,6 @@ def book_predict_ch8(prefix, num_preds, net, vocab, device):
 # -- measurement --------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} ({torch.get_num_threads()} threads, "
-            f"{torch.backends.cpu.get_cpu_capability()}); Python {platform.python_version()}; "
-            f"{platform.system()} {platform.release()}; load average {load}")
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
 
 
 def calibrate(fn, seconds: float) -> int:
@@ -160,7 +141,7 @@ def main() -> None:
         ours.output.load_state_dict(book.linear.state_dict())
     ours.eval()
 
-    print("machine:", machine())
+    print(f"machine: {machine()}; load average {loadavg()}")
     peak = matmul_gflops()
     print(f"fp32 matmul 2048^3: {peak:.1f} GFLOP/s; LSTM 2x256 step: {flops_per_char(cfg) / 1e6:.2f} MFLOP/char")
 

@@ -16,13 +16,18 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deeprnn.models import ModelConfig, build_model, detach_state
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.common import machine  # noqa: E402
+from deeprnn.models import ModelConfig, build_model, detach_state  # noqa: E402
 
 VOCAB, HIDDENS, LAYERS, BATCH, STEPS = 28, 256, 2, 32, 35
 
@@ -92,17 +97,6 @@ def make_step(model):
     return step
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    isa = torch.backends.cpu.get_cpu_capability()
-    return (f"{cpu} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
-            f"ISA {isa} | python {platform.python_version()}")
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -117,7 +111,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(machine())
+    print(f"machine: {machine()}")
     print(f"load average at start: {' '.join(open('/proc/loadavg').read().split()[:3])}"
           if platform.system() == "Linux" else "")
     print(f"config: {LAYERS} layers, {HIDDENS} hidden, vocab {VOCAB}, one-hot input, batch {BATCH}, "

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_d2l import book_grad_clipping  # noqa: E402
 from benchmarks.bench_generate import BookRNNModel  # noqa: E402
-from benchmarks.suite import loadavg, machine  # noqa: E402
+from benchmarks.common import loadavg, machine  # noqa: E402
 from deeprnn.models import ModelConfig, build_model, detach_state  # noqa: E402
 from deeprnn.train import sequence_loss  # noqa: E402
 

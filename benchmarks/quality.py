@@ -19,11 +19,8 @@ validation perplexity) ready for ``docs/quality.md``.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,27 +29,12 @@ from pathlib import Path
 
 import torch
 
-from deeprnn.cli import PRESETS
-from deeprnn.errors import DeepRNNError
-from deeprnn.train import TrainConfig, read_metrics, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-
-def machine() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch "
-            f"{torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f} at the end")
-
-
-def parse_sets(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, text = item.partition("=")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        out[key.replace("-", "_")] = value
-    return out
+from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
+from deeprnn.cli import PRESETS  # noqa: E402
+from deeprnn.errors import DeepRNNError  # noqa: E402
+from deeprnn.train import TrainConfig, read_metrics, train  # noqa: E402
 
 
 def run(values: dict, *, run_dir: Path, log=None) -> dict:
@@ -123,7 +105,7 @@ def ablation(args) -> None:
                                   "train_s": s["train_time_s"], "steps": s["steps"]}), flush=True)
     base = statistics.mean(next(iter(results.values())))
     print(f"\n{args.steps} optimiser steps per run, seeds {args.seeds}; {time.time() - t0:.0f} s in all; "
-          f"{machine()}\n")
+          f"{machine()}; load average {loadavg()} at the end\n")
     print("| configuration | best held-out ppl (mean) | per seed | vs baseline |")
     print("| --- | ---: | --- | ---: |")
     for name, ppls in results.items():
@@ -160,7 +142,7 @@ def main(argv=None) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
         summary = run(values, run_dir=run_dir, log=print)
     print_curve(summary)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; load average {loadavg()} at the end")
     return 0
 
 

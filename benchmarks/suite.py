@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from torch import nn
 from benchmarks.bench_d2l import book_grad_clipping, book_sgd
 from benchmarks.bench_generate import PREFIX, BookRNNModel, book_predict_ch8
 from benchmarks.bench_models import BookStyleLSTM
+from benchmarks.common import loadavg, machine, matmul_gflops
 from deeprnn.generate import generate
 from deeprnn.models import ModelConfig, build_model, detach_state
 from deeprnn.train import autocast_context, sequence_loss
@@ -174,33 +174,6 @@ def ours_step(cell: str, impl: str, precision: str):
 
 
 # -- measurement ----------------------------------------------------------------------------------
-
-
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} ({torch.get_num_threads()} threads, "
-            f"{torch.backends.cpu.get_cpu_capability()}); Python {platform.python_version()}; "
-            f"{platform.system()} {platform.release()}")
-
-
-def matmul_gflops(dtype=torch.float32, n: int = 2048, repeats: int = 3) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
 
 
 def interleaved(workloads: dict, rounds: int, seconds: float) -> dict[str, list[float]]:

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.bench_d2l import book_grad_clipping, book_seq_data_iter_sequential  # noqa: E402
 from benchmarks.bench_generate import BookRNNModel  # noqa: E402
-from benchmarks.suite import loadavg, machine  # noqa: E402
+from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
 from deeprnn.corpus import build_corpus  # noqa: E402
 from deeprnn.train import TrainConfig, evaluate_tokens, train  # noqa: E402
 
@@ -150,25 +150,6 @@ def run_deeprnn(name, cfg: TrainConfig, *, target, max_s, log) -> dict:
     return {"train_s": float(last["elapsed_s"]), "wall_s": wall, "steps": int(last["step"]),
             "tokens": int(last["tokens"]), "ppl": seen.get("ppl", math.nan),
             "reached": seen.get("last", math.inf) <= target}
-
-
-def parse_sets(items) -> dict:
-    out = {}
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for item in items or []:
-        key, _, value = item.partition("=")
-        if key not in fields:
-            raise SystemExit(f"--set: {key!r} is not a TrainConfig field")
-        default = getattr(TrainConfig(), key)
-        if isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
-            out[key] = int(value)
-        elif isinstance(default, float):
-            out[key] = float(value)
-        else:
-            out[key] = value
-    return out
 
 
 def main(argv=None) -> None:

@@ -127,3 +127,15 @@ def test_cpu_suite_prints_every_row():
                 "scratch LSTM fp32 vs book-style scratch", "generation greedy, 1 stream vs predict_ch8",
                 "bound: the step's products alone (3.3 MB fp32 read/char)", "generation sampling, 64 streams"):
         assert row in out, row
+
+
+def test_benchmark_set_overrides():
+    """``--set`` of the benchmark scripts: literals, lists, booleans, text; an unknown key is one line."""
+    from benchmarks.common import parse_sets
+
+    assert parse_sets(["num-layers=3", "lr=0.002", "source_weights=[2.0, 1.0]", "residual=true",
+                       "locked_dropout=no", "cell=gru", "corpus=['timemachine', 'war-of-the-worlds']"]) == {
+        "num_layers": 3, "lr": 0.002, "source_weights": [2.0, 1.0], "residual": True, "locked_dropout": False,
+        "cell": "gru", "corpus": ["timemachine", "war-of-the-worlds"]}
+    with pytest.raises(SystemExit, match=r"^--set: 'num_layerz' is not a TrainConfig field$"):
+        parse_sets(["num_layerz=2"])

@@ -59,6 +59,17 @@ def _no_autocast(x: torch.Tensor):
     return torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else contextlib.nullcontext()
 
 
+def _product_operands(W_hh: torch.Tensor, hs: torch.Tensor, h0: torch.Tensor, lp, width: int):
+    """``(W, hl, prod)`` for a window kernel's recurrent products: with ``lp`` None, ``W_hh`` and ``hs``
+    themselves (``prod`` None); else low-precision copies of ``W_hh`` and of every ``h`` (``hl[0]`` is
+    ``h0``) and a ``(B, width)`` buffer for one step's product."""
+    if lp is None:
+        return W_hh, hs, None
+    hl = hs.new_empty(hs.shape, dtype=lp)
+    hl[0] = h0
+    return W_hh.to(lp), hl, hl.new_empty(hs.shape[1], width)
+
+
 class _ScratchLayer(nn.Module):
     """One recurrent layer's parameters and its whole-window input projection."""
 
@@ -118,12 +129,7 @@ class _RNNWindow(torch.autograd.Function):
         with _no_autocast(xproj):
             hs = xproj.new_empty(T + 1, B, H, dtype=W_hh.dtype)
             hs[0] = h0
-            if lp is None:
-                W, hl = W_hh, hs
-            else:  # low-precision copies of W_hh and of every h, for the products
-                W, hl = W_hh.to(lp), hs.new_empty(T + 1, B, H, dtype=lp)
-                hl[0] = h0
-                prod = hl.new_empty(B, H)
+            W, hl, prod = _product_operands(W_hh, hs, h0, lp, H)
             for t in range(T):
                 if lp is None:
                     pre = torch.addmm(xproj[t], hs[t], W_hh, out=hs[t + 1])
@@ -211,12 +217,7 @@ class _LSTMWindow(torch.autograd.Function):
             cs = acts.new_empty(T + 1, B, H)
             tcs = acts.new_empty(T, B, H)  # tanh(c_t)
             hs[0], cs[0] = h0, c0
-            if lp is None:
-                W, hl = W_hh, hs
-            else:  # low-precision copies of W_hh and of every h, for the products
-                W, hl = W_hh.to(lp), hs.new_empty(T + 1, B, H, dtype=lp)
-                hl[0] = h0
-                prod = hl.new_empty(B, G)
+            W, hl, prod = _product_operands(W_hh, hs, h0, lp, G)
             for t in range(T):
                 a = acts[t]
                 if lp is None:
@@ -326,13 +327,9 @@ class _GRUWindow(torch.autograd.Function):
             ghn = acts.new_empty(T, B, H)  # h W_hn + b_hn, which r multiplies
             hs = acts.new_empty(T + 1, B, H)
             hs[0] = h0
+            W, hl, prod = _product_operands(W_hh, hs, h0, lp, G)
             if lp is None:
-                W, hl = W_hh, hs
                 W_rz, W_n = W_hh[:, : 2 * H], W_hh[:, 2 * H :]
-            else:  # low-precision copies of W_hh and of every h, for the products
-                W, hl = W_hh.to(lp), hs.new_empty(T + 1, B, H, dtype=lp)
-                hl[0] = h0
-                prod = hl.new_empty(B, G)
             for t in range(T):
                 a, x, h = acts[t], xproj[t], hs[t]
                 rz, n = a[:, : 2 * H], a[:, 2 * H :]

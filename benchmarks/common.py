@@ -1,0 +1,67 @@
+"""What every benchmark script shares: the machine line, the load average, the matmul ceiling, ``--set``."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+import platform
+import time
+
+import torch
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, or ``n/a``."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def machine() -> str:
+    """One line: CPU, logical CPUs, torch and its threads and ISA, Python, OS."""
+    return (f"{cpu_name()}; {os.cpu_count()} logical CPUs; torch {torch.__version__} ({torch.get_num_threads()} "
+            f"threads, {torch.backends.cpu.get_cpu_capability()}); Python {platform.python_version()}; "
+            f"{platform.system()} {platform.release()}")
+
+
+def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 3) -> float:
+    """GFLOP/s of an ``n``^3 ``torch.mm`` on the CPU in ``dtype``, best of ``repeats`` after a warm-up."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def parse_sets(items: list[str] | None) -> dict:
+    """``--set key=value ...`` as TrainConfig overrides: a Python literal (``3``, ``0.1``, ``[2.0, 1.0]``,
+    ``["a", "b"]``), ``true``/``yes``/``false``/``no``, else the text itself. Dashes in keys become
+    underscores; a key that is not a TrainConfig field ends the script with one line."""
+    from deeprnn.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in items or []:
+        key, _, text = item.partition("=")
+        key = key.replace("-", "_")
+        if key not in fields:
+            raise SystemExit(f"--set: {key!r} is not a TrainConfig field")
+        if text.lower() in ("true", "yes", "false", "no"):
+            out[key] = text.lower() in ("true", "yes")
+            continue
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
