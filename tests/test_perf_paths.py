@@ -139,3 +139,15 @@ def test_benchmark_set_overrides():
         "cell": "gru", "corpus": ["timemachine", "war-of-the-worlds"]}
     with pytest.raises(SystemExit, match=r"^--set: 'num_layerz' is not a TrainConfig field$"):
         parse_sets(["num_layerz=2"])
+
+
+def test_quality_script_bad_input_is_one_line(tmp_path):
+    """``benchmarks/quality.py`` on a missing corpus file: one line naming the file, exit status 1."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    missing = tmp_path / "missing.txt"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--preset", "tiny", "--minutes", "0.05",
+         "--set", f"corpus=['{missing}']"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"quality.py: error: no such file: '{missing}'; check the path"]
