@@ -3,11 +3,14 @@
     python benchmarks/quality.py --preset tm-cpu --minutes 10                 # issue 11's measurement
     python benchmarks/quality.py --preset tm-cpu --minutes 2 --set num_hiddens=256 lr=0.004
     python benchmarks/quality.py --ablation --steps 600 --seeds 0 1           # the table in docs/quality.md
+    python benchmarks/quality.py --preset tm-cpu --dynamic-lr 1e-4 2e-4       # + dynamic evaluation at the end
 
 A run trains ``--preset`` (from ``deeprnn.cli.PRESETS``) with ``time_budget = --minutes`` (training
 time only: evaluation is not counted, as in ``deeprnn train``), evaluating every ``--eval-every``
 steps, and prints one line per evaluation (minutes, step, validation loss in nats and perplexity),
 then the best held-out value, the test score of the best checkpoint and the machine it ran on.
+``--dynamic-lr`` then scores the best checkpoint again with dynamic evaluation (``deeprnn.dynamic``),
+a separate protocol whose numbers are never mixed with the static ones.
 
 ``--ablation`` runs the regulariser ablation on The Time Machine: a small baseline (2x128 LSTM,
 ordinary dropout 0.2) and the baseline with each regulariser switched on alone, then everything on,
@@ -57,6 +60,28 @@ def print_curve(summary: dict) -> None:
         print(f"test (best checkpoint): loss {summary['test_loss']:.4f} nats, perplexity {summary['test_ppl']:.3f}")
     print(f"steps {summary['steps']}, training time {summary['train_time_s'] / 60:.2f} min, "
           f"{summary['parameters']:,} parameters, stop: {summary['stop_reason']}")
+
+
+def print_dynamic(checkpoint: Path, lrs: list[float], decay: float, *, num_steps: int = 20) -> None:
+    """Static and dynamic (RMS rule) scores of ``checkpoint`` on its held-out split, all on one stream."""
+    import math
+
+    from deeprnn.checkpoint import load_checkpoint
+    from deeprnn.cli import checkpoint_split_tokens
+    from deeprnn.dynamic import dynamic_evaluate_tokens, gradient_mean_square
+
+    ck = load_checkpoint(checkpoint)
+    split = "test" if ck.train_config.get("test_fraction", 0.05) > 0 else "valid"
+    tokens = checkpoint_split_tokens(ck, split)
+    ms = gradient_mean_square(ck.model, checkpoint_split_tokens(ck, "train"), num_steps=num_steps)
+    print(f"dynamic evaluation (RMS rule, statistics from the training text) of the best checkpoint on the "
+          f"{split} split ({tokens.numel():,} tokens, 1 stream, windows of {num_steps}, decay {decay:g}; "
+          f"lr 0 = static on the same stream):")
+    for lr in [0.0, *lrs]:
+        t0 = time.perf_counter()
+        s, n = dynamic_evaluate_tokens(ck.model, tokens, lr=lr, decay=decay, mean_square=ms, num_steps=num_steps)
+        print(f"  lr {lr:<8g} loss {s / n:.4f} nats, perplexity {math.exp(s / n):.3f} "
+              f"({time.perf_counter() - t0:.1f} s)")
 
 
 # The ablation: each regulariser alone on top of a small baseline, then all together.
@@ -123,6 +148,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TrainConfig fields")
     p.add_argument("--run-dir", default=None, help="keep the run here (default: a temporary directory)")
+    p.add_argument("--dynamic-lr", type=float, nargs="*", default=None, metavar="LR",
+                   help="after training, also score the best checkpoint with dynamic evaluation (RMS rule) at "
+                        "each LR (1 stream, windows of 20; reported apart from the static curve)")
+    p.add_argument("--dynamic-decay", type=float, default=0.0, metavar="D", help="dynamic evaluation decay")
     p.add_argument("--ablation", action="store_true", help="run the regulariser ablation instead")
     p.add_argument("--steps", type=int, default=600, help="ablation: optimiser steps per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="ablation: seeds")
@@ -141,7 +170,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
         summary = run(values, run_dir=run_dir, log=print)
-    print_curve(summary)
+        print_curve(summary)
+        if args.dynamic_lr:
+            print_dynamic(run_dir / "best", args.dynamic_lr, args.dynamic_decay)
     print(f"machine: {machine()}; load average {loadavg()} at the end")
     return 0
 

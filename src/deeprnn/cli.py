@@ -369,40 +369,70 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def checkpoint_split_tokens(ck, split: str, *, corpus=None, data_dir=None, encoding=None):
+    """The tokens of ``split`` ('train', 'valid', 'test' or 'all') of the corpus a checkpoint was trained
+    on (or of ``corpus``), cut exactly as its training run cut them."""
+    from deeprnn.corpus import build_corpus
+
+    tcfg = ck.train_config
+    sources = corpus or tcfg.get("corpus", ["timemachine"])
+    built = build_corpus(sources, token=tcfg.get("token", ck.vocab.token), normalization=tcfg.get("normalization", "d2l"),
+                         vocab=ck.vocab, data_dir=data_dir, encoding=encoding)
+    if split == "all":
+        return built.tokens
+    vf, tf = tcfg.get("val_fraction", 0.05), tcfg.get("test_fraction", 0.05)
+    splits = built.split((1 - vf - tf, vf, tf), heldout_from=tcfg.get("heldout_from"))
+    return {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import math
 
     import torch
 
     from deeprnn.checkpoint import load_checkpoint
-    from deeprnn.corpus import build_corpus
     from deeprnn.train import LN2, evaluate_tokens, resolve_device
 
     device = resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, map_location=device)
-    tcfg = ck.train_config
-    sources = args.corpus or tcfg.get("corpus", ["timemachine"])
-    corpus = build_corpus(sources, token=tcfg.get("token", ck.vocab.token), normalization=tcfg.get("normalization", "d2l"),
-                          vocab=ck.vocab, data_dir=args.data_dir, encoding=args.encoding)
-    if args.split == "all":
-        tokens = corpus.tokens
-    else:
-        vf, tf = tcfg.get("val_fraction", 0.05), tcfg.get("test_fraction", 0.05)
-        splits = corpus.split((1 - vf - tf, vf, tf), heldout_from=tcfg.get("heldout_from"))
-        tokens = {"train": splits.train, "valid": splits.valid, "test": splits.test}[args.split]
+    tokens = checkpoint_split_tokens(ck, args.split, corpus=args.corpus, data_dir=args.data_dir,
+                                     encoding=args.encoding)
     if tokens.numel() < 2:
         raise ConfigError(f"split {args.split!r} has {tokens.numel()} tokens; need at least 2 to score")
-    s, n = evaluate_tokens(ck.model, tokens, batch_size=args.batch_size, num_steps=args.num_steps, device=device,
-                           precision=args.precision)
+    dynamic = args.dynamic_lr is not None
+    batch_size = args.batch_size or (1 if dynamic else 64)
+    num_steps = args.num_steps or (20 if dynamic else 128)
+    for flag, value in (("--batch-size", args.batch_size), ("--num-steps", args.num_steps)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if dynamic:
+        from deeprnn.dynamic import dynamic_evaluate_tokens, gradient_mean_square
+
+        ms = None
+        if args.dynamic_rule == "rms":  # the statistics come from the training text, never the scored text
+            ms = gradient_mean_square(ck.model, checkpoint_split_tokens(ck, "train"), num_steps=num_steps,
+                                      device=device, precision=args.precision)
+        s, n = dynamic_evaluate_tokens(ck.model, tokens, lr=args.dynamic_lr, decay=args.dynamic_decay,
+                                       mean_square=ms, batch_size=batch_size, num_steps=num_steps, device=device,
+                                       precision=args.precision)
+    else:
+        s, n = evaluate_tokens(ck.model, tokens, batch_size=batch_size, num_steps=num_steps, device=device,
+                               precision=args.precision)
     loss = s / n
     unk = int((tokens == ck.vocab.unk).sum()) if isinstance(tokens, torch.Tensor) else 0
     result = {"checkpoint": str(ck.path), "split": args.split, "tokens": n, "loss_nats": loss,
-              "perplexity": math.exp(loss), "bits_per_token": loss / LN2, "unknown_tokens": unk}
+              "perplexity": math.exp(loss), "bits_per_token": loss / LN2, "unknown_tokens": unk,
+              "batch_size": batch_size, "num_steps": num_steps,
+              "evaluation": "dynamic" if dynamic else "static"}
+    if dynamic:
+        result.update(dynamic_rule=args.dynamic_rule, dynamic_lr=args.dynamic_lr, dynamic_decay=args.dynamic_decay)
     if args.json:
         print(json.dumps(result))
     else:
         unit = "bpc" if ck.vocab.token == "char" else "bits/word"
-        print(f"{args.split}: perplexity {result['perplexity']:.4f}, {result['bits_per_token']:.4f} {unit}, "
+        how = (f" (dynamic evaluation, {args.dynamic_rule} lr {args.dynamic_lr:g}, decay {args.dynamic_decay:g})"
+               if dynamic else "")
+        print(f"{args.split}{how}: perplexity {result['perplexity']:.4f}, {result['bits_per_token']:.4f} {unit}, "
               f"cross-entropy {loss:.4f} nats over {n:,} tokens ({unk:,} unknown)")
     return 0
 
@@ -521,8 +551,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which split of the corpus to score ('all' for a new file)")
     e.add_argument("--data-dir", default=None, help="cache directory for named corpora")
     e.add_argument("--encoding", default=None, help="text encoding of the files")
-    e.add_argument("--batch-size", type=int, default=64, help="parallel streams")
-    e.add_argument("--num-steps", type=int, default=128, help="window length")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="parallel streams (default 64; 1 with --dynamic-lr, so the text is read in order)")
+    e.add_argument("--num-steps", type=int, default=None, help="window length (default 128; 20 with --dynamic-lr)")
+    e.add_argument("--dynamic-lr", type=float, default=None, metavar="LR",
+                   help="dynamic evaluation: after scoring each window, take an SGD step of this size on it "
+                        "(Krause et al. 2018; reported apart from static scores)")
+    e.add_argument("--dynamic-rule", choices=["rms", "sgd"], default="rms",
+                   help="dynamic evaluation update: steps scaled by the RMS of training gradients, or plain SGD")
+    e.add_argument("--dynamic-decay", type=float, default=0.0, metavar="D",
+                   help="dynamic evaluation: pull the weights back towards the trained ones by this fraction per window")
     e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="compute precision")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
