@@ -26,10 +26,13 @@ def loadavg() -> str:
 
 
 def machine() -> str:
-    """One line: CPU, logical CPUs, torch and its threads and ISA, Python, OS."""
+    """One line: CPU, logical CPUs, torch and its threads and ISA, Python, OS, and the scratch layers'
+    window kernels (C++ or the Python loops)."""
+    from deeprnn.models import native
+
     return (f"{cpu_name()}; {os.cpu_count()} logical CPUs; torch {torch.__version__} ({torch.get_num_threads()} "
             f"threads, {torch.backends.cpu.get_cpu_capability()}); Python {platform.python_version()}; "
-            f"{platform.system()} {platform.release()}")
+            f"{platform.system()} {platform.release()}; scratch layers on CPU: {native.backend()}")
 
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 3) -> float:

@@ -14,8 +14,11 @@ and skips the multiply by zeros), and the loop holds one recurrent product per s
 the layer. The loops of the RNN, LSTM and torch-variant GRU layers are custom autograd functions
 (``_RNNWindow``, ``_LSTMWindow``, ``_GRUWindow``) with a hand-written backward sweep, so autograd
 records one node per layer and window instead of ~10 per step, and ``W_hh``'s gradient is one product
-after the sweep. Each layer keeps ``forward_reference``, the plain autograd loop, and the tests hold
-the two equal (and both equal to torch.nn). The book-variant GRU runs on plain autograd.
+after the sweep. On CPU the time loops of those three functions run in a small C++ extension
+(``native``: per step one product and one fused pointwise pass) when it builds, else in the Python
+loops here, which stay the reference and the GPU path. Each layer keeps ``forward_reference``, the plain
+autograd loop, and the tests hold all three equal (and equal to torch.nn). The book-variant GRU runs on
+plain autograd.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
+from deeprnn.models import native
 from deeprnn.models.base import LanguageModel, State, init_block_, stack_layer_states, torch_bias_
 from deeprnn.models.config import ModelConfig
 from deeprnn.regularize import drop_connect
@@ -115,6 +119,53 @@ class _ScratchLayer(nn.Module):
         pass
 
 
+def _rnn_forward(xproj, h0, W_hh, relu: bool, lp):
+    """The Python loop of ``_RNNWindow.forward`` -> ``[W, hs, hl]`` (as ``native``'s ``rnn_forward``)."""
+    T, B, H = xproj.shape
+    hs = xproj.new_empty(T + 1, B, H, dtype=W_hh.dtype)
+    hs[0] = h0
+    W, hl, prod = _product_operands(W_hh, hs, h0, lp, H)
+    for t in range(T):
+        if lp is None:
+            pre = torch.addmm(xproj[t], hs[t], W_hh, out=hs[t + 1])
+        else:
+            pre = torch.add(xproj[t], torch.mm(hl[t], W, out=prod), out=hs[t + 1])
+        if relu:
+            pre.relu_()
+        else:
+            _tanh_(pre)
+        if lp is not None:
+            hl[t + 1].copy_(pre)
+    return [W, hs, hl]
+
+
+def _rnn_backward(W, hs, hl, d_out, d_hT, relu: bool, x_in_lp: bool = False):
+    """The Python sweep of ``_RNNWindow.backward`` -> ``[dpre, dpl, dh]``: the pre-activations' gradient,
+    its copy in the products' dtype (``dpre`` itself without one), and ``h0``'s gradient. ``x_in_lp``: the
+    input projection came in that dtype, so its gradient is returned in it (``dpl``), as autograd would
+    round it anyway."""
+    lp = hl.dtype if hl.dtype != hs.dtype else None
+    T = d_out.shape[0]
+    out = hs[1:]
+    d_out = d_out.to(out.dtype)
+    D = (out > 0).to(out.dtype) if relu else 1 - out * out  # φ' from φ's output
+    dpre = torch.empty_like(out)
+    dpl = dpre if lp is None else torch.empty_like(dpre, dtype=lp)  # dpre for the products
+    W_T = W.T
+    dh = d_hT.to(out.dtype) + d_out[T - 1]
+    for t in range(T - 1, -1, -1):
+        torch.mul(dh, D[t], out=dpre[t])
+        if lp is not None:
+            dpl[t].copy_(dpre[t])
+        if lp is None:
+            dh = torch.addmm(d_out[t - 1], dpre[t], W_T) if t > 0 else dpre[0] @ W_T
+        else:
+            dh = (dpl[t] @ W_T).to(out.dtype)
+            if t > 0:
+                dh += d_out[t - 1]
+    return [dpl if x_in_lp and lp is not None else dpre, dpl, dh]
+
+
 class _RNNWindow(torch.autograd.Function):
     """One tanh/ReLU RNN layer over a whole window, with a hand-written backward sweep.
 
@@ -125,52 +176,25 @@ class _RNNWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xproj, h0, W_hh, relu: bool, lp=None):
-        T, B, H = xproj.shape
+        ctx.native, ctx.relu = native.kernels_for(xproj, W_hh, lp), relu
+        ctx.x_in_lp = lp is not None and xproj.dtype == lp
         with _no_autocast(xproj):
-            hs = xproj.new_empty(T + 1, B, H, dtype=W_hh.dtype)
-            hs[0] = h0
-            W, hl, prod = _product_operands(W_hh, hs, h0, lp, H)
-            for t in range(T):
-                if lp is None:
-                    pre = torch.addmm(xproj[t], hs[t], W_hh, out=hs[t + 1])
-                else:
-                    pre = torch.add(xproj[t], torch.mm(hl[t], W, out=prod), out=hs[t + 1])
-                if relu:
-                    pre.relu_()
-                else:
-                    _tanh_(pre)
-                if lp is not None:
-                    hl[t + 1].copy_(pre)
-        ctx.relu, ctx.lp = relu, lp
+            kernel = _rnn_forward if ctx.native is None else ctx.native.rnn_forward
+            W, hs, hl = kernel(xproj, h0, W_hh, relu, lp)
         ctx.save_for_backward(W, hs, hl)
-        return hl[1:], hs[T].clone()
+        return hl[1:], hs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_hT):
         W, hs, hl = ctx.saved_tensors
-        lp = ctx.lp
         T, B, H = d_out.shape
-        out = hs[1:]
-        d_out = d_out.to(out.dtype)
-        D = (out > 0).to(out.dtype) if ctx.relu else 1 - out * out  # φ' from φ's output
-        dpre = torch.empty_like(out)
-        dpl = dpre if lp is None else torch.empty_like(dpre, dtype=lp)  # dpre for the products
-        W_T = W.T
-        dh = d_hT.to(out.dtype) + d_out[T - 1]
-        for t in range(T - 1, -1, -1):
-            torch.mul(dh, D[t], out=dpre[t])
-            if lp is not None:
-                dpl[t].copy_(dpre[t])
-            if lp is None:
-                dh = torch.addmm(d_out[t - 1], dpre[t], W_T) if t > 0 else dpre[0] @ W_T
-            else:
-                dh = (dpl[t] @ W_T).to(out.dtype)
-                if t > 0:
-                    dh += d_out[t - 1]
-        d_W_hh = None
-        if ctx.needs_input_grad[2]:
-            d_W_hh = (hl[:-1].reshape(T * B, H).T @ dpl.view(T * B, H)).to(hs.dtype)  # (H, H)
+        with _no_autocast(hs):
+            kernel = _rnn_backward if ctx.native is None else ctx.native.rnn_backward
+            dpre, dpl, dh = kernel(W, hs, hl, d_out, d_hT, ctx.relu, ctx.x_in_lp)
+            d_W_hh = None
+            if ctx.needs_input_grad[2]:
+                d_W_hh = (hl[:-1].reshape(T * B, H).T @ dpl.view(T * B, H)).to(hs.dtype)  # (H, H)
         return dpre, dh, d_W_hh, None, None
 
 
@@ -195,6 +219,71 @@ class RNNLayer(_ScratchLayer):
         return torch.stack(outputs), h
 
 
+def _lstm_forward(xproj, h0, c0, W_hh, lp):
+    """The Python loop of ``_LSTMWindow.forward`` -> ``[W, acts, hs, cs, tcs, hl]`` (as ``native``'s)."""
+    T, B, G = xproj.shape  # G = 4H, gate blocks i, f, g, o
+    H = G // 4
+    acts = xproj.new_empty(T, B, G, dtype=W_hh.dtype)  # σ(i), σ(f), tanh(g), σ(o) per step
+    hs = acts.new_empty(T + 1, B, H)
+    cs = acts.new_empty(T + 1, B, H)
+    tcs = acts.new_empty(T, B, H)  # tanh(c_t)
+    hs[0], cs[0] = h0, c0
+    W, hl, prod = _product_operands(W_hh, hs, h0, lp, G)
+    for t in range(T):
+        a = acts[t]
+        if lp is None:
+            torch.addmm(xproj[t], hs[t], W_hh, out=a)  # pre-activations (B, 4H)
+        else:
+            torch.add(xproj[t], torch.mm(hl[t], W, out=prod), out=a)
+        i, f, g, o = a.chunk(4, 1)
+        g.mul_(2)  # with the sigmoid below and the affine map after it: tanh(g) = 2σ(2g) − 1
+        a.sigmoid_()
+        g.mul_(2).sub_(1)
+        torch.mul(f, cs[t], out=cs[t + 1]).addcmul_(i, g)
+        tc = torch.mul(cs[t + 1], 2, out=tcs[t]).sigmoid_().mul_(2).sub_(1)  # tanh(c_t)
+        torch.mul(o, tc, out=hs[t + 1])
+        if lp is not None:
+            hl[t + 1].copy_(hs[t + 1])
+    return [W, acts, hs, cs, tcs, hl]
+
+
+def _lstm_backward(W, acts, hs, cs, tcs, hl, d_out, d_hT, d_cT, x_in_lp: bool = False):
+    """The Python sweep of ``_LSTMWindow.backward`` -> ``[dpre, dpl, dh, dc]``: the pre-activations'
+    gradient, its copy in the products' dtype (``dpre`` itself without one), and ``h0``'s and ``c0``'s.
+    ``x_in_lp`` as in ``_rnn_backward``."""
+    lp = hl.dtype if hl.dtype != hs.dtype else None
+    T, B, G = acts.shape
+    H = G // 4
+    d_out = d_out.to(acts.dtype)
+    i, f, g, o = acts.chunk(4, 2)  # (T, B, H) each
+    # Everything that does not depend on the incoming gradient, for all steps at once:
+    # dpre = [dc·g·σ'(i), dc·c_{t-1}·σ'(f), dc·i·tanh'(g), dh·tanh(c)·σ'(o)]  (σ' = s(1-s))
+    M = torch.cat(
+        [g * i * (1 - i), cs[:-1] * f * (1 - f), i * (1 - g * g), tcs * o * (1 - o)], dim=2
+    ).view(T, B, 4, H)
+    A = o * (1 - tcs * tcs)  # dc_t += dh_t · A_t
+    dpre = torch.empty_like(acts)  # (T, B, 4H): gradient of the pre-activations
+    dpl = dpre if lp is None else torch.empty_like(dpre, dtype=lp)  # dpre for the products
+    W_T = W.T
+    dh, dc = d_hT.to(acts.dtype) + d_out[T - 1], d_cT.to(acts.dtype)
+    for t in range(T - 1, -1, -1):
+        dc = torch.addcmul(dc, dh, A[t])
+        dp = dpre[t].view(B, 4, H)
+        torch.mul(dc.unsqueeze(1), M[t, :, :3], out=dp[:, :3])
+        torch.mul(dh, M[t, :, 3], out=dp[:, 3])
+        dc = dc * f[t]
+        if lp is not None:
+            dpl[t].copy_(dpre[t])
+            dh = (dpl[t] @ W_T).to(acts.dtype)
+            if t > 0:
+                dh += d_out[t - 1]
+        elif t > 0:
+            dh = torch.addmm(d_out[t - 1], dpre[t], W_T)
+        else:
+            dh = dpre[0] @ W_T
+    return [dpl if x_in_lp and lp is not None else dpre, dpl, dh, dc]
+
+
 class _LSTMWindow(torch.autograd.Function):
     """One LSTM layer over a whole window, with a hand-written backward sweep.
 
@@ -209,71 +298,26 @@ class _LSTMWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xproj, h0, c0, W_hh, lp=None):
-        T, B, G = xproj.shape  # G = 4H, gate blocks i, f, g, o
-        H = G // 4
+        ctx.native = native.kernels_for(xproj, W_hh, lp)
+        ctx.x_in_lp = lp is not None and xproj.dtype == lp
         with _no_autocast(xproj):
-            acts = xproj.new_empty(T, B, G, dtype=W_hh.dtype)  # σ(i), σ(f), tanh(g), σ(o) per step
-            hs = acts.new_empty(T + 1, B, H)
-            cs = acts.new_empty(T + 1, B, H)
-            tcs = acts.new_empty(T, B, H)  # tanh(c_t)
-            hs[0], cs[0] = h0, c0
-            W, hl, prod = _product_operands(W_hh, hs, h0, lp, G)
-            for t in range(T):
-                a = acts[t]
-                if lp is None:
-                    torch.addmm(xproj[t], hs[t], W_hh, out=a)  # pre-activations (B, 4H)
-                else:
-                    torch.add(xproj[t], torch.mm(hl[t], W, out=prod), out=a)
-                i, f, g, o = a.chunk(4, 1)
-                g.mul_(2)  # with the sigmoid below and the affine map after it: tanh(g) = 2σ(2g) − 1
-                a.sigmoid_()
-                g.mul_(2).sub_(1)
-                torch.mul(f, cs[t], out=cs[t + 1]).addcmul_(i, g)
-                tc = torch.mul(cs[t + 1], 2, out=tcs[t]).sigmoid_().mul_(2).sub_(1)  # tanh(c_t)
-                torch.mul(o, tc, out=hs[t + 1])
-                if lp is not None:
-                    hl[t + 1].copy_(hs[t + 1])
-        ctx.lp = lp
+            kernel = _lstm_forward if ctx.native is None else ctx.native.lstm_forward
+            W, acts, hs, cs, tcs, hl = kernel(xproj, h0, c0, W_hh, lp)
         ctx.save_for_backward(W, acts, hs, cs, tcs, hl)
-        return hl[1:], hs[T].clone(), cs[T].clone()
+        return hl[1:], hs[-1].clone(), cs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_hT, d_cT):
         W, acts, hs, cs, tcs, hl = ctx.saved_tensors
-        lp = ctx.lp
         T, B, G = acts.shape
         H = G // 4
-        d_out = d_out.to(acts.dtype)
-        i, f, g, o = acts.chunk(4, 2)  # (T, B, H) each
-        # Everything that does not depend on the incoming gradient, for all steps at once:
-        # dpre = [dc·g·σ'(i), dc·c_{t-1}·σ'(f), dc·i·tanh'(g), dh·tanh(c)·σ'(o)]  (σ' = s(1-s))
-        M = torch.cat(
-            [g * i * (1 - i), cs[:-1] * f * (1 - f), i * (1 - g * g), tcs * o * (1 - o)], dim=2
-        ).view(T, B, 4, H)
-        A = o * (1 - tcs * tcs)  # dc_t += dh_t · A_t
-        dpre = torch.empty_like(acts)  # (T, B, 4H): gradient of the pre-activations
-        dpl = dpre if lp is None else torch.empty_like(dpre, dtype=lp)  # dpre for the products
-        W_T = W.T
-        dh, dc = d_hT.to(acts.dtype) + d_out[T - 1], d_cT.to(acts.dtype)
-        for t in range(T - 1, -1, -1):
-            dc = torch.addcmul(dc, dh, A[t])
-            dp = dpre[t].view(B, 4, H)
-            torch.mul(dc.unsqueeze(1), M[t, :, :3], out=dp[:, :3])
-            torch.mul(dh, M[t, :, 3], out=dp[:, 3])
-            dc = dc * f[t]
-            if lp is not None:
-                dpl[t].copy_(dpre[t])
-                dh = (dpl[t] @ W_T).to(acts.dtype)
-                if t > 0:
-                    dh += d_out[t - 1]
-            elif t > 0:
-                dh = torch.addmm(d_out[t - 1], dpre[t], W_T)
-            else:
-                dh = dpre[0] @ W_T
-        d_W_hh = None
-        if ctx.needs_input_grad[3]:
-            d_W_hh = (hl[:-1].reshape(T * B, H).T @ dpl.view(T * B, G)).to(acts.dtype)  # (H, 4H), one product
+        with _no_autocast(acts):
+            kernel = _lstm_backward if ctx.native is None else ctx.native.lstm_backward
+            dpre, dpl, dh, dc = kernel(W, acts, hs, cs, tcs, hl, d_out, d_hT, d_cT, ctx.x_in_lp)
+            d_W_hh = None
+            if ctx.needs_input_grad[3]:  # (H, 4H), one product
+                d_W_hh = (hl[:-1].reshape(T * B, H).T @ dpl.view(T * B, G)).to(acts.dtype)
         return dpre, dh, dc, d_W_hh, None
 
 
@@ -309,6 +353,70 @@ class LSTMLayer(_ScratchLayer):
                 self.b_h[H : 2 * H] += forget_bias
 
 
+def _gru_forward(xproj, h0, W_hh, b_hn, lp):
+    """The Python loop of ``_GRUWindow.forward`` -> ``[W, acts, ghn, hs, hl]`` (as ``native``'s)."""
+    T, B, G = xproj.shape  # G = 3H, gate blocks r, z, n
+    H = G // 3
+    acts = xproj.new_empty(T, B, G, dtype=W_hh.dtype)  # r, z, n per step
+    ghn = acts.new_empty(T, B, H)  # h W_hn + b_hn, which r multiplies
+    hs = acts.new_empty(T + 1, B, H)
+    hs[0] = h0
+    W, hl, prod = _product_operands(W_hh, hs, h0, lp, G)
+    if lp is None:
+        W_rz, W_n = W_hh[:, : 2 * H], W_hh[:, 2 * H :]
+    for t in range(T):
+        a, x, h = acts[t], xproj[t], hs[t]
+        rz, n = a[:, : 2 * H], a[:, 2 * H :]
+        if lp is None:
+            torch.addmm(x[:, : 2 * H], h, W_rz, out=rz).sigmoid_()
+            torch.addmm(b_hn, h, W_n, out=ghn[t])
+        else:  # one product for all three gates
+            torch.mm(hl[t], W, out=prod)
+            torch.add(x[:, : 2 * H], prod[:, : 2 * H], out=rz).sigmoid_()
+            torch.add(b_hn, prod[:, 2 * H :], out=ghn[t])
+        _tanh_(torch.addcmul(x[:, 2 * H :], a[:, :H], ghn[t], out=n))
+        torch.addcmul(n, a[:, H : 2 * H], h - n, out=hs[t + 1])  # (1 - z) n + z h
+        if lp is not None:
+            hl[t + 1].copy_(hs[t + 1])
+    return [W, acts, ghn, hs, hl]
+
+
+def _gru_backward(W, acts, ghn, hs, hl, d_out, d_hT, x_in_lp: bool = False):
+    """The Python sweep of ``_GRUWindow.backward`` -> ``[d_x, d_g, d_b_hn, dh]``: the gradient of the
+    input projection (T, B, 3H; ``x_in_lp`` as in ``_rnn_backward``), of the recurrent product
+    ``[h W_hr, h W_hz, h W_hn + b_hn]`` in the products' dtype, of ``b_hn``, and of ``h0``."""
+    lp = hl.dtype if hl.dtype != hs.dtype else None
+    T, B, G = acts.shape
+    H = G // 3
+    d_out = d_out.to(acts.dtype)
+    r, z, n = acts.chunk(3, 2)  # (T, B, H) each
+    # Factors that do not depend on the incoming gradient, for all steps at once:
+    P = (1 - z) * (1 - n * n)  # dpre_n = dh · P
+    Q = (hs[:-1] - n) * z * (1 - z)  # dpre_z = dh · Q
+    R = ghn * r * (1 - r)  # dpre_r = dpre_n · R
+    d_n = torch.empty_like(ghn)  # gradient of n's pre-activation (= of x_n)
+    d_gh = torch.empty_like(acts)  # gradient of [h W_hr, h W_hz, h W_hn + b_hn]
+    d_gl = d_gh if lp is None else torch.empty_like(d_gh, dtype=lp)  # d_gh for the products
+    W_T = W.T
+    dh = d_hT.to(acts.dtype) + d_out[T - 1]
+    for t in range(T - 1, -1, -1):
+        dg = d_gh[t]
+        torch.mul(dh, P[t], out=d_n[t])
+        torch.mul(dh, Q[t], out=dg[:, H : 2 * H])
+        torch.mul(d_n[t], R[t], out=dg[:, :H])
+        torch.mul(d_n[t], r[t], out=dg[:, 2 * H :])
+        direct = torch.addcmul(d_out[t - 1], dh, z[t]) if t > 0 else dh * z[t]
+        if lp is None:
+            dh = torch.addmm(direct, dg, W_T)
+        else:
+            d_gl[t].copy_(dg)
+            dh = direct.add_(d_gl[t] @ W_T)
+    d_x = torch.cat([d_gh[..., : 2 * H], d_n], dim=2)  # (T, B, 3H)
+    if x_in_lp and lp is not None:
+        d_x = d_x.to(lp)
+    return [d_x, d_gl, d_gh[..., 2 * H :].sum((0, 1)), dh]
+
+
 class _GRUWindow(torch.autograd.Function):
     """One torch-variant GRU layer over a whole window, with a hand-written backward sweep.
 
@@ -320,70 +428,27 @@ class _GRUWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xproj, h0, W_hh, b_hn, lp=None):
-        T, B, G = xproj.shape  # G = 3H, gate blocks r, z, n
-        H = G // 3
+        ctx.native = native.kernels_for(xproj, W_hh, lp)
+        ctx.x_in_lp = lp is not None and xproj.dtype == lp
         with _no_autocast(xproj):
-            acts = xproj.new_empty(T, B, G, dtype=W_hh.dtype)  # r, z, n per step
-            ghn = acts.new_empty(T, B, H)  # h W_hn + b_hn, which r multiplies
-            hs = acts.new_empty(T + 1, B, H)
-            hs[0] = h0
-            W, hl, prod = _product_operands(W_hh, hs, h0, lp, G)
-            if lp is None:
-                W_rz, W_n = W_hh[:, : 2 * H], W_hh[:, 2 * H :]
-            for t in range(T):
-                a, x, h = acts[t], xproj[t], hs[t]
-                rz, n = a[:, : 2 * H], a[:, 2 * H :]
-                if lp is None:
-                    torch.addmm(x[:, : 2 * H], h, W_rz, out=rz).sigmoid_()
-                    torch.addmm(b_hn, h, W_n, out=ghn[t])
-                else:  # one product for all three gates
-                    torch.mm(hl[t], W, out=prod)
-                    torch.add(x[:, : 2 * H], prod[:, : 2 * H], out=rz).sigmoid_()
-                    torch.add(b_hn, prod[:, 2 * H :], out=ghn[t])
-                _tanh_(torch.addcmul(x[:, 2 * H :], a[:, :H], ghn[t], out=n))
-                torch.addcmul(n, a[:, H : 2 * H], h - n, out=hs[t + 1])  # (1 - z) n + z h
-                if lp is not None:
-                    hl[t + 1].copy_(hs[t + 1])
-        ctx.lp = lp
+            kernel = _gru_forward if ctx.native is None else ctx.native.gru_forward
+            W, acts, ghn, hs, hl = kernel(xproj, h0, W_hh, b_hn, lp)
         ctx.save_for_backward(W, acts, ghn, hs, hl)
-        return hl[1:], hs[T].clone()
+        return hl[1:], hs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_hT):
         W, acts, ghn, hs, hl = ctx.saved_tensors
-        lp = ctx.lp
         T, B, G = acts.shape
         H = G // 3
-        d_out = d_out.to(acts.dtype)
-        r, z, n = acts.chunk(3, 2)  # (T, B, H) each
-        # Factors that do not depend on the incoming gradient, for all steps at once:
-        P = (1 - z) * (1 - n * n)  # dpre_n = dh · P
-        Q = (hs[:-1] - n) * z * (1 - z)  # dpre_z = dh · Q
-        R = ghn * r * (1 - r)  # dpre_r = dpre_n · R
-        d_n = torch.empty_like(ghn)  # gradient of n's pre-activation (= of x_n)
-        d_gh = torch.empty_like(acts)  # gradient of [h W_hr, h W_hz, h W_hn + b_hn]
-        d_gl = d_gh if lp is None else torch.empty_like(d_gh, dtype=lp)  # d_gh for the products
-        W_T = W.T
-        dh = d_hT.to(acts.dtype) + d_out[T - 1]
-        for t in range(T - 1, -1, -1):
-            dg = d_gh[t]
-            torch.mul(dh, P[t], out=d_n[t])
-            torch.mul(dh, Q[t], out=dg[:, H : 2 * H])
-            torch.mul(d_n[t], R[t], out=dg[:, :H])
-            torch.mul(d_n[t], r[t], out=dg[:, 2 * H :])
-            direct = torch.addcmul(d_out[t - 1], dh, z[t]) if t > 0 else dh * z[t]
-            if lp is None:
-                dh = torch.addmm(direct, dg, W_T)
-            else:
-                d_gl[t].copy_(dg)
-                dh = direct.add_(d_gl[t] @ W_T)
-        d_x = torch.cat([d_gh[..., : 2 * H], d_n], dim=2)  # (T, B, 3H)
-        d_W_hh = None
-        if ctx.needs_input_grad[2]:
-            d_W_hh = (hl[:-1].reshape(T * B, H).T @ d_gl.view(T * B, G)).to(acts.dtype)  # (H, 3H)
-        d_b_hn = d_gh[..., 2 * H :].sum((0, 1)) if ctx.needs_input_grad[3] else None
-        return d_x, dh, d_W_hh, d_b_hn, None
+        with _no_autocast(acts):
+            kernel = _gru_backward if ctx.native is None else ctx.native.gru_backward
+            d_x, d_g, d_b_hn, dh = kernel(W, acts, ghn, hs, hl, d_out, d_hT, ctx.x_in_lp)
+            d_W_hh = None
+            if ctx.needs_input_grad[2]:
+                d_W_hh = (hl[:-1].reshape(T * B, H).T @ d_g.view(T * B, G)).to(acts.dtype)  # (H, 3H)
+        return d_x, dh, d_W_hh, d_b_hn if ctx.needs_input_grad[3] else None, None
 
 
 class GRULayer(_ScratchLayer):

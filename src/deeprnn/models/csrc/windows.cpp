@@ -1,0 +1,634 @@
+// Compiled window kernels for deeprnn.models.scratch: the forward loop and the backward sweep of
+// _LSTMWindow, _GRUWindow and _RNNWindow, with the same math, saved tensors and results as their Python
+// loops (which stay the reference and the GPU path).
+//
+// Why: at the book's size (batch 32, 256 hidden) a step's pointwise work is ~10 small ATen ops whose
+// per-call cost (Python, dispatch, allocation) outweighs their arithmetic. Here a step is one ATen
+// product (at::mm, or in float32 oneDNN's prepacked linear: see StepProduct) and one pass over the B x H
+// units in plain loops the compiler vectorises.
+//
+// As in scratch.py: time-major (T, B, ...), gates stacked along the last axis (LSTM i, f, g, o; GRU r, z,
+// n). scalar_t is the state's dtype (float or double: state, gates and pointwise work); lp_t the dtype
+// of the products' operands under autocast (c10::BFloat16 or c10::Half), or scalar_t itself when there
+// is no low-precision copy; x_t the input projection's dtype (scalar_t, or lp_t under autocast).
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+// The inner loops over units write arrays that never overlap what they read at another unit; saying
+// so spares the compiler run-time overlap checks, which it gives up on past ~10 pointers (the LSTM
+// backward step has more) and then leaves the loop scalar.
+#if defined(__clang__)
+#define UNITS_INDEPENDENT _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define UNITS_INDEPENDENT _Pragma("GCC ivdep")
+#else
+#define UNITS_INDEPENDENT
+#endif
+
+namespace {
+
+using at::Tensor;
+
+// -- pointwise functions ----------------------------------------------------------------------------
+
+// exp for float in a form the compiler vectorises (std::exp stays a library call per element):
+// exp(x) = 2^n exp(r) with n = round(x / ln 2), |r| <= ln 2 / 2, and Cephes' degree-6 polynomial for
+// exp(r), good to about 1 ulp. x is clamped so that 2^n stays a normal float; the sigmoid saturates
+// long before either bound. NaN passes through.
+inline float exp_vec(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // Adding and subtracting 1.5 * 2^23 rounds to an integer without a nearbyint call.
+  const float shift = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + shift) - shift;
+  float r = x - n * 0.693359375f;  // ln 2 in two parts, so r keeps its low bits
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t scale = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(scale);
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_vec(-x)); }
+
+// float64 is the tests' dtype, where agreement with torch's sigmoid matters more than speed.
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// tanh as 2σ(2x) − 1, the identity the Python kernels use: one transcendental function for both.
+template <typename T>
+inline T tanh_via_sigmoid(T x) {
+  return sigmoid(x * 2) * 2 - 1;
+}
+
+template <typename scalar_t, typename lp_t>
+constexpr bool has_lp = !std::is_same_v<scalar_t, lp_t>;
+
+// Rounding to lp as torch's copy_ does it (double goes through float). For bfloat16 it is
+// c10::BFloat16's own round-to-nearest-even, written without a branch so the loops around it vectorise.
+template <typename lp_t, typename T>
+inline lp_t to_lp(T x) {
+  const float v = static_cast<float>(x);
+  if constexpr (std::is_same_v<lp_t, c10::BFloat16>) {
+    const uint32_t u = std::bit_cast<uint32_t>(v);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const uint16_t bits = v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+    return lp_t(bits, lp_t::from_bits());
+  } else {
+    return static_cast<lp_t>(v);
+  }
+}
+
+// x + the step's product h W. When both are lp, torch.add computes the sum in lp, i.e. rounds it to lp
+// before it lands in the float gates; the Python kernels inherit that, so this does too.
+template <typename scalar_t, typename x_t, typename lp_t>
+inline scalar_t add_product(x_t x, lp_t p) {
+  if constexpr (std::is_same_v<x_t, lp_t> && has_lp<scalar_t, lp_t>) {
+    return static_cast<scalar_t>(static_cast<float>(to_lp<lp_t>(static_cast<float>(x) + static_cast<float>(p))));
+  } else {
+    return static_cast<scalar_t>(x) + static_cast<scalar_t>(p);
+  }
+}
+
+// The incoming gradient of h for a backward step: dh_base alone, or dh_base + the previous step's lp
+// product (converted to scalar_t first, as `.to(dtype)` and `+=` in the Python sweep). Calls
+// body(row b, unit j, dh) for every unit; two loops keep the test out of the vectorised body.
+template <typename scalar_t, typename lp_t, typename Body>
+inline void for_each_unit(int64_t B, int64_t H, const scalar_t* __restrict dh_base,
+                          const lp_t* __restrict dh_prod, Body&& body) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t s = b * H;
+    if (dh_prod != nullptr) {
+      UNITS_INDEPENDENT
+      for (int64_t j = 0; j < H; ++j) body(b, j, dh_base[s + j] + static_cast<scalar_t>(dh_prod[s + j]));
+    } else {
+      UNITS_INDEPENDENT
+      for (int64_t j = 0; j < H; ++j) body(b, j, dh_base[s + j]);
+    }
+  }
+}
+
+// -- one step of each cell, forward and backward ----------------------------------------------------
+// Pointers are one step's slices, rows of B, unit j of gate q at [b * G + q * H + j].
+
+// LSTM forward: the pre-activations x + prod (prod = h W, in lp or scalar_t). Writes the activations
+// σ(i), σ(f), tanh(g), σ(o) into `a`, c, tanh(c), h and h's lp copy.
+template <typename scalar_t, typename x_t, typename lp_t>
+void lstm_forward_step(int64_t B, int64_t H, const x_t* __restrict x, const lp_t* __restrict prod,
+                       scalar_t* __restrict a, const scalar_t* __restrict c_prev, scalar_t* __restrict c,
+                       scalar_t* __restrict tc, scalar_t* __restrict h, lp_t* __restrict hl) {
+  const int64_t G = 4 * H;
+  for (int64_t b = 0; b < B; ++b) {
+    scalar_t* ab = a + b * G;
+    const int64_t s = b * H;
+    UNITS_INDEPENDENT
+    for (int64_t j = 0; j < H; ++j) {
+      const x_t* xb = x + b * G;
+      const lp_t* pb = prod + b * G;
+      const scalar_t pi = add_product<scalar_t>(xb[j], pb[j]), pf = add_product<scalar_t>(xb[H + j], pb[H + j]);
+      const scalar_t pg = add_product<scalar_t>(xb[2 * H + j], pb[2 * H + j]);
+      const scalar_t po = add_product<scalar_t>(xb[3 * H + j], pb[3 * H + j]);
+      const scalar_t i = sigmoid(pi), f = sigmoid(pf), g = tanh_via_sigmoid(pg), o = sigmoid(po);
+      ab[j] = i, ab[H + j] = f, ab[2 * H + j] = g, ab[3 * H + j] = o;
+      const scalar_t cn = f * c_prev[s + j] + i * g;
+      const scalar_t t = tanh_via_sigmoid(cn);
+      c[s + j] = cn;
+      tc[s + j] = t;
+      h[s + j] = o * t;
+      if constexpr (has_lp<scalar_t, lp_t>) hl[s + j] = to_lp<lp_t>(o * t);
+    }
+  }
+}
+
+// LSTM backward: from dh (see for_each_unit) and dc (updated in place: in, dc_t; out, dc_{t-1}) to the
+// pre-activations' gradient dpre (and its lp copy). Factors grouped as in the Python sweep.
+template <typename scalar_t, typename lp_t>
+void lstm_backward_step(int64_t B, int64_t H, const scalar_t* dh_base, const lp_t* dh_prod,
+                        const scalar_t* __restrict a, const scalar_t* __restrict c_prev,
+                        const scalar_t* __restrict tc, scalar_t* __restrict dc, scalar_t* __restrict dpre,
+                        lp_t* __restrict dpl) {
+  const int64_t G = 4 * H;
+  for_each_unit(B, H, dh_base, dh_prod, [&](int64_t b, int64_t j, scalar_t dh) {
+    const scalar_t* ab = a + b * G;
+    scalar_t* db = dpre + b * G;
+    const int64_t s = b * H;
+    const scalar_t i = ab[j], f = ab[H + j], g = ab[2 * H + j], o = ab[3 * H + j], t = tc[s + j];
+    const scalar_t d = dc[s + j] + dh * (o * (1 - t * t));
+    const scalar_t di = d * (g * i * (1 - i)), df = d * (c_prev[s + j] * f * (1 - f));
+    const scalar_t dg = d * (i * (1 - g * g)), do_ = dh * (t * o * (1 - o));
+    db[j] = di, db[H + j] = df, db[2 * H + j] = dg, db[3 * H + j] = do_;
+    dc[s + j] = d * f;
+    if constexpr (has_lp<scalar_t, lp_t>) {
+      lp_t* lb = dpl + b * G;
+      lb[j] = to_lp<lp_t>(di), lb[H + j] = to_lp<lp_t>(df);
+      lb[2 * H + j] = to_lp<lp_t>(dg), lb[3 * H + j] = to_lp<lp_t>(do_);
+    }
+  });
+}
+
+// GRU forward (torch variant). `prod` is h W_hh for all three gates (lp or scalar_t). Writes r, z, n into
+// `a`, h W_hn + b_hn into ghn, h and h's lp copy.
+template <typename scalar_t, typename x_t, typename lp_t>
+void gru_forward_step(int64_t B, int64_t H, const x_t* __restrict x, const lp_t* __restrict prod,
+                      const scalar_t* __restrict b_hn, scalar_t* __restrict a, scalar_t* __restrict ghn,
+                      const scalar_t* __restrict h_prev, scalar_t* __restrict h, lp_t* __restrict hl) {
+  const int64_t G = 3 * H;
+  for (int64_t b = 0; b < B; ++b) {
+    const x_t* xb = x + b * G;
+    const lp_t* pb = prod + b * G;
+    scalar_t* ab = a + b * G;
+    const int64_t s = b * H;
+    UNITS_INDEPENDENT
+    for (int64_t j = 0; j < H; ++j) {
+      const scalar_t r = sigmoid(add_product<scalar_t>(xb[j], pb[j]));
+      const scalar_t z = sigmoid(add_product<scalar_t>(xb[H + j], pb[H + j]));
+      const scalar_t gn = b_hn[j] + static_cast<scalar_t>(pb[2 * H + j]);
+      const scalar_t n = tanh_via_sigmoid(static_cast<scalar_t>(xb[2 * H + j]) + r * gn);
+      const scalar_t hn = n + z * (h_prev[s + j] - n);  // (1 - z) n + z h
+      ab[j] = r, ab[H + j] = z, ab[2 * H + j] = n;
+      ghn[s + j] = gn;
+      h[s + j] = hn;
+      if constexpr (has_lp<scalar_t, lp_t>) hl[s + j] = to_lp<lp_t>(hn);
+    }
+  }
+}
+
+// GRU backward: from dh to the gradient of x (d_x: r, z, and n's pre-activation; its lp copy d_xl,
+// with lp), of the product [h W_hr, h W_hz, h W_hn + b_hn] (d_g without lp, d_gl with: the operand of
+// the next product), b_hn's gradient (summed into d_b_hn), and the part of h_{t-1}'s gradient that does
+// not go through the product, `direct` = d_out_{t-1} + dh z.
+template <typename scalar_t, typename lp_t>
+void gru_backward_step(int64_t B, int64_t H, const scalar_t* dh_base, const lp_t* dh_prod,
+                       const scalar_t* __restrict a, const scalar_t* __restrict ghn,
+                       const scalar_t* __restrict h_prev, const scalar_t* __restrict d_out_prev,
+                       scalar_t* __restrict direct, scalar_t* __restrict d_x, lp_t* __restrict d_xl,
+                       scalar_t* __restrict d_g, lp_t* __restrict d_gl, scalar_t* __restrict d_b_hn) {
+  const int64_t G = 3 * H;
+  for_each_unit(B, H, dh_base, dh_prod, [&](int64_t b, int64_t j, scalar_t dh) {
+    const scalar_t* ab = a + b * G;
+    const int64_t s = b * H, k = b * G;
+    const scalar_t r = ab[j], z = ab[H + j], n = ab[2 * H + j];
+    const scalar_t dn = dh * ((1 - z) * (1 - n * n));
+    const scalar_t dz = dh * ((h_prev[s + j] - n) * z * (1 - z));
+    const scalar_t dr = dn * (ghn[s + j] * r * (1 - r));
+    const scalar_t dgn = dn * r;
+    direct[s + j] = d_out_prev[s + j] + dh * z;
+    d_x[k + j] = dr, d_x[k + H + j] = dz, d_x[k + 2 * H + j] = dn;
+    d_b_hn[j] += dgn;
+    if constexpr (has_lp<scalar_t, lp_t>) {
+      // Each store converts afresh: a named lp_t copied into two places is an aggregate copy, which
+      // stops GCC from vectorising the loop (the conversions themselves are shared).
+      d_xl[k + j] = to_lp<lp_t>(dr), d_xl[k + H + j] = to_lp<lp_t>(dz), d_xl[k + 2 * H + j] = to_lp<lp_t>(dn);
+      d_gl[k + j] = to_lp<lp_t>(dr), d_gl[k + H + j] = to_lp<lp_t>(dz), d_gl[k + 2 * H + j] = to_lp<lp_t>(dgn);
+    } else {
+      d_g[k + j] = dr, d_g[k + H + j] = dz, d_g[k + 2 * H + j] = dgn;
+    }
+  });
+}
+
+// tanh/ReLU RNN forward: h = φ(x + prod), prod = h_{t-1} W.
+template <typename scalar_t, typename x_t, typename lp_t>
+void rnn_forward_step(int64_t B, int64_t H, bool relu, const x_t* __restrict x, const lp_t* __restrict prod,
+                      scalar_t* __restrict h, lp_t* __restrict hl) {
+  auto each = [&](auto phi) {
+    UNITS_INDEPENDENT
+    for (int64_t k = 0; k < B * H; ++k) {
+      const scalar_t v = phi(add_product<scalar_t>(x[k], prod[k]));
+      h[k] = v;
+      if constexpr (has_lp<scalar_t, lp_t>) hl[k] = to_lp<lp_t>(v);
+    }
+  };
+  if (relu) {
+    each([](scalar_t p) { return p < 0 ? scalar_t(0) : p; });  // NaN stays NaN, as relu_ keeps it
+  } else {
+    each([](scalar_t p) { return tanh_via_sigmoid(p); });
+  }
+}
+
+// RNN backward: dpre = dh φ'(pre), with φ' from φ's output as in the Python sweep.
+template <typename scalar_t, typename lp_t>
+void rnn_backward_step(int64_t B, int64_t H, bool relu, const scalar_t* dh_base, const lp_t* dh_prod,
+                       const scalar_t* __restrict out, scalar_t* __restrict dpre, lp_t* __restrict dpl) {
+  auto each = [&](auto dphi) {
+    for_each_unit(B, H, dh_base, dh_prod, [&](int64_t b, int64_t j, scalar_t dh) {
+      const int64_t k = b * H + j;
+      const scalar_t d = dh * dphi(out[k]);
+      dpre[k] = d;
+      if constexpr (has_lp<scalar_t, lp_t>) dpl[k] = to_lp<lp_t>(d);
+    });
+  };
+  if (relu) {
+    each([](scalar_t y) { return scalar_t(y > 0 ? 1 : 0); });
+  } else {
+    each([](scalar_t y) { return 1 - y * y; });
+  }
+}
+
+// -- dtype dispatch ---------------------------------------------------------------------------------
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<scalar_t>, Tag<x_t>, Tag<lp_t>) for the state's dtype, the input's and the products'.
+template <typename F>
+void dispatch(at::ScalarType state, at::ScalarType x, std::optional<at::ScalarType> lp, F&& f) {
+  auto with_state = [&](auto s) {
+    if (!lp) return f(s, s, s);
+    auto with_lp = [&](auto l) { return x == *lp ? f(s, l, l) : f(s, s, l); };
+    if (*lp == at::kBFloat16) return with_lp(Tag<c10::BFloat16>{});
+    if (*lp == at::kHalf) return with_lp(Tag<c10::Half>{});
+    TORCH_CHECK(false, "deeprnn window kernels: products in ", *lp, " are not supported (bfloat16 or float16)");
+  };
+  if (state == at::kFloat) return with_state(Tag<float>{});
+  if (state == at::kDouble) return with_state(Tag<double>{});
+  TORCH_CHECK(false, "deeprnn window kernels: state dtype ", state, " is not supported (float32 or float64)");
+}
+
+// A low-precision dtype equal to the state's means no copy at all.
+std::optional<at::ScalarType> effective_lp(std::optional<at::ScalarType> lp, at::ScalarType state) {
+  return lp && *lp != state ? lp : std::nullopt;
+}
+
+// The input projection in a dtype the kernels read: the state's, or lp when there is one.
+Tensor input_operand(const Tensor& xproj, at::ScalarType state, std::optional<at::ScalarType> lp) {
+  const bool ok = xproj.scalar_type() == state || (lp && xproj.scalar_type() == *lp);
+  return (ok ? xproj : xproj.to(state)).contiguous();
+}
+
+// The recurrent products' operands, as _product_operands in scratch.py: W (saved for backward) is W_hh,
+// or its lp copy; hl is hs, or lp copies of every h (hl[0] = h0).
+struct ProductOperands {
+  Tensor W, hl;
+};
+
+ProductOperands product_operands(const Tensor& W_hh, const Tensor& hs, const Tensor& h0,
+                                 std::optional<at::ScalarType> lp) {
+  if (!lp) return {W_hh, hs};
+  Tensor hl = at::empty(hs.sizes(), hs.options().dtype(*lp));
+  hl[0].copy_(h0);
+  return {W_hh.to(*lp).contiguous(), hl};
+}
+
+// oneDNN's prepacked linear (mkldnn::_reorder_linear_weight / _linear_pointwise, the pair torch.compile's
+// CPU weight freezing uses) for float32 products, where this torch build has it: the right operand is
+// laid out once per window instead of in every product. At the book's size with 2 threads a step's
+// product runs 2-3x faster than MKL's sgemm through at::mm (which splits a 32-row product poorly), the
+// LSTM/GRU training step ~17% faster. Not for bfloat16: at::mm already goes to oneDNN there, and
+// packing measured 2-4% slower over a training step. Off after any failure, or through
+// set_packed_products.
+std::atomic<bool> packed_products{true};
+
+struct PackedLinear {
+  using Reorder = Tensor(const Tensor&, std::optional<int64_t>);
+  using Linear = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
+                        c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>);
+  c10::TypedOperatorHandle<Reorder> reorder;
+  c10::TypedOperatorHandle<Linear> linear;
+};
+
+const PackedLinear* packed_linear() {
+  static const std::optional<PackedLinear> ops = []() -> std::optional<PackedLinear> {
+    try {
+      auto& dispatcher = c10::Dispatcher::singleton();
+      auto reorder = dispatcher.findSchema({"mkldnn::_reorder_linear_weight", ""});
+      auto linear = dispatcher.findSchema({"mkldnn::_linear_pointwise", ""});
+      if (!reorder || !linear) return std::nullopt;
+      return PackedLinear{reorder->typed<PackedLinear::Reorder>(), linear->typed<PackedLinear::Linear>()};
+    } catch (const std::exception&) {  // a signature this build does not have
+      return std::nullopt;
+    }
+  }();
+  return ops ? &*ops : nullptr;
+}
+
+// `a @ right` for every step of a window, a (rows, K), right (K, N): through the packed linear for
+// float32, else at::mm into a buffer (with a column-major copy of right in float32/64, which MKL's sgemm
+// runs ~18% faster at this shape). result() is the latest product.
+class StepProduct {
+ public:
+  StepProduct(const Tensor& right, int64_t rows) : right_(right), rows_(rows) {
+    const auto dtype = right.scalar_type();
+    const PackedLinear* ops = packed_linear();
+    if (ops != nullptr && packed_products.load() && at::globalContext().userEnabledMkldnn() &&
+        dtype == at::kFloat) {
+      try {
+        packed_ = ops->reorder.call(right.t().contiguous(), rows);
+        return;
+      } catch (const std::exception&) {
+        packed_products.store(false);
+      }
+    }
+    use_mm();
+  }
+
+  const Tensor& operator()(const Tensor& a) {
+    if (packed_.defined()) {
+      try {
+        out_ = packed_linear()->linear.call(a, packed_, std::nullopt, "none",
+                                            c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+        return out_;
+      } catch (const std::exception&) {
+        packed_products.store(false);
+        use_mm();
+      }
+    }
+    at::mm_out(out_, a, right_);
+    return out_;
+  }
+
+  const Tensor& result() const { return out_; }
+
+ private:
+  void use_mm() {
+    packed_ = Tensor();
+    const auto dtype = right_.scalar_type();
+    if (dtype == at::kFloat || dtype == at::kDouble) right_ = right_.t().contiguous().t();
+    out_ = at::empty({rows_, right_.size(1)}, right_.options());
+  }
+
+  Tensor right_, packed_, out_;
+  int64_t rows_;
+};
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+// The slice of a contiguous (T, ...) tensor's step t, as a typed pointer.
+template <typename T>
+T* step_ptr(const Tensor& t, int64_t step) {
+  return t.defined() ? ptr<T>(t) + step * t.stride(0) : nullptr;
+}
+
+// -- whole windows ----------------------------------------------------------------------------------
+// Forward: per step one product h_{t-1} W (in lp under autocast) and one pointwise pass that adds the
+// input projection. Backward: per step one pointwise pass, whose dh adds the previous product to what
+// comes from above, and one product.
+
+// Returns [W, acts, hs, cs, tcs, hl], _LSTMWindow's saved tensors.
+std::vector<Tensor> lstm_forward(const Tensor& xproj_in, const Tensor& h0, const Tensor& c0, const Tensor& W_hh_in,
+                                 std::optional<at::ScalarType> lp_in) {
+  const Tensor W_hh = W_hh_in.contiguous();
+  const auto st = W_hh.scalar_type();
+  const auto lp = effective_lp(lp_in, st);
+  const Tensor xproj = input_operand(xproj_in, st, lp);
+  const int64_t T = xproj.size(0), B = xproj.size(1), G = xproj.size(2), H = G / 4;
+  TORCH_CHECK(G == 4 * H && W_hh.size(0) == H && W_hh.size(1) == G, "lstm_forward: shapes do not match");
+  const auto opts = W_hh.options();
+  Tensor acts = at::empty({T, B, G}, opts);
+  Tensor hs = at::empty({T + 1, B, H}, opts), cs = at::empty({T + 1, B, H}, opts);
+  Tensor tcs = at::empty({T, B, H}, opts);
+  hs[0].copy_(h0);
+  cs[0].copy_(c0);
+  auto [W, hl] = product_operands(W_hh, hs, h0, lp);
+  StepProduct product(W, B);
+  // hl by init-capture: compilers before C++20's rule (clang < 16) cannot capture a structured binding.
+  dispatch(st, xproj.scalar_type(), lp, [&, &hl = hl](auto s, auto xt, auto l) {
+    using scalar_t = typename decltype(s)::type;
+    using x_t = typename decltype(xt)::type;
+    using lp_t = typename decltype(l)::type;
+    for (int64_t t = 0; t < T; ++t) {
+      lstm_forward_step<scalar_t, x_t, lp_t>(B, H, step_ptr<x_t>(xproj, t), ptr<lp_t>(product(hl[t])),
+                                             step_ptr<scalar_t>(acts, t), step_ptr<scalar_t>(cs, t),
+                                             step_ptr<scalar_t>(cs, t + 1), step_ptr<scalar_t>(tcs, t),
+                                             step_ptr<scalar_t>(hs, t + 1), step_ptr<lp_t>(hl, t + 1));
+    }
+  });
+  return {W, acts, hs, cs, tcs, hl};
+}
+
+// Returns [dpre, dpl, dh, dc]: the gradients of the pre-activations (= of the input projection), their
+// lp copy (the products' operand; dpre itself without lp), and of h0 and c0. With x_in_lp (x came in
+// lp, so autograd would round its gradient to lp anyway) dpre is dpl, and the float copy of a step's
+// dpre only passes through a scratch row.
+std::vector<Tensor> lstm_backward(const Tensor& W, const Tensor& acts, const Tensor& hs, const Tensor& cs,
+                                  const Tensor& tcs, const Tensor& hl, const Tensor& d_out_in,
+                                  const Tensor& d_hT, const Tensor& d_cT, bool x_in_lp) {
+  const auto st = acts.scalar_type();
+  const auto lp = effective_lp(hl.scalar_type(), st);
+  x_in_lp = x_in_lp && lp;
+  const int64_t T = acts.size(0), B = acts.size(1), G = acts.size(2), H = G / 4;
+  TORCH_CHECK(T > 0, "lstm_backward: empty window");
+  const Tensor d_out = d_out_in.to(st).contiguous();
+  Tensor dpre = x_in_lp ? at::empty({B, G}, acts.options()) : at::empty_like(acts);
+  Tensor dpl = lp ? at::empty(acts.sizes(), acts.options().dtype(*lp)) : dpre;
+  const Tensor dh_first = at::add(d_hT.to(st), d_out[T - 1]).contiguous();
+  Tensor dc = d_cT.to(st, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  StepProduct product(W.t(), B);
+  dispatch(st, st, lp, [&](auto s, auto, auto l) {
+    using scalar_t = typename decltype(s)::type;
+    using lp_t = typename decltype(l)::type;
+    const scalar_t* dh_base = ptr<scalar_t>(dh_first);
+    const lp_t* dh_prod = nullptr;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      lstm_backward_step<scalar_t, lp_t>(B, H, dh_base, dh_prod, step_ptr<scalar_t>(acts, t),
+                                         step_ptr<scalar_t>(cs, t), step_ptr<scalar_t>(tcs, t), ptr<scalar_t>(dc),
+                                         step_ptr<scalar_t>(dpre, x_in_lp ? 0 : t), step_ptr<lp_t>(dpl, t));
+      dh_prod = ptr<lp_t>(product(dpl[t]));  // dh_{t-1} = this + d_out_{t-1}, added in the next pass
+      if (t > 0) dh_base = step_ptr<scalar_t>(d_out, t - 1);
+    }
+  });
+  return {x_in_lp ? dpl : dpre, dpl, product.result().to(st), dc};
+}
+
+// Returns [W, acts, ghn, hs, hl], _GRUWindow's saved tensors.
+std::vector<Tensor> gru_forward(const Tensor& xproj_in, const Tensor& h0, const Tensor& W_hh_in,
+                                const Tensor& b_hn_in, std::optional<at::ScalarType> lp_in) {
+  const Tensor W_hh = W_hh_in.contiguous();
+  const auto st = W_hh.scalar_type();
+  const auto lp = effective_lp(lp_in, st);
+  const Tensor xproj = input_operand(xproj_in, st, lp);
+  const Tensor b_hn = b_hn_in.to(st).contiguous();
+  const int64_t T = xproj.size(0), B = xproj.size(1), G = xproj.size(2), H = G / 3;
+  TORCH_CHECK(G == 3 * H && W_hh.size(0) == H && W_hh.size(1) == G && b_hn.numel() == H,
+              "gru_forward: shapes do not match");
+  const auto opts = W_hh.options();
+  Tensor acts = at::empty({T, B, G}, opts);
+  Tensor ghn = at::empty({T, B, H}, opts);
+  Tensor hs = at::empty({T + 1, B, H}, opts);
+  hs[0].copy_(h0);
+  auto [W, hl] = product_operands(W_hh, hs, h0, lp);
+  StepProduct product(W, B);  // one product for all three gates
+  dispatch(st, xproj.scalar_type(), lp, [&, &hl = hl](auto s, auto xt, auto l) {
+    using scalar_t = typename decltype(s)::type;
+    using x_t = typename decltype(xt)::type;
+    using lp_t = typename decltype(l)::type;
+    for (int64_t t = 0; t < T; ++t) {
+      gru_forward_step<scalar_t, x_t, lp_t>(B, H, step_ptr<x_t>(xproj, t), ptr<lp_t>(product(hl[t])),
+                                            ptr<scalar_t>(b_hn), step_ptr<scalar_t>(acts, t),
+                                            step_ptr<scalar_t>(ghn, t), step_ptr<scalar_t>(hs, t),
+                                            step_ptr<scalar_t>(hs, t + 1), step_ptr<lp_t>(hl, t + 1));
+    }
+  });
+  return {W, acts, ghn, hs, hl};
+}
+
+// Returns [d_x, d_g, d_b_hn, dh]: the gradient of the input projection (T, B, 3H), in lp when x_in_lp
+// (as in lstm_backward), of the recurrent product [h W_hr, h W_hz, h W_hn + b_hn] in the products'
+// dtype (the right operand of W_hh's gradient), of b_hn, and of h0.
+std::vector<Tensor> gru_backward(const Tensor& W, const Tensor& acts, const Tensor& ghn, const Tensor& hs,
+                                 const Tensor& hl, const Tensor& d_out_in, const Tensor& d_hT, bool x_in_lp) {
+  const auto st = acts.scalar_type();
+  const auto lp = effective_lp(hl.scalar_type(), st);
+  x_in_lp = x_in_lp && lp;
+  const int64_t T = acts.size(0), B = acts.size(1), G = acts.size(2), H = G / 3;
+  TORCH_CHECK(T > 0, "gru_backward: empty window");
+  const auto opts = acts.options();
+  const Tensor d_out = d_out_in.to(st).contiguous();
+  // Only the arrays returned span the window; a step's other copy goes to a (B, 3H) scratch row.
+  Tensor d_x = at::empty(x_in_lp ? at::IntArrayRef{B, G} : acts.sizes(), opts);
+  Tensor d_xl = lp ? at::empty(x_in_lp ? acts.sizes() : at::IntArrayRef{B, G}, opts.dtype(*lp)) : Tensor();
+  Tensor d_g = lp ? at::empty(acts.sizes(), opts.dtype(*lp)) : at::empty_like(acts);
+  Tensor d_b_hn = at::zeros({H}, opts);
+  const Tensor dh_first = at::add(d_hT.to(st), d_out[T - 1]).contiguous();
+  const Tensor zeros = at::zeros({B, H}, opts);  // d_out_{-1}: nothing comes in before step 0
+  // `direct` alternates between two buffers: a step reads the previous one (dh = it + product).
+  Tensor direct[2] = {at::empty({B, H}, opts), at::empty({B, H}, opts)};
+  StepProduct product(W.t(), B);
+  dispatch(st, st, lp, [&](auto s, auto, auto l) {
+    using scalar_t = typename decltype(s)::type;
+    using lp_t = typename decltype(l)::type;
+    constexpr bool with_lp = has_lp<scalar_t, lp_t>;
+    const scalar_t* dh_base = ptr<scalar_t>(dh_first);
+    const lp_t* dh_prod = nullptr;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const Tensor& dir = direct[t % 2];
+      gru_backward_step<scalar_t, lp_t>(
+          B, H, dh_base, dh_prod, step_ptr<scalar_t>(acts, t), step_ptr<scalar_t>(ghn, t), step_ptr<scalar_t>(hs, t),
+          t > 0 ? step_ptr<scalar_t>(d_out, t - 1) : ptr<scalar_t>(zeros), ptr<scalar_t>(dir),
+          step_ptr<scalar_t>(d_x, x_in_lp ? 0 : t), step_ptr<lp_t>(d_xl, x_in_lp ? t : 0),
+          with_lp ? nullptr : step_ptr<scalar_t>(d_g, t), with_lp ? step_ptr<lp_t>(d_g, t) : nullptr,
+          ptr<scalar_t>(d_b_hn));
+      dh_prod = ptr<lp_t>(product(d_g[t]));
+      dh_base = ptr<scalar_t>(dir);
+    }
+  });
+  return {x_in_lp ? d_xl : d_x, d_g, d_b_hn, at::add(direct[0], product.result())};
+}
+
+// Returns [W, hs, hl], _RNNWindow's saved tensors.
+std::vector<Tensor> rnn_forward(const Tensor& xproj_in, const Tensor& h0, const Tensor& W_hh_in, bool relu,
+                                std::optional<at::ScalarType> lp_in) {
+  const Tensor W_hh = W_hh_in.contiguous();
+  const auto st = W_hh.scalar_type();
+  const auto lp = effective_lp(lp_in, st);
+  const Tensor xproj = input_operand(xproj_in, st, lp);
+  const int64_t T = xproj.size(0), B = xproj.size(1), H = xproj.size(2);
+  TORCH_CHECK(W_hh.size(0) == H && W_hh.size(1) == H, "rnn_forward: shapes do not match");
+  Tensor hs = at::empty({T + 1, B, H}, W_hh.options());
+  hs[0].copy_(h0);
+  auto [W, hl] = product_operands(W_hh, hs, h0, lp);
+  StepProduct product(W, B);
+  dispatch(st, xproj.scalar_type(), lp, [&, &hl = hl](auto s, auto xt, auto l) {
+    using scalar_t = typename decltype(s)::type;
+    using x_t = typename decltype(xt)::type;
+    using lp_t = typename decltype(l)::type;
+    for (int64_t t = 0; t < T; ++t) {
+      rnn_forward_step<scalar_t, x_t, lp_t>(B, H, relu, step_ptr<x_t>(xproj, t), ptr<lp_t>(product(hl[t])),
+                                            step_ptr<scalar_t>(hs, t + 1), step_ptr<lp_t>(hl, t + 1));
+    }
+  });
+  return {W, hs, hl};
+}
+
+// Returns [dpre, dpl, dh]: the pre-activations' gradient (= the input projection's), its lp copy
+// (dpre itself without lp), and h0's gradient; x_in_lp as in lstm_backward.
+std::vector<Tensor> rnn_backward(const Tensor& W, const Tensor& hs, const Tensor& hl, const Tensor& d_out_in,
+                                 const Tensor& d_hT, bool relu, bool x_in_lp) {
+  const auto st = hs.scalar_type();
+  const auto lp = effective_lp(hl.scalar_type(), st);
+  x_in_lp = x_in_lp && lp;
+  const int64_t T = hs.size(0) - 1, B = hs.size(1), H = hs.size(2);
+  TORCH_CHECK(T > 0, "rnn_backward: empty window");
+  const Tensor d_out = d_out_in.to(st).contiguous();
+  Tensor dpre = x_in_lp ? at::empty({B, H}, hs.options()) : at::empty({T, B, H}, hs.options());
+  Tensor dpl = lp ? at::empty({T, B, H}, hs.options().dtype(*lp)) : dpre;
+  const Tensor dh_first = at::add(d_hT.to(st), d_out[T - 1]).contiguous();
+  StepProduct product(W.t(), B);
+  dispatch(st, st, lp, [&](auto s, auto, auto l) {
+    using scalar_t = typename decltype(s)::type;
+    using lp_t = typename decltype(l)::type;
+    const scalar_t* dh_base = ptr<scalar_t>(dh_first);
+    const lp_t* dh_prod = nullptr;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      rnn_backward_step<scalar_t, lp_t>(B, H, relu, dh_base, dh_prod, step_ptr<scalar_t>(hs, t + 1),
+                                        step_ptr<scalar_t>(dpre, x_in_lp ? 0 : t), step_ptr<lp_t>(dpl, t));
+      dh_prod = ptr<lp_t>(product(dpl[t]));
+      if (t > 0) dh_base = step_ptr<scalar_t>(d_out, t - 1);
+    }
+  });
+  return {x_in_lp ? dpl : dpre, dpl, product.result().to(st)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "deeprnn's compiled window kernels: see deeprnn.models.scratch";
+  m.def("lstm_forward", &lstm_forward, "LSTM window forward -> [W, acts, hs, cs, tcs, hl]");
+  m.def("lstm_backward", &lstm_backward, "LSTM window backward -> [dpre, dpl, dh, dc]");
+  m.def("gru_forward", &gru_forward, "GRU window forward -> [W, acts, ghn, hs, hl]");
+  m.def("gru_backward", &gru_backward, "GRU window backward -> [d_x, d_g, d_b_hn, dh]");
+  m.def("rnn_forward", &rnn_forward, "RNN window forward -> [W, hs, hl]");
+  m.def("rnn_backward", &rnn_backward, "RNN window backward -> [dpre, dpl, dh]");
+  m.def("set_packed_products", [](bool on) { packed_products.store(on); },
+        "Whether float32 products may use oneDNN's prepacked linear (else at::mm); for tests");
+  m.def("packed_products", [] { return packed_products.load() && packed_linear() != nullptr; },
+        "Whether products use oneDNN's prepacked linear where they can");
+}

@@ -1,0 +1,122 @@
+"""The compiled window kernels (``csrc/windows.cpp``), built on first use, or None where they cannot be.
+
+The scratch layers' window functions (``scratch._LSTMWindow`` and its siblings) run their CPU time
+loops in this C++ extension when it loads, and their Python loops otherwise (and always on GPUs). It
+is compiled by ``torch.utils.cpp_extension.load`` the first time a process needs it (about 15 s with
+g++ 12 on the benchmark machine; torch caches the build under its extensions directory,
+``TORCH_EXTENSIONS_DIR``, so later processes only load it, in well under a second). If it cannot be
+built (no compiler, no headers, any error) the Python loops run instead, with one warning saying why.
+``DEEPRNN_NATIVE=0`` in the environment turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "windows.cpp"
+ENV = "DEEPRNN_NATIVE"
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_failure: str | None = None  # why the build failed; set at most once per process
+_build_seconds: float | None = None
+
+
+def disabled() -> bool:
+    """Whether ``DEEPRNN_NATIVE`` turns the extension off (``0``, ``false``, ``no``, ``off``)."""
+    return os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off")
+
+
+def _isa_flags() -> list[str]:
+    """Vector ISA flags for the pointwise loops, from the instruction set torch itself dispatches to here.
+
+    Not ``-march=native``: these name a feature level rather than this CPU, and torch's extension cache
+    keys a build on its flags, so a machine that reports another level gets its own build instead of
+    loading one it cannot run.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []  # e.g. aarch64: NEON is the baseline, -O3 vectorises for it
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):  # the LSTM step's pointwise pass: ~9 us, against ~20 us with AVX2
+        return ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    if capability == "AVX2":
+        return ["-mavx2", "-mfma", "-mf16c"]
+    return []
+
+
+def load() -> ModuleType | None:
+    """The extension module, built on the first call in a process; None if disabled or it cannot be built.
+
+    Thread-safe; a failed build is not retried in the same process and warns once.
+    """
+    global _module, _failure, _build_seconds
+    if disabled():
+        return None
+    if _module is not None or _failure is not None:
+        return _module
+    with _lock:
+        if _module is not None or _failure is not None:
+            return _module
+        started = time.perf_counter()
+        try:
+            from torch.utils import cpp_extension
+
+            log.info("loading deeprnn's C++ window kernels (the first build takes ~15 s)")
+            _module = cpp_extension.load(
+                # torch's cache keys a build on its name, sources and flags, not on torch's version:
+                # naming the version keeps a build made against another torch from being loaded.
+                name="deeprnn_windows_" + re.sub(r"\W", "_", torch.__version__),
+                sources=[str(SOURCE)],
+                # -fno-trapping-math: without it GCC will not if-convert the clamp in the sigmoid, and
+                # leaves those loops scalar (3-10x slower); nothing here reads floating-point flags.
+                extra_cflags=["-O3", "-fno-trapping-math", *_isa_flags()],
+                verbose=False,
+            )
+            _build_seconds = time.perf_counter() - started
+        except Exception as exc:  # any failure means "use the Python loops", never a crash
+            _failure = f"{type(exc).__name__}: {_gist(str(exc))}"
+            warnings.warn(f"deeprnn: C++ window kernels unavailable, using the Python loops ({_failure})",
+                          RuntimeWarning, stacklevel=2)
+    return _module
+
+
+def _gist(message: str) -> str:
+    """The line of a build failure that says why (the compiler's first error), not ninja's last words."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    telling = [line for line in lines if re.search(r"error|not found|no such file|cannot", line, re.IGNORECASE)
+               and not line.startswith("Error building extension")]
+    line = (telling or lines or ["no message"])[0]
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def kernels_for(x: torch.Tensor, W_hh: torch.Tensor, lp: torch.dtype | None) -> ModuleType | None:
+    """The extension if it serves a window with input ``x``, recurrent weight ``W_hh`` and products in
+    ``lp`` (CPU; float32 or float64 state; no lp, bfloat16 or float16) and it loads, else None."""
+    if x.device.type != "cpu" or W_hh.device.type != "cpu":
+        return None
+    if W_hh.dtype not in (torch.float32, torch.float64) or lp not in (None, torch.bfloat16, torch.float16):
+        return None
+    return load()
+
+
+def backend() -> str:
+    """One line for reports: which kernels the scratch layers' CPU windows use, and why."""
+    if disabled():
+        return f"python window kernels ({ENV}=0)"
+    module = load()
+    if module is None:
+        return f"python window kernels (C++ build failed: {_failure})"
+    isa = torch.backends.cpu.get_cpu_capability() if _isa_flags() else "baseline ISA"
+    return f"C++ window kernels (vectorised for {isa}; built or loaded in {_build_seconds:.1f} s)"

@@ -1,0 +1,240 @@
+"""The C++ window kernels (``deeprnn.models.native``) equal the Python loops in ``scratch``.
+
+Both sides take the same arguments and return the same lists, so every tensor is compared: the saved
+activations and states, the outputs, and the gradients from a random upstream gradient. float64 to
+rounding, float32 to ~1e-5; with bf16 products (lp) the two differ only where a last-bit difference in
+float32 flips a bf16 rounding, so those compare within bf16 tolerance and, on average, much closer.
+Skips only if the extension cannot be built here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from deeprnn.models import ModelConfig, build_model, native
+from deeprnn.models import scratch as S
+
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+SHAPES = [(1, 1, 1), (1, 4, 8), (5, 1, 3), (6, 3, 7), (4, 2, 33)]  # (T, B, H): T=1, B=1, odd H
+
+
+@pytest.fixture
+def ext(monkeypatch):
+    monkeypatch.delenv(native.ENV, raising=False)
+    module = native.load()
+    if module is None:
+        pytest.skip(f"the C++ window kernels cannot be built here: {native._failure}")
+    return module
+
+
+def _tol(dtype, lp):
+    if lp is not None:
+        return {"atol": 3e-2, "rtol": 3e-2}
+    return {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 1e-5}
+
+
+def _inputs(cell, T, B, H, dtype, lp, x_lp, seed=0):
+    """Arguments of the cell's forward kernel (after xproj: the state(s), W_hh, b_hn / relu, lp)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=dtype) * scale
+
+    G = {"lstm": 4, "gru": 3}.get(cell, 1) * H
+    xproj = rand(T, B, G)
+    if x_lp:
+        xproj = xproj.to(lp)  # a deeper layer's projection under autocast
+    W = rand(H, G, scale=H**-0.5)
+    h0 = rand(B, H, scale=0.5)
+    if cell == "lstm":
+        return (xproj, h0, rand(B, H, scale=0.5), W, lp)
+    if cell == "gru":
+        return (xproj, h0, W, rand(H, scale=0.1), lp)
+    return (xproj, h0, W, cell == "rnn_relu", lp)
+
+
+KERNELS = {  # cell -> (forward name, Python forward, Python backward)
+    "lstm": ("lstm", S._lstm_forward, S._lstm_backward),
+    "gru": ("gru", S._gru_forward, S._gru_backward),
+    "rnn_tanh": ("rnn", S._rnn_forward, S._rnn_backward),
+    "rnn_relu": ("rnn", S._rnn_forward, S._rnn_backward),
+}
+
+
+def _backward_args(cell, saved, T, B, H, dtype, lp, x_lp, args, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    d_out = torch.randn(T, B, H, generator=gen, dtype=dtype)
+    if lp is not None:
+        d_out = d_out.to(lp)  # the outputs come in lp, so does their gradient
+    d_h = torch.randn(B, H, generator=gen, dtype=dtype)
+    if cell == "lstm":
+        return (*saved, d_out, d_h, torch.randn(B, H, generator=gen, dtype=dtype), x_lp)
+    if cell == "gru":
+        return (*saved, d_out, d_h, x_lp)
+    return (*saved, d_out, d_h, args[3], x_lp)
+
+
+def _assert_lists_close(ours, ref, tol, lp):
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert_close(a, b, **tol)
+        if lp is not None:  # bf16 flips are rare: the mean difference stays far below bf16's resolution
+            assert (a.double() - b.double()).abs().mean() <= 2e-3 * b.double().abs().mean() + 1e-6
+
+
+CASES = [(c, s, d, None, False) for c, s, d in itertools.product(CELLS, SHAPES, [torch.float64, torch.float32])]
+CASES += [(c, s, torch.float32, lp, x_lp) for c, s, lp, x_lp in
+          itertools.product(CELLS, SHAPES[2:], [torch.bfloat16], [False, True])]
+CASES += [(c, SHAPES[3], torch.float32, torch.float16, True) for c in CELLS]
+
+
+@pytest.fixture(params=[True, False], ids=["packed", "mm"])
+def products(ext, request):
+    """Both ways the kernels run a step's product: oneDNN's prepacked linear (float32, where torch has
+    it) and at::mm."""
+    ext.set_packed_products(request.param)
+    yield request.param
+    ext.set_packed_products(True)
+
+
+@pytest.mark.parametrize("cell,shape,dtype,lp,x_lp", CASES)
+def test_kernels_equal_python_loops(ext, products, cell, shape, dtype, lp, x_lp):
+    """Forward and backward kernels return what the Python loops return, tensor for tensor."""
+    T, B, H = shape
+    name, py_forward, py_backward = KERNELS[cell]
+    args = _inputs(cell, T, B, H, dtype, lp, x_lp)
+    tol = _tol(dtype, lp)
+    saved, ref_saved = getattr(ext, f"{name}_forward")(*args), py_forward(*args)
+    _assert_lists_close(saved, ref_saved, tol, lp)
+    # Both backward sweeps start from the Python forward's tensors, so only the sweeps differ.
+    bargs = _backward_args(cell, ref_saved, T, B, H, dtype, lp, x_lp, args)
+    _assert_lists_close(getattr(ext, f"{name}_backward")(*bargs), py_backward(*bargs), tol, lp)
+
+
+def _window(cell, args):
+    if cell == "lstm":
+        xproj, h0, c0, W, lp = args
+        out, h, c = S._LSTMWindow.apply(xproj, h0, c0, W, lp)
+        return out, (h, c), (xproj, h0, c0, W)
+    if cell == "gru":
+        xproj, h0, W, b_hn, lp = args
+        out, h = S._GRUWindow.apply(xproj, h0, W, b_hn, lp)
+        return out, (h,), (xproj, h0, W, b_hn)
+    xproj, h0, W, relu, lp = args
+    out, h = S._RNNWindow.apply(xproj, h0, W, relu, lp)
+    return out, (h,), (xproj, h0, W)
+
+
+def _run_window(cell, args, seed=2):
+    """Outputs, final states and the gradients of every differentiable input for a random upstream."""
+    args = tuple(a.detach().clone().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a
+                 for a in args)
+    out, finals, leaves = _window(cell, args)
+    gen = torch.Generator().manual_seed(seed)
+    loss = (out.double() * torch.randn(out.shape, generator=gen, dtype=torch.float64)).sum()
+    for f in finals:
+        loss = loss + (f.double() * torch.randn(f.shape, generator=gen, dtype=torch.float64)).sum()
+    grads = torch.autograd.grad(loss, [leaf for leaf in leaves if leaf.requires_grad])
+    return [out, *finals, *grads]
+
+
+@pytest.mark.parametrize("cell,shape,dtype,lp,x_lp", [c for c in CASES if c[1] in (SHAPES[0], SHAPES[3])])
+def test_window_functions_native_equals_python(ext, monkeypatch, cell, shape, dtype, lp, x_lp):
+    """Through the autograd functions: outputs, final states and all input gradients, native vs Python."""
+    T, B, H = shape
+    args = _inputs(cell, T, B, H, dtype, lp, x_lp)
+    ours = _run_window(cell, args)
+    monkeypatch.setenv(native.ENV, "0")
+    ref = _run_window(cell, args)
+    _assert_lists_close(ours, ref, _tol(dtype, lp), lp)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_native_gradcheck(ext, cell):
+    """The compiled backward sweeps against finite differences (float64)."""
+    args = _inputs(cell, 3, 2, 3, torch.float64, None, False, seed=5)
+    leaves = [a.detach().clone().requires_grad_() if torch.is_tensor(a) else a for a in args]
+    if cell == "lstm":
+        fn = lambda x, h, c, W: S._LSTMWindow.apply(x, h, c, W)  # noqa: E731
+        inputs = leaves[:4]
+    elif cell == "gru":
+        fn = lambda x, h, W, b: S._GRUWindow.apply(x, h, W, b)  # noqa: E731
+        inputs = leaves[:4]
+    else:
+        relu = leaves[3]
+        if relu:  # keep pre-activations away from ReLU's kink, where finite differences are wrong
+            leaves[0] = (leaves[0].detach() + 0.5 * leaves[0].detach().sign()).requires_grad_()
+        fn = lambda x, h, W: S._RNNWindow.apply(x, h, W, relu)  # noqa: E731
+        inputs = leaves[:3]
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_model_under_bf16_autocast_native_equals_python(ext, monkeypatch, cell):
+    """A 2-layer scratch model under bf16 autocast (layer 2's projection arrives in bf16): same logits,
+    final state and parameter gradients with either kernel."""
+    torch.manual_seed(3)
+    V, B, T = 9, 3, 6
+    model = build_model(ModelConfig(vocab_size=V, cell=cell, num_layers=2, num_hiddens=24, impl="scratch"))
+    X, Y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, final = model(X)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), Y.T.reshape(-1))
+        finals = final if isinstance(final, tuple) else (final,)
+        (loss + sum(f.float().square().sum() for f in finals)).backward()
+        return [logits.float(), *finals, *(p.grad for p in model.parameters())]
+
+    ours = run()
+    monkeypatch.setenv(native.ENV, "0")
+    ref = run()
+    for a, b in zip(ours, ref):
+        assert_close(a, b, atol=3e-2, rtol=3e-2)
+        assert (a - b).abs().mean() <= 2e-3 * b.abs().mean() + 1e-6
+
+
+def test_disabled_by_environment_uses_python_loops(monkeypatch):
+    """DEEPRNN_NATIVE=0: no build, no warning, the Python loops run."""
+    monkeypatch.setenv(native.ENV, "0")
+    calls = []
+    python_forward = S._lstm_forward
+    monkeypatch.setattr(S, "_lstm_forward", lambda *a: calls.append(1) or python_forward(*a))
+    assert native.load() is None
+    assert native.backend().startswith("python window kernels")
+    layer = build_model(ModelConfig(vocab_size=5, cell="lstm", num_layers=1, num_hiddens=4,
+                                    impl="scratch")).layers[0]
+    out, _ = layer(torch.randn(2, 3, 16), (torch.zeros(3, 4), torch.zeros(3, 4)))
+    out.sum().backward()
+    assert calls == [1] and layer.W_hh.grad is not None
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch):
+    """A build that raises (no compiler, no headers, ...) means the Python loops and one warning."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.delenv(native.ENV, raising=False)
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failure", None)
+
+    def broken(**kwargs):
+        raise RuntimeError("Error building extension 'deeprnn_windows'\ng++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    with pytest.warns(RuntimeWarning, match="using the Python loops .*command not found"):
+        assert native.load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.load() is None  # remembered: no second try, no second warning
+    assert "build failed" in native.backend()
+    layer = build_model(ModelConfig(vocab_size=5, cell="gru", num_layers=1, num_hiddens=4,
+                                    impl="scratch")).layers[0]
+    out, h = layer(torch.randn(2, 3, 12), torch.zeros(3, 4))
+    assert out.shape == (2, 3, 4) and h.shape == (3, 4)
