@@ -316,10 +316,11 @@ class _CellStepper(_ModelStepper):
     _CELLS = {"lstm": torch.lstm_cell, "gru": torch.gru_cell,
               "rnn_tanh": torch.rnn_tanh_cell, "rnn_relu": torch.rnn_relu_cell}
 
-    def __init__(self, model, device, *, cell, layers, embedding, out_weight, out_bias):
+    def __init__(self, model, device, *, cell, layers, embedding, out_weight, out_bias, residual=False):
         super().__init__(model, device)
         self.cell_fn = self._CELLS[cell]
         self.lstm = cell == "lstm"
+        self.residual = residual  # layers 2..L add their input to their output (the state stays the cell's h)
         self.layers = layers  # [(w_ih (G*H, in), w_hh (G*H, H), b_ih or None, b_hh or None)]
         self.embedding = embedding  # (V, in), or None for a one-hot input
         self.out_weight_t = out_weight.t()  # (H, V)
@@ -358,15 +359,15 @@ class _CellStepper(_ModelStepper):
                 self.h[l], self.c[l] = self.cell_fn(x, (self.h[l], self.c[l]), *weights)
             else:
                 self.h[l] = self.cell_fn(x, self.h[l], *weights)
-            x = self.h[l]  # (B, H)
+            x = self.h[l] + x if self.residual and l > 0 else self.h[l]  # (B, H)
         return torch.addmm(self.out_bias, x, self.out_weight_t)  # (B, V)
 
 
 def make_stepper(model: nn.Module, device: torch.device) -> _ModelStepper:
     """The fastest stepper that computes exactly what ``model.forward`` does.
 
-    ``ConciseModel`` and ``ScratchModel`` (except the book's GRU variant, which has no ``torch.nn`` cell)
-    get a ``_CellStepper``; anything else steps through its ``forward``.
+    ``ConciseModel`` and ``ScratchModel`` (except the book's GRU variant and the layer-normalised cells,
+    which have no ``torch.nn`` cell) get a ``_CellStepper``; anything else steps through its ``forward``.
     """
     from deeprnn.models import ConciseModel, ScratchModel  # models import nothing from here
 
@@ -381,7 +382,7 @@ def make_stepper(model: nn.Module, device: torch.device) -> _ModelStepper:
             tuple(getattr(rnn, f"{name}_l{l}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
             for l in range(rnn.num_layers)
         ]
-    elif type(model) is ScratchModel and not (cfg.cell == "gru" and cfg.gru_variant == "d2l"):
+    elif type(model) is ScratchModel and not (cfg.cell == "gru" and cfg.gru_variant == "d2l") and not cfg.layer_norm:
         layers = []
         for layer in model.layers:
             b_hh = None
@@ -391,7 +392,7 @@ def make_stepper(model: nn.Module, device: torch.device) -> _ModelStepper:
     else:
         return _ModelStepper(model, device)
     return _CellStepper(model, device, cell=cfg.cell, layers=layers, embedding=embedding,
-                        out_weight=out.weight, out_bias=out.bias)
+                        out_weight=out.weight, out_bias=out.bias, residual=cfg.residual)
 
 
 # -- decoding loops -----------------------------------------------------------------------------
