@@ -99,8 +99,14 @@ def products(ext, request):
     """Both ways the kernels run a step's product: oneDNN's prepacked linear (float32, where torch has
     it) and at::mm."""
     ext.set_packed_products(request.param)
+    if request.param and not ext.packed_products():
+        ext.set_packed_products(True)
+        pytest.skip("this torch build has no oneDNN prepacked linear: at::mm is the only path")
     yield request.param
+    still_packed = ext.packed_products()
     ext.set_packed_products(True)
+    if request.param:  # a packed call that threw would have switched itself off and tested at::mm twice
+        assert still_packed, "the prepacked products failed and fell back to at::mm during the test"
 
 
 @pytest.mark.parametrize("cell,shape,dtype,lp,x_lp", CASES)
@@ -149,10 +155,25 @@ def test_window_functions_native_equals_python(ext, monkeypatch, cell, shape, dt
     """Through the autograd functions: outputs, final states and all input gradients, native vs Python."""
     T, B, H = shape
     args = _inputs(cell, T, B, H, dtype, lp, x_lp)
+    served = _count_native(monkeypatch)
     ours = _run_window(cell, args)
+    assert served == [True], "the autograd function did not take the C++ path"
     monkeypatch.setenv(native.ENV, "0")
     ref = _run_window(cell, args)
     _assert_lists_close(ours, ref, _tol(dtype, lp), lp)
+
+
+def _count_native(monkeypatch) -> list[bool]:
+    """Records, for each window forward from now on, whether ``kernels_for`` served the C++ module."""
+    served, real = [], native.kernels_for
+
+    def counting(*args):
+        module = real(*args)
+        served.append(module is not None)
+        return module
+
+    monkeypatch.setattr(native, "kernels_for", counting)
+    return served
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -193,7 +214,9 @@ def test_model_under_bf16_autocast_native_equals_python(ext, monkeypatch, cell):
         (loss + sum(f.float().square().sum() for f in finals)).backward()
         return [logits.float(), *finals, *(p.grad for p in model.parameters())]
 
+    served = _count_native(monkeypatch)
     ours = run()
+    assert served == [True, True], "both layers' windows should take the C++ path"
     monkeypatch.setenv(native.ENV, "0")
     ref = run()
     for a, b in zip(ours, ref):
@@ -238,3 +261,65 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
                                     impl="scratch")).layers[0]
     out, h = layer(torch.randn(2, 3, 12), torch.zeros(3, 4))
     assert out.shape == (2, 3, 4) and h.shape == (3, 4)
+
+
+def test_ninja_next_to_python_is_found_without_an_activated_venv(tmp_path, monkeypatch):
+    """A venv's bin/deeprnn run without activating the venv: torch looks for ninja on PATH only."""
+    venv_bin, elsewhere = tmp_path / "venv-bin", tmp_path / "elsewhere"
+    venv_bin.mkdir(), elsewhere.mkdir()
+    ninja = venv_bin / "ninja"
+    ninja.write_text("#!/bin/sh\necho 1.11.1\n")
+    ninja.chmod(0o755)
+    monkeypatch.setattr(native.sys, "executable", str(venv_bin / "python"))
+    monkeypatch.setenv("PATH", str(elsewhere))
+    native._find_ninja()
+    assert native.os.environ["PATH"] == f"{elsewhere}{native.os.pathsep}{venv_bin}"
+    native._find_ninja()  # found on PATH now: unchanged
+    assert native.os.environ["PATH"] == f"{elsewhere}{native.os.pathsep}{venv_bin}"
+
+
+def _fresh_load_state(monkeypatch):
+    monkeypatch.delenv(native.ENV, raising=False)
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failure", None)
+
+
+def test_failed_build_under_warnings_as_errors_still_falls_back(monkeypatch, caplog):
+    """python -W error turns the fallback's warning into an exception: the fallback must survive it."""
+    from torch.utils import cpp_extension
+
+    _fresh_load_state(monkeypatch)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: (_ for _ in ()).throw(OSError("no space left")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.load() is None
+    assert "using the Python loops (OSError: no space left)" in caplog.text
+
+
+def test_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A lock left by a build that was killed would make torch wait forever; one in use must stay."""
+    import os
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    seen = []
+    for age, kept in ((native.STALE_LOCK_SECONDS + 60, False), (5, True)):
+        _fresh_load_state(monkeypatch)
+        flags = ["-O3", "-fno-trapping-math", *native._isa_flags()]
+        lock = tmp_path / native.build_name(flags) / "lock"
+        lock.parent.mkdir(exist_ok=True)
+        lock.touch()
+        old = lock.stat().st_mtime - age
+        os.utime(lock, (old, old))
+        monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.append(lock.exists()) or "module")
+        assert native.load() == "module"
+        assert lock.exists() is kept
+    assert seen == [False, True]
+
+
+def test_build_name_separates_torch_versions_vector_levels_and_flags(monkeypatch):
+    a = native.build_name(["-O3"])
+    assert a.startswith("deeprnn_windows_") and a != native.build_name(["-O2"])
+    monkeypatch.setattr(native.torch, "__version__", "9.9.9+cu999")
+    assert "9_9_9_cu999" in native.build_name(["-O3"]) and native.build_name(["-O3"]) != a

@@ -11,10 +11,14 @@ built (no compiler, no headers, any error) the Python loops run instead, with on
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import platform
 import re
+import shutil
+import sys
 import threading
 import time
 import warnings
@@ -73,23 +77,60 @@ def load() -> ModuleType | None:
         try:
             from torch.utils import cpp_extension
 
+            _find_ninja()
+            # -fno-trapping-math: without it GCC will not if-convert the clamp in the sigmoid, and
+            # leaves those loops scalar (3-10x slower); nothing here reads floating-point flags.
+            flags = ["-O3", "-fno-trapping-math", *_isa_flags()]
+            name = build_name(flags)
+            _clear_stale_lock(cpp_extension, name)
             log.info("loading deeprnn's C++ window kernels (the first build takes ~15 s)")
-            _module = cpp_extension.load(
-                # torch's cache keys a build on its name, sources and flags, not on torch's version:
-                # naming the version keeps a build made against another torch from being loaded.
-                name="deeprnn_windows_" + re.sub(r"\W", "_", torch.__version__),
-                sources=[str(SOURCE)],
-                # -fno-trapping-math: without it GCC will not if-convert the clamp in the sigmoid, and
-                # leaves those loops scalar (3-10x slower); nothing here reads floating-point flags.
-                extra_cflags=["-O3", "-fno-trapping-math", *_isa_flags()],
-                verbose=False,
-            )
+            _module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
             _build_seconds = time.perf_counter() - started
         except Exception as exc:  # any failure means "use the Python loops", never a crash
             _failure = f"{type(exc).__name__}: {_gist(str(exc))}"
-            warnings.warn(f"deeprnn: C++ window kernels unavailable, using the Python loops ({_failure})",
-                          RuntimeWarning, stacklevel=2)
+            message = f"deeprnn: C++ window kernels unavailable, using the Python loops ({_failure})"
+            try:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            except Warning:  # -W error: the fallback must still not become a crash
+                log.warning(message)
     return _module
+
+
+def build_name(flags: list[str]) -> str:
+    """The extension's name, which is also its build directory under torch's extensions root.
+
+    torch keys that directory on the name alone, and across processes it only asks ninja whether the
+    files changed. A name that holds torch's version, the vector level and a hash of the source and
+    flags gives each combination its own directory, so a cache shared between machines (an NFS home,
+    several nodes) never hands an AVX-512 build to an AVX2 machine, or one torch's build to another.
+    """
+    isa = torch.backends.cpu.get_cpu_capability().lower() if _isa_flags() else "base"
+    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
+    return f"deeprnn_windows_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{isa}_{digest}"
+
+
+STALE_LOCK_SECONDS = 600  # a build takes ~15 s; a lock this old was left by a process that died
+
+
+def _clear_stale_lock(cpp_extension: ModuleType, name: str) -> None:
+    """Remove a build lock left by a process killed mid-build: torch would wait for it forever."""
+    try:  # torch's own rule for the directory (extensions root, Python and accelerator), private
+        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (AttributeError, TypeError, OSError):
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("deeprnn: removing a stale C++ build lock (%.0f s old): %s", age, lock)
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
+def _find_ninja() -> None:
+    """torch runs ``ninja`` from PATH. The ``ninja`` package installs it next to this Python, which is not on
+    PATH when a venv's ``bin/deeprnn`` runs without activating the venv: put that directory last on PATH."""
+    here = Path(sys.executable).parent
+    if shutil.which("ninja") is None and shutil.which("ninja", path=str(here)) is not None:
+        os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + str(here)
 
 
 def _gist(message: str) -> str:
@@ -107,6 +148,8 @@ def kernels_for(x: torch.Tensor, W_hh: torch.Tensor, lp: torch.dtype | None) -> 
     if x.device.type != "cpu" or W_hh.device.type != "cpu":
         return None
     if W_hh.dtype not in (torch.float32, torch.float64) or lp not in (None, torch.bfloat16, torch.float16):
+        return None
+    if getattr(torch.compiler, "is_compiling", lambda: False)():  # keep the Python loops traceable
         return None
     return load()
 

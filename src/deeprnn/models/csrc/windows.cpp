@@ -18,9 +18,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -37,6 +37,16 @@
 #endif
 
 namespace {
+
+// The bits of a value as another type of the same size. C++20's bit_cast would do, but older torch
+// releases build extensions as C++17; compilers turn the memcpy into a register move, so loops vectorise.
+template <typename To, typename From>
+inline To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as: sizes differ");
+  To out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+}
 
 using at::Tensor;
 
@@ -61,7 +71,7 @@ inline float exp_vec(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const uint32_t scale = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  return p * std::bit_cast<float>(scale);
+  return p * bits_as<float>(scale);
 }
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + exp_vec(-x)); }
@@ -84,7 +94,7 @@ template <typename lp_t, typename T>
 inline lp_t to_lp(T x) {
   const float v = static_cast<float>(x);
   if constexpr (std::is_same_v<lp_t, c10::BFloat16>) {
-    const uint32_t u = std::bit_cast<uint32_t>(v);
+    const uint32_t u = bits_as<uint32_t>(v);
     const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     const uint16_t bits = v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
     return lp_t(bits, lp_t::from_bits());
@@ -621,12 +631,12 @@ std::vector<Tensor> rnn_backward(const Tensor& W, const Tensor& hs, const Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deeprnn's compiled window kernels: see deeprnn.models.scratch";
-  m.def("lstm_forward", &lstm_forward, "LSTM window forward -> [W, acts, hs, cs, tcs, hl]");
-  m.def("lstm_backward", &lstm_backward, "LSTM window backward -> [dpre, dpl, dh, dc]");
-  m.def("gru_forward", &gru_forward, "GRU window forward -> [W, acts, ghn, hs, hl]");
-  m.def("gru_backward", &gru_backward, "GRU window backward -> [d_x, d_g, d_b_hn, dh]");
-  m.def("rnn_forward", &rnn_forward, "RNN window forward -> [W, hs, hl]");
-  m.def("rnn_backward", &rnn_backward, "RNN window backward -> [dpre, dpl, dh]");
+  m.def("lstm_forward", &lstm_forward, py::call_guard<py::gil_scoped_release>(), "LSTM window forward -> [W, acts, hs, cs, tcs, hl]");
+  m.def("lstm_backward", &lstm_backward, py::call_guard<py::gil_scoped_release>(), "LSTM window backward -> [dpre, dpl, dh, dc]");
+  m.def("gru_forward", &gru_forward, py::call_guard<py::gil_scoped_release>(), "GRU window forward -> [W, acts, ghn, hs, hl]");
+  m.def("gru_backward", &gru_backward, py::call_guard<py::gil_scoped_release>(), "GRU window backward -> [d_x, d_g, d_b_hn, dh]");
+  m.def("rnn_forward", &rnn_forward, py::call_guard<py::gil_scoped_release>(), "RNN window forward -> [W, hs, hl]");
+  m.def("rnn_backward", &rnn_backward, py::call_guard<py::gil_scoped_release>(), "RNN window backward -> [dpre, dpl, dh]");
   m.def("set_packed_products", [](bool on) { packed_products.store(on); },
         "Whether float32 products may use oneDNN's prepacked linear (else at::mm); for tests");
   m.def("packed_products", [] { return packed_products.load() && packed_linear() != nullptr; },
