@@ -599,6 +599,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.stderr.isatty():  # at a terminal, say what a long silent pause is (e.g. the first C++ build)
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("deeprnn: %(message)s"))
+        logger = logging.getLogger("deeprnn")
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -629,6 +629,10 @@ def train(
         model = build_model(mcfg)
     model.to(device)
     model.train()
+    if model.config.impl == "scratch" and device.type == "cpu":
+        from deeprnn.models import native
+
+        native.load()  # a first build (~15 s) happens here, not inside the timed steps or the time budget
     net = dist.wrap(model)
     if dist.rank > 0 and resume_ckpt is None:
         # Weights are equal on every rank (same seed); dropout masks must not be.

@@ -327,3 +327,34 @@ def test_build_name_separates_torch_versions_vector_levels_and_flags(monkeypatch
     assert a.startswith("deeprnn_windows_") and a != native.build_name(["-O2"])
     monkeypatch.setattr(native.torch, "__version__", "9.9.9+cu999")
     assert "9_9_9_cu999" in native.build_name(["-O3"]) and native.build_name(["-O3"]) != a
+
+
+def test_a_first_build_is_announced_and_a_cached_one_is_not(tmp_path, monkeypatch, caplog):
+    """At a terminal the CLI shows the package's INFO log: one line before a ~15 s build, none for a load."""
+    import logging
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: "module")
+    caplog.set_level(logging.INFO, logger="deeprnn")
+    _fresh_load_state(monkeypatch)
+    assert native.load() == "module"
+    assert caplog.messages == ["building the scratch layers' C++ kernels for this machine (once, about 15 s)"]
+    name = native.build_name(["-O3", "-fno-trapping-math", *native._isa_flags()])
+    (tmp_path / name / f"{name}.so").touch()
+    caplog.clear()
+    _fresh_load_state(monkeypatch)
+    assert native.load() == "module" and caplog.messages == []
+
+
+def test_training_a_scratch_model_loads_the_kernels_before_its_clock_starts(tmp_path, monkeypatch):
+    from deeprnn.train import TrainConfig, train
+
+    calls = []
+    monkeypatch.setattr(native, "load", lambda: calls.append("load"))
+    monkeypatch.setattr(native, "kernels_for", lambda *a: calls.append("window"))  # then the Python loops
+    cfg = TrainConfig(impl="scratch", num_layers=1, num_hiddens=8, batch_size=2, num_steps=4, max_tokens=400,
+                      max_steps=1, eval_batch_size=2, sample_every=0, precision="fp32", run_dir=str(tmp_path / "r"))
+    train(cfg, progress=False, log=lambda *_: None)
+    assert calls[:2] == ["load", "window"]  # loaded (built, the first time) before the first window runs
