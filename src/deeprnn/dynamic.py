@@ -25,7 +25,7 @@ import torch
 
 from deeprnn.errors import ConfigError
 from deeprnn.models.base import detach_state
-from deeprnn.train import autocast_context, sequence_loss
+from deeprnn.train import autocast_context, heldout_streams, sequence_loss
 
 
 def dynamic_evaluate_tokens(
@@ -55,50 +55,40 @@ def dynamic_evaluate_tokens(
     if not 0 <= decay <= 1:
         raise ConfigError(f"dynamic evaluation decay must be in [0, 1], got {decay}")
     device = torch.device(device)
-    n = tokens.numel()
-    B = max(1, min(batch_size, (n - 1) // 2)) if n > 2 else 0
-    if B == 0:
+    streams = heldout_streams(tokens, batch_size)
+    if streams is None:
         return 0.0, 0
-    L = (n - 1) // B
-    streams_x = tokens[: B * L].view(B, L)
-    streams_y = tokens[1 : B * L + 1].view(B, L)
+    streams_x, streams_y = streams
     params = [p for p in model.parameters() if p.requires_grad]
     theta0 = [p.detach().clone() for p in params]
+    # Per parameter: what the gradient step is multiplied by, and the fraction of (θ0 − θ) pulled back.
+    scale, pull = [1.0] * len(params), [decay] * len(params)  # SGD
     if mean_square is not None:
         if [m.shape for m in mean_square] != [p.shape for p in params]:
             raise ConfigError("mean_square must hold one tensor per trainable parameter, shaped like it")
         rms = [m.to(p.device, p.dtype).sqrt() for m, p in zip(mean_square, params)]
-        step_scale = [1 / (r + eps) for r in rms]
         mean_rms = torch.cat([r.flatten() for r in rms]).mean()
-        pull = [(r / mean_rms).clamp(max=1 / decay) * decay if decay else None for r in rms]
+        scale = [1 / (r + eps) for r in rms]
+        pull = [(r / mean_rms).clamp(max=1 / decay) * decay if decay else 0.0 for r in rms]
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    state = model.begin_state(B, device=device)
+    state = model.begin_state(streams_x.shape[0], device=device)
     try:
-        for s in range(0, L, num_steps):
-            X = streams_x[:, s : s + num_steps].to(device).long()
-            Y = streams_y[:, s : s + num_steps].to(device).long()
-            state = detach_state(state)
-            with torch.enable_grad(), autocast_context(device, precision):
-                logits, state = model(X, state)
-                loss = sequence_loss(logits, Y, reduction="sum")
+        for s in range(0, streams_x.shape[1], num_steps):
+            Y = streams_y[:, s : s + num_steps]
+            loss, state = _window_loss(model, streams_x[:, s : s + num_steps], Y, state, device, precision,
+                                       reduction="sum")
             total += loss.detach().double()
             if lr == 0:
                 continue
             grads = torch.autograd.grad(loss / Y.numel(), params, allow_unused=True)
             with torch.no_grad():
-                for i, (p, g, p0) in enumerate(zip(params, grads, theta0)):
-                    if mean_square is None:
-                        if g is not None:
-                            p.sub_(g.to(p.dtype), alpha=lr)
-                        if decay:
-                            p.add_(p0 - p, alpha=decay)
-                        continue
+                for p, g, p0, k, q in zip(params, grads, theta0, scale, pull):
                     if g is not None:
-                        p.sub_(g.to(p.dtype) * step_scale[i], alpha=lr)
+                        p.sub_(g.to(p.dtype) * k, alpha=lr)
                     if decay:
-                        p.add_((p0 - p) * pull[i])
+                        p.add_((p0 - p) * q)
     finally:
         with torch.no_grad():
             for p, p0 in zip(params, theta0):
@@ -132,12 +122,8 @@ def gradient_mean_square(
     state = model.begin_state(1, device=device)
     try:
         for s in starts:
-            X = tokens[s : s + num_steps].view(1, -1).to(device).long()
-            Y = tokens[s + 1 : s + num_steps + 1].view(1, -1).to(device).long()
-            state = detach_state(state)
-            with torch.enable_grad(), autocast_context(device, precision):
-                logits, state = model(X, state)
-                loss = sequence_loss(logits, Y)
+            loss, state = _window_loss(model, tokens[s : s + num_steps].view(1, -1),
+                                       tokens[s + 1 : s + num_steps + 1].view(1, -1), state, device, precision)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for m, g in zip(ms, grads):
                 if g is not None:
@@ -145,3 +131,12 @@ def gradient_mean_square(
     finally:
         model.train(was_training)
     return [m / count for m in ms]
+
+
+def _window_loss(model, X, Y, state, device, precision, reduction="mean"):
+    """One window's cross-entropy with a graph to the weights (even under ``no_grad`` callers), from
+    ``state`` detached, and the final state."""
+    with torch.enable_grad(), autocast_context(device, precision):
+        logits, state = model(X.to(device).long(), detach_state(state))
+        loss = sequence_loss(logits, Y.to(device).long(), reduction=reduction)
+    return loss, state

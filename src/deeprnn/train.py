@@ -308,6 +308,17 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def heldout_streams(tokens: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``tokens`` cut into ``batch_size`` contiguous streams (fewer for a short text): inputs and next-token
+    targets, each ``(B, L)``, every prediction after a stream's first token scored once. None below 3 tokens."""
+    n = tokens.numel()
+    if n <= 2:
+        return None
+    B = max(1, min(batch_size, (n - 1) // 2))
+    L = (n - 1) // B
+    return tokens[: B * L].view(B, L), tokens[1 : B * L + 1].view(B, L)
+
+
 @torch.no_grad()
 def evaluate_tokens(
     model: torch.nn.Module,
@@ -327,13 +338,11 @@ def evaluate_tokens(
     exactly once. Under data parallelism each rank scores its own streams; the caller sums.
     """
     device = torch.device(device)
-    n = tokens.numel()
-    B = max(1, min(batch_size, (n - 1) // 2)) if n > 2 else 0
-    if B == 0:
+    streams = heldout_streams(tokens, batch_size)
+    if streams is None:
         return 0.0, 0
-    L = (n - 1) // B
-    streams_x = tokens[: B * L].view(B, L)
-    streams_y = tokens[1 : B * L + 1].view(B, L)
+    streams_x, streams_y = streams
+    B = streams_x.shape[0]
     lo, hi = rank * B // world_size, (rank + 1) * B // world_size
     streams_x, streams_y = streams_x[lo:hi], streams_y[lo:hi]
     if streams_x.shape[0] == 0:
@@ -343,7 +352,7 @@ def evaluate_tokens(
     total = torch.zeros((), dtype=torch.float64, device=device)
     state = model.begin_state(streams_x.shape[0], device=device)
     try:
-        for s in range(0, L, num_steps):
+        for s in range(0, streams_x.shape[1], num_steps):
             X = streams_x[:, s : s + num_steps].to(device).long()
             Y = streams_y[:, s : s + num_steps].to(device).long()
             with autocast_context(device, precision):

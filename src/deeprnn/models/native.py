@@ -82,16 +82,18 @@ def load() -> ModuleType | None:
             # leaves those loops scalar (3-10x slower); nothing here reads floating-point flags.
             flags = ["-O3", "-fno-trapping-math", *_isa_flags()]
             name = build_name(flags)
-            _clear_stale_lock(cpp_extension, name)
-            if not _built(cpp_extension, name):
-                log.info("building the scratch layers' C++ kernels for this machine (once, about 15 s)")
+            build_dir = _build_directory(cpp_extension, name)
+            if build_dir is not None:
+                _clear_stale_lock(build_dir)
+                if not any(build_dir.glob(name + ".*so")):  # else loading takes a fraction of a second
+                    log.info("building the scratch layers' C++ kernels for this machine (once, about 15 s)")
             _module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
             _build_seconds = time.perf_counter() - started
         except Exception as exc:  # any failure means "use the Python loops", never a crash
             _failure = f"{type(exc).__name__}: {_gist(str(exc))}"
-            message = f"deeprnn: C++ window kernels unavailable, using the Python loops ({_failure})"
+            message = f"C++ window kernels unavailable, using the Python loops ({_failure})"
             try:
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                warnings.warn("deeprnn: " + message, RuntimeWarning, stacklevel=2)
             except Warning:  # -W error: the fallback must still not become a crash
                 log.warning(message)
     return _module
@@ -110,26 +112,27 @@ def build_name(flags: list[str]) -> str:
     return f"deeprnn_windows_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{isa}_{digest}"
 
 
-def _built(cpp_extension: ModuleType, name: str) -> bool:
-    """Whether torch's cache already holds a build of ``name`` (then loading takes a fraction of a second)."""
+def _build_directory(cpp_extension: ModuleType, name: str) -> Path | None:
+    """Where torch builds ``name`` (its own rule: extensions root, Python and accelerator). The helper is
+    private, so None where it moved: then no stale-lock cleanup and no build announcement, nothing worse."""
     try:
-        return any(Path(cpp_extension._get_build_directory(name, verbose=False)).glob(name + ".*so"))
-    except Exception:  # torch's private helper moved: say nothing rather than something wrong
-        return True
+        return Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:
+        return None
 
 
 STALE_LOCK_SECONDS = 600  # a build takes ~15 s; a lock this old was left by a process that died
 
 
-def _clear_stale_lock(cpp_extension: ModuleType, name: str) -> None:
+def _clear_stale_lock(build_dir: Path) -> None:
     """Remove a build lock left by a process killed mid-build: torch would wait for it forever."""
-    try:  # torch's own rule for the directory (extensions root, Python and accelerator), private
-        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    lock = build_dir / "lock"
+    try:
         age = time.time() - lock.stat().st_mtime
-    except (AttributeError, TypeError, OSError):
+    except OSError:
         return
     if age > STALE_LOCK_SECONDS:
-        log.warning("deeprnn: removing a stale C++ build lock (%.0f s old): %s", age, lock)
+        log.warning("removing a stale C++ build lock (%.0f s old): %s", age, lock)
         with contextlib.suppress(OSError):
             lock.unlink()
 
