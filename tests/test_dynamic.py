@@ -165,5 +165,9 @@ def test_cli_dynamic_evaluation(trained, capsys):
 
     line = one_error_line(capsys, 2, ["evaluate", str(trained), "--dynamic-lr", "-1"])
     assert line == "deeprnn: error: dynamic evaluation learning rate must be >= 0, got -1.0"
+    line = one_error_line(capsys, 2, ["evaluate", str(trained), "--split", "valid", "--dynamic-lr", "1e-4",
+                                      "--num-steps", "1000000"])
+    assert line == ("deeprnn: error: the RMS rule's gradient statistics need at least 1000001 training tokens, "
+                    "got 153521; pass a smaller --num-steps or --dynamic-rule sgd")
     line = one_error_line(capsys, 2, ["evaluate", str(trained), "--num-steps", "-3"])
     assert line == "deeprnn: error: --num-steps must be >= 1, got -3"

@@ -112,7 +112,8 @@ def gradient_mean_square(
     device = torch.device(device)
     n = tokens.numel() - 1
     if n < num_steps:
-        raise ConfigError(f"need at least {num_steps + 1} tokens for the gradient statistics, got {n + 1}")
+        raise ConfigError(f"the RMS rule's gradient statistics need at least {num_steps + 1} training tokens, "
+                          f"got {n + 1}; pass a smaller --num-steps or --dynamic-rule sgd")
     count = min(max_windows, n // num_steps)
     starts = [round(i * (n - num_steps) / max(count - 1, 1)) for i in range(count)]
     params = [p for p in model.parameters() if p.requires_grad]
