@@ -55,6 +55,15 @@ def test_train_generate_evaluate_info(trained, capsys):
     assert "concise lstm 1x16" in out and "trained from scratch" in out
 
 
+def test_evaluate_train_split_is_the_text_trained_on(trained, capsys):
+    """The run kept the first 2,000 training tokens (--max-tokens); 'train' scores exactly those: one
+    stream of 1,999 predictions. The held-out splits stay whole, as training scored them."""
+    assert main(["evaluate", str(trained), "--split", "train", "--batch-size", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 1999
+    assert main(["evaluate", str(trained), "--split", "valid", "--batch-size", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 8529  # 5% of the 170,580 characters
+
+
 def test_resume_continues_and_extends_budget(trained, capsys):
     assert main(["train", "--resume", str(trained), "--max-steps", "9", "--quiet"]) == 0
     out = capsys.readouterr().out

@@ -168,6 +168,6 @@ def test_cli_dynamic_evaluation(trained, capsys):
     line = one_error_line(capsys, 2, ["evaluate", str(trained), "--split", "valid", "--dynamic-lr", "1e-4",
                                       "--num-steps", "1000000"])
     assert line == ("deeprnn: error: the RMS rule's gradient statistics need at least 1000001 training tokens, "
-                    "got 153521; pass a smaller --num-steps or --dynamic-rule sgd")
+                    "got 2000; pass a smaller --num-steps or --dynamic-rule sgd")
     line = one_error_line(capsys, 2, ["evaluate", str(trained), "--num-steps", "-3"])
     assert line == "deeprnn: error: --num-steps must be >= 1, got -3"

@@ -371,7 +371,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def checkpoint_split_tokens(ck, split: str, *, corpus=None, data_dir=None, encoding=None):
     """The tokens of ``split`` ('train', 'valid', 'test' or 'all') of the corpus a checkpoint was trained
-    on (or of ``corpus``), cut exactly as its training run cut them."""
+    on (or of ``corpus``), cut exactly as its training run cut them: 'train' is the text the run trained
+    on (its sources repeated by ``source_weights``, then its first ``max_tokens``); the held-out splits
+    are whole, as training scored them."""
     from deeprnn.corpus import build_corpus
 
     tcfg = ck.train_config
@@ -381,8 +383,11 @@ def checkpoint_split_tokens(ck, split: str, *, corpus=None, data_dir=None, encod
     if split == "all":
         return built.tokens
     vf, tf = tcfg.get("val_fraction", 0.05), tcfg.get("test_fraction", 0.05)
-    splits = built.split((1 - vf - tf, vf, tf), heldout_from=tcfg.get("heldout_from"))
-    return {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
+    splits = built.split((1 - vf - tf, vf, tf), heldout_from=tcfg.get("heldout_from"),
+                         train_weights=tcfg.get("source_weights") if corpus is None else None)
+    if split == "train":
+        return splits.train[: tcfg.get("max_tokens")] if corpus is None else splits.train
+    return {"valid": splits.valid, "test": splits.test}[split]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -548,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     e.add_argument("--corpus", nargs="+", default=None, help="corpora/files to score (default: the run's corpus)")
     e.add_argument("--split", choices=["train", "valid", "test", "all"], default="test",
-                   help="which split of the corpus to score ('all' for a new file)")
+                   help="which split of the corpus to score: 'train' is the text the run trained on "
+                        "(after --max-tokens and --source-weights); 'all' for a new file")
     e.add_argument("--data-dir", default=None, help="cache directory for named corpora")
     e.add_argument("--encoding", default=None, help="text encoding of the files")
     e.add_argument("--batch-size", type=int, default=None,
