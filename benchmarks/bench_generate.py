@@ -15,7 +15,8 @@ same weights, so greedy outputs must be identical (checked):
 Each figure is the best of ``--repeats`` rounds; a round runs every workload once for about ``--seconds``,
 so load from other processes hits all of them alike, and the best round is the least disturbed. The whole
 script takes about 20 s on an idle machine and stops adding rounds after 40 s on a busy one. Ratios are to (a)
-from the same run; "of peak" is FLOPs/char x chars/s over an fp32 2048^3 matmul measured here.
+from the same run; "of peak" is FLOPs/char x chars/s over an fp32 2048^3 matmul measured here (the faster of
+torch.mm and oneDNN).
 Targets (issue 7): greedy >= 8x the book, 64-stream sampling >= 50k chars/s.
 """
 
@@ -32,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.common import loadavg, machine, matmul_gflops  # noqa: E402
+from benchmarks.common import fp32_ceiling, loadavg, machine  # noqa: E402
 from deeprnn.generate import _ModelStepper, generate  # noqa: E402
 from deeprnn.models import ModelConfig, build_model  # noqa: E402
 from deeprnn.vocab import Vocab  # noqa: E402
@@ -142,8 +143,8 @@ def main() -> None:
     ours.eval()
 
     print(f"machine: {machine()}; load average {loadavg()}")
-    peak = matmul_gflops()
-    print(f"fp32 matmul 2048^3: {peak:.1f} GFLOP/s; LSTM 2x256 step: {flops_per_char(cfg) / 1e6:.2f} MFLOP/char")
+    peak, both = fp32_ceiling()
+    print(f"fp32 matmul 2048^3: {peak:.1f} GFLOP/s ({both}); LSTM 2x256 step: {flops_per_char(cfg) / 1e6:.2f} MFLOP/char")
 
     check = 600
     with torch.no_grad():

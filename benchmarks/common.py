@@ -1,4 +1,8 @@
-"""What every benchmark script shares: the machine line, the load average, the matmul ceiling, ``--set``."""
+"""What every benchmark script shares: the machine line, the load average, the matmul ceiling, ``--set``.
+
+Importing it sets malloc to keep freed memory (``deeprnn.allocator``), as ``deeprnn`` commands and
+``train()`` do, so the benchmarks time what users run; the baselines in the same process get it too.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,10 @@ import platform
 import time
 
 import torch
+
+from deeprnn.allocator import keep_freed_memory
+
+keep_freed_memory()
 
 
 def cpu_name() -> str:
@@ -28,23 +36,42 @@ def loadavg() -> str:
 def machine() -> str:
     """One line: CPU, logical CPUs, torch and its threads and ISA, Python, OS, and the scratch layers'
     window kernels (C++ or the Python loops)."""
-    from deeprnn.models import native
+    from deeprnn.models import native, onednn
 
     return (f"{cpu_name()}; {os.cpu_count()} logical CPUs; torch {torch.__version__} ({torch.get_num_threads()} "
             f"threads, {torch.backends.cpu.get_cpu_capability()}); Python {platform.python_version()}; "
-            f"{platform.system()} {platform.release()}; scratch layers on CPU: {native.backend()}")
+            f"{platform.system()} {platform.release()}; scratch layers on CPU: {native.backend()}; "
+            f"fp32 window-sized products: {'oneDNN' if onednn.enabled() else 'torch.mm'}; {keep_freed_memory()}")
 
 
-def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 3) -> float:
-    """GFLOP/s of an ``n``^3 ``torch.mm`` on the CPU in ``dtype``, best of ``repeats`` after a warm-up."""
+def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 3,
+                  library: str = "torch") -> float:
+    """GFLOP/s of an ``n``^3 matrix product on the CPU in ``dtype``, best of ``repeats`` after a warm-up:
+    ``torch.mm`` (MKL's sgemm for float32), or with ``library="onednn"`` oneDNN's matmul, the one
+    ``deeprnn.models.onednn`` calls (0.0 where this torch build lacks it)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
+    if library == "onednn":
+        from deeprnn.models import onednn
+
+        if onednn._LINEAR is None or not torch.backends.mkldnn.is_available():
+            return 0.0
+        product = lambda: onednn._LINEAR(a, b.t(), None, "none", [], "")  # noqa: E731
+    else:
+        product = lambda: a @ b  # noqa: E731
+    product()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        a @ b
+        product()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
+
+
+def fp32_ceiling() -> tuple[float, str]:
+    """The fp32 matrix-product ceiling: the faster of ``torch.mm`` and oneDNN at 2048^3 (on AMD CPUs
+    MKL's sgemm runs at about half of oneDNN's rate), and a note of both."""
+    mm, dnn = matmul_gflops(), matmul_gflops(library="onednn")
+    return max(mm, dnn), f"torch.mm {mm:.1f}, oneDNN {dnn:.1f}"
 
 
 def parse_sets(items: list[str] | None) -> dict:

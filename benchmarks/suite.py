@@ -1,12 +1,18 @@
 """The CPU benchmark suite of issue 7: deeprnn against faithful book-style baselines, in one run.
 
-    python -m benchmarks [--quick] [--threads N] [--skip-ingest] [--no-save]
+    python -m benchmarks [--quick] [--threads N] [--skip-ingest] [--no-save] [--same-malloc]
 
-Every figure is a ratio against a baseline measured in the same process, in interleaved rounds (each
+Every figure is a ratio against a baseline measured in the same run, in interleaved rounds (each
 round runs every workload once for about ``--seconds``), so load from other processes hits both sides
 alike; a ratio is the median over rounds of (ours / baseline) within a round, a rate the median over
-rounds. The table also gives each workload's fraction of the fp32 matrix-product ceiling, measured
-here (2048^3 ``torch.mm``, best of 3 at the start and at the end, the higher taken): FLOPs/token x
+rounds. The book's training steps run in a child process with glibc's default malloc, as the book's
+users run them; deeprnn's side runs in this process with the malloc settings every ``deeprnn`` command
+and ``train()`` use (``deeprnn.allocator``). The two never run at the same time: each waits on a pipe
+while the other runs. ``--same-malloc`` runs the book's steps in this process under deeprnn's settings
+instead, and ``benchmarks/bench_allocator.py`` measures what the settings alone are worth. The table
+also gives each workload's fraction of the fp32 matrix-product ceiling, measured here (2048^3, the
+faster of ``torch.mm`` and oneDNN's matmul, best of 3 at the start and at the end, the higher taken; on
+AMD CPUs MKL's sgemm behind ``torch.mm`` runs at about half of oneDNN's rate): FLOPs/token x
 tokens/s / GFLOP/s, with the issue's FLOP counts (2-layer 256-hidden LSTM training 4.88 MFLOP/token,
 GRU 3.7, tanh RNN 1.3; generation 1.64 MFLOP/char). Above 100% means a workload ran its products in
 bf16, whose ceiling is printed too.
@@ -47,7 +53,7 @@ from torch import nn
 from benchmarks.bench_d2l import book_grad_clipping, book_sgd
 from benchmarks.bench_generate import PREFIX, BookRNNModel, book_predict_ch8
 from benchmarks.bench_models import BookStyleLSTM
-from benchmarks.common import loadavg, machine, matmul_gflops
+from benchmarks.common import fp32_ceiling, loadavg, machine, matmul_gflops
 from deeprnn.generate import generate
 from deeprnn.models import ModelConfig, build_model, detach_state
 from deeprnn.train import autocast_context, sequence_loss
@@ -181,6 +187,7 @@ def interleaved(workloads: dict, rounds: int, seconds: float) -> dict[str, list[
 
     Each workload is warmed up and sized so that ``fn(n)`` takes about ``seconds``; a round runs every
     workload once, in alternating order (forwards, then backwards), so neither side always runs first.
+    A ``fn`` that returns a float (a workload in the baseline process) reports its own seconds.
     """
     sizes = {}
     for name, (fn, _) in workloads.items():
@@ -196,9 +203,64 @@ def interleaved(workloads: dict, rounds: int, seconds: float) -> dict[str, list[
             fn, units = workloads[name]
             n = sizes[name]
             t = time.perf_counter()
-            fn(n)
-            rates[name].append(n * units / (time.perf_counter() - t))
+            own = fn(n)
+            rates[name].append(n * units / (own if isinstance(own, float) else time.perf_counter() - t))
     return rates
+
+
+BOOK_ROWS = ("book LSTM", "book GRU", "book RNN", "book-style scratch LSTM", "book-style scratch GRU")
+
+
+def book_training_workloads() -> dict:
+    """The book's training steps (fp32), the baselines of every training row."""
+    return {
+        "book LSTM": book_step(BookRNNModelTrain(nn.LSTM(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
+        "book GRU": book_step(BookRNNModelTrain(nn.GRU(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
+        "book RNN": book_step(BookRNNModelTrain(nn.RNN(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
+        "book-style scratch LSTM": book_step(BookStyleLSTM(VOCAB, HIDDENS, LAYERS), scratch=True),
+        "book-style scratch GRU": book_step(BookStyleGRU(VOCAB, HIDDENS, LAYERS), scratch=True),
+    }
+
+
+def serve_baselines() -> None:
+    """The baseline process: runs ``name<TAB>n`` requests from stdin, answers each with its seconds."""
+    torch.manual_seed(0)
+    steps = book_training_workloads()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        name, n = line.rstrip("\n").split("\t")
+        t = time.perf_counter()
+        for _ in range(int(n)):
+            steps[name]()
+        print(repr(time.perf_counter() - t), flush=True)
+
+
+class BaselineProcess:
+    """The book's training steps in a child process with glibc's default malloc (``DEEPRNN_MALLOC=0``),
+    as the book's users run them, while deeprnn's side runs here with ``deeprnn.allocator``'s settings.
+    Only one process runs at a time: the other waits on the pipe."""
+
+    def __init__(self, threads: int):
+        env = dict(os.environ, DEEPRNN_MALLOC="0")
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--serve-baselines", "--threads",
+                                      str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env, cwd=Path(__file__).resolve().parents[1])
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the baseline process did not start (its error is above)")
+
+    def workload(self, name: str):
+        def run(n: int) -> float:
+            self.proc.stdin.write(f"{name}\t{n}\n")
+            self.proc.stdin.flush()
+            answer = self.proc.stdout.readline()
+            if not answer:
+                raise RuntimeError(f"the baseline process died running {name!r} (its error is above)")
+            return float(answer)
+        return run
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def repeat(step):
@@ -274,30 +336,38 @@ def main(argv=None) -> str:
                         help="seconds per workload per round (default 0.25 quick, 0.6 full)")
     parser.add_argument("--skip-ingest", action="store_true", help="leave out the 100 MB ingestion run")
     parser.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
+    parser.add_argument("--same-malloc", action="store_true",
+                        help="run the book's training steps in this process, under deeprnn's malloc settings, "
+                             "instead of a child process with glibc's defaults")
+    parser.add_argument("--serve-baselines", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.serve_baselines:
+        return serve_baselines()
     rounds = args.rounds or (3 if args.quick else 7)
     seconds = args.seconds or (0.25 if args.quick else 0.6)
     torch.manual_seed(0)
     started = datetime.datetime.now()
     load_start = loadavg()
     t_start = time.perf_counter()
-    peak_start, bf16_peak = matmul_gflops(), matmul_gflops(torch.bfloat16)
+    (peak_start, peak_note_start), bf16_peak = fp32_ceiling(), matmul_gflops(torch.bfloat16)
 
     # training steps
     unit = BATCH * STEPS
-    train = {
-        "book LSTM": book_step(BookRNNModelTrain(nn.LSTM(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
-        "book GRU": book_step(BookRNNModelTrain(nn.GRU(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
-        "book RNN": book_step(BookRNNModelTrain(nn.RNN(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
-        "book-style scratch LSTM": book_step(BookStyleLSTM(VOCAB, HIDDENS, LAYERS), scratch=True),
-        "book-style scratch GRU": book_step(BookStyleGRU(VOCAB, HIDDENS, LAYERS), scratch=True),
-    }
+    baselines = None if args.same_malloc else BaselineProcess(torch.get_num_threads())
+    if baselines is None:
+        train = {k: repeat(s) for k, s in book_training_workloads().items()}
+    else:
+        train = {k: baselines.workload(k) for k in BOOK_ROWS}
     for cell, impl in (("lstm", "concise"), ("lstm", "scratch"), ("gru", "scratch"), ("rnn_tanh", "scratch")):
         for prec in ("fp32", "bf16"):
-            train[f"{impl} {cell} {prec}"] = ours_step(cell, impl, prec)
-    rates = interleaved({k: (repeat(s), unit) for k, s in train.items()}, rounds, seconds)
+            train[f"{impl} {cell} {prec}"] = repeat(ours_step(cell, impl, prec))
+    try:
+        rates = interleaved({k: (fn, unit) for k, fn in train.items()}, rounds, seconds)
+    finally:
+        if baselines is not None:
+            baselines.close()
 
     # generation
     vocab = Vocab("abcdefghijklmnopqrstuvwxyz ")  # <unk>, 26 letters, space: the book's 28 tokens
@@ -342,7 +412,8 @@ def main(argv=None) -> str:
 
     ing = None if args.skip_ingest else ingest()
     ing_line = None if args.skip_ingest else ingest(one_line=True)
-    peak = max(peak_start, matmul_gflops())
+    peak_end, peak_note_end = fp32_ceiling()
+    peak = max(peak_start, peak_end)
     load_end = loadavg()
     elapsed = time.perf_counter() - t_start
 
@@ -412,11 +483,15 @@ def main(argv=None) -> str:
         f"{elapsed:.0f} s",
         f"machine: {machine()}",
         f"load average (1/5/15 min): start {load_start}; end {load_end}",
-        f"fp32 matmul 2048^3: {peak:.1f} GFLOP/s (the ceiling below; start {peak_start:.1f}); "
+        f"fp32 matmul 2048^3: {peak:.1f} GFLOP/s (the ceiling below, the best of two libraries at the start "
+        f"and the end: start {peak_note_start}; end {peak_note_end}); "
         f"bf16 matmul 2048^3: {bf16_peak:.1f} GFLOP/s",
         f"training: {LAYERS} layers, {HIDDENS} hidden, vocab {VOCAB}, one-hot, batch {BATCH} x {STEPS} steps, "
         f"SGD, clip 1; {rounds} interleaved rounds of ~{seconds:g} s per workload; ratio = median over rounds "
         "of ours/baseline in the round; bf16 = torch.autocast (the book's side is fp32)",
+        ("book's training steps: this process, under deeprnn's malloc settings (--same-malloc)" if args.same_malloc
+         else "book's training steps: a child process with glibc's default malloc, as the book's users run them "
+              "(deeprnn's side: its malloc settings; benchmarks/bench_allocator.py measures their share)"),
         f"generation: same weights in both; greedy output identical to predict_ch8: {'yes' if same else 'NO'}",
         "",
         fmt(header),

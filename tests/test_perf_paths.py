@@ -121,6 +121,7 @@ def test_cpu_suite_prints_every_row():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "greedy output identical to predict_ch8: yes" in out
+    assert "book's training steps: a child process with glibc's default malloc" in out
     header = next(line for line in out.splitlines() if line.startswith("workload"))
     assert header.split()[-3:] == ["ratio", "at", "ceiling"]
     for row in ("concise LSTM fp32 vs book nn.LSTM", "scratch GRU bf16 vs book nn.GRU",

@@ -604,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from deeprnn.allocator import keep_freed_memory
+
+    keep_freed_memory()  # a deeprnn command owns its process: keep freed memory for reuse (deeprnn.allocator)
     argv = list(sys.argv[1:] if argv is None else argv)
     if sys.stderr.isatty():  # at a terminal, say what a long silent pause is (e.g. the first C++ build)
         import logging

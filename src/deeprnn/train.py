@@ -537,12 +537,14 @@ def train(
     input, :class:`TrainingInterrupted` after SIGINT/SIGTERM (checkpoint written).
     """
     from deeprnn import distributed as dist_util
+    from deeprnn.allocator import keep_freed_memory
     from deeprnn.batching import BatchLoader
     from deeprnn.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
     from deeprnn.corpus import build_corpus
     from deeprnn.models import ModelConfig, build_model, detach_state
 
     cfg.validate()
+    keep_freed_memory()  # glibc: no page faults on every window's fresh activations (deeprnn.allocator)
     if (extend_vocab or freeze_layers) and init_from is None:
         raise ConfigError("--extend-vocab and --freeze-layers need --init-from RUN_OR_CHECKPOINT")
     dist = dist_util.current()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deeprnn.models import onednn
 from deeprnn.models.config import ModelConfig
 from deeprnn.regularize import dropout, one_hot_dropout_scale, token_keep_scale
 
@@ -84,7 +85,7 @@ class LanguageModel(nn.Module):
         V, H = config.vocab_size, config.num_hiddens
         self.embedding = nn.Embedding(V, config.input_size) if config.input == "embedding" else None
         self.drop = nn.Dropout(config.dropout)  # kept for callers; the model uses _dropout()
-        self.output = nn.Linear(H, V)  # W_hq, b_q of eq. (9.3.2)
+        self.output = onednn.Linear(H, V)  # W_hq, b_q of eq. (9.3.2); an nn.Linear
         if config.tie_weights:
             self.output.weight = self.embedding.weight  # both (V, H)
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
-from deeprnn.models import native
+from deeprnn.models import native, onednn
 from deeprnn.models.base import LanguageModel, State, init_block_, stack_layer_states, torch_bias_
 from deeprnn.models.config import ModelConfig
 from deeprnn.regularize import drop_connect
@@ -90,7 +90,7 @@ class _ScratchLayer(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """(T, B, in) -> (T, B, G*H): ``x W_xh + b_h`` for every step in one product."""
         T, B, _ = x.shape
-        return torch.addmm(self.b_h, x.reshape(T * B, -1), self.W_xh).view(T, B, -1)
+        return onednn.addmm(self.b_h, x.reshape(T * B, -1), self.W_xh).view(T, B, -1)
 
     def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(T, B) indices -> (T, B, G*H): ``one_hot(tokens) W_xh + b_h`` as a row lookup."""
@@ -194,7 +194,7 @@ class _RNNWindow(torch.autograd.Function):
             dpre, dpl, dh = kernel(W, hs, hl, d_out, d_hT, ctx.relu, ctx.x_in_lp)
             d_W_hh = None
             if ctx.needs_input_grad[2]:
-                d_W_hh = (hl[:-1].reshape(T * B, H).T @ dpl.view(T * B, H)).to(hs.dtype)  # (H, H)
+                d_W_hh = onednn.mm(hl[:-1].reshape(T * B, H).T, dpl.view(T * B, H)).to(hs.dtype)  # (H, H)
         return dpre, dh, d_W_hh, None, None
 
 
@@ -317,7 +317,7 @@ class _LSTMWindow(torch.autograd.Function):
             dpre, dpl, dh, dc = kernel(W, acts, hs, cs, tcs, hl, d_out, d_hT, d_cT, ctx.x_in_lp)
             d_W_hh = None
             if ctx.needs_input_grad[3]:  # (H, 4H), one product
-                d_W_hh = (hl[:-1].reshape(T * B, H).T @ dpl.view(T * B, G)).to(acts.dtype)
+                d_W_hh = onednn.mm(hl[:-1].reshape(T * B, H).T, dpl.view(T * B, G)).to(acts.dtype)
         return dpre, dh, dc, d_W_hh, None
 
 
@@ -447,7 +447,7 @@ class _GRUWindow(torch.autograd.Function):
             d_x, d_g, d_b_hn, dh = kernel(W, acts, ghn, hs, hl, d_out, d_hT, ctx.x_in_lp)
             d_W_hh = None
             if ctx.needs_input_grad[2]:
-                d_W_hh = (hl[:-1].reshape(T * B, H).T @ d_g.view(T * B, G)).to(acts.dtype)  # (H, 3H)
+                d_W_hh = onednn.mm(hl[:-1].reshape(T * B, H).T, d_g.view(T * B, G)).to(acts.dtype)  # (H, 3H)
         return d_x, dh, d_W_hh, d_b_hn if ctx.needs_input_grad[3] else None, None
 
 
