@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from deeprnn.errors import ConfigError, VocabError
-from deeprnn.generate import _CellStepper, _ModelStepper, filter_logits, generate, make_stepper
-from deeprnn.models import ModelConfig, build_model
+from deeprnn.generate import ONEDNN_MIN_STREAMS, _CellStepper, _ModelStepper, filter_logits, generate, make_stepper
+from deeprnn.models import ModelConfig, build_model, onednn
 from deeprnn.vocab import Vocab
 
 TEXT = "the time traveller for so it will be convenient to speak of him was expounding a recondite matter to us"
@@ -105,21 +105,28 @@ def test_greedy_equals_argmax_path(vocab, kw):
     assert len(set(expected[len(PREFIX):])) > 2  # the path is not a single repeated character
 
 
+@pytest.mark.parametrize("streams", [3, ONEDNN_MIN_STREAMS + 1])
 @pytest.mark.parametrize("kw", MODELS)
-def test_stepper_matches_forward(vocab, kw):
-    """The per-step fast path gives the logits and final state of one ``forward`` over the window."""
+def test_stepper_matches_forward(vocab, kw, streams, monkeypatch):
+    """The per-step fast path gives the logits and final state of one ``forward`` over the window: on
+    ``torch.*_cell`` for few streams, and with the cells written out on oneDNN's products from
+    ``ONEDNN_MIN_STREAMS`` streams (where this torch has oneDNN)."""
     model = tiny_model(vocab, **kw).eval()
     fused = not (kw["cell"] == "gru" and kw.get("gru_variant") == "d2l") and not kw.get("layer_norm")
+    calls = []
+    monkeypatch.setattr(_CellStepper, "_step_onednn",
+                        lambda self, x, real=_CellStepper._step_onednn: calls.append(1) or real(self, x))
     torch.manual_seed(1)
-    X = torch.randint(len(vocab), (3, 12))  # (B, T)
+    X = torch.randint(len(vocab), (streams, 12))  # (B, T)
     with torch.inference_mode():
         expected, _ = model(X)  # (T, B, V)
         stepper = make_stepper(model, torch.device("cpu"))
         assert type(stepper) is (_CellStepper if fused else _ModelStepper)
         stepper.warm_up([])
-        stepper.expand(3)
+        stepper.expand(streams)
         got = torch.stack([stepper.step(X[:, t].contiguous()) for t in range(X.shape[1])])  # (T, B, V)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert len(calls) == (12 if fused and streams >= ONEDNN_MIN_STREAMS and onednn.enabled() else 0)
 
 
 def test_greedy_from_one_character_prefix_and_zero_preds(vocab):

@@ -50,6 +50,11 @@ def set_enabled(on: bool) -> bool:
     return previous
 
 
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether products of these tensors would go through oneDNN here and now."""
+    return _usable(*tensors)
+
+
 def _usable(*tensors: torch.Tensor) -> bool:
     return (enabled() and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0 for t in tensors))
