@@ -71,7 +71,9 @@ def main() -> None:
         for kind in runs:
             env = dict(os.environ, DEEPRNN_MALLOC="0" if kind == "default" else "1")
             done = subprocess.run([sys.executable, __file__, "--child", "--seconds", str(args.seconds)],
-                                  env=env, capture_output=True, text=True, check=True)
+                                  env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"bench_allocator: a child process failed:\n{done.stderr[-2000:]}")
             runs[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"default: {runs['default'][0]['allocator']}; tuned: {runs['tuned'][0]['allocator']}")
     print(f"{'training step':<18}{'default tok/s':>15}{'tuned tok/s':>13}{'ratio':>8}{'faults/step default':>21}"

@@ -258,8 +258,11 @@ class BaselineProcess:
             return float(answer)
         return run
 
-    def close(self) -> None:
-        self.proc.stdin.close()
+    def close(self, failed: bool = False) -> None:
+        if failed:  # mid-request: do not wait for an answer nobody reads
+            self.proc.kill()
+        else:
+            self.proc.stdin.close()
         self.proc.wait(timeout=60)
 
 
@@ -365,9 +368,12 @@ def main(argv=None) -> str:
             train[f"{impl} {cell} {prec}"] = repeat(ours_step(cell, impl, prec))
     try:
         rates = interleaved({k: (fn, unit) for k, fn in train.items()}, rounds, seconds)
-    finally:
+    except BaseException:
         if baselines is not None:
-            baselines.close()
+            baselines.close(failed=True)
+        raise
+    if baselines is not None:
+        baselines.close()
 
     # generation
     vocab = Vocab("abcdefghijklmnopqrstuvwxyz ")  # <unk>, 26 letters, space: the book's 28 tokens

@@ -64,6 +64,21 @@ def test_evaluate_train_split_is_the_text_trained_on(trained, capsys):
     assert json.loads(capsys.readouterr().out)["tokens"] == 8529  # 5% of the 170,580 characters
 
 
+def test_evaluate_reads_the_runs_file_in_the_runs_encoding(tmp_path, capsys):
+    """A run trained on a latin-1 file with --encoding is evaluated without repeating it. Byte 0x81 is
+    latin-1's U+0081 but undefined in Windows-1252, which is what deeprnn guesses for a file that is not
+    UTF-8; evaluate used to guess, and stop at that byte."""
+    text = ("the caf\u00e9 on the corner \u0081 sold postcards of the time machine " * 60).encode("latin-1")
+    (tmp_path / "cafe.txt").write_bytes(text)
+    run = tmp_path / "run"
+    argv = ["train", *TINY, "--corpus", str(tmp_path / "cafe.txt"), "--encoding", "latin-1",
+            "--normalization", "raw", "--run-dir", str(run)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--split", "valid", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0
+
+
 def test_resume_continues_and_extends_budget(trained, capsys):
     assert main(["train", "--resume", str(trained), "--max-steps", "9", "--quiet"]) == 0
     out = capsys.readouterr().out

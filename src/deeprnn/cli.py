@@ -378,6 +378,10 @@ def checkpoint_split_tokens(ck, split: str, *, corpus=None, data_dir=None, encod
 
     tcfg = ck.train_config
     sources = corpus or tcfg.get("corpus", ["timemachine"])
+    if corpus is None:  # the run's own text: read it as the run did, unless told otherwise
+        encoding = encoding or tcfg.get("encoding")
+        saved_dir = tcfg.get("data_dir")
+        data_dir = data_dir or (saved_dir if saved_dir and Path(saved_dir).is_dir() else None)
     built = build_corpus(sources, token=tcfg.get("token", ck.vocab.token), normalization=tcfg.get("normalization", "d2l"),
                          vocab=ck.vocab, data_dir=data_dir, encoding=encoding)
     if split == "all":
@@ -415,8 +419,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         ms = None
         if args.dynamic_rule == "rms":  # the statistics come from the training text, never the scored text
-            ms = gradient_mean_square(ck.model, checkpoint_split_tokens(ck, "train"), num_steps=num_steps,
-                                      device=device, precision=args.precision)
+            train_text = checkpoint_split_tokens(ck, "train", data_dir=args.data_dir, encoding=args.encoding)
+            ms = gradient_mean_square(ck.model, train_text, num_steps=num_steps, device=device,
+                                      precision=args.precision)
         s, n = dynamic_evaluate_tokens(ck.model, tokens, lr=args.dynamic_lr, decay=args.dynamic_decay,
                                        mean_square=ms, batch_size=batch_size, num_steps=num_steps, device=device,
                                        precision=args.precision)

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(not onednn.enabled(), reason="this torch build h
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the oneDNN calls (and still makes them)."""
+    """Counts the oneDNN calls (and still makes them); the size gate is off, so small test shapes count."""
+    monkeypatch.setattr(onednn, "MIN_MACS", 0)
     count = {"n": 0}
     real = onednn._LINEAR
 
@@ -88,11 +89,28 @@ def test_float64_autocast_and_disabled_take_torch_exactly(calls):
     assert calls["n"] == 0
 
 
+def test_small_products_and_odd_biases_stay_with_torch(monkeypatch):
+    """Below MIN_MACS a product is torch's; so is one with a bias oneDNN would misread (strided, 0-d,
+    2-D), which torch.addmm broadcasts. oneDNN stays on for the next caller."""
+    count = {"n": 0}
+    real = onednn._LINEAR
+    monkeypatch.setattr(onednn, "_LINEAR", lambda *a: count.__setitem__("n", count["n"] + 1) or real(*a))
+    x, W = _rand(64, 128, seed=1), _rand(128, 128, seed=2)  # exactly MIN_MACS = 2^20 multiply-adds
+    small = _rand(63, 128, seed=3)
+    assert torch.equal(onednn.mm(small, W), small @ W) and count["n"] == 0
+    for bias in (_rand(256, seed=4)[::2], torch.tensor(1.5), _rand(1, 128, seed=5), _rand(64, 128, seed=6)):
+        assert torch.equal(onednn.addmm(bias, x, W), torch.addmm(bias, x, W))
+    assert count["n"] == 0
+    onednn.addmm(_rand(128, seed=7), x, W)
+    assert count["n"] == 1 and onednn.enabled()
+
+
 def test_a_failing_op_warns_once_and_falls_back(monkeypatch):
     def broken(*args):
         raise RuntimeError("no primitive")
 
     monkeypatch.setattr(onednn, "_LINEAR", broken)
+    monkeypatch.setattr(onednn, "MIN_MACS", 0)
     monkeypatch.setitem(onednn._state, "on", True)
     a, b = _rand(3, 4), _rand(4, 5)
     with pytest.warns(RuntimeWarning, match=r"oneDNN float32 products failed \(no primitive\); using torch.mm"):
