@@ -6,7 +6,7 @@ Every figure is a ratio against a baseline measured in the same run, in interlea
 round runs every workload once for about ``--seconds``), so load from other processes hits both sides
 alike; a ratio is the median over rounds of (ours / baseline) within a round, a rate the median over
 rounds. The book's training steps run in a child process with glibc's default malloc, as the book's
-users run them; deeprnn's side runs in this process with the malloc settings every ``deeprnn`` command
+users run them, a fresh process every round (how often default malloc faults differs by process); deeprnn's side runs in this process with the malloc settings every ``deeprnn`` command
 and ``train()`` use (``deeprnn.allocator``). The two never run at the same time: each waits on a pipe
 while the other runs. ``--same-malloc`` runs the book's steps in this process under deeprnn's settings
 instead, and ``benchmarks/bench_allocator.py`` measures what the settings alone are worth. The table
@@ -182,12 +182,13 @@ def ours_step(cell: str, impl: str, precision: str):
 # -- measurement ----------------------------------------------------------------------------------
 
 
-def interleaved(workloads: dict, rounds: int, seconds: float) -> dict[str, list[float]]:
+def interleaved(workloads: dict, rounds: int, seconds: float, before_round=None) -> dict[str, list[float]]:
     """Units/s of every ``name -> (fn(n), units per n)`` in each of ``rounds`` interleaved rounds.
 
     Each workload is warmed up and sized so that ``fn(n)`` takes about ``seconds``; a round runs every
     workload once, in alternating order (forwards, then backwards), so neither side always runs first.
     A ``fn`` that returns a float (a workload in the baseline process) reports its own seconds.
+    ``before_round(r)``, if given, runs before each round.
     """
     sizes = {}
     for name, (fn, _) in workloads.items():
@@ -199,6 +200,8 @@ def interleaved(workloads: dict, rounds: int, seconds: float) -> dict[str, list[
     rates = {name: [] for name in workloads}
     names = list(workloads)
     for r in range(rounds):
+        if before_round is not None:
+            before_round(r)
         for name in names if r % 2 == 0 else names[::-1]:
             fn, units = workloads[name]
             n = sizes[name]
@@ -226,6 +229,9 @@ def serve_baselines() -> None:
     """The baseline process: runs ``name<TAB>n`` requests from stdin, answers each with its seconds."""
     torch.manual_seed(0)
     steps = book_training_workloads()
+    for step in steps.values():  # warm-up, so a fresh process's first round is not its slowest
+        step()
+        step()
     print("ready", flush=True)
     for line in sys.stdin:
         name, n = line.rstrip("\n").split("\t")
@@ -238,9 +244,21 @@ def serve_baselines() -> None:
 class BaselineProcess:
     """The book's training steps in a child process with glibc's default malloc (``DEEPRNN_MALLOC=0``),
     as the book's users run them, while deeprnn's side runs here with ``deeprnn.allocator``'s settings.
-    Only one process runs at a time: the other waits on the pipe."""
+    Only one process runs at a time: the other waits on the pipe. ``restart()`` starts a fresh process:
+    the suite takes a new one every round, since how often default malloc faults in fresh pages differs
+    from process to process (170 to 6,700 page faults per ``nn.LSTM`` step), and a median over rounds
+    should not rest on one process's luck."""
 
     def __init__(self, threads: int):
+        self.threads = threads
+        self._start()
+
+    def restart(self) -> None:
+        self.close()
+        self._start()
+
+    def _start(self) -> None:
+        threads = self.threads
         env = dict(os.environ, DEEPRNN_MALLOC="0")
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--serve-baselines", "--threads",
                                       str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -367,7 +385,8 @@ def main(argv=None) -> str:
         for prec in ("fp32", "bf16"):
             train[f"{impl} {cell} {prec}"] = repeat(ours_step(cell, impl, prec))
     try:
-        rates = interleaved({k: (fn, unit) for k, fn in train.items()}, rounds, seconds)
+        fresh = None if baselines is None else (lambda r: baselines.restart() if r > 0 else None)
+        rates = interleaved({k: (fn, unit) for k, fn in train.items()}, rounds, seconds, before_round=fresh)
     except BaseException:
         if baselines is not None:
             baselines.close(failed=True)
@@ -496,7 +515,8 @@ def main(argv=None) -> str:
         f"SGD, clip 1; {rounds} interleaved rounds of ~{seconds:g} s per workload; ratio = median over rounds "
         "of ours/baseline in the round; bf16 = torch.autocast (the book's side is fp32)",
         ("book's training steps: this process, under deeprnn's malloc settings (--same-malloc)" if args.same_malloc
-         else "book's training steps: a child process with glibc's default malloc, as the book's users run them "
+         else "book's training steps: a child process with glibc's default malloc, as the book's users run them, "
+              "a fresh one every round "
               "(deeprnn's side: its malloc settings; benchmarks/bench_allocator.py measures their share)"),
         f"generation: same weights in both; greedy output identical to predict_ch8: {'yes' if same else 'NO'}",
         "",
