@@ -30,7 +30,8 @@ steps, SGD, clipping at 1, state carried and detached between windows, random to
 Generation: ``predict_ch8`` as the book writes it against ``deeprnn.generate`` on the same weights
 (greedy output checked identical), and 64 sampled streams. Ingestion: a 100 MB text file (The Time
 Machine repeated) through ``build_corpus`` (char level, d2l normalisation) in a fresh subprocess,
-peak RSS (``ru_maxrss``) above the interpreter's baseline against the file size.
+peak RSS (``VmHWM``) above the interpreter's baseline against the file size, with malloc set as
+``deeprnn`` commands set it.
 """
 
 from __future__ import annotations
@@ -299,7 +300,10 @@ def ratio(rates, ours: str, base: str) -> float:
 # fork into the child's ru_maxrss across exec, so a child of a big process would report the parent's size.
 INGEST_CODE = r"""
 import resource, sys, time
+from deeprnn.allocator import keep_freed_memory
 from deeprnn.corpus import build_corpus
+
+keep_freed_memory()  # as `deeprnn train` reads a corpus (DEEPRNN_MALLOC=0: glibc's defaults)
 
 def peak_rss():
     try:
@@ -319,7 +323,8 @@ print(dt, base, peak, c.tokens.numel(), len(c.vocab), str(c.tokens.dtype).remove
 
 def ingest(size_mb: int = 100, one_line: bool = False) -> dict:
     """Time and peak RSS of ``build_corpus`` on a ``size_mb`` MB file, in a fresh subprocess: The Time
-    Machine repeated, as is or (``one_line``) with its line breaks made spaces, one line like text8."""
+    Machine repeated, as is or (``one_line``) with its line breaks made spaces, one line like text8. The
+    subprocess sets malloc as ``deeprnn`` commands do."""
     from deeprnn.corpus import _read_bundled
 
     text = _read_bundled("timemachine.txt")
