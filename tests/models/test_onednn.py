@@ -44,31 +44,26 @@ def test_mm_equals_torch_for_views(calls, transpose_a, transpose_b):
     assert_close(out, (a.double() @ b.double()).float(), atol=1e-4, rtol=1e-5)
 
 
-def test_addmm_forward_and_gradients_equal_torch(calls):
-    bias, x, W = (_rand(*s, seed=i).requires_grad_() for i, s in enumerate([(48,), (1120, 64), (64, 48)]))
-    dy = _rand(1120, 48, seed=9)
-    out = onednn.addmm(bias, x, W)
-    out.backward(dy)
-    assert calls["n"] == 3  # forward, d_x, d_W
-    ref = [t.detach().double().requires_grad_() for t in (bias, x, W)]
-    ref_out = torch.addmm(*ref)
-    ref_out.backward(dy.double())
-    assert_close(out.double(), ref_out, atol=1e-4, rtol=1e-5)
-    for got, want in zip((bias, x, W), ref):
-        assert_close(got.grad.double(), want.grad, atol=1e-3, rtol=1e-5)
+# (ours, torch's, argument shapes in call order, upstream gradient's shape): addmm's (K, N) weight, and
+# linear's (N, K) weight on a 3-D input, the output layer's case.
+PRODUCTS = [
+    pytest.param(onednn.addmm, torch.addmm, [(48,), (1120, 64), (64, 48)], (1120, 48), id="addmm"),
+    pytest.param(onednn.linear, F.linear, [(35, 32, 64), (28, 64), (28,)], (35, 32, 28), id="linear"),
+]
 
 
-def test_linear_forward_and_gradients_equal_torch(calls):
-    bias, x, W = (_rand(*s, seed=i).requires_grad_() for i, s in enumerate([(28,), (35, 32, 64), (28, 64)]))
-    dy = _rand(35, 32, 28, seed=9)
-    out = onednn.linear(x, W, bias)
+@pytest.mark.parametrize("ours, theirs, shapes, dy_shape", PRODUCTS)
+def test_product_forward_and_gradients_equal_torch(calls, ours, theirs, shapes, dy_shape):
+    args = [_rand(*shape, seed=i).requires_grad_() for i, shape in enumerate(shapes)]
+    dy = _rand(*dy_shape, seed=9)
+    out = ours(*args)
     out.backward(dy)
-    assert calls["n"] == 3 and out.shape == (35, 32, 28)
-    ref = [t.detach().double().requires_grad_() for t in (x, W, bias)]
-    ref_out = F.linear(*ref)
+    assert calls["n"] == 3 and out.shape == dy_shape  # forward, and both gradient products
+    ref = [t.detach().double().requires_grad_() for t in args]
+    ref_out = theirs(*ref)
     ref_out.backward(dy.double())
     assert_close(out.double(), ref_out, atol=1e-4, rtol=1e-5)
-    for got, want in zip((x, W, bias), ref):
+    for got, want in zip(args, ref):
         assert_close(got.grad.double(), want.grad, atol=1e-3, rtol=1e-5)
 
 
