@@ -24,21 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from deeprnn.checkpoint import load_checkpoint  # noqa: E402
 from deeprnn.cli import checkpoint_split_tokens  # noqa: E402
 from deeprnn.errors import DeepRNNError  # noqa: E402
-from deeprnn.train import autocast_context, heldout_streams  # noqa: E402
+from deeprnn.train import heldout_streams, heldout_windows  # noqa: E402
 
 
 @torch.no_grad()
 def token_log_probs(model, streams_x, streams_y, num_steps: int, precision: str) -> torch.Tensor:
     """(B, L) float64 log-probabilities the model gives each next token, windows of ``num_steps``."""
-    model.eval()
-    state = model.begin_state(streams_x.shape[0])
-    out = []
-    for s in range(0, streams_x.shape[1], num_steps):
-        X, Y = streams_x[:, s : s + num_steps].long(), streams_y[:, s : s + num_steps].long()
-        with autocast_context(torch.device("cpu"), precision):
-            logits, state = model(X, state)  # (T, B, V)
-        logp = logits.double().log_softmax(-1).gather(-1, Y.T.unsqueeze(-1)).squeeze(-1)  # (T, B)
-        out.append(logp.T)
+    out = [logits.double().log_softmax(-1).gather(-1, Y.T.unsqueeze(-1)).squeeze(-1).T  # (B, T)
+           for logits, Y in heldout_windows(model, streams_x, streams_y, num_steps=num_steps,
+                                            device=torch.device("cpu"), precision=precision)]
     return torch.cat(out, 1)
 
 

@@ -216,14 +216,14 @@ BOOK_ROWS = ("book LSTM", "book GRU", "book RNN", "book-style scratch LSTM", "bo
 
 
 def book_training_workloads() -> dict:
-    """The book's training steps (fp32), the baselines of every training row."""
-    return {
-        "book LSTM": book_step(BookRNNModelTrain(nn.LSTM(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
-        "book GRU": book_step(BookRNNModelTrain(nn.GRU(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
-        "book RNN": book_step(BookRNNModelTrain(nn.RNN(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
-        "book-style scratch LSTM": book_step(BookStyleLSTM(VOCAB, HIDDENS, LAYERS), scratch=True),
-        "book-style scratch GRU": book_step(BookStyleGRU(VOCAB, HIDDENS, LAYERS), scratch=True),
-    }
+    """The book's training steps (fp32), the baselines of every training row, named as BOOK_ROWS."""
+    return dict(zip(BOOK_ROWS, [
+        book_step(BookRNNModelTrain(nn.LSTM(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
+        book_step(BookRNNModelTrain(nn.GRU(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
+        book_step(BookRNNModelTrain(nn.RNN(VOCAB, HIDDENS, LAYERS), VOCAB), scratch=False),
+        book_step(BookStyleLSTM(VOCAB, HIDDENS, LAYERS), scratch=True),
+        book_step(BookStyleGRU(VOCAB, HIDDENS, LAYERS), scratch=True),
+    ], strict=True))
 
 
 def serve_baselines() -> None:

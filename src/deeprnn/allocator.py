@@ -23,6 +23,7 @@ than Linux with glibc it does nothing.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -31,14 +32,10 @@ MMAP_THRESHOLD = 32 << 20  # glibc refuses more than HEAP_MAX_SIZE / 2 = 32 MiB 
 TRIM_THRESHOLD = 512 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 
-_done: dict[str, str] = {}
-
-
+@functools.cache
 def keep_freed_memory() -> str:
     """Set glibc malloc's mmap and trim thresholds once per process; returns what was done, in words."""
-    if "result" not in _done:
-        _done["result"] = _apply()
-    return _done["result"]
+    return _apply()
 
 
 def _apply() -> str:

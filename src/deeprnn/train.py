@@ -347,9 +347,20 @@ def evaluate_tokens(
     streams_x, streams_y = streams_x[lo:hi], streams_y[lo:hi]
     if streams_x.shape[0] == 0:
         return 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for logits, Y in heldout_windows(model, streams_x, streams_y, num_steps=num_steps, device=device,
+                                     precision=precision):
+        total += sequence_loss(logits, Y, reduction="sum").double()
+    return float(total), streams_x.numel()
+
+
+def heldout_windows(model: torch.nn.Module, streams_x: torch.Tensor, streams_y: torch.Tensor, *, num_steps: int,
+                    device: torch.device, precision: str):
+    """Yields ``(logits (T, B, V), targets (B, T))`` for each window of ``num_steps`` of the streams
+    (``heldout_streams``), the state carried from window to window, the model in eval mode (its mode is
+    restored when the loop ends). The caller chooses the gradient mode."""
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
     state = model.begin_state(streams_x.shape[0], device=device)
     try:
         for s in range(0, streams_x.shape[1], num_steps):
@@ -357,10 +368,9 @@ def evaluate_tokens(
             Y = streams_y[:, s : s + num_steps].to(device).long()
             with autocast_context(device, precision):
                 logits, state = model(X, state)
-            total += sequence_loss(logits, Y, reduction="sum").double()
+            yield logits, Y
     finally:
         model.train(was_training)
-    return float(total), streams_x.numel()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,21 +57,21 @@ MIN_MACS = 1 << 20
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether products of these float32 CPU tensors may go through oneDNN here and now (sizes aside)."""
-    return _usable(*tensors)
-
-
-def _usable(*tensors: torch.Tensor) -> bool:
+    """Whether products of these tensors may go through oneDNN here and now, sizes aside: float32 CPU
+    tensors, outside torch.compile and autocast, with the path on."""
     return (not torch.compiler.is_compiling() and enabled() and not torch.is_autocast_enabled("cpu")
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0 for t in tensors))
 
 
-def _worth_it(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """2-D ``a`` (M, K) times ``b`` (K, N), big enough, and a bias oneDNN reads as it is meant: None or a
-    dense (N,) vector (a strided, 0-d or 2-D bias, which torch.addmm broadcasts, stays with torch)."""
+def _takes(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether ``a @ b (+ bias)`` goes through oneDNN: 2-D ``a`` (M, K) and ``b`` (K, N) with at least
+    MIN_MACS multiply-adds, a bias oneDNN reads as it is meant (None or a dense (N,) vector; a strided,
+    0-d or 2-D bias, which torch.addmm broadcasts, stays with torch), and ``usable`` operands."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] * a.shape[1] * b.shape[1] < MIN_MACS:
         return False
-    return bias is None or (bias.dim() == 1 and bias.shape[0] == b.shape[1] and bias.is_contiguous())
+    if bias is not None and not (bias.dim() == 1 and bias.shape[0] == b.shape[1] and bias.is_contiguous()):
+        return False
+    return usable(a, b) if bias is None else usable(a, b, bias)
 
 
 def _linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -87,7 +87,7 @@ def _linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torc
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for 2-D ``a`` (M, K) and ``b`` (K, N), either may be a transposed view; no autograd."""
-    if _usable(a, b) and _worth_it(a, b):
+    if _takes(a, b):
         out = _linear(a, b, None)
         if out is not None:
             return out
@@ -124,17 +124,17 @@ class _Product(torch.autograd.Function):
 
 def addmm(bias: torch.Tensor, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``torch.addmm(bias, x, W)`` (bias (N,), x (M, K), W (K, N)), through oneDNN where it applies."""
-    if _usable(bias, x, W) and _worth_it(x, W, bias):
+    if _takes(x, W, bias):
         return _Product.apply(bias, x, W, False)
     return torch.addmm(bias, x, W)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (x (..., K), weight (N, K)), through oneDNN where it applies."""
-    if _usable(x, weight, *(() if bias is None else (bias,))) and x.dim() >= 1 and \
-            _worth_it(x.reshape(-1, x.shape[-1]), weight.t(), bias):
-        lead = x.shape[:-1]
-        return _Product.apply(bias, x.reshape(-1, x.shape[-1]), weight, True).view(*lead, weight.shape[0])
+    if x.dim() >= 1:
+        rows = x.reshape(-1, x.shape[-1])
+        if _takes(rows, weight.t(), bias):
+            return _Product.apply(bias, rows, weight, True).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 

@@ -74,6 +74,13 @@ def _product_operands(W_hh: torch.Tensor, hs: torch.Tensor, h0: torch.Tensor, lp
     return W_hh.to(lp), hl, hl.new_empty(hs.shape[1], width)
 
 
+def _recurrent_weight_grad(hl: torch.Tensor, d_pre: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W_hh``'s gradient after a backward sweep, one product: ``h_{t-1}`` of every step (``hl[:-1]``,
+    (T, B, H)) transposed times the pre-activations' gradient (T, B, G*H), in ``dtype``."""
+    H, G = hl.shape[-1], d_pre.shape[-1]
+    return onednn.mm(hl[:-1].reshape(-1, H).T, d_pre.reshape(-1, G)).to(dtype)
+
+
 class _ScratchLayer(nn.Module):
     """One recurrent layer's parameters and its whole-window input projection."""
 
@@ -188,13 +195,12 @@ class _RNNWindow(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_out, d_hT):
         W, hs, hl = ctx.saved_tensors
-        T, B, H = d_out.shape
         with _no_autocast(hs):
             kernel = _rnn_backward if ctx.native is None else ctx.native.rnn_backward
             dpre, dpl, dh = kernel(W, hs, hl, d_out, d_hT, ctx.relu, ctx.x_in_lp)
             d_W_hh = None
             if ctx.needs_input_grad[2]:
-                d_W_hh = onednn.mm(hl[:-1].reshape(T * B, H).T, dpl.view(T * B, H)).to(hs.dtype)  # (H, H)
+                d_W_hh = _recurrent_weight_grad(hl, dpl, hs.dtype)  # (H, H)
         return dpre, dh, d_W_hh, None, None
 
 
@@ -310,14 +316,12 @@ class _LSTMWindow(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_out, d_hT, d_cT):
         W, acts, hs, cs, tcs, hl = ctx.saved_tensors
-        T, B, G = acts.shape
-        H = G // 4
         with _no_autocast(acts):
             kernel = _lstm_backward if ctx.native is None else ctx.native.lstm_backward
             dpre, dpl, dh, dc = kernel(W, acts, hs, cs, tcs, hl, d_out, d_hT, d_cT, ctx.x_in_lp)
             d_W_hh = None
-            if ctx.needs_input_grad[3]:  # (H, 4H), one product
-                d_W_hh = onednn.mm(hl[:-1].reshape(T * B, H).T, dpl.view(T * B, G)).to(acts.dtype)
+            if ctx.needs_input_grad[3]:
+                d_W_hh = _recurrent_weight_grad(hl, dpl, acts.dtype)  # (H, 4H)
         return dpre, dh, dc, d_W_hh, None
 
 
@@ -440,14 +444,12 @@ class _GRUWindow(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_out, d_hT):
         W, acts, ghn, hs, hl = ctx.saved_tensors
-        T, B, G = acts.shape
-        H = G // 3
         with _no_autocast(acts):
             kernel = _gru_backward if ctx.native is None else ctx.native.gru_backward
             d_x, d_g, d_b_hn, dh = kernel(W, acts, ghn, hs, hl, d_out, d_hT, ctx.x_in_lp)
             d_W_hh = None
             if ctx.needs_input_grad[2]:
-                d_W_hh = onednn.mm(hl[:-1].reshape(T * B, H).T, d_g.view(T * B, G)).to(acts.dtype)  # (H, 3H)
+                d_W_hh = _recurrent_weight_grad(hl, d_g, acts.dtype)  # (H, 3H)
         return d_x, dh, d_W_hh, d_b_hn if ctx.needs_input_grad[3] else None, None
 
 
