@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from benchmarks.ensemble import ensemble_perplexities
+from benchmarks.ensemble import ensemble_perplexities, main as ensemble_main
 from deeprnn.cli import main
 from deeprnn.errors import DeepRNNError
 
@@ -51,3 +51,15 @@ def test_another_vocabulary_is_refused(runs, tmp_path):
     assert main(["train", *TINY, "--normalization", "raw", "--run-dir", str(other)]) == 0
     with pytest.raises(DeepRNNError, match="has another vocabulary than"):
         ensemble_perplexities([runs[0], str(other)], "valid")
+
+
+def test_the_script_says_what_is_wrong_in_one_line(runs, tmp_path, capsys):
+    other = tmp_path / "raw"
+    assert main(["train", *TINY, "--normalization", "raw", "--run-dir", str(other)]) == 0
+    capsys.readouterr()
+    assert ensemble_main([runs[0], str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ensemble.py: error: {other} has another vocabulary than {runs[0]}; an ensemble needs one vocabulary"]
+    assert ensemble_main(runs + ["--batch-size", "4", "--num-steps", "32"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("ensemble of 2: perplexity ") and out[-1].endswith(" valid tokens")
