@@ -10,6 +10,8 @@ same weights, so greedy outputs must be identical (checked):
     (b) greedy      ``deeprnn.generate(strategy="greedy")``, one stream (cell stepper)
     (b') greedy/fwd the same through ``model.forward`` (the generic stepper), to show what the stepper buys
     (c) sample x64  ``strategy="sample"``, 64 streams in one batch, temperature 1
+    (c') the same   with the stepper on ``torch.*_cell`` (as below ``ONEDNN_MIN_STREAMS`` streams), to show
+                    what its oneDNN products buy
     (d) beam x4     ``strategy="beam"``, width 4 (characters of the returned beam per second)
 
 Each figure is the best of ``--repeats`` rounds; a round runs every workload once for about ``--seconds``,
@@ -162,6 +164,17 @@ def main() -> None:
         finally:
             g.make_stepper = make
 
+    def sample_torch_cells(n):
+        # (c) with the stepper on torch.*_cell for any number of streams: what oneDNN's products buy.
+        import deeprnn.generate as g
+
+        least = g.ONEDNN_MIN_STREAMS
+        g.ONEDNN_MIN_STREAMS = 10**9
+        try:
+            generate(ours, vocab, PREFIX, n, strategy="sample", num_samples=64, seed=0)
+        finally:
+            g.ONEDNN_MIN_STREAMS = least
+
     def run_book(n):
         with torch.no_grad():
             book_predict_ch8(PREFIX, n, book, vocab, "cpu")
@@ -172,6 +185,7 @@ def main() -> None:
         ("(b') greedy via forward", greedy_forward, 1),
         ("(c) sample x64 streams",
          lambda n: generate(ours, vocab, PREFIX, n, strategy="sample", num_samples=64, seed=0), 64),
+        ("(c') sample x64, torch cells", sample_torch_cells, 64),
         ("(d) beam width 4", lambda n: generate(ours, vocab, PREFIX, n, strategy="beam", beam_width=4), 1),
     ]
     t0 = time.perf_counter()
@@ -186,6 +200,7 @@ def main() -> None:
     greedy, sample = rows[1][1], rows[3][1]
     print(f"targets: greedy >= 8x book: {greedy / base:.1f}x {'met' if greedy >= 8 * base else 'MISSED'}; "
           f"64-stream sampling >= 50,000 chars/s: {sample:,.0f} {'met' if sample >= 50_000 else 'MISSED'}")
+    print(f"64-stream sampling, stepper on oneDNN's products vs on torch.*_cell: {sample / rows[4][1]:.2f}x")
     print(f"timed section: {time.perf_counter() - t0:.1f} s")
 
 

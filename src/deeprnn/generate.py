@@ -15,7 +15,8 @@ share one interface:
   avoids the module and one-hot overhead of a full forward (about 3x faster for one stream on a CPU,
   see ``benchmarks/bench_generate.py``); the tests check it against ``model.forward``. From
   ``ONEDNN_MIN_STREAMS`` streams on (sampling several, beam search) it writes the cells out with their
-  products through oneDNN (``deeprnn.models.onednn``): 64 sampled streams ran ~1.3x faster.
+  products through oneDNN (``deeprnn.models.onednn``): 64 sampled streams run ~1.3x faster
+  (``benchmarks/bench_generate.py``, rows (c) and (c')).
 
 The prefix warm-up is one forward call over all prefix tokens but the last (the same state as feeding
 them one at a time, as the book does); the last prefix token is the first input of the decoding loop.
