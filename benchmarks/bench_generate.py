@@ -7,7 +7,10 @@ same weights, so greedy outputs must be identical (checked):
 
     (a) book        a faithful re-implementation of d2l's ``RNNModel(nn.LSTM)`` + ``predict_ch8`` (8.5/9.3):
                     one forward per character, ``reshape``, ``int(y.argmax(dim=1).reshape(1))``
-    (b) greedy      ``deeprnn.generate(strategy="greedy")``, one stream (cell stepper)
+    (b) greedy      ``deeprnn.generate(strategy="greedy")``, one stream: the compiled loop (``csrc/greedy.cpp``,
+                    up to ``--threads`` threads, each with a slice of the weights in its own cache)
+    (b'') greedy/py the same on the cell stepper in a Python loop (what generate did before the compiled
+                    loop, and still does where it cannot load), to show what the compiled loop buys
     (b') greedy/fwd the same through ``model.forward`` (the generic stepper), to show what the stepper buys
     (c) sample x64  ``strategy="sample"``, 64 streams in one batch, temperature 1
     (c') the same   with the stepper on ``torch.*_cell`` (as below ``ONEDNN_MIN_STREAMS`` streams), to show
@@ -164,6 +167,17 @@ def main() -> None:
         finally:
             g.make_stepper = make
 
+    def greedy_stepper(n):
+        # (b'') the cell stepper's Python loop: generate without its compiled greedy loop.
+        import deeprnn.generate as g
+
+        real = g._NativeGreedy.for_stepper
+        g._NativeGreedy.for_stepper = lambda stepper, threads: None
+        try:
+            generate(ours, vocab, PREFIX, n)
+        finally:
+            g._NativeGreedy.for_stepper = real
+
     def sample_torch_cells(n):
         # (c) with the stepper on torch.*_cell for any number of streams: what oneDNN's products buy.
         import deeprnn.generate as g
@@ -182,6 +196,7 @@ def main() -> None:
     workloads = [
         ("(a) book predict_ch8", run_book, 1),
         ("(b) greedy", lambda n: generate(ours, vocab, PREFIX, n), 1),
+        ("(b'') greedy, Python loop", greedy_stepper, 1),
         ("(b') greedy via forward", greedy_forward, 1),
         ("(c) sample x64 streams",
          lambda n: generate(ours, vocab, PREFIX, n, strategy="sample", num_samples=64, seed=0), 64),
@@ -197,10 +212,13 @@ def main() -> None:
     print(f"{'workload':<26}{'chars/s':>12}{'vs book':>10}{'of peak':>10}")
     for name, rate in rows:
         print(f"{name:<26}{rate:>12,.0f}{rate / base:>9.1f}x{fpc * rate / (peak * 1e9):>9.1%}")
-    greedy, sample = rows[1][1], rows[3][1]
+    greedy, sample = rows[1][1], rows[4][1]
     print(f"targets: greedy >= 8x book: {greedy / base:.1f}x {'met' if greedy >= 8 * base else 'MISSED'}; "
           f"64-stream sampling >= 50,000 chars/s: {sample:,.0f} {'met' if sample >= 50_000 else 'MISSED'}")
-    print(f"64-stream sampling, stepper on oneDNN's products vs on torch.*_cell: {sample / rows[4][1]:.2f}x")
+    weight_mb = sum(p.numel() * 4 for p in ours.parameters()) / 1e6
+    print(f"greedy: compiled loop vs the Python stepper loop: {greedy / rows[2][1]:.2f}x; weights read: "
+          f"{weight_mb:.1f} MB/char, {greedy * weight_mb / 1e3:.0f} GB/s")
+    print(f"64-stream sampling, stepper on oneDNN's products vs on torch.*_cell: {sample / rows[5][1]:.2f}x")
     print(f"timed section: {time.perf_counter() - t0:.1f} s")
 
 

@@ -29,7 +29,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "windows.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = CSRC / "windows.cpp"  # the window kernels and the module definition
+SOURCES = (SOURCE, CSRC / "greedy.cpp")  # and the greedy decoding loop (deeprnn.generate)
+HEADERS = (CSRC / "pointwise.h",)
 ENV = "DEEPRNN_NATIVE"
 
 _lock = threading.Lock()
@@ -87,7 +90,7 @@ def load() -> ModuleType | None:
                 _clear_stale_lock(build_dir)
                 if not any(build_dir.glob(name + ".*so")):  # else loading takes a fraction of a second
                     log.info("building the scratch layers' C++ kernels for this machine (once, about 15 s)")
-            _module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
+            _module = cpp_extension.load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags, verbose=False)
             _build_seconds = time.perf_counter() - started
         except Exception as exc:  # any failure means "use the Python loops", never a crash
             _failure = f"{type(exc).__name__}: {_gist(str(exc))}"
@@ -108,7 +111,8 @@ def build_name(flags: list[str]) -> str:
     several nodes) never hands an AVX-512 build to an AVX2 machine, or one torch's build to another.
     """
     isa = torch.backends.cpu.get_cpu_capability().lower() if _isa_flags() else "base"
-    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
+    code = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))  # ninja does not see header changes
+    digest = hashlib.sha1(code + " ".join(flags).encode()).hexdigest()[:10]
     return f"deeprnn_windows_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{isa}_{digest}"
 
 

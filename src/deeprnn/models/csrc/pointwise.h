@@ -1,0 +1,67 @@
+// Scalar pointwise functions shared by the compiled kernels (windows.cpp, greedy.cpp), written so that the
+// loops calling them vectorise: no library call per element, no branches.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+// The inner loops over units write arrays that never overlap what they read at another unit; saying
+// so spares the compiler run-time overlap checks, which it gives up on past ~10 pointers (the LSTM
+// backward step has more) and then leaves the loop scalar.
+#if defined(__clang__)
+#define UNITS_INDEPENDENT _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define UNITS_INDEPENDENT _Pragma("GCC ivdep")
+#else
+#define UNITS_INDEPENDENT
+#endif
+
+namespace deeprnn {
+
+// The bits of a value as another type of the same size. C++20's bit_cast would do, but older torch
+// releases build extensions as C++17; compilers turn the memcpy into a register move, so loops vectorise.
+template <typename To, typename From>
+inline To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as: sizes differ");
+  To out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+}
+
+// exp for float in a form the compiler vectorises (std::exp stays a library call per element):
+// exp(x) = 2^n exp(r) with n = round(x / ln 2), |r| <= ln 2 / 2, and Cephes' degree-6 polynomial for
+// exp(r), good to about 1 ulp. x is clamped so that 2^n stays a normal float; the sigmoid saturates
+// long before either bound. NaN passes through.
+inline float exp_vec(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // Adding and subtracting 1.5 * 2^23 rounds to an integer without a nearbyint call.
+  const float shift = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + shift) - shift;
+  float r = x - n * 0.693359375f;  // ln 2 in two parts, so r keeps its low bits
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t scale = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  return p * bits_as<float>(scale);
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_vec(-x)); }
+
+// float64 is the tests' dtype, where agreement with torch's sigmoid matters more than speed.
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// tanh as 2σ(2x) − 1, the identity the Python kernels use: one transcendental function for both.
+template <typename T>
+inline T tanh_via_sigmoid(T x) {
+  return sigmoid(x * 2) * 2 - 1;
+}
+
+}  // namespace deeprnn
