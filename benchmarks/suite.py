@@ -539,7 +539,12 @@ def main(argv=None) -> str:
     print(out)
     if not args.no_save:
         RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"cpu-{started:%Y-%m-%d}{'-quick' if args.quick else ''}.txt"
+        stem = f"cpu-{started:%Y-%m-%d}{'-quick' if args.quick else ''}"
+        path = RESULTS / f"{stem}.txt"
+        n = 1
+        while path.exists():  # an earlier run of the day stays: the next free -2, -3, ...
+            n += 1
+            path = RESULTS / f"{stem}-{n}.txt"
         path.write_text(out + "\n")
         print(f"written to {path.relative_to(RESULTS.parent.parent)}")
     return out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deeprnn.generate import _CellStepper, _NativeGreedy, generate, make_stepper
-from deeprnn.models import native
+from deeprnn.models import ModelConfig, build_model, native
 
 from test_generate import MODELS, PREFIX, TEXT, argmax_path, tiny_model  # noqa: F401  (vocab fixture below)
 from deeprnn.vocab import Vocab
@@ -98,30 +98,104 @@ def test_chunks_carry_the_state(ext, vocab, kw):
             assert torch.equal(x, y)
 
 
-def test_generate_takes_the_native_loop_probes_and_streams(ext, vocab, monkeypatch):
-    """``generate`` decodes greedily through the compiled loop, times both thread counts at its start and
-    again every REPROBE_EVERY tokens, and gives the book's argmax path, streamed piece by piece."""
+class _Counting:
+    """The compiled decoder with its ``run`` calls counted: (steps, workers) of each."""
+
+    def __init__(self, decoder):
+        self.decoder, self.calls = decoder, []
+
+    def run(self, first, steps, workers):
+        self.calls.append((steps, workers))
+        return self.decoder.run(first, steps, workers)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Every ``_NativeGreedy`` that ``generate`` makes, with its decoder's calls counted."""
+    made = []
+    real = _NativeGreedy.for_stepper.__func__
+
+    def for_stepper(cls, stepper, threads):
+        dec = real(cls, stepper, threads)
+        if dec is not None:
+            dec.decoder = _Counting(dec.decoder)
+            made.append(dec)
+        return dec
+
+    monkeypatch.setattr(_NativeGreedy, "for_stepper", classmethod(for_stepper))
+    return made
+
+
+def _generate_with_threads(threads, *args, **kw):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the caller's count decides the slices, though generate runs torch on one
+    try:
+        return generate(*args, **kw)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_generate_takes_the_native_loop_probes_and_streams(ext, vocab, monkeypatch, spy):
+    """``generate`` decodes greedily through the compiled loop, times one worker against all of them at
+    its start and again after REPROBE tokens, and gives the book's argmax path, streamed piece by piece."""
     model = tiny_model(vocab, num_hiddens=32)
     monkeypatch.setattr(_NativeGreedy, "SLICE_BYTES", 1024)
     monkeypatch.setattr(_NativeGreedy, "PROBE_STEPS", 3)
+    monkeypatch.setattr(_NativeGreedy, "REPROBE_MIN", 20)
     monkeypatch.setattr(_NativeGreedy, "REPROBE_EVERY", 20)
-    made = []
-    real = _NativeGreedy.for_stepper.__func__
-    monkeypatch.setattr(_NativeGreedy, "for_stepper",
-                        classmethod(lambda cls, s, threads: made.append(real(cls, s, threads)) or made[-1]))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the caller's count decides the slices, though generate runs torch on one
-    try:
-        pieces = []
-        out = generate(model, vocab, PREFIX, 60, on_text=lambda i, p: pieces.append((i, p)))
-    finally:
-        torch.set_num_threads(threads)
+    pieces = []
+    out = _generate_with_threads(2, model, vocab, PREFIX, 60, on_text=lambda i, p: pieces.append((i, p)))
     path = [vocab.idx_to_token[i] for i in argmax_path(model, vocab[list(PREFIX)], 60)]
     assert out == [PREFIX + "".join(path)]
     assert pieces == [(0, piece) for piece in path]
-    (dec,) = made
+    (dec,) = spy
     assert dec.slices == 2
-    assert len(dec.probes) == 2 and all(set(p) == {1, 2} for p in dec.probes)  # at tokens 0 and 26
+    # probes at tokens 0 and 29 (3 untimed + 3 + 3 steps each), whichever side wins, then 20, 20 and 2 steps
+    assert len(dec.probes) == 2 and all(set(p) == {1, 2} for p in dec.probes)
+    calls = dec.decoder.calls
+    assert [n for n, _ in calls[:3]] == [3, 3, 3] and [w for _, w in calls[:3]] == [2, 1, 2]
+    assert [n for n, _ in calls] == [3, 3, 3, 20, 3, 3, 3, 20, 2]
+
+
+def test_short_and_unstreamed_runs_are_one_call(ext, vocab, spy):
+    """Below 4 probes' worth of tokens there is no probe, and the tokens come from one call, not one
+    call per token."""
+    model = tiny_model(vocab, num_hiddens=32)
+    for n in (0, 1, 150):
+        spy.clear()
+        assert _generate_with_threads(2, model, vocab, PREFIX, n) == generate(model, vocab, PREFIX, n)
+        assert spy[0].decoder.calls == ([(n, spy[0].slices)] if n else [])
+        assert spy[0].probes == []
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(cell="lstm", num_hiddens=64),  # 4 x 64 = 256 gate columns: two whole blocks of 128
+        dict(cell="gru", num_hiddens=48),  # 144: a block of 128 and one of 16
+        dict(cell="gru", num_hiddens=48, input="embedding", embed_size=40, residual=True, num_layers=3),
+        dict(cell="rnn_tanh", num_hiddens=160),  # 160: 128 + 32
+    ],
+    ids=["lstm-64", "gru-48", "gru-48-embedding-residual", "rnn-160"],
+)
+def test_several_blocks_and_a_large_vocabulary(ext, cfg):
+    """Panels of several column blocks (the last one narrower) and an output layer over 150 tokens (two
+    blocks in one slice), in one slice and in two: the cell stepper's logits and state."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=150, num_layers=cfg.pop("num_layers", 2), **cfg)).eval()
+    with torch.inference_mode():
+        for slices in (1, 2):
+            ref = make_stepper(model, torch.device("cpu"))
+            ref.warm_up([5, 140, 77])
+            dec = decoder_for(ref, slices)
+            token = 149
+            for _ in range(10):
+                expected = ref.step(torch.tensor([token]))[0]
+                got = dec.decoder.run(token, 1, slices)
+                torch.testing.assert_close(dec.decoder.logits(), expected, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(dec.decoder.state()[0], torch.stack(ref.h)[:, 0], rtol=1e-5, atol=1e-5)
+                assert got == [int(expected.argmax())]
+                token = got[0]
 
 
 def test_fallbacks_when_the_loop_does_not_apply(vocab, monkeypatch):
@@ -137,6 +211,7 @@ def test_fallbacks_when_the_loop_does_not_apply(vocab, monkeypatch):
 
 
 def test_decoder_refuses_bad_calls(ext, vocab):
+    """Out-of-range calls and shapes raise torch's RuntimeError with the decoder's own message."""
     model = tiny_model(vocab)
     with torch.inference_mode():
         dec = decoder_for(warmed_stepper(model, vocab), 2).decoder
@@ -145,3 +220,14 @@ def test_decoder_refuses_bad_calls(ext, vocab):
     with pytest.raises(RuntimeError, match=f"token {len(vocab)} is outside the vocabulary"):
         dec.run(len(vocab), 5, 1)
     assert dec.run(1, 0, 1) == []
+    with torch.inference_mode():
+        stepper = warmed_stepper(model, vocab)
+        layers = stepper.layers
+        args = ("lstm", [w for w, *_ in layers], [w for _, w, *_ in layers], [b for *_, b, _ in layers],
+                [b for *_, b in layers], None, stepper.out_weight_t.t(), stepper.out_bias, False, 1)
+        with pytest.raises(RuntimeError, match="the output bias must have vocab values"):
+            type(dec)(*args[:7], stepper.out_bias[:-1], *args[8:])
+        with pytest.raises(RuntimeError, match=r"the embedding must be \(vocab, layer 1's input size\)"):
+            type(dec)(*args[:5], torch.zeros(len(vocab) - 1, len(vocab)), *args[6:])
+        with pytest.raises(RuntimeError, match="layer 1 has the wrong shape"):
+            type(dec)(*args[:1], [args[1][0], args[1][1][:, :-1]], *args[2:])

@@ -410,12 +410,15 @@ class _NativeGreedy:
     weights and warmed-up state.
 
     The weights are split into ``slices`` (by units of every layer, and by vocabulary entries), one per
-    thread at most. Whether several threads beat one depends on what else runs on the machine (threads
-    that wait for a busy core lose more than they gain), and the tokens do not depend on it, so ``decode``
-    times a few steps both ways at its start and every ``REPROBE_EVERY`` tokens and keeps the faster.
+    thread at most. Whether several threads beat one depends on what else runs on the machine: another
+    process, or torch's own OpenMP threads, which spin for a few milliseconds after each parallel op
+    (right after training, or sampling). The tokens do not depend on the number of threads, so ``decode``
+    times a few steps both ways and keeps the faster: at its start, ``REPROBE_EVERY`` tokens after a probe
+    that chose all threads, and sooner (``REPROBE_MIN`` tokens, doubling) after one that chose fewer.
     """
 
     PROBE_STEPS = 48
+    REPROBE_MIN = 256
     REPROBE_EVERY = 8192
     CHUNK = 1024  # steps per call without streaming; with it, STREAM_CHUNK
     STREAM_CHUNK = 32
@@ -433,13 +436,13 @@ class _NativeGreedy:
         if type(stepper) is not _CellStepper or stepper.device.type != "cpu" or stepper.dtype != torch.float32:
             return None
         weights = [w for layer in stepper.layers for w in layer if w is not None]
-        weights += [stepper.out_weight_t, stepper.out_bias] + ([stepper.embedding] if stepper.embedding is not None else [])
-        if any(w is not None and (w.dtype != torch.float32 or w.device.type != "cpu") for w in weights):
+        weights += [stepper.out_weight_t] + [w for w in (stepper.out_bias, stepper.embedding) if w is not None]
+        if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
             return None
         module = native.load()
         if module is None or not hasattr(module, "GreedyDecoder"):
             return None
-        nbytes = sum(w.numel() * 4 for w in weights if w is not None)
+        nbytes = sum(w.numel() * w.element_size() for w in weights)
         hidden = stepper.h[0].shape[-1]
         slices = max(1, min(threads, hidden // cls.MIN_SLICE_UNITS, -(-nbytes // cls.SLICE_BYTES)))
         cell = next(name for name, fn in _CellStepper._CELLS.items() if fn is stepper.cell_fn)
@@ -455,31 +458,38 @@ class _NativeGreedy:
     def decode(self, first: int, num_preds: int, emit: Callable[[int], object] | None = None) -> list[int]:
         """The ``num_preds`` argmax tokens after ``first``; ``emit(token)`` is called as each one comes."""
         out: list[int] = []
-        workers, next_probe = self.slices, 0
+        workers = self.slices
+        next_probe = 0 if self.slices > 1 else math.inf
+        backoff = self.REPROBE_MIN
 
-        def run(n: int, w: int) -> None:
+        def run(n: int, w: int) -> float:
+            started = time.perf_counter()
             got = self.decoder.run(out[-1] if out else first, n, w)
+            seconds = time.perf_counter() - started
             out.extend(got)
             if emit is not None:
                 for t in got:
                     emit(t)
+            return seconds / n
 
         while len(out) < num_preds:
             left = num_preds - len(out)
-            if self.slices > 1 and len(out) >= next_probe and left >= 4 * self.PROBE_STEPS:
-                seconds = {}
-                for w in (self.slices, 1):
-                    started = time.perf_counter()
-                    run(self.PROBE_STEPS, w)
-                    seconds[w] = (time.perf_counter() - started) / self.PROBE_STEPS
+            if len(out) >= next_probe:
+                if left < 4 * self.PROBE_STEPS:
+                    next_probe = math.inf  # too few tokens left to be worth timing
+                    continue
+                # All workers first, untimed: it brings each slice into its worker's cache.
+                run(self.PROBE_STEPS, self.slices)
+                seconds = {1: run(self.PROBE_STEPS, 1), self.slices: run(self.PROBE_STEPS, self.slices)}
                 self.probes.append(seconds)
                 workers = min(seconds, key=seconds.get)
-                next_probe = len(out) + self.REPROBE_EVERY
+                if workers == self.slices:
+                    next_probe, backoff = len(out) + self.REPROBE_EVERY, self.REPROBE_MIN
+                else:
+                    next_probe, backoff = len(out) + backoff, min(2 * backoff, self.REPROBE_EVERY)
                 continue
-            n = min(left, self.CHUNK if emit is None else self.STREAM_CHUNK)
-            if self.slices > 1:
-                n = min(n, max(1, next_probe - len(out)))  # stop at the next probe
-            run(n, workers)
+            n = min(left, self.CHUNK if emit is None else self.STREAM_CHUNK, next_probe - len(out))
+            run(int(n), workers)
         return out
 
 

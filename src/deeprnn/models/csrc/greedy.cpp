@@ -3,14 +3,16 @@
 // Why: one stream's step is a few matrix-vector products (3.3 MB of float32 weights read per character
 // for the book's 2 x 256 LSTM) and ~1,000 units of pointwise work. Through torch that is ~10 calls per
 // character, whose dispatch costs as much as the arithmetic, and MKL's matrix-vector product reads the
-// weights from L3 on one core. Here each thread owns a slice of every layer's units (and of the
-// vocabulary), packs the weight columns of its slice once, and keeps them in its own L2 cache; a
-// character costs one pass over those columns per thread and L + 1 spin barriers (after each layer, and
-// after the output layer's logits).
+// weights from L3 on one core. Here the weights are cut into slices (a share of every layer's units, and
+// of the vocabulary), each packed once so that a product reads it in order. `workers` threads take the
+// slices in turn; with one slice per worker, each keeps its slice in its own core's L2 cache. A character
+// costs one pass over the slices and L + 1 spin barriers (after each layer, and after the logits).
 //
 // Same maths as torch.lstm_cell / gru_cell / rnn_tanh_cell / rnn_relu_cell, the residual connections of
 // layers 2..L and the output layer; sigmoid and tanh are the pointwise.h functions the window kernels
-// use (about 1 ulp from torch's). argmax takes the first maximum, as torch.argmax does.
+// use (about 1 ulp from torch's), and the sums run in another order than MKL's, so logits differ from
+// torch's in the last bits: an argmax between two near-equal logits can differ. argmax takes the first
+// maximum, as torch.argmax does. How many workers run does not change any result.
 
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
@@ -22,8 +24,8 @@
 #endif
 
 #include <atomic>
-#include <cstdlib>
 #include <memory>
+#include <new>
 #include <optional>
 #include <string>
 #include <thread>
@@ -41,18 +43,29 @@ constexpr int64_t kBlock = kBlockVectors * kLanes;
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// Zeroed float storage aligned to cache lines.
+const float* f32(const Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "greedy decoder: ", what, " must be a contiguous float32 CPU tensor");
+  return t.data_ptr<float>();
+}
+
+// A float32 contiguous copy of a weight (no copy when it already is one).
+Tensor dense(const Tensor& t) { return t.detach().to(at::kFloat).contiguous(); }
+
+// Zeroed float storage aligned to cache lines (C++17 aligned new: portable, unlike std::aligned_alloc).
+struct AlignedDelete {
+  void operator()(float* p) const { ::operator delete(p, std::align_val_t{64}); }
+};
+
 struct Floats {
-  std::unique_ptr<float, decltype(&std::free)> data{nullptr, &std::free};
+  std::unique_ptr<float, AlignedDelete> data;
   int64_t size = 0;
 
   explicit Floats(int64_t n = 0) : size(n) {
     if (n == 0) return;
     const auto bytes = static_cast<size_t>(round_up(n * static_cast<int64_t>(sizeof(float)), 64));
-    float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(p != nullptr, "greedy decoder: out of memory");
-    std::memset(p, 0, bytes);
-    data.reset(p);
+    data.reset(static_cast<float*>(::operator new(bytes, std::align_val_t{64})));
+    std::memset(data.get(), 0, bytes);
   }
   float* get() const { return data.get(); }
 };
@@ -64,11 +77,11 @@ class Panel {
  public:
   Panel() = default;
 
-  // Column c of P is row rows[c] of the torch-layout weight W (out, K); rows[c] < 0 is a zero column.
+  // Column c of P is row rows[c] of the torch-layout weight W (out, K), contiguous float32; rows[c] < 0
+  // is a zero column.
   Panel(const Tensor& W, const std::vector<int64_t>& rows) : K_(W.size(1)), N_(round_up(rows.size(), kLanes)),
                                                              data_(K_ * N_) {
-    const Tensor w = W.contiguous();
-    const float* src = w.data_ptr<float>();
+    const float* src = f32(W, "a weight");
     for (int64_t b0 = 0; b0 < N_; b0 += kBlock) {
       const int64_t width = std::min(kBlock, N_ - b0);
       float* block = data_.get() + b0 * K_;
@@ -176,12 +189,6 @@ Cell parse_cell(const std::string& name) {
 
 int gates_of(Cell cell) { return cell == Cell::kLSTM ? 4 : cell == Cell::kGRU ? 3 : 1; }
 
-const float* f32(const Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-              "greedy decoder: ", what, " must be a contiguous float32 CPU tensor");
-  return t.data_ptr<float>();
-}
-
 class GreedyDecoder {
  public:
   GreedyDecoder(const std::string& cell, const std::vector<Tensor>& w_ih, const std::vector<Tensor>& w_hh,
@@ -196,9 +203,10 @@ class GreedyDecoder {
                 "greedy decoder: one w_ih, w_hh, b_ih, b_hh per layer");
     TORCH_CHECK(out_w.size(1) == H_, "greedy decoder: output weight must be (vocab, hidden)");
     if (embedding) {
-      embedding_ = embedding->contiguous();
-      f32(embedding_, "embedding");
-      TORCH_CHECK(embedding_.size(1) == w_ih[0].size(1), "greedy decoder: embedding width != layer 1's input");
+      embedding_ = dense(*embedding);
+      TORCH_CHECK(embedding_.dim() == 2 && embedding_.size(0) == V_ && embedding_.size(1) == w_ih[0].size(1),
+                  "greedy decoder: the embedding must be (vocab, layer 1's input size)");
+      emb_ = f32(embedding_, "embedding");
     } else {
       TORCH_CHECK(w_ih[0].size(1) == V_, "greedy decoder: one-hot input needs layer 1's input size == vocab");
     }
@@ -206,7 +214,17 @@ class GreedyDecoder {
       TORCH_CHECK(w_ih[l].size(0) == G_ * H_ && w_hh[l].size(0) == G_ * H_ && w_hh[l].size(1) == H_ &&
                       (l == 0 || w_ih[l].size(1) == H_),
                   "greedy decoder: layer ", l, " has the wrong shape");
+      for (const auto* b : {&b_ih[l], &b_hh[l]}) {
+        TORCH_CHECK(!*b || (*b)->numel() == G_ * H_, "greedy decoder: layer ", l, "'s biases must have G x H values");
+      }
     }
+    TORCH_CHECK(!out_b || out_b->numel() == V_, "greedy decoder: the output bias must have vocab values");
+    std::vector<Tensor> ih, hh;  // float32 contiguous, made once for all slices
+    for (int64_t l = 0; l < L_; ++l) {
+      ih.push_back(dense(w_ih[l]));
+      hh.push_back(dense(w_hh[l]));
+    }
+    const Tensor out_dense = dense(out_w);
     slices_.resize(slices);
     for (int64_t t = 0; t < slices; ++t) {
       Slice& s = slices_[t];
@@ -219,14 +237,14 @@ class GreedyDecoder {
       for (int64_t g = 0; g < G_; ++g)
         for (int64_t j = 0; j < u; ++j) rows[g * u + j] = g * H_ + s.u0 + j;
       for (int64_t l = 0; l < L_; ++l) {
-        s.ih.emplace_back(w_ih[l].detach().to(at::kFloat), rows);
-        s.hh.emplace_back(w_hh[l].detach().to(at::kFloat), rows);
+        s.ih.emplace_back(ih[l], rows);
+        s.hh.emplace_back(hh[l], rows);
         s.b_ih.push_back(local_bias(b_ih[l], rows, s.ih.back().width()));
         s.b_hh.push_back(local_bias(b_hh[l], rows, s.hh.back().width()));
       }
       std::vector<int64_t> vrows(s.v1 - s.v0);
       for (int64_t v = s.v0; v < s.v1; ++v) vrows[v - s.v0] = v;
-      s.out = Panel(out_w.detach().to(at::kFloat), vrows);
+      s.out = Panel(out_dense, vrows);
       s.b_out = local_bias(out_b, vrows, s.out.width());
       s.gi = Floats(s.ih.empty() ? 0 : s.ih[0].width());
       s.gh = Floats(s.hh.empty() ? 0 : s.hh[0].width());
@@ -274,18 +292,32 @@ class GreedyDecoder {
   // threads (1 to slices(), the calling thread among them) share the slices; the tokens and logits do
   // not depend on how many.
   std::vector<int64_t> run(int64_t first, int64_t steps, int64_t workers) {
-    TORCH_CHECK(first >= 0 && first < (embedding_.defined() ? embedding_.size(0) : V_),
-                "greedy decoder: token ", first, " is outside the vocabulary");
+    TORCH_CHECK(first >= 0 && first < V_, "greedy decoder: token ", first, " is outside the vocabulary");
     TORCH_CHECK(steps >= 0, "greedy decoder: steps must be >= 0");
     TORCH_CHECK(workers >= 1 && workers <= slices(), "greedy decoder: workers must be in [1, ", slices(), "]");
     std::vector<int64_t> tokens(steps);
     if (steps == 0) return tokens;
+    // Helpers wait for `go` before touching anything: if one cannot be started, the others are told to
+    // leave, and the calling thread does the whole run alone.
+    std::atomic<int> go{0};
     SpinBarrier barrier(static_cast<int>(workers));
     std::vector<std::thread> helpers;
     helpers.reserve(workers - 1);
-    for (int64_t w = 1; w < workers; ++w) {
-      helpers.emplace_back([&, w] { loop(w, workers, barrier, first, steps, tokens.data()); });
+    try {
+      for (int64_t w = 1; w < workers; ++w) {
+        helpers.emplace_back([&, w] {
+          int state;
+          while ((state = go.load(std::memory_order_acquire)) == 0) std::this_thread::yield();
+          if (state > 0) loop(w, workers, barrier, first, steps, tokens.data());
+        });
+      }
+    } catch (const std::exception&) {
+      go.store(-1, std::memory_order_release);
+      for (auto& th : helpers) th.join();
+      helpers.clear();
+      return run(first, steps, 1);
     }
+    go.store(1, std::memory_order_release);
     loop(0, workers, barrier, first, steps, tokens.data());
     for (auto& th : helpers) th.join();
     parity_ ^= static_cast<int>(steps & 1);
@@ -305,7 +337,7 @@ class GreedyDecoder {
   static Floats local_bias(const std::optional<Tensor>& b, const std::vector<int64_t>& rows, int64_t width) {
     Floats out(width);
     if (!b) return out;
-    const Tensor bc = b->detach().to(at::kFloat).contiguous();
+    const Tensor bc = dense(*b);
     const float* src = bc.data_ptr<float>();
     for (size_t c = 0; c < rows.size(); ++c) out.get()[c] = src[rows[c]];
     return out;
@@ -346,8 +378,8 @@ class GreedyDecoder {
     if (l > 0) {
       in = x_[q].get() + (l - 1) * H_;
       ih.accumulate(in, gi);
-    } else if (embedding_.defined()) {
-      in = embedding_.data_ptr<float>() + token * embedding_.size(1);
+    } else if (emb_ != nullptr) {
+      in = emb_ + token * embedding_.size(1);
       ih.accumulate(in, gi);
     } else {
       ih.add_row(token, gi);
@@ -418,6 +450,7 @@ class GreedyDecoder {
   const int64_t G_, L_, H_, V_;
   const bool residual_;
   Tensor embedding_;
+  const float* emb_ = nullptr;  // its rows, read by every worker
   std::vector<Slice> slices_;
   Floats h_[2], x_[2], c_, logits_;  // h and the layer outputs x (h + residual) at two parities
   int parity_ = 0;
