@@ -126,7 +126,7 @@ def test_cpu_suite_prints_every_row():
     assert header.split()[-3:] == ["ratio", "at", "ceiling"]
     for row in ("concise LSTM fp32 vs book nn.LSTM", "scratch GRU bf16 vs book nn.GRU",
                 "scratch LSTM fp32 vs book-style scratch", "generation greedy, 1 stream vs predict_ch8",
-                "bound: the step's products alone (3.3 MB fp32 read/char)", "generation sampling, 64 streams"):
+                "torch's step products alone (3.3 MB fp32 read/char)", "generation sampling, 64 streams"):
         assert row in out, row
 
 
