@@ -172,7 +172,7 @@ def main() -> None:
         import deeprnn.generate as g
 
         real = g._NativeGreedy.for_stepper
-        g._NativeGreedy.for_stepper = lambda stepper, threads: None
+        g._NativeGreedy.for_stepper = lambda stepper, threads, num_preds: None
         try:
             generate(ours, vocab, PREFIX, n)
         finally:

@@ -46,7 +46,7 @@ def decoder_for(stepper, slices: int) -> _NativeGreedy:
     saved = (_NativeGreedy.SLICE_BYTES, _NativeGreedy.MIN_SLICE_UNITS)
     _NativeGreedy.SLICE_BYTES, _NativeGreedy.MIN_SLICE_UNITS = 1, 1
     try:
-        dec = _NativeGreedy.for_stepper(stepper, slices)
+        dec = _NativeGreedy.for_stepper(stepper, slices, 1)
     finally:
         _NativeGreedy.SLICE_BYTES, _NativeGreedy.MIN_SLICE_UNITS = saved
     assert dec is not None and dec.slices == slices
@@ -115,8 +115,8 @@ def spy(monkeypatch):
     made = []
     real = _NativeGreedy.for_stepper.__func__
 
-    def for_stepper(cls, stepper, threads):
-        dec = real(cls, stepper, threads)
+    def for_stepper(cls, stepper, threads, num_preds):
+        dec = real(cls, stepper, threads, num_preds)
         if dec is not None:
             dec.decoder = _Counting(dec.decoder)
             made.append(dec)
@@ -203,11 +203,39 @@ def test_fallbacks_when_the_loop_does_not_apply(vocab, monkeypatch):
     model = tiny_model(vocab)
     expected = generate(model, vocab, PREFIX, 30)
     with torch.inference_mode():
-        assert _NativeGreedy.for_stepper(warmed_stepper(model.double(), vocab), 2) is None
+        assert _NativeGreedy.for_stepper(warmed_stepper(model.double(), vocab), 2, 10**6) is None
         model.float()
         monkeypatch.setattr(native, "load", lambda: None)
-        assert _NativeGreedy.for_stepper(warmed_stepper(model, vocab), 2) is None
+        assert _NativeGreedy.for_stepper(warmed_stepper(model, vocab), 2, 10**6) is None
     assert generate(model, vocab, PREFIX, 30) == expected
+
+
+def test_short_decodes_do_not_build_the_kernels(ext, vocab, monkeypatch, spy):
+    """A decode shorter than BUILD_MIN_PREDS uses the compiled loop only if it is built already (the
+    samples printed during training must not stop it for a ~15 s build); a long one builds it."""
+    model = tiny_model(vocab)
+    expected = generate(model, vocab, PREFIX, 30)
+    spy.clear()
+    loads = []
+    real_load = native.load
+    monkeypatch.setattr(native, "load", lambda: loads.append(1) or real_load())
+    monkeypatch.setattr(native, "ready", lambda: False)
+    assert generate(model, vocab, PREFIX, 30) == expected
+    assert loads == [] and spy == []
+    monkeypatch.setattr(_NativeGreedy, "BUILD_MIN_PREDS", 30)
+    assert generate(model, vocab, PREFIX, 30) == expected
+    assert loads == [1] and len(spy) == 1
+
+
+def test_ready_means_loaded_or_cached(ext, monkeypatch, tmp_path):
+    """``native.ready()``: true once loaded; for a fresh process, true only if the build is cached; false
+    when turned off."""
+    assert native.ready()  # the ext fixture loaded it
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache: it would have to build
+    assert not native.ready()
+    monkeypatch.setenv(native.ENV, "0")
+    assert not native.ready()
 
 
 def test_decoder_refuses_bad_calls(ext, vocab):

@@ -123,7 +123,7 @@ def generate(
         stepper = make_stepper(model, dev)
         stepper.warm_up(ids[:-1])
         first = torch.tensor([ids[-1]], dtype=torch.long, device=dev)
-        decoder = _NativeGreedy.for_stepper(stepper, threads) if strategy == "greedy" else None
+        decoder = _NativeGreedy.for_stepper(stepper, threads, num_preds) if strategy == "greedy" else None
         if decoder is not None:
             _check_vocab_size(stepper.vocab_size, vocab)
             emit = None if on_text is None else (lambda t: [on_text(i, pieces[t]) for i in range(num_samples)])
@@ -424,20 +424,27 @@ class _NativeGreedy:
     STREAM_CHUNK = 32
     SLICE_BYTES = 512 * 1024  # about a quarter of an L2 cache: a slice's weights stay in its core's cache
     MIN_SLICE_UNITS = 16
+    # Below this many tokens (~1.5 s in the Python loop) a decode does not compile the kernels (~15 s, once
+    # per machine) but uses them only if they are built already: the short samples printed during training
+    # never stop it for a build.
+    BUILD_MIN_PREDS = 20_000
 
     def __init__(self, decoder, slices: int):
         self.decoder, self.slices = decoder, slices
         self.probes: list[dict[int, float]] = []  # seconds per step by workers, for each probe (tests)
 
     @classmethod
-    def for_stepper(cls, stepper, threads: int) -> _NativeGreedy | None:
+    def for_stepper(cls, stepper, threads: int, num_preds: int) -> _NativeGreedy | None:
         """The decoder for ``stepper``'s model and state, or None where it does not apply: not a
-        ``_CellStepper``, not float32 on the CPU, or the compiled kernels do not load."""
+        ``_CellStepper``, not float32 on the CPU, the compiled kernels do not load, or they are not built
+        and ``num_preds`` is too short to be worth building them."""
         if type(stepper) is not _CellStepper or stepper.device.type != "cpu" or stepper.dtype != torch.float32:
             return None
         weights = [w for layer in stepper.layers for w in layer if w is not None]
         weights += [stepper.out_weight_t] + [w for w in (stepper.out_bias, stepper.embedding) if w is not None]
         if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
+            return None
+        if num_preds < cls.BUILD_MIN_PREDS and not native.ready():
             return None
         module = native.load()
         if module is None or not hasattr(module, "GreedyDecoder"):

@@ -81,9 +81,7 @@ def load() -> ModuleType | None:
             from torch.utils import cpp_extension
 
             _find_ninja()
-            # -fno-trapping-math: without it GCC will not if-convert the clamp in the sigmoid, and
-            # leaves those loops scalar (3-10x slower); nothing here reads floating-point flags.
-            flags = ["-O3", "-fno-trapping-math", *_isa_flags()]
+            flags = _flags()
             name = build_name(flags)
             build_dir = _build_directory(cpp_extension, name)
             if build_dir is not None:
@@ -100,6 +98,29 @@ def load() -> ModuleType | None:
             except Warning:  # -W error: the fallback must still not become a crash
                 log.warning(message)
     return _module
+
+
+def _flags() -> list[str]:
+    # -fno-trapping-math: without it GCC will not if-convert the clamp in the sigmoid, and leaves those
+    # loops scalar (3-10x slower); nothing here reads floating-point flags.
+    return ["-O3", "-fno-trapping-math", *_isa_flags()]
+
+
+def ready() -> bool:
+    """Whether ``load()`` would return the module without compiling it: loaded already, or built before and
+    cached. Callers for whom a ~15 s build is not worth it (a short greedy decode) ask this first."""
+    if disabled() or _failure is not None:
+        return False
+    if _module is not None:
+        return True
+    try:
+        from torch.utils import cpp_extension
+
+        name = build_name(_flags())
+        build_dir = _build_directory(cpp_extension, name)
+        return build_dir is not None and any(build_dir.glob(name + ".*so"))
+    except Exception:  # no cpp_extension, unreadable cache: then it is not ready
+        return False
 
 
 def build_name(flags: list[str]) -> str:
