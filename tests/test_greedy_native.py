@@ -157,15 +157,62 @@ def test_generate_takes_the_native_loop_probes_and_streams(ext, vocab, monkeypat
     assert [n for n, _ in calls] == [3, 3, 3, 20, 3, 3, 3, 20, 2]
 
 
-def test_short_and_unstreamed_runs_are_one_call(ext, vocab, spy):
-    """Below 4 probes' worth of tokens there is no probe, and the tokens come from one call, not one
-    call per token."""
+def test_short_and_unstreamed_runs_are_one_call(ext, vocab, monkeypatch, spy):
+    """Below 4 probes' worth of tokens there is no probe, and the tokens come from one call on all slices,
+    not one call per token; the text is the book's argmax path."""
     model = tiny_model(vocab, num_hiddens=32)
-    for n in (0, 1, 150):
+    monkeypatch.setattr(_NativeGreedy, "SLICE_BYTES", 1024)
+    for n in (0, 1, 4 * _NativeGreedy.PROBE_STEPS - 1):
         spy.clear()
-        assert _generate_with_threads(2, model, vocab, PREFIX, n) == generate(model, vocab, PREFIX, n)
-        assert spy[0].decoder.calls == ([(n, spy[0].slices)] if n else [])
+        path = "".join(vocab.idx_to_token[i] for i in argmax_path(model, vocab[list(PREFIX)], n))
+        assert _generate_with_threads(2, model, vocab, PREFIX, n) == [PREFIX + path]
+        assert spy[0].slices == 2
+        assert spy[0].decoder.calls == ([(n, 2)] if n else [])
         assert spy[0].probes == []
+
+
+class _Clock:
+    """A fake ``time.perf_counter`` for ``decode``: each decoder call advances it by steps x the seconds
+    per step that ``cost[workers]`` gives, so a test decides which thread count wins each probe."""
+
+    def __init__(self, cost):
+        self.now, self.cost = 0.0, cost
+
+    def perf_counter(self):
+        return self.now
+
+
+@pytest.mark.parametrize("one_wins", [True, False], ids=["one-thread-wins", "all-threads-win"])
+def test_probes_back_off_and_the_winner_runs(ext, vocab, monkeypatch, spy, one_wins):
+    """After one thread wins a probe, the next comes REPROBE_MIN tokens later, then twice as late each
+    time it wins again; after all threads win, REPROBE_EVERY later. Between probes the winner runs."""
+    import deeprnn.generate as G
+
+    clock = _Clock({1: 1.0, 2: 2.0} if one_wins else {1: 2.0, 2: 1.0})
+    monkeypatch.setattr(G, "time", clock)
+    real_run = _Counting.run
+
+    def timed_run(self, first, steps, workers):
+        clock.now += steps * clock.cost[workers]
+        return real_run(self, first, steps, workers)
+
+    monkeypatch.setattr(_Counting, "run", timed_run)
+    monkeypatch.setattr(_NativeGreedy, "SLICE_BYTES", 1024)
+    monkeypatch.setattr(_NativeGreedy, "PROBE_STEPS", 3)
+    monkeypatch.setattr(_NativeGreedy, "REPROBE_MIN", 10)
+    monkeypatch.setattr(_NativeGreedy, "REPROBE_EVERY", 1000)
+    model = tiny_model(vocab, num_hiddens=32)
+    out = _generate_with_threads(2, model, vocab, PREFIX, 100)
+    path = "".join(vocab.idx_to_token[i] for i in argmax_path(model, vocab[list(PREFIX)], 100))
+    assert out == [PREFIX + path]
+    (dec,) = spy
+    probe = [(3, 2), (3, 1), (3, 2)]
+    if one_wins:  # probes at 0, 19, 48 (+10, +20, +40 after each), then too few tokens left for one at 97
+        assert dec.decoder.calls == probe + [(10, 1)] + probe + [(20, 1)] + probe + [(40, 1), (3, 1)]
+        assert [min(p, key=p.get) for p in dec.probes] == [1, 1, 1]
+    else:
+        assert dec.decoder.calls == probe + [(91, 2)]
+        assert [min(p, key=p.get) for p in dec.probes] == [2]
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,8 @@ share one interface:
   (``benchmarks/bench_generate.py``, rows (c) and (c')).
 
 Greedy decoding of one float32 stream on a CPU runs its whole loop in C++ when the compiled kernels load
-(``_NativeGreedy``, ``csrc/greedy.cpp``): each of up to ``torch.get_num_threads()`` threads keeps a slice of
-every layer's weights in its own cache, and a character costs no Python at all. It computes what
+(``_NativeGreedy``, ``csrc/greedy.cpp``): up to ``torch.get_num_threads()`` threads each read their slice of
+every layer's weights at once, and a character costs no Python at all. It computes what
 ``_CellStepper`` does (same logits to float32 rounding, tested) and is ~5x faster on the book's LSTM.
 
 The prefix warm-up is one forward call over all prefix tokens but the last (the same state as feeding
@@ -422,7 +422,10 @@ class _NativeGreedy:
     REPROBE_EVERY = 8192
     CHUNK = 1024  # steps per call without streaming; with it, STREAM_CHUNK
     STREAM_CHUNK = 32
-    SLICE_BYTES = 512 * 1024  # about a quarter of an L2 cache: a slice's weights stay in its core's cache
+    # At most one slice per SLICE_BYTES of weights and at least MIN_SLICE_UNITS units per slice: smaller
+    # slices make a step so short that the barriers cost as much as a thread saves (a rule of thumb; the
+    # probes then pick the thread count).
+    SLICE_BYTES = 512 * 1024
     MIN_SLICE_UNITS = 16
     # Below this many tokens (~1.5 s in the Python loop) a decode does not compile the kernels (~15 s, once
     # per machine) but uses them only if they are built already: the short samples printed during training

@@ -322,9 +322,20 @@ def test_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch)
     assert seen == [False, True]
 
 
-def test_build_name_separates_torch_versions_vector_levels_and_flags(monkeypatch):
+def test_build_name_separates_torch_versions_vector_levels_flags_and_checkouts(monkeypatch, tmp_path):
     a = native.build_name(["-O3"])
     assert a.startswith("deeprnn_windows_") and a != native.build_name(["-O2"])
+    # another checkout (same sources, another folder) gets its own build instead of rebuilding this one
+    copy = tmp_path / "csrc"
+    copy.mkdir()
+    for f in (*native.SOURCES, *native.HEADERS):
+        (copy / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(native, "CSRC", copy)
+    monkeypatch.setattr(native, "SOURCES", tuple(copy / f.name for f in native.SOURCES))
+    monkeypatch.setattr(native, "HEADERS", tuple(copy / f.name for f in native.HEADERS))
+    assert native.build_name(["-O3"]) != a
+    monkeypatch.undo()
+    assert native.build_name(["-O3"]) == a
     monkeypatch.setattr(native.torch, "__version__", "9.9.9+cu999")
     assert "9_9_9_cu999" in native.build_name(["-O3"]) and native.build_name(["-O3"]) != a
 

@@ -1,7 +1,8 @@
-"""The compiled window kernels (``csrc/windows.cpp``), built on first use, or None where they cannot be.
+"""The compiled kernels (``csrc/windows.cpp``, ``csrc/greedy.cpp``), built on first use, or None where they cannot be.
 
 The scratch layers' window functions (``scratch._LSTMWindow`` and its siblings) run their CPU time
-loops in this C++ extension when it loads, and their Python loops otherwise (and always on GPUs). It
+loops in this C++ extension when it loads, and their Python loops otherwise (and always on GPUs);
+``deeprnn.generate`` runs greedy decoding of one CPU stream in its ``GreedyDecoder``. It
 is compiled by ``torch.utils.cpp_extension.load`` the first time a process needs it (about 15 s with
 g++ 12 on the benchmark machine; torch caches the build under its extensions directory,
 ``TORCH_EXTENSIONS_DIR``, so later processes only load it, in well under a second). If it cannot be
@@ -127,13 +128,15 @@ def build_name(flags: list[str]) -> str:
     """The extension's name, which is also its build directory under torch's extensions root.
 
     torch keys that directory on the name alone, and across processes it only asks ninja whether the
-    files changed. A name that holds torch's version, the vector level and a hash of the source and
-    flags gives each combination its own directory, so a cache shared between machines (an NFS home,
+    files changed. A name that holds torch's version, the vector level and a hash of the sources, the
+    flags and the sources' folder gives each combination its own directory, so a cache shared between machines (an NFS home,
     several nodes) never hands an AVX-512 build to an AVX2 machine, or one torch's build to another.
     """
     isa = torch.backends.cpu.get_cpu_capability().lower() if _isa_flags() else "base"
     code = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))  # ninja does not see header changes
-    digest = hashlib.sha1(code + " ".join(flags).encode()).hexdigest()[:10]
+    # The sources' folder too: ninja rebuilds when a build's recorded source paths change, so two
+    # checkouts sharing one name would rebuild each other's module (15 s) on every switch.
+    digest = hashlib.sha1(code + " ".join(flags).encode() + str(CSRC).encode()).hexdigest()[:10]
     return f"deeprnn_windows_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{isa}_{digest}"
 
 
