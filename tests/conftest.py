@@ -49,3 +49,20 @@ def tiny_run(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return path
+
+
+@pytest.fixture
+def ext(monkeypatch):
+    """The compiled kernels (``deeprnn.models.native``), or a skip where they cannot be built; a failure
+    instead where ``DEEPRNN_REQUIRE_NATIVE`` is set (CI: a silent skip would hide a broken build)."""
+    from deeprnn.models import native
+
+    monkeypatch.delenv(native.ENV, raising=False)
+    module = native.load()
+    if module is None:
+        reason = f"the C++ kernels cannot be built here: {native._failure}"
+        if os.environ.get("DEEPRNN_REQUIRE_NATIVE"):
+            pytest.fail(reason + "; DEEPRNN_REQUIRE_NATIVE is set, so this is a failure, not a skip")
+        pytest.skip(reason)
+    return module
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -19,18 +18,6 @@ FUSED = [m for m in MODELS if not (m.values[0].get("gru_variant") == "d2l" or m.
 @pytest.fixture(scope="module")
 def vocab() -> Vocab:
     return Vocab(TEXT)
-
-
-@pytest.fixture
-def ext(monkeypatch):
-    monkeypatch.delenv(native.ENV, raising=False)
-    module = native.load()
-    if module is None:
-        reason = f"the C++ kernels cannot be built here: {native._failure}"
-        if os.environ.get("DEEPRNN_REQUIRE_NATIVE"):
-            pytest.fail(reason + "; DEEPRNN_REQUIRE_NATIVE is set, so this is a failure, not a skip")
-        pytest.skip(reason)
-    return module
 
 
 def warmed_stepper(model, vocab) -> _CellStepper:

@@ -10,7 +10,6 @@ Skips only if the extension cannot be built here.
 from __future__ import annotations
 
 import itertools
-import os
 import warnings
 
 import pytest
@@ -22,18 +21,6 @@ from deeprnn.models import scratch as S
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 SHAPES = [(1, 1, 1), (1, 4, 8), (5, 1, 3), (6, 3, 7), (4, 2, 33)]  # (T, B, H): T=1, B=1, odd H
-
-
-@pytest.fixture
-def ext(monkeypatch):
-    monkeypatch.delenv(native.ENV, raising=False)
-    module = native.load()
-    if module is None:
-        reason = f"the C++ window kernels cannot be built here: {native._failure}"
-        if os.environ.get("DEEPRNN_REQUIRE_NATIVE"):  # CI sets it: there a silent skip would hide a broken build
-            pytest.fail(reason + "; DEEPRNN_REQUIRE_NATIVE is set, so this is a failure, not a skip")
-        pytest.skip(reason)
-    return module
 
 
 def _tol(dtype, lp):
