@@ -3,6 +3,7 @@
 * The scratch window kernels under ``torch.autocast(bfloat16)`` (products in bf16, state and gates in
   fp32) against the same model in float32, within bf16 tolerance, and against the plain autograd loop.
 * ``benchmarks/gpu.sh``'s Python side on a CPU: it falls back, says so, and runs a tiny config.
+* The benchmark scripts end to end at token sizes (the suite, ``profile_step.py``).
 """
 
 from __future__ import annotations
@@ -152,3 +153,20 @@ def test_quality_script_bad_input_is_one_line(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"quality.py: error: no such file: '{missing}'; check the path"]
+
+
+def test_profile_step_lists_ops_and_the_products_share(capsys):
+    """``benchmarks/profile_step.py`` on one step: the op table with the products' row, and the line that
+    turns their share into a rate against the ceiling; bad counts are one argparse line, exit 2."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import profile_step
+
+    profile_step.main(["--cell", "rnn_tanh", "--steps", "1", "--rows", "40"])
+    out = capsys.readouterr().out
+    assert "scratch rnn_tanh fp32, book config:" in out and "tokens/s (without the profiler)" in out
+    assert "_RNNWindow" in out
+    assert "matrix products:" in out and "of the fp32 2048^3 ceiling measured now" in out
+    with pytest.raises(SystemExit) as err:
+        profile_step.main(["--steps", "0"])
+    assert err.value.code == 2
+    assert "--steps and --rows must be >= 1" in capsys.readouterr().err
