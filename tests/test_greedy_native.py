@@ -33,7 +33,7 @@ def decoder_for(stepper, slices: int) -> _NativeGreedy:
     saved = (_NativeGreedy.SLICE_BYTES, _NativeGreedy.MIN_SLICE_UNITS)
     _NativeGreedy.SLICE_BYTES, _NativeGreedy.MIN_SLICE_UNITS = 1, 1
     try:
-        dec = _NativeGreedy.for_stepper(stepper, slices, 1)
+        dec = _NativeGreedy.for_stepper(stepper, slices, _NativeGreedy.MIN_PREDS)
     finally:
         _NativeGreedy.SLICE_BYTES, _NativeGreedy.MIN_SLICE_UNITS = saved
     assert dec is not None and dec.slices == slices
@@ -145,16 +145,20 @@ def test_generate_takes_the_native_loop_probes_and_streams(ext, vocab, monkeypat
 
 
 def test_short_and_unstreamed_runs_are_one_call(ext, vocab, monkeypatch, spy):
-    """Below 4 probes' worth of tokens there is no probe, and the tokens come from one call on all slices,
-    not one call per token; the text is the book's argmax path."""
+    """Below MIN_PREDS tokens the Python loop runs (packing would cost more); below 4 probes' worth there is
+    no probe, and the tokens come from one call on all slices, not one call per token. The text is the
+    book's argmax path either way."""
     model = tiny_model(vocab, num_hiddens=32)
     monkeypatch.setattr(_NativeGreedy, "SLICE_BYTES", 1024)
-    for n in (0, 1, 4 * _NativeGreedy.PROBE_STEPS - 1):
+    for n in (0, 1, _NativeGreedy.MIN_PREDS - 1, _NativeGreedy.MIN_PREDS, 4 * _NativeGreedy.PROBE_STEPS - 1):
         spy.clear()
         path = "".join(vocab.idx_to_token[i] for i in argmax_path(model, vocab[list(PREFIX)], n))
         assert _generate_with_threads(2, model, vocab, PREFIX, n) == [PREFIX + path]
+        if n < _NativeGreedy.MIN_PREDS:
+            assert spy == []
+            continue
         assert spy[0].slices == 2
-        assert spy[0].decoder.calls == ([(n, 2)] if n else [])
+        assert spy[0].decoder.calls == [(n, 2)]
         assert spy[0].probes == []
 
 
@@ -248,16 +252,16 @@ def test_short_decodes_do_not_build_the_kernels(ext, vocab, monkeypatch, spy):
     """A decode shorter than BUILD_MIN_PREDS uses the compiled loop only if it is built already (the
     samples printed during training must not stop it for a ~15 s build); a long one builds it."""
     model = tiny_model(vocab)
-    expected = generate(model, vocab, PREFIX, 30)
+    expected = generate(model, vocab, PREFIX, 40)
     spy.clear()
     loads = []
     real_load = native.load
     monkeypatch.setattr(native, "load", lambda: loads.append(1) or real_load())
     monkeypatch.setattr(native, "ready", lambda: False)
-    assert generate(model, vocab, PREFIX, 30) == expected
+    assert generate(model, vocab, PREFIX, 40) == expected
     assert loads == [] and spy == []
-    monkeypatch.setattr(_NativeGreedy, "BUILD_MIN_PREDS", 30)
-    assert generate(model, vocab, PREFIX, 30) == expected
+    monkeypatch.setattr(_NativeGreedy, "BUILD_MIN_PREDS", 40)
+    assert generate(model, vocab, PREFIX, 40) == expected
     assert loads == [1] and len(spy) == 1
 
 
