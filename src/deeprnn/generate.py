@@ -491,7 +491,7 @@ class _NativeGreedy:
                 if left < 4 * self.PROBE_STEPS:
                     next_probe = math.inf  # too few tokens left to be worth timing
                     continue
-                # All workers first, untimed: it brings each slice into its worker's cache.
+                # All workers first, untimed: it wakes the helpers and warms each one's caches with its slice.
                 run(self.PROBE_STEPS, self.slices)
                 seconds = {1: run(self.PROBE_STEPS, 1), self.slices: run(self.PROBE_STEPS, self.slices)}
                 self.probes.append(seconds)
