@@ -170,3 +170,23 @@ def test_profile_step_lists_ops_and_the_products_share(capsys):
         profile_step.main(["--steps", "0"])
     assert err.value.code == 2
     assert "--steps and --rows must be >= 1" in capsys.readouterr().err
+
+
+def test_bf16_quality_compares_both_precisions(capsys):
+    """``benchmarks/bf16_quality.py`` at a token size: one row per seed with both perplexities and their
+    difference, the verdict line; the fields it sets itself are refused with one line."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bf16_quality
+
+    tiny = ["num_hiddens=16", "batch_size=4", "num_steps=8", "eval_batch_size=4", "eval_num_steps=64"]
+    assert bf16_quality.main(["--steps", "2", "--seeds", "3", "--set", *tiny]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.split()[:1] == ["3"])
+    fp32, bf16, rel = float(row.split()[1]), float(row.split()[2]), float(row.split()[3].rstrip("%")) / 100
+    assert 1 < fp32 < 28 and 1 < bf16 < 28  # a 2-step model: near uniform over 28 tokens, not broken
+    assert rel == pytest.approx(bf16 / fp32 - 1, abs=2e-4)  # both printed rounded
+    assert "target: every seed within 2% of fp32:" in out
+    with pytest.raises(SystemExit) as err:
+        bf16_quality.main(["--set", "precision=fp32"])
+    assert err.value.code == 2
+    assert "--set precision=... is set by this script" in capsys.readouterr().err
