@@ -32,6 +32,7 @@ MMAP_THRESHOLD = 32 << 20  # glibc refuses more than HEAP_MAX_SIZE / 2 = 32 MiB 
 TRIM_THRESHOLD = 512 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 
+
 @functools.cache
 def keep_freed_memory() -> str:
     """Set glibc malloc's mmap and trim thresholds once per process; returns what was done, in words."""

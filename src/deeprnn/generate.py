@@ -123,14 +123,15 @@ def generate(
         stepper = make_stepper(model, dev)
         stepper.warm_up(ids[:-1])
         first = torch.tensor([ids[-1]], dtype=torch.long, device=dev)
-        decoder = _NativeGreedy.for_stepper(stepper, threads, num_preds) if strategy == "greedy" else None
-        if decoder is not None:
-            _check_vocab_size(stepper.vocab_size, vocab)
-            emit = None if on_text is None else (lambda t: [on_text(i, pieces[t]) for i in range(num_samples)])
-            seqs = [decoder.decode(ids[-1], num_preds, emit)] * num_samples
-        elif strategy == "greedy":
+        if strategy == "greedy":
             emit = None if on_text is None else _replicated(on_text, pieces, num_samples)
-            seqs = _greedy(stepper, first, num_preds, vocab, emit) * num_samples
+            decoder = _NativeGreedy.for_stepper(stepper, threads, num_preds)
+            if decoder is not None:
+                _check_vocab_size(stepper.vocab_size, vocab)
+                seq = decoder.decode(ids[-1], num_preds, emit)
+            else:
+                seq = _greedy(stepper, first, num_preds, vocab, emit)
+            seqs = [seq] * num_samples
         elif strategy == "sample":
             gen = torch.Generator(device=dev)
             if seed is None:
@@ -338,6 +339,7 @@ class _CellStepper(_ModelStepper):
 
     def __init__(self, model, device, *, cell, layers, embedding, out_weight, out_bias, residual=False):
         super().__init__(model, device)
+        self.cell = cell
         self.cell_fn = self._CELLS[cell]
         self.lstm = cell == "lstm"
         self.residual = residual  # layers 2..L add their input to their output (the state stays the cell's h)
@@ -458,9 +460,8 @@ class _NativeGreedy:
         nbytes = sum(w.numel() * w.element_size() for w in weights)
         hidden = stepper.h[0].shape[-1]
         slices = max(1, min(threads, hidden // cls.MIN_SLICE_UNITS, -(-nbytes // cls.SLICE_BYTES)))
-        cell = next(name for name, fn in _CellStepper._CELLS.items() if fn is stepper.cell_fn)
         decoder = module.GreedyDecoder(
-            cell, [w for w, _, _, _ in stepper.layers], [w for _, w, _, _ in stepper.layers],
+            stepper.cell, [w for w, _, _, _ in stepper.layers], [w for _, w, _, _ in stepper.layers],
             [b for _, _, b, _ in stepper.layers], [b for _, _, _, b in stepper.layers], stepper.embedding,
             stepper.out_weight_t.t(), stepper.out_bias, stepper.residual, slices,
         )
@@ -542,8 +543,9 @@ def make_stepper(model: nn.Module, device: torch.device) -> _ModelStepper:
 
 
 def _replicated(on_text: OnText, pieces: list[str], n: int):
-    def emit(tokens: torch.Tensor) -> None:
-        piece = pieces[int(tokens[0])]
+    """``emit(token)`` for greedy decoding: the one stream's piece, given to all ``n`` requested copies."""
+    def emit(token: int) -> None:
+        piece = pieces[token]
         for i in range(n):
             on_text(i, piece)
     return emit
@@ -560,7 +562,7 @@ def _check_logits(logits: torch.Tensor, vocab) -> None:
     _check_vocab_size(logits.shape[-1], vocab)
 
 
-def _greedy(stepper, first, num_preds, vocab, emit) -> list[list[int]]:
+def _greedy(stepper, first, num_preds, vocab, emit) -> list[int]:
     """The argmax path of one stream; ``first`` (1,) is the last prefix token."""
     out = torch.empty(num_preds + 1, 1, dtype=torch.long, device=first.device)  # (steps, B)
     out[0] = first
@@ -570,8 +572,8 @@ def _greedy(stepper, first, num_preds, vocab, emit) -> list[list[int]]:
             _check_logits(logits, vocab)
         torch.argmax(logits, dim=1, out=out[t + 1])  # no host sync unless streaming
         if emit is not None:
-            emit(out[t + 1])
-    return [out[1:, 0].tolist()]
+            emit(int(out[t + 1, 0]))
+    return out[1:, 0].tolist()
 
 
 def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,

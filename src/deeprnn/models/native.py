@@ -31,8 +31,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCE = CSRC / "windows.cpp"  # the window kernels and the module definition
-SOURCES = (SOURCE, CSRC / "greedy.cpp")  # and the greedy decoding loop (deeprnn.generate)
+# The window kernels with the module definition, and the greedy decoding loop (deeprnn.generate).
+SOURCES = (CSRC / "windows.cpp", CSRC / "greedy.cpp")
 HEADERS = (CSRC / "pointwise.h",)
 ENV = "DEEPRNN_NATIVE"
 
@@ -87,7 +87,7 @@ def load() -> ModuleType | None:
             build_dir = _build_directory(cpp_extension, name)
             if build_dir is not None:
                 _clear_stale_lock(build_dir)
-                if not any(build_dir.glob(name + ".*so")):  # else loading takes a fraction of a second
+                if not _built(build_dir, name):  # else loading takes a fraction of a second
                     log.info("building the scratch layers' C++ kernels for this machine (once, about 15 s)")
             _module = cpp_extension.load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags, verbose=False)
             _build_seconds = time.perf_counter() - started
@@ -119,7 +119,7 @@ def ready() -> bool:
 
         name = build_name(_flags())
         build_dir = _build_directory(cpp_extension, name)
-        return build_dir is not None and any(build_dir.glob(name + ".*so"))
+        return build_dir is not None and _built(build_dir, name)
     except Exception:  # no cpp_extension, unreadable cache: then it is not ready
         return False
 
@@ -147,6 +147,11 @@ def _build_directory(cpp_extension: ModuleType, name: str) -> Path | None:
         return Path(cpp_extension._get_build_directory(name, verbose=False))
     except Exception:
         return None
+
+
+def _built(build_dir: Path, name: str) -> bool:
+    """Whether ``build_dir`` holds a compiled ``name`` module (torch then only loads it)."""
+    return any(build_dir.glob(name + ".*so"))
 
 
 STALE_LOCK_SECONDS = 600  # a build takes ~15 s; a lock this old was left by a process that died

@@ -60,9 +60,8 @@ struct AlignedDelete {
 
 struct Floats {
   std::unique_ptr<float, AlignedDelete> data;
-  int64_t size = 0;
 
-  explicit Floats(int64_t n = 0) : size(n) {
+  explicit Floats(int64_t n = 0) {
     if (n == 0) return;
     const auto bytes = static_cast<size_t>(round_up(n * static_cast<int64_t>(sizeof(float)), 64));
     data.reset(static_cast<float*>(::operator new(bytes, std::align_val_t{64})));
@@ -248,8 +247,8 @@ class GreedyDecoder {
       for (int64_t v = s.v0; v < s.v1; ++v) vrows[v - s.v0] = v;
       s.out = Panel(out_dense, vrows);
       s.b_out = local_bias(out_b, vrows, s.out.width());
-      s.gi = Floats(s.ih.empty() ? 0 : s.ih[0].width());
-      s.gh = Floats(s.hh.empty() ? 0 : s.hh[0].width());
+      s.gi = Floats(s.ih[0].width());  // every layer's gates have the slice's width
+      s.gh = Floats(s.hh[0].width());
       s.logits = Floats(s.out.width());
     }
     for (int p = 0; p < 2; ++p) {
@@ -263,12 +262,10 @@ class GreedyDecoder {
   // The state (L, H) each, as the model keeps it (c for the LSTM only).
   void set_state(const Tensor& h, const std::optional<Tensor>& c) {
     TORCH_CHECK(h.numel() == L_ * H_, "greedy decoder: h must hold L x H values");
-    const Tensor hc = h.detach().to(at::kFloat).contiguous();
-    std::memcpy(h_[parity_].get(), hc.data_ptr<float>(), L_ * H_ * sizeof(float));
+    std::memcpy(h_[parity_].get(), dense(h).data_ptr<float>(), L_ * H_ * sizeof(float));
     if (cell_ == Cell::kLSTM) {
       TORCH_CHECK(c && c->numel() == L_ * H_, "greedy decoder: an LSTM needs c with L x H values");
-      const Tensor cc = c->detach().to(at::kFloat).contiguous();
-      std::memcpy(c_.get(), cc.data_ptr<float>(), L_ * H_ * sizeof(float));
+      std::memcpy(c_.get(), dense(*c).data_ptr<float>(), L_ * H_ * sizeof(float));
     }
   }
 
