@@ -190,3 +190,7 @@ def test_bf16_quality_compares_both_precisions(capsys):
         bf16_quality.main(["--set", "precision=fp32"])
     assert err.value.code == 2
     assert "--set precision=... is set by this script" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        bf16_quality.main(["--steps", "0"])
+    assert err.value.code == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
