@@ -165,7 +165,8 @@ def test_profile_step_lists_ops_and_the_products_share(capsys):
     out = capsys.readouterr().out
     assert "scratch rnn_tanh fp32, book config:" in out and "tokens/s (without the profiler)" in out
     assert "_RNNWindow" in out
-    assert "matrix products:" in out and "of the fp32 2048^3 ceiling measured now" in out
+    assert "matrix products outside the window kernels:" in out and "the window kernels (" in out
+    assert "of the fp32 2048^3 ceiling measured now" in out
     with pytest.raises(SystemExit) as err:
         profile_step.main(["--steps", "0"])
     assert err.value.code == 2

@@ -20,7 +20,9 @@ from deeprnn.models import ModelConfig, build_model, native
 from deeprnn.models import scratch as S
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
-SHAPES = [(1, 1, 1), (1, 4, 8), (5, 1, 3), (6, 3, 7), (4, 2, 33)]  # (T, B, H): T=1, B=1, odd H
+SHAPES = [(1, 1, 1), (1, 4, 8), (5, 1, 3), (6, 3, 7), (4, 2, 33), (3, 19, 33)]  # (T, B, H): T=1, B=1, odd H;
+# the last: row shares of 9 and 10 rows on 2 threads (a block of 8 and a narrower one), and gate widths
+# that end in a partly filled panel of 32 columns.
 
 
 def _tol(dtype, lp):
@@ -85,18 +87,24 @@ CASES += [(c, s, torch.float32, lp, x_lp) for c, s, lp, x_lp in
 CASES += [(c, SHAPES[3], torch.float32, torch.float16, True) for c in CELLS]
 
 
-@pytest.fixture(params=[True, False], ids=["packed", "mm"])
+@pytest.fixture(params=["rows", "packed", "mm"])
 def products(ext, request):
-    """Both ways the kernels run a step's product: oneDNN's prepacked linear (float32, where torch has
-    it) and at::mm."""
-    ext.set_packed_products(request.param)
-    if request.param and not ext.packed_products():
-        ext.set_packed_products(True)
+    """The three ways the kernels run a window's products: float32 windows split by rows with the
+    AVX-512 kernel (other dtypes then take the next way), oneDNN's prepacked linear per step (float32,
+    where torch has it) and at::mm per step."""
+    mode = request.param
+    ext.set_row_products(mode == "rows")
+    ext.set_packed_products(mode != "mm")
+    if mode == "rows" and not ext.row_products():
+        ext.set_row_products(True)
+        pytest.skip("the kernels were built without AVX-512: no row-split path")
+    if mode == "packed" and not ext.packed_products():
+        ext.set_row_products(True), ext.set_packed_products(True)
         pytest.skip("this torch build has no oneDNN prepacked linear: at::mm is the only path")
-    yield request.param
+    yield mode
     still_packed = ext.packed_products()
-    ext.set_packed_products(True)
-    if request.param:  # a packed call that threw would have switched itself off and tested at::mm twice
+    ext.set_row_products(True), ext.set_packed_products(True)
+    if mode == "packed":  # a packed call that threw would have switched itself off and tested at::mm twice
         assert still_packed, "the prepacked products failed and fell back to at::mm during the test"
 
 
@@ -112,6 +120,49 @@ def test_kernels_equal_python_loops(ext, products, cell, shape, dtype, lp, x_lp)
     # Both backward sweeps start from the Python forward's tensors, so only the sweeps differ.
     bargs = _backward_args(cell, ref_saved, T, B, H, dtype, lp, x_lp, args)
     _assert_lists_close(getattr(ext, f"{name}_backward")(*bargs), py_backward(*bargs), tol, lp)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_row_split_is_the_same_on_any_number_of_threads(ext, cell):
+    """Split by rows, each row's numbers do not depend on how many shares the batch is cut into: forward
+    and backward are bit-equal on 1 and 3 threads, except GRU's b_hn gradient, which is summed per share."""
+    if not ext.row_products():
+        pytest.skip("the kernels were built without AVX-512: no row-split path")
+    T, B, H = 4, 21, 40
+    name, py_forward, _ = KERNELS[cell]
+    args = _inputs(cell, T, B, H, torch.float32, None, False)
+    bargs = _backward_args(cell, py_forward(*args), T, B, H, torch.float32, None, False, args)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            runs.append((getattr(ext, f"{name}_forward")(*args), getattr(ext, f"{name}_backward")(*bargs)))
+    finally:
+        torch.set_num_threads(threads)
+    (fwd1, bwd1), (fwd3, bwd3) = runs
+    for a, b in zip(fwd1, fwd3):
+        assert torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(bwd1, bwd3)):
+        if cell == "gru" and i == 2:
+            assert_close(a, b, atol=1e-5, rtol=1e-5)
+            assert not torch.equal(a, torch.zeros_like(a))
+        else:
+            assert torch.equal(a, b)
+
+
+def test_row_shares_run_on_torch_threads(ext):
+    """The row split's ``at::parallel_for`` runs on torch's threads: a header template, it needs the
+    extension compiled with OpenMP, and without it ran every share on one thread."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ext.row_share_threads(64) == 2
+        assert ext.row_share_threads(1) == 1  # one row: one share
+        torch.set_num_threads(1)
+        assert ext.row_share_threads(64) == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _window(cell, args):
@@ -297,7 +348,7 @@ def test_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch)
     seen = []
     for age, kept in ((native.STALE_LOCK_SECONDS + 60, False), (5, True)):
         _fresh_load_state(monkeypatch)
-        flags = ["-O3", "-fno-trapping-math", *native._isa_flags()]
+        flags = native._flags()
         lock = tmp_path / native.build_name(flags) / "lock"
         lock.parent.mkdir(exist_ok=True)
         lock.touch()
@@ -339,7 +390,7 @@ def test_a_first_build_is_announced_and_a_cached_one_is_not(tmp_path, monkeypatc
     _fresh_load_state(monkeypatch)
     assert native.load() == "module"
     assert caplog.messages == ["building the scratch layers' C++ kernels for this machine (once, about 15 s)"]
-    name = native.build_name(["-O3", "-fno-trapping-math", *native._isa_flags()])
+    name = native.build_name(native._flags())
     (tmp_path / name / f"{name}.so").touch()
     caplog.clear()
     _fresh_load_state(monkeypatch)

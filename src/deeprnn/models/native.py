@@ -89,7 +89,8 @@ def load() -> ModuleType | None:
                 _clear_stale_lock(build_dir)
                 if not _built(build_dir, name):  # else loading takes a fraction of a second
                     log.info("building the scratch layers' C++ kernels for this machine (once, about 15 s)")
-            _module = cpp_extension.load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags, verbose=False)
+            _module = cpp_extension.load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags,
+                                         extra_ldflags=_openmp_flags(), verbose=False)
             _build_seconds = time.perf_counter() - started
         except Exception as exc:  # any failure means "use the Python loops", never a crash
             _failure = f"{type(exc).__name__}: {_gist(str(exc))}"
@@ -101,10 +102,26 @@ def load() -> ModuleType | None:
     return _module
 
 
+def loaded() -> ModuleType | None:
+    """The module if this process has loaded it already, else None; never builds or loads it (for callers
+    on a hot path that only use the kernels when something else needed them first)."""
+    return None if disabled() else _module
+
+
 def _flags() -> list[str]:
     # -fno-trapping-math: without it GCC will not if-convert the clamp in the sigmoid, and leaves those
     # loops scalar (3-10x slower); nothing here reads floating-point flags.
-    return ["-O3", "-fno-trapping-math", *_isa_flags()]
+    return ["-O3", "-fno-trapping-math", *_isa_flags(), *_openmp_flags()]
+
+
+def _openmp_flags() -> list[str]:
+    """-fopenmp where torch runs its threads on OpenMP (Linux builds): ``at::parallel_for`` is a header
+    template whose ``#pragma omp parallel`` is compiled into the extension, so without the flag it runs on
+    one thread. The extension then needs libgomp.so.1, which torch has loaded already (one runtime, one
+    thread pool)."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
 
 
 def ready() -> bool:
