@@ -5,8 +5,8 @@
 
 The step is ``benchmarks.suite.ours_step`` (2 layers, 256 hidden, vocabulary 28, one-hot, batch 32 x 35,
 SGD, clipping), the one ``python -m benchmarks`` times. It prints the step time untimed by the profiler,
-then the ops by self time, the share of the time in matrix products outside the window kernels (the
-extension's ``deeprnn::matmul``, oneDNN's ``_linear_pointwise``, ``aten::mm``/``addmm``) and in the window
+then the ops by self time, the share of the time in matrix products outside the window kernels (oneDNN's
+``_linear_pointwise``, ``aten::mm``/``addmm``) and in the window
 kernels (which run the recurrent products themselves when float32 windows are split by rows), and the
 lowest rate the products can run at, counting the issue's FLOPs per token (all of a step's products)
 over both shares, against the fp32 2048^3 ceiling measured here. The profiler adds its own overhead, so
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.common import fp32_ceiling, loadavg, machine  # noqa: E402
 from benchmarks.suite import BATCH, MFLOP, STEPS, ours_step  # noqa: E402
 
-PRODUCTS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "deeprnn::matmul")
+PRODUCTS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
 WINDOWS = tuple(f"_{cell}Window{part}" for cell in ("LSTM", "GRU", "RNN") for part in ("", "Backward"))
 
 

@@ -10,35 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from deeprnn.models import ModelConfig, build_model, native, onednn
+from deeprnn.models import ModelConfig, build_model, onednn
 
 pytestmark = pytest.mark.skipif(not onednn.enabled(), reason="this torch build has no oneDNN matmul")
 
 
-@pytest.fixture(params=["row-kernel", "onednn"])
-def calls(monkeypatch, request):
-    """Counts the products (and still makes them) of each of the two float32 kernels: the extension's
-    AVX-512 row kernel (where it builds) and oneDNN's matmul. The size gate is off, so small test shapes
-    count."""
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the oneDNN calls (and still makes them); the size gate is off, so small test shapes count."""
     monkeypatch.setattr(onednn, "MIN_MACS", 0)
     count = {"n": 0}
-    if request.param == "row-kernel":
-        module = native.load()
-        if module is None or not module.row_products():
-            pytest.skip("the extension is not built here, or without AVX-512: no row kernel")
-        real = module.matmul
-    else:
-        real = onednn._LINEAR
+    real = onednn._LINEAR
 
     def counting(*args):
         count["n"] += 1
         return real(*args)
 
-    if request.param == "row-kernel":
-        monkeypatch.setattr(onednn, "_row_kernel", lambda: counting)
-    else:
-        monkeypatch.setattr(onednn, "_row_kernel", lambda: None)
-        monkeypatch.setattr(onednn, "_LINEAR", counting)
+    monkeypatch.setattr(onednn, "_LINEAR", counting)
     return count
 
 
@@ -98,9 +86,7 @@ def test_float64_autocast_and_disabled_take_torch_exactly(calls):
 
 def test_small_products_and_odd_biases_stay_with_torch(monkeypatch):
     """Below MIN_MACS a product is torch's; so is one with a bias oneDNN would misread (strided, 0-d,
-    2-D), which torch.addmm broadcasts. oneDNN stays on for the next caller. (The gate comes before the
-    choice between oneDNN and the row kernel, so this holds for both.)"""
-    monkeypatch.setattr(onednn, "_row_kernel", lambda: None)
+    2-D), which torch.addmm broadcasts. oneDNN stays on for the next caller."""
     count = {"n": 0}
     real = onednn._LINEAR
     monkeypatch.setattr(onednn, "_LINEAR", lambda *a: count.__setitem__("n", count["n"] + 1) or real(*a))
@@ -118,7 +104,6 @@ def test_a_failing_op_warns_once_and_falls_back(monkeypatch):
     def broken(*args):
         raise RuntimeError("no primitive")
 
-    monkeypatch.setattr(onednn, "_row_kernel", lambda: None)  # oneDNN's path, where the extension is loaded too
     monkeypatch.setattr(onednn, "_LINEAR", broken)
     monkeypatch.setattr(onednn, "MIN_MACS", 0)
     monkeypatch.setitem(onednn._state, "on", True)

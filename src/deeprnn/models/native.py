@@ -102,12 +102,6 @@ def load() -> ModuleType | None:
     return _module
 
 
-def loaded() -> ModuleType | None:
-    """The module if this process has loaded it already, else None; never builds or loads it (for callers
-    on a hot path that only use the kernels when something else needed them first)."""
-    return None if disabled() else _module
-
-
 def _flags() -> list[str]:
     # -fno-trapping-math: without it GCC will not if-convert the clamp in the sigmoid, and leaves those
     # loops scalar (3-10x slower); nothing here reads floating-point flags.

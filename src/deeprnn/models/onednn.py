@@ -74,24 +74,8 @@ def _takes(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -
     return usable(a, b) if bias is None else usable(a, b, bias)
 
 
-def _row_kernel():
-    """The C++ extension's AVX-512 ``matmul`` if the extension is loaded already (this never builds it) and
-    has the kernel on, else None."""
-    from deeprnn.models import native  # native imports nothing from here
-
-    module = native.loaded()
-    if module is None or not hasattr(module, "row_products") or not module.row_products():
-        return None
-    return module.matmul
-
-
 def _linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """``a @ b (+ bias)`` through the extension's row kernel where it is loaded, else oneDNN; None after a
-    oneDNN failure (which turns the path off)."""
-    kernel = _row_kernel()
-    if kernel is not None:
-        with torch.profiler.record_function("deeprnn::matmul"):  # named in profiles (benchmarks/profile_step.py)
-            return kernel(a, b, bias)
+    """``a @ b (+ bias)`` through oneDNN, or None after a failure (which turns the path off)."""
     try:
         return _LINEAR(a, b.t(), bias, "none", [], "")
     except RuntimeError as err:

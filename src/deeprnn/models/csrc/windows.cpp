@@ -380,10 +380,13 @@ class StepProduct {
 // run as one parallel region in which each thread carries its own rows through every step, its
 // products and its pointwise passes, with no barrier between steps and no call into ATen per step.
 // The products are a hand-written AVX-512 kernel over the right operand packed once per window into
-// panels of 32 columns (K x 32, contiguous, the last one zero-padded). At the book's size (32 rows,
-// 256 x 1024) a step's product per thread runs ~20% faster than oneDNN's prepacked linear with its
-// per-call cost, and packing takes ~30 us against ~280 us for oneDNN's reorder.
-// Only where the kernel is compiled (AVX-512) and set_row_products is on; otherwise StepProduct.
+// panels of 32 columns (K x 32, contiguous, the last one zero-padded). At the book's size a thread's
+// step product, 16 rows x 256 x 1024, takes ~32 us (~250 GFLOP/s, about one core's peak) against ~59 us
+// through oneDNN's prepacked linear on one thread, and packing costs ~20-30 us against 0.3-1 ms for
+// oneDNN's reorder; an LSTM window's forward and backward run ~1.5x faster, a training step ~1.25x.
+// (Window-sized products, 1120 rows, ran no faster this way than through oneDNN: those stay there.)
+// Needs at::parallel_for on torch's threads, hence -fopenmp (native.py). Only where the kernel is
+// compiled (AVX-512) and set_row_products is on; otherwise StepProduct.
 std::atomic<bool> row_products{true};
 
 #if defined(__AVX512F__)
@@ -423,68 +426,49 @@ class RowProduct {
     });
   }
 
-  // c[r * ldc + n] = bias[n] + sum_k a[r * lda + k] * right[k][n], for rows r < rows and every column n
-  // (bias nullptr: 0). With k_stride, a[r * lda + k * k_stride]: a transposed operand.
-  void rows(const float* a, int64_t lda, int64_t rows, float* c, int64_t ldc, const float* bias = nullptr,
-            int64_t k_stride = 1) const {
+  // c[r * ldc + n] = sum_k a[r * lda + k] * right[k][n], for rows r < rows and every column n.
+  void rows(const float* a, int64_t lda, int64_t rows, float* c, int64_t ldc) const {
 #if defined(__AVX512F__)
-    if (k_stride == 1) {
-      rows_as<false>(a, lda, 1, rows, c, ldc, bias);
-    } else {
-      rows_as<true>(a, lda, k_stride, rows, c, ldc, bias);
+    const float* p = packed_.data_ptr<float>();
+    for (int64_t n0 = 0; n0 < N_; n0 += kWidth, p += K_ * kWidth) {
+      const int64_t width = std::min(kWidth, N_ - n0);
+      const __mmask16 m0 = mask(width), m1 = mask(width - 16);
+      for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+        const float* ar = a + r0 * lda;
+        float* cr = c + r0 * ldc + n0;
+        switch (std::min(kRows, rows - r0)) {
+          case 8: micro<8>(ar, lda, p, cr, ldc, m0, m1); break;
+          case 7: micro<7>(ar, lda, p, cr, ldc, m0, m1); break;
+          case 6: micro<6>(ar, lda, p, cr, ldc, m0, m1); break;
+          case 5: micro<5>(ar, lda, p, cr, ldc, m0, m1); break;
+          case 4: micro<4>(ar, lda, p, cr, ldc, m0, m1); break;
+          case 3: micro<3>(ar, lda, p, cr, ldc, m0, m1); break;
+          case 2: micro<2>(ar, lda, p, cr, ldc, m0, m1); break;
+          default: micro<1>(ar, lda, p, cr, ldc, m0, m1); break;
+        }
+      }
     }
 #else
     TORCH_CHECK(false, "RowProduct: built without AVX-512");
 #endif
   }
 
-  int64_t size(int dim) const { return dim == 0 ? K_ : N_; }
-
  private:
-#if defined(__AVX512F__)
-  template <bool Strided>
-  void rows_as(const float* a, int64_t lda, int64_t ks, int64_t rows, float* c, int64_t ldc,
-               const float* bias) const {
-    const float* p = packed_.data_ptr<float>();
-    for (int64_t n0 = 0; n0 < N_; n0 += kWidth, p += K_ * kWidth) {
-      const int64_t width = std::min(kWidth, N_ - n0);
-      const __mmask16 m0 = mask(width), m1 = mask(width - 16);
-      __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-      if (bias != nullptr) b0 = _mm512_maskz_loadu_ps(m0, bias + n0), b1 = _mm512_maskz_loadu_ps(m1, bias + n0 + 16);
-      for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-        const float* ar = a + r0 * lda;
-        float* cr = c + r0 * ldc + n0;
-        switch (std::min(kRows, rows - r0)) {
-          case 8: micro<8, Strided>(ar, lda, ks, p, cr, ldc, m0, m1, b0, b1); break;
-          case 7: micro<7, Strided>(ar, lda, ks, p, cr, ldc, m0, m1, b0, b1); break;
-          case 6: micro<6, Strided>(ar, lda, ks, p, cr, ldc, m0, m1, b0, b1); break;
-          case 5: micro<5, Strided>(ar, lda, ks, p, cr, ldc, m0, m1, b0, b1); break;
-          case 4: micro<4, Strided>(ar, lda, ks, p, cr, ldc, m0, m1, b0, b1); break;
-          case 3: micro<3, Strided>(ar, lda, ks, p, cr, ldc, m0, m1, b0, b1); break;
-          case 2: micro<2, Strided>(ar, lda, ks, p, cr, ldc, m0, m1, b0, b1); break;
-          default: micro<1, Strided>(ar, lda, ks, p, cr, ldc, m0, m1, b0, b1); break;
-        }
-      }
-    }
-  }
-#endif
-
 #if defined(__AVX512F__)
   static __mmask16 mask(int64_t n) {
     return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
   }
 
   // R rows x 32 columns: 2R accumulators, each k one pair of panel loads and R broadcasts.
-  template <int R, bool Strided>
-  void micro(const float* __restrict a, int64_t lda, int64_t ks, const float* __restrict p, float* __restrict c,
-             int64_t ldc, __mmask16 m0, __mmask16 m1, __m512 init0, __m512 init1) const {
+  template <int R>
+  void micro(const float* __restrict a, int64_t lda, const float* __restrict p, float* __restrict c,
+             int64_t ldc, __mmask16 m0, __mmask16 m1) const {
     __m512 acc0[R], acc1[R];
-    for (int r = 0; r < R; ++r) acc0[r] = init0, acc1[r] = init1;
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K_; ++k) {
       const __m512 b0 = _mm512_load_ps(p + k * kWidth), b1 = _mm512_load_ps(p + k * kWidth + 16);
-      const float* ak = a + (Strided ? k * ks : k);
       for (int r = 0; r < R; ++r) {
-        const __m512 x = _mm512_set1_ps(ak[r * lda]);
+        const __m512 x = _mm512_set1_ps(a[r * lda + k]);
         acc0[r] = _mm512_fmadd_ps(x, b0, acc0[r]);
         acc1[r] = _mm512_fmadd_ps(x, b1, acc1[r]);
       }
@@ -518,37 +502,6 @@ void for_row_shares(int64_t B, Body&& body) {
       if (r1 > r0) body(i, r0, r1 - r0);
     }
   });
-}
-
-// a @ b (+ bias) for float32 CPU matrices of any strides, a (M, K), b (K, N), bias (N,): b packed once,
-// the rows of the result split between the threads. For the window-sized products of a training step
-// (deeprnn.models.onednn), which it runs ~1.2-1.7x faster per core than oneDNN's matmul here.
-Tensor matmul(const Tensor& a, const Tensor& b, const std::optional<Tensor>& bias_in) {
-  TORCH_CHECK(kRowKernel, "deeprnn matmul: built without AVX-512");
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "deeprnn matmul: shapes ", a.sizes(),
-              " and ", b.sizes(), " do not multiply");
-  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
-              b.device().is_cpu(), "deeprnn matmul: float32 CPU tensors only");
-  const int64_t M = a.size(0), N = b.size(1);
-  Tensor bias;
-  if (bias_in && bias_in->defined()) {
-    bias = bias_in->contiguous();
-    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N && bias.scalar_type() == at::kFloat,
-                "deeprnn matmul: bias must be a float32 vector of ", N);
-  }
-  Tensor c = at::empty({M, N}, b.options());
-  if (M == 0 || N == 0) return c;
-  if (a.size(1) == 0) return bias.defined() ? c.copy_(bias.expand({M, N})) : c.zero_();
-  // Rows of a with contiguous k (a row-major operand), or else a column-major one (a transposed view).
-  const Tensor A = a.stride(1) == 1 || a.stride(0) != 1 ? a.contiguous() : a;
-  const bool transposed = A.stride(1) != 1;
-  const int64_t lda = transposed ? 1 : A.stride(0), ks = transposed ? A.stride(1) : 1;
-  const RowProduct right(b);
-  const float* ap = A.data_ptr<float>();
-  float* cp = c.data_ptr<float>();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  for_row_shares(M, [&](int64_t, int64_t r0, int64_t R) { right.rows(ap + r0 * lda, lda, R, cp + r0 * N, N, bp, ks); });
-  return c;
 }
 
 template <typename T>
@@ -883,8 +836,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether products use oneDNN's prepacked linear where they can");
   m.def("set_row_products", [](bool on) { row_products.store(on); },
         "Whether float32 windows may run split by rows with the AVX-512 product kernel; for tests");
-  m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("bias") = py::none(),
-        py::call_guard<py::gil_scoped_release>(), "float32 a @ b (+ bias) by the AVX-512 row kernel");
   m.def("row_share_threads", [](int64_t rows) {
           std::mutex mutex;
           std::set<std::thread::id> ids;
