@@ -165,6 +165,17 @@ def test_row_shares_run_on_torch_threads(ext):
         torch.set_num_threads(threads)
 
 
+def test_backend_line_says_whether_windows_are_split_by_rows(ext):
+    """The machine line of every benchmark says which product path the float32 windows took."""
+    try:
+        ext.set_row_products(False)
+        assert native.backend().startswith("C++ window kernels") and "split by rows" not in native.backend()
+        ext.set_row_products(True)
+        assert ("float32 windows split by rows, AVX-512 products" in native.backend()) == ext.row_products()
+    finally:
+        ext.set_row_products(True)
+
+
 def _window(cell, args):
     if cell == "lstm":
         xproj, h0, c0, W, lp = args

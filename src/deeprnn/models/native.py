@@ -218,4 +218,5 @@ def backend() -> str:
     if module is None:
         return f"python window kernels (C++ build failed: {_failure})"
     isa = torch.backends.cpu.get_cpu_capability() if _isa_flags() else "baseline ISA"
-    return f"C++ window kernels (vectorised for {isa}; built or loaded in {_build_seconds:.1f} s)"
+    rows = "; float32 windows split by rows, AVX-512 products" if module.row_products() else ""
+    return f"C++ window kernels (vectorised for {isa}{rows}; built or loaded in {_build_seconds:.1f} s)"
