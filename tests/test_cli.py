@@ -182,3 +182,84 @@ def test_every_preset_is_a_valid_configuration(name):
     cfg.validate()
     values = dataclasses.asdict(cfg)
     assert {k: values[k] for k in PRESETS[name]} == PRESETS[name]
+
+
+def test_run_dir_mistakes_are_one_line(tmp_path, trained, capsys):
+    """A file as --run-dir (it used to be a NotADirectoryError traceback), a folder that holds no run, and a
+    run's checkpoint folder given to --resume: one line each, exit 2, nothing changed."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for extra in ([], ["--overwrite"]):
+        line = one_error_line(capsys, 2, ["train", *TINY, "--run-dir", str(afile), *extra])
+        assert line == f"deeprnn: error: run directory {afile} is a file, not a directory; choose another --run-dir"
+    assert afile.read_text() == "x"
+
+    proj = tmp_path / "proj"
+    (proj / "best").mkdir(parents=True)
+    (proj / "config.json").write_text('{"my": "settings"}')
+    (proj / "best" / "draft.txt").write_text("drafts")
+    line = one_error_line(capsys, 2, ["train", *TINY, "--run-dir", str(proj), "--overwrite"])
+    assert line == (f"deeprnn: error: run directory {proj} is not empty and holds no deeprnn run; "
+                    "choose a new or empty --run-dir")
+    assert (proj / "config.json").read_text() == '{"my": "settings"}'
+    assert (proj / "best" / "draft.txt").read_text() == "drafts"
+
+    line = one_error_line(capsys, 2, ["train", "--resume", str(trained / "best"), "--max-steps", "9", "--quiet"])
+    assert line == (f"deeprnn: error: {trained / 'best'} is a checkpoint inside the run {trained}; --resume takes "
+                    f"the run directory and continues from its last checkpoint: --resume {trained}")
+    assert sorted(p.name for p in (trained / "best").iterdir()) == [
+        "checkpoint.json", "model.safetensors", "train_state.safetensors"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "0"], "temperature must be > 0, got 0.0; use --strategy greedy for the most likely text"),
+    (["--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
+    (["--num-preds", "-1"], "num_preds must be >= 0, got -1"),
+    (["--prefix", "time traveller!"], "prefix has characters not in the vocabulary: '!'; "
+                                      "use --unk replace to map them to <unk>"),
+])
+def test_generate_checks_everything_before_writing(trained, capsys, args, message):
+    """Bad arguments print nothing to stdout (the prefix used to come out first, glued to the error)."""
+    code = main(["generate", str(trained), *args])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err == f"deeprnn: error: {message}\n"
+
+
+def _child(args, **kw):
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "deeprnn", *args], env=env, **kw)
+
+
+def test_unk_warning_comes_before_the_text(trained):
+    """With stdout and stderr on one terminal the warning is a line of its own, before the generated text."""
+    child = _child(["generate", str(trained), "--prefix", "Time", "--unk", "replace", "--num-preds", "5",
+                    "--strategy", "greedy"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = child.communicate(timeout=120)
+    assert child.returncode == 0, out
+    warning, text, rest = out.split("\n")
+    assert warning == "deeprnn: warning: prefix characters not in the vocabulary were fed as <unk>: 'T'"
+    assert text.startswith("Time") and len(text) == 4 + 5 and rest == ""
+
+
+def test_closed_pipe_exits_quietly(trained):
+    """``deeprnn generate ... | head -c 20``: status 141 (128 + SIGPIPE) and nothing on stderr, as a shell
+    tool would; it used to end with a BrokenPipeError traceback."""
+    child = _child(["generate", str(trained), "--num-preds", "100000"], stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE)
+    head = child.stdout.read(20)
+    child.stdout.close()
+    _, err = child.communicate(timeout=120)
+    assert head.startswith(b"time traveller") and len(head) == 20
+    assert child.returncode == 141 and err == b""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("command", [["evaluate", "--split", "valid"], ["generate", "--num-preds", "50"]])
+def test_write_error_on_stdout_is_one_line(trained, command):
+    """Output to a full device: one line and status 1, not an OSError traceback or an interpreter warning."""
+    with open("/dev/full", "w") as full:
+        child = _child([command[0], str(trained), *command[1:]], stdout=full, stderr=subprocess.PIPE, text=True)
+        _, err = child.communicate(timeout=120)
+    assert child.returncode == 1
+    assert err == "deeprnn: error: cannot write the output: No space left on device\n"

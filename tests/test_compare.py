@@ -241,3 +241,52 @@ def test_per_source_eval_refuses_trained_on_text(tmp_path, tiny_text, capsys):
     assert float(r[f"valid_ppl[{tiny_text}]"]) > 1 and r[f"valid_ppl[{other}]"] == ""
     assert "n/a (trained on)" in (out / "report.md").read_text()
     capsys.readouterr()
+
+
+def _one_error_line(capsys, argv) -> str:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_out_or_runs_dir_that_is_a_file_is_one_line(tmp_path, tiny_text, capsys):
+    """Refused before any training (it used to train, then stop with a FileExistsError traceback)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    grid = ["compare", "--cells", "lstm", "--hiddens", "8", "--layers", "1", "--epochs", "1",
+            "--corpus", f"tiny={tiny_text}", *_set_flags(TINY_SET)]
+    line = _one_error_line(capsys, [*grid, "--out", str(afile)])
+    assert line == f"deeprnn: error: --out {afile} is a file, not a directory; choose another --out"
+    out = tmp_path / "report"
+    line = _one_error_line(capsys, [*grid, "--out", str(out), "--runs-dir", str(afile)])
+    assert line == f"deeprnn: error: --runs-dir {afile} is a file, not a directory; choose another --runs-dir"
+    line = _one_error_line(capsys, [*grid, "--out", str(afile / "sub")])
+    assert line == f"deeprnn: error: cannot create --out {afile / 'sub'}: Not a directory; choose another --out"
+    assert afile.read_text() == "x" and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["report.md", "results.csv", "curves.png", "speed.png"])
+def test_report_never_replaces_a_file_it_did_not_write(tmp_path, tiny_text, capsys, name):
+    """A report.md, results.csv or plot of the user's in --out is refused before training; the report's own
+    files are replaced when it is written again."""
+    out = tmp_path / "report"
+    out.mkdir()
+    mine = out / name
+    mine.write_bytes(b"my own notes\n")
+    argv = ["compare", "--cells", "lstm", "--hiddens", "8", "--layers", "1", "--epochs", "1",
+            "--corpus", f"tiny={tiny_text}", "--out", str(out), *_set_flags(TINY_SET)]
+    line = _one_error_line(capsys, argv)
+    assert line == (f"deeprnn: error: {mine} was not written by deeprnn compare and would be replaced; "
+                    "move it away or choose another --out")
+    assert mine.read_bytes() == b"my own notes\n" and sorted(out.iterdir()) == [mine]
+    if name != "report.md":
+        return  # one full round trip is enough
+    mine.unlink()
+    (out / "notes.md").write_text("findings")
+    assert main(argv) == 0
+    assert main(argv) == 0  # its own files: replaced
+    assert "1 from the cache" in capsys.readouterr().out
+    assert (out / "notes.md").read_text() == "findings" and "findings" in (out / "report.md").read_text()

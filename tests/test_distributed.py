@@ -260,7 +260,8 @@ def test_bad_corpus_on_rank_1_stops_both_ranks(tmp_path):
 
 
 def test_error_on_rank_0_only_stops_rank_1(tmp_path):
-    """Rank 0 refuses an existing run directory (rank 1 never checks it) after the DDP set-up."""
+    """Rank 0 refuses a non-empty run directory that holds no run (rank 1 never checks it) after the DDP
+    set-up."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.csv").write_text("mine\n")
@@ -269,7 +270,7 @@ def test_error_on_rank_0_only_stops_rank_1(tmp_path):
 
     assert rc0 == 2 and "Traceback" not in err0, err0
     (line,) = deeprnn_lines(err0)
-    assert line.startswith("deeprnn: error: run directory run already exists; pass --resume run")
+    assert line == "deeprnn: error: run directory run is not empty and holds no deeprnn run; choose a new or empty --run-dir"
     assert rc1 != 0 and "Traceback" not in err1, err1
     (line,) = deeprnn_lines(err1)
     assert line.startswith("deeprnn: error: rank 1 lost contact with another rank (")

@@ -454,6 +454,69 @@ def test_cli_without_fastapi_says_how_to_install(run_dir, monkeypatch, capsys):
         create_app(run_dir)
 
 
+@pytest.fixture
+def no_server(monkeypatch):
+    """uvicorn.run replaced by a failure: a command that should have stopped before it cannot start a server."""
+    uvicorn = pytest.importorskip("uvicorn")
+
+    def run(*_a, **_k):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(uvicorn, "run", run)
+
+
+def _serve_error(capsys, argv) -> tuple[int, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1, err
+    return code, err.strip()
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "device 'cuda' requested but CUDA is not available; use --device cpu or auto"),
+    ("mps", "device 'mps' requested but MPS is not available; use --device cpu or auto"),
+    ("foo", "device must be auto, cpu, cuda, cuda:N or mps, got 'foo'"),
+])
+def test_cli_unavailable_device_is_one_line(run_dir, no_server, capsys, device, message):
+    """The check train, generate and evaluate make (serve used to end in a torch traceback)."""
+    import torch
+
+    if (device == "cuda" and torch.cuda.is_available()) or (device == "mps" and torch.backends.mps.is_available()):
+        pytest.skip(f"this machine has {device}")
+    assert _serve_error(capsys, ["serve", str(run_dir), "--device", device]) == (2, f"deeprnn: error: {message}")
+    with pytest.raises(DeepRNNError, match=f"^{message[:20]}"):
+        create_app(run_dir, device=device)
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "0", "http"])
+def test_cli_port_out_of_range_is_a_usage_error(run_dir, no_server, capsys, port):
+    code, line = _serve_error(capsys, ["serve", str(run_dir), "--port", port])
+    assert code == 2
+    assert line == (f"deeprnn serve: error: argument --port: must be a TCP port number from 1 to 65535, got {port!r} "
+                    "(see deeprnn serve --help)")
+
+
+def test_cli_port_in_use_is_one_line_before_starting(run_dir, no_server, capsys):
+    """A taken port: one line naming it, exit 2, before any model is loaded or the URL is printed (it used to
+    print the URL and uvicorn's startup lines, then exit 3). The check does not keep the port."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, line = _serve_error(capsys, ["serve", str(run_dir), "--port", str(port)])
+    assert code == 2
+    assert line == (f"deeprnn: error: port {port} on 127.0.0.1 is already in use; choose another with --port, "
+                    f"e.g. --port {port + 1}")
+    from deeprnn.serve import check_port_free
+
+    check_port_free("127.0.0.1", port)  # free again once its owner closed it
+
+
 def test_core_package_does_not_import_fastapi():
     code = ("import sys, deeprnn, deeprnn.generate, deeprnn.serve, deeprnn.cli; deeprnn.cli.build_parser(); "
             "bad = [m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules]; "

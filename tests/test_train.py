@@ -99,6 +99,107 @@ def test_existing_run_dir_is_refused(tmp_path):
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only the run's own files replaced
 
 
+def _tree(root):
+    """Every file under ``root`` with its bytes (what a test compares before and after a refusal)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_folder_that_holds_no_run_is_never_cleared(tmp_path):
+    """A user's project folder with a config.json and a best/ of their own is not a run: refused with and
+    without overwrite, no mention of --resume, and not one byte changed."""
+    proj = tmp_path / "proj"
+    (proj / "best").mkdir(parents=True)
+    (proj / "config.json").write_text('{"my": "settings"}')
+    (proj / "best" / "draft.txt").write_text("drafts")
+    before = _tree(proj)
+    cfg = tiny(tmp_path, max_steps=2, run_dir=str(proj))
+    for overwrite in (False, True):
+        with pytest.raises(CheckpointError) as e:
+            train(cfg, overwrite=overwrite, progress=False, log=lambda *_: None)
+        assert str(e.value) == (f"run directory {proj} is not empty and holds no deeprnn run; "
+                                "choose a new or empty --run-dir")
+        assert _tree(proj) == before
+
+
+def test_overwrite_refuses_foreign_files_in_checkpoint_folders(tmp_path):
+    """--overwrite on a real run removes only what a run writes. A file of the user's inside best/ would be
+    lost with the folder, so overwriting is refused (nothing removed) until it is moved away."""
+    cfg = tiny(tmp_path, max_steps=2)
+    train(cfg, progress=False, log=lambda *_: None)
+    run = tmp_path / "run"
+    (run / "best" / "draft.txt").write_text("drafts")
+    (run / "notes.txt").write_text("mine")
+    before = _tree(run)
+    with pytest.raises(CheckpointError) as e:
+        train(cfg, overwrite=True, progress=False, log=lambda *_: None)
+    assert str(e.value) == (f"cannot overwrite run directory {run}: {run / 'best' / 'draft.txt'} was not written "
+                            "by deeprnn; move it away or choose another --run-dir")
+    assert _tree(run) == before
+    # The same for a file at a name a run writes that is not deeprnn's.
+    (run / "best" / "draft.txt").unlink()
+    (run / "summary.json").write_text('{"mine": 1}')
+    with pytest.raises(CheckpointError, match=r"summary\.json was not written by deeprnn"):
+        train(cfg, overwrite=True, progress=False, log=lambda *_: None)
+    (run / "summary.json").unlink()
+    train(cfg, overwrite=True, progress=False, log=lambda *_: None)
+    assert (run / "notes.txt").read_text() == "mine" and (run / "best" / "checkpoint.json").exists()
+
+
+def test_run_dir_that_is_a_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(CheckpointError) as e:
+            train(tiny(tmp_path, max_steps=2, run_dir=str(afile)), overwrite=overwrite, progress=False,
+                  log=lambda *_: None)
+        assert str(e.value) == f"run directory {afile} is a file, not a directory; choose another --run-dir"
+    with pytest.raises(CheckpointError) as e:
+        train(tiny(tmp_path, max_steps=2, run_dir=str(afile / "sub")), progress=False, log=lambda *_: None)
+    assert str(e.value) == f"cannot create run directory {afile / 'sub'}: Not a directory; choose another --run-dir"
+    assert afile.read_text() == "x"
+
+
+def test_resume_of_a_checkpoint_folder_is_refused(tmp_path):
+    """--resume takes the run (it continues from last/); given the run's best/ it used to write a second run
+    inside best/ (best/best, best/last, best/metrics.csv)."""
+    cfg = tiny(tmp_path, max_steps=2)
+    train(cfg, progress=False, log=lambda *_: None)
+    run = tmp_path / "run"
+    before = _tree(run)
+    for name in ("best", "last"):
+        with pytest.raises(CheckpointError) as e:
+            train(dataclasses.replace(cfg, run_dir=str(run / name), max_steps=4), resume=True, progress=False,
+                  log=lambda *_: None)
+        assert str(e.value) == (f"{run / name} is a checkpoint inside the run {run}; --resume takes the run "
+                                f"directory and continues from its last checkpoint: --resume {run}")
+    assert _tree(run) == before
+
+
+def test_no_validation_text_is_refused_before_anything_is_written(tmp_path):
+    """With no validation text there is no best checkpoint to report on: refused, nothing written."""
+    with pytest.raises(ConfigError) as e:
+        train(tiny(tmp_path, val_fraction=0.0, max_steps=2), progress=False, log=lambda *_: None)
+    assert str(e.value) == ("--val-fraction 0 leaves no validation text; training needs some to keep the best "
+                            "checkpoint: use e.g. --val-fraction 0.05")
+    f = tmp_path / "short.txt"
+    f.write_text("the time machine by h g wells " * 20)  # 600 characters: the validation split gets 2
+    with pytest.raises(ConfigError) as e:
+        train(tiny(tmp_path, corpus=[str(f)], max_tokens=None, val_fraction=0.002, max_steps=2), progress=False,
+              log=lambda *_: None)
+    assert str(e.value) == ("the validation split has 2 tokens (--val-fraction 0.002); it needs at least 3: "
+                            "raise --val-fraction or use more text")
+    assert not (tmp_path / "run").exists()
+
+
+def test_min_freq_that_leaves_only_unk_is_refused(tmp_path):
+    """Every token <unk> scores a perfect (and meaningless) perplexity 1.0: refused."""
+    with pytest.raises(ConfigError) as e:
+        train(tiny(tmp_path, min_freq=100_000_000, max_steps=2), progress=False, log=lambda *_: None)
+    assert str(e.value) == ("vocabulary has only <unk> after --min-freq 100000000 (no token occurs that often); "
+                            "lower --min-freq")
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_missing_run_dir(tmp_path):
     with pytest.raises(CheckpointError, match=r"^cannot resume: run directory .*nope does not exist$"):
         train(tiny(tmp_path, run_dir=str(tmp_path / "nope")), resume=True, progress=False)

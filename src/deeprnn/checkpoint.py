@@ -205,6 +205,17 @@ def save_checkpoint(
     return path
 
 
+def is_own_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory holding only what :func:`save_checkpoint` writes, with a
+    ``checkpoint.json`` in deeprnn's format: a directory that may be removed without losing anyone's files."""
+    try:
+        names = {p.name for p in path.iterdir()}
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return names <= {MODEL_FILE, STATE_FILE, META_FILE} and isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def resolve_checkpoint(run_or_ckpt: str | os.PathLike, prefer: str = "best") -> Path:
     """Map a run directory or a checkpoint directory to a checkpoint directory.
 

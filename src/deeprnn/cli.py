@@ -338,31 +338,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deeprnn.generate import generate
     from deeprnn.train import resolve_device
 
+    if args.temperature == 0:
+        raise ConfigError(f"temperature must be > 0, got {args.temperature}; "
+                          "use --strategy greedy for the most likely text")
     device = resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, map_location=device)
     stream = args.num_samples == 1 and args.strategy != "beam" and not args.json
-    if stream:
-        sys.stdout.write(args.prefix)
-        sys.stdout.flush()
+    started = False  # the prefix goes out with the first piece: generate() checks every argument before it
 
     def on_text(i: int, piece: str) -> None:
-        sys.stdout.write(piece)
+        nonlocal started
+        sys.stdout.write(piece if started else args.prefix + piece)
         sys.stdout.flush()
+        started = True
 
     import warnings
 
-    with warnings.catch_warnings(record=True) as caught:
+    def show(message, *_args, **_kwargs) -> None:  # at once, on stderr, before any text is written
+        print(f"deeprnn: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
-        texts = generate(ck.model, ck.vocab, args.prefix, args.num_preds, strategy=args.strategy,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         num_samples=args.num_samples, beam_width=args.beam_width, seed=args.seed,
-                         unk=args.unk, on_text=on_text if stream else None, device=device)
-    for w in caught:
-        print(f"deeprnn: warning: {w.message}", file=sys.stderr)
+        warnings.showwarning = show
+        try:
+            texts = generate(ck.model, ck.vocab, args.prefix, args.num_preds, strategy=args.strategy,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             num_samples=args.num_samples, beam_width=args.beam_width, seed=args.seed,
+                             unk=args.unk, on_text=on_text if stream else None, device=device)
+        except DeepRNNError:
+            if started:  # end the partial line, so that the error is a line of its own
+                sys.stdout.write("\n")
+            raise
     if args.json:
         print(json.dumps({"samples": texts}))
     elif stream:
-        sys.stdout.write("\n")
+        sys.stdout.write(("" if started else args.prefix) + "\n")
     else:
         for t in texts:
             print(t)
@@ -395,12 +405,10 @@ def checkpoint_split_tokens(ck, split: str, *, corpus=None, data_dir=None, encod
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import math
-
     import torch
 
     from deeprnn.checkpoint import load_checkpoint
-    from deeprnn.train import LN2, evaluate_tokens, resolve_device
+    from deeprnn.train import LN2, evaluate_tokens, json_safe, perplexity, resolve_device
 
     device = resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, map_location=device)
@@ -431,13 +439,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     loss = s / n
     unk = int((tokens == ck.vocab.unk).sum()) if isinstance(tokens, torch.Tensor) else 0
     result = {"checkpoint": str(ck.path), "split": args.split, "tokens": n, "loss_nats": loss,
-              "perplexity": math.exp(loss), "bits_per_token": loss / LN2, "unknown_tokens": unk,
+              "perplexity": perplexity(loss), "bits_per_token": loss / LN2, "unknown_tokens": unk,
               "batch_size": batch_size, "num_steps": num_steps,
               "evaluation": "dynamic" if dynamic else "static"}
     if dynamic:
         result.update(dynamic_rule=args.dynamic_rule, dynamic_lr=args.dynamic_lr, dynamic_decay=args.dynamic_decay)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(json_safe(result)))
     else:
         unit = "bpc" if ck.vocab.token == "char" else "bits/word"
         how = (f" (dynamic evaluation, {args.dynamic_rule} lr {args.dynamic_lr:g}, decay {args.dynamic_decay:g})"
@@ -461,6 +469,7 @@ def cmd_corpora(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from deeprnn.checkpoint import load_checkpoint
+    from deeprnn.train import json_safe
 
     ck = load_checkpoint(args.checkpoint)
     meta = ck.meta
@@ -477,7 +486,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "lineage": _lineage(meta),
     }
     if args.json:
-        print(json.dumps(info, indent=1))
+        print(json.dumps(json_safe(info), indent=1))
         return 0
     m = info["model"]
     print(f"checkpoint  {info['checkpoint']} (deeprnn {info['deeprnn_version']})")
@@ -487,8 +496,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     pos = info["position"] or {}
     print(f"trained     {pos.get('step')} steps, {pos.get('tokens', 0):,} tokens, {pos.get('train_time', 0):.1f} s")
     met = info["metrics"] or {}
-    if met.get("val_ppl") is not None:
-        print(f"validation  perplexity {float(met['val_ppl']):.4f}, {float(met['val_bpc']):.4f} bits/token")
+    if met.get("val_bpc") is not None:  # an overflowed perplexity is saved as null: it is inf
+        ppl = float("inf") if met.get("val_ppl") is None else float(met["val_ppl"])
+        print(f"validation  perplexity {ppl:.4f}, {float(met['val_bpc']):.4f} bits/token")
     print("lineage     " + (" <- ".join(info["lineage"]) if info["lineage"] else "trained from scratch"))
     return 0
 
@@ -595,6 +605,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _OutputError(Exception):
+    """Standard output cannot be written (a closed pipe, a full disk); ``args[0]`` is the OSError."""
+
+
+class _Stdout:
+    """``sys.stdout`` while a command runs, its write errors raised as :class:`_OutputError`, so that the
+    entry point tells them apart from other OSErrors (a full disk under a run directory)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise _OutputError(e) from e
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise _OutputError(e) from e
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _output_failed(error: OSError) -> int:
+    """A closed pipe (``deeprnn generate ... | head``) ends the command quietly with status 141 (128 + SIGPIPE),
+    as it would a shell tool; any other write error is one line and status 1. Either way standard output is
+    pointed at /dev/null first, so that the interpreter's flush at exit cannot fail again (see the Python
+    documentation's "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # not a file descriptor (a test harness's capture)
+        pass
+    if isinstance(error, BrokenPipeError):
+        return 141
+    print(f"deeprnn: error: cannot write the output: {error.strerror or error}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -634,10 +688,14 @@ def _main(argv: list[str] | None) -> int:
 
     args.argv = argv  # what --nproc relaunches under torchrun
     ok = False
+    stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
     try:
         code = args.func(args)
+        sys.stdout.flush()  # a write error surfaces here, not as a message at interpreter exit
         ok = True
         return code
+    except _OutputError as e:
+        return _output_failed(e.args[0])
     except TrainingInterrupted as e:
         print(f"deeprnn: {e}", file=sys.stderr)
         return 128 + e.signum
@@ -656,6 +714,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"deeprnn: error: {lost}", file=sys.stderr)
         return 1
     finally:
+        sys.stdout = stdout
         from deeprnn import distributed
 
         distributed.shutdown(wait=ok)

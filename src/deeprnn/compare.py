@@ -281,7 +281,7 @@ def per_source_eval(run_dir: Path, cfg, variant: DataVariant, sources: list[str]
     """
     from deeprnn.checkpoint import load_checkpoint
     from deeprnn.corpus import build_corpus
-    from deeprnn.train import LN2, evaluate_tokens
+    from deeprnn.train import LN2, evaluate_tokens, perplexity
 
     ck = load_checkpoint(run_dir, map_location="cpu")
     held = set(variant.corpus) if variant.heldout_from is None else set(variant.heldout_from)
@@ -296,7 +296,7 @@ def per_source_eval(run_dir: Path, cfg, variant: DataVariant, sources: list[str]
         s, n = evaluate_tokens(ck.model, valid, batch_size=cfg.eval_batch_size, num_steps=cfg.eval_num_steps,
                                precision=cfg.precision)
         loss = s / n if n else float("nan")
-        out[src] = {"ppl": math.exp(loss), "bpc": loss / LN2, "tokens": n,
+        out[src] = {"ppl": perplexity(loss), "bpc": loss / LN2, "tokens": n,
                     "unknown": int((valid == ck.vocab.unk).sum())}
     return out
 
@@ -304,7 +304,7 @@ def per_source_eval(run_dir: Path, cfg, variant: DataVariant, sources: list[str]
 def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl: float | None,
               rerun: bool = False, train_log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train ``point`` unless ``runs_dir/<key>/summary.json`` exists; return its record."""
-    from deeprnn.train import read_metrics, train
+    from deeprnn.train import json_safe, read_metrics, train
 
     run_dir = runs_dir / point.key
     done = (run_dir / "summary.json").exists() and (run_dir / "compare.json").exists()
@@ -312,16 +312,18 @@ def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl
     if not cached:
         cfg = dataclasses.replace(point.cfg, run_dir=str(run_dir))
         run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("summary.json", "compare.json", "eval.json"):
+        for stale in ("summary.json", "eval.json"):
             (run_dir / stale).unlink(missing_ok=True)
+        info = {"label": point.label, "seed": point.seed, "key": point.key,
+                "variant": dataclasses.asdict(point.variant), "config": dataclasses.asdict(point.cfg),
+                "wall_s": None, "finished": None}
+        # Written first: it marks the folder as a run's (deeprnn.train.holds_run) before data/ goes in.
+        (run_dir / "compare.json").write_text(json.dumps(info, indent=1) + "\n")
         if point.variant.weights:
             cfg = materialise_weighted(cfg, point.variant.weights, run_dir / "data")
         t0 = time.perf_counter()
         train(cfg, overwrite=True, progress=False, log=train_log or (lambda *_a, **_k: None))
-        wall = time.perf_counter() - t0
-        info = {"label": point.label, "seed": point.seed, "key": point.key,
-                "variant": dataclasses.asdict(point.variant), "config": dataclasses.asdict(point.cfg),
-                "wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        info.update(wall_s=time.perf_counter() - t0, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         (run_dir / "compare.json").write_text(json.dumps(info, indent=1) + "\n")
     summary = json.loads((run_dir / "summary.json").read_text())
     info = json.loads((run_dir / "compare.json").read_text())
@@ -333,7 +335,7 @@ def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl
     missing = [s for s in eval_on if s not in evals]
     if missing:
         evals.update(per_source_eval(run_dir, point.cfg, point.variant, missing))
-        eval_path.write_text(json.dumps(evals, indent=1) + "\n")
+        eval_path.write_text(json.dumps(json_safe(evals), indent=1) + "\n")
 
     last = summary.get("last") or {}
     cfg = point.cfg
@@ -357,6 +359,10 @@ def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl
         rec[f"valid_ppl[{src}]"] = e["ppl"] if e else None
         rec[f"valid_bpc[{src}]"] = e["bpc"] if e else None
     return rec
+
+
+def _finite(text: str) -> bool:
+    return _num(text) is not None
 
 
 def _num(v) -> float | None:
@@ -444,7 +450,7 @@ def plot_curves(records: list[dict[str, Any]], out_png: Path, target_ppl: float 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     colours: dict[str, Any] = {}
     for r in records:
-        rows = [x for x in read_metrics(Path(r["run_dir"]) / "metrics.csv") if x["val_ppl"] not in ("", "nan")]
+        rows = [x for x in read_metrics(Path(r["run_dir"]) / "metrics.csv") if _finite(x["val_ppl"])]
         if not rows:
             continue
         first = r["label"] not in colours
@@ -513,6 +519,42 @@ def _answers(records: list[dict[str, Any]], eval_on: list[str], same_heldout: bo
     return lines
 
 
+REPORT_FILES = ("report.md", "results.csv", "curves.png", "speed.png")
+_REPORT_TAIL = "Per-run numbers (every seed) are in [results.csv](results.csv)."  # report.md's last line
+_RESULTS_HEAD = "label,data,cell,layers,hiddens,impl,seed,key,"
+
+
+def _is_own_report_file(path: Path) -> bool:
+    """Whether ``path`` (named as one of :data:`REPORT_FILES`) is what :func:`write_report` writes, by content."""
+    try:
+        if path.suffix == ".png":
+            with open(path, "rb") as f:
+                head = f.read(4096)
+            return head.startswith(b"\x89PNG\r\n\x1a\n") and b"Matplotlib" in head
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return text.startswith(_RESULTS_HEAD) if path.name == "results.csv" else _REPORT_TAIL in text
+
+
+def prepare_output(out: Path, runs: Path) -> None:
+    """Create the report and runs directories, or raise :class:`ConfigError` (one line) when one is a file or
+    cannot be created, or when the report directory holds a file of a report's name that deeprnn did not
+    write (a report replaces only its own files)."""
+    for path, flag in ((out, "--out"), (runs, "--runs-dir")):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{flag} {path} is a file, not a directory; choose another {flag}")
+    for name in REPORT_FILES:
+        if (out / name).exists() and not _is_own_report_file(out / name):
+            raise ConfigError(f"{out / name} was not written by deeprnn compare and would be replaced; "
+                              "move it away or choose another --out")
+    for path, flag in ((out, "--out"), (runs, "--runs-dir")):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create {flag} {path}: {e.strerror or e}; choose another {flag}") from None
+
+
 def write_report(out: Path, spec: GridSpec, records: list[dict[str, Any]], *, command: str = "",
                  machine: str = "") -> str:
     """Write report.md, results.csv, curves.png and speed.png into ``out``; return the Markdown table.
@@ -573,7 +615,7 @@ def write_report(out: Path, spec: GridSpec, records: list[dict[str, Any]], *, co
     notes = out / "notes.md"
     if notes.exists():  # hand-written findings survive regenerating the report
         parts += ["## Notes", "", notes.read_text().strip(), ""]
-    parts += ["Per-run numbers (every seed) are in [results.csv](results.csv).", ""]
+    parts += [_REPORT_TAIL, ""]
     (out / "report.md").write_text("\n".join(parts))
     return table
 
@@ -594,10 +636,12 @@ def run_compare(spec: GridSpec, out: str | os.PathLike, *, runs_dir: str | os.Pa
                 rerun: bool = False, command: str = "", log: Callable[[str], None] = print,
                 train_log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or reuse) every grid point and write the report. Returns ``{"records", "table", "trained"}``
-    where ``trained`` counts the runs trained now (the rest came from the cache)."""
+    where ``trained`` counts the runs trained now (the rest came from the cache). Raises ``ConfigError``
+    before training anything when ``out`` or ``runs_dir`` cannot be used (see :func:`prepare_output`)."""
     out = Path(out)
     runs = Path(runs_dir) if runs_dir is not None else out / "runs"
     points = expand_grid(spec)
+    prepare_output(out, runs)
     machine = machine_summary()
     records = []
     for i, p in enumerate(points, 1):

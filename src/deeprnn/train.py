@@ -38,6 +38,26 @@ from deeprnn.regularize import activation_penalty
 LN2 = math.log(2.0)
 
 
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` of a mean cross-entropy in nats; ``inf`` where that overflows a float (loss > ~709.8)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (a NaN, an overflowed perplexity) replaced by ``None``: JSON has
+    no NaN or Infinity, and files that hold them are rejected by strict parsers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 @dataclass
 class TrainConfig:
     """Every training option. The command line's flags map one to one onto these fields."""
@@ -202,9 +222,24 @@ def saved_train_config(run_dir: str | os.PathLike) -> TrainConfig:
     """The TrainConfig a run was started with (from its last checkpoint)."""
     from deeprnn.checkpoint import read_meta, resolve_checkpoint
 
+    check_resume_target(Path(run_dir))
     meta = read_meta(resolve_checkpoint(run_dir, prefer="last"))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in meta.get("train_config", {}).items() if k in known})
+
+
+def check_resume_target(run_dir: Path) -> None:
+    """``--resume`` continues a run from its ``last/`` checkpoint; a checkpoint directory (a run's ``best/``)
+    is refused, since resuming it would write a run inside it."""
+    from deeprnn.checkpoint import META_FILE
+
+    if not (run_dir / META_FILE).is_file():
+        return
+    if run_dir.name in CHECKPOINT_DIRS and holds_run(run_dir.parent):
+        raise CheckpointError(f"{run_dir} is a checkpoint inside the run {run_dir.parent}; --resume takes the run "
+                              f"directory and continues from its last checkpoint: --resume {run_dir.parent}")
+    raise CheckpointError(f"{run_dir} is a checkpoint directory, not a run; --resume takes a run directory "
+                          f"(to train on from these weights: --init-from {run_dir})")
 
 
 class TrainingInterrupted(DeepRNNError):
@@ -252,6 +287,9 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} requested but there are {torch.cuda.device_count()} CUDA devices "
+                          "(cuda:0 is the first); use --device cuda or auto")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu or auto")
     return dev
@@ -382,14 +420,64 @@ def default_run_name(cfg: TrainConfig) -> str:
     return f"{cfg.cell}-{cfg.num_layers}x{cfg.num_hiddens}-{stamp}"
 
 
+# What a run writes at the top of its directory, and the checkpoint directories it saves (each holding only
+# deeprnn.checkpoint's files). ``--overwrite`` removes these and nothing else.
+RUN_FILES = ("config.json", "metrics.csv", "curve.png", "summary.json")
+CHECKPOINT_DIRS = ("best", "last", ".best.old", ".last.old")
+# Keys that mark a JSON file as deeprnn's own (older runs may lack newer keys, never these).
+_OWN_JSON_KEYS = {
+    "config.json": {"corpus", "cell", "num_layers", "num_hiddens", "run_dir"},
+    "summary.json": {"run_dir", "stop_reason", "steps"},
+    "compare.json": {"key", "label", "config"},  # deeprnn compare's record of the run it trained here
+}
+
+
+def _is_own_file(path: Path) -> bool:
+    """Whether ``path``, a name a run writes, holds what deeprnn writes there (checked by content)."""
+    try:
+        if path.name == "curve.png":
+            with open(path, "rb") as f:
+                return f.read(8) == b"\x89PNG\r\n\x1a\n"
+        if path.name == "metrics.csv":
+            with open(path, newline="") as f:
+                return f.readline().startswith("step,epoch,tokens,")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and _OWN_JSON_KEYS[path.name] <= data.keys()
+
+
+def _is_own(path: Path) -> bool:
+    from deeprnn.checkpoint import is_own_checkpoint_dir
+
+    return is_own_checkpoint_dir(path) if path.name in CHECKPOINT_DIRS else _is_own_file(path)
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a deeprnn run: a config, summary or checkpoint deeprnn wrote (or
+    ``deeprnn compare``'s record of one). A folder holding none of them is never cleared."""
+    return any(_is_own(run_dir / n) for n in ("config.json", "summary.json", "compare.json", *CHECKPOINT_DIRS))
+
+
 def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create the run directory, refusing to clobber an existing run unless asked."""
+    """Create the run directory, refusing to clobber an existing run unless asked.
+
+    A non-empty directory that holds no deeprnn run (:func:`holds_run`) is refused even with
+    ``overwrite``; with ``overwrite`` a run's own files (:data:`RUN_FILES`, :data:`CHECKPOINT_DIRS`) are
+    removed, after checking that each one is deeprnn's; anything else in the directory stays.
+    """
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / default_run_name(cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} is a file, not a directory; choose another --run-dir")
     if resume:
         if not run_dir.is_dir():
             raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
+        if not holds_run(run_dir):
+            raise CheckpointError(
+                f"run directory {run_dir} is not empty and holds no deeprnn run; choose a new or empty --run-dir"
+            )
         if not overwrite:
             raise CheckpointError(
                 f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it, "
@@ -397,15 +485,27 @@ def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool =
             )
         import shutil
 
-        # Only remove what a run writes; anything else the user put there stays.
-        for name in ("best", "last", ".best.old", ".last.old", "config.json", "metrics.csv",
-                     "curve.png", "summary.json", "samples.txt"):
-            p = run_dir / name
+        from deeprnn.checkpoint import META_FILE, MODEL_FILE, STATE_FILE
+
+        # Only remove what a run writes, and only once every such name is known to be deeprnn's.
+        present = [run_dir / n for n in (*RUN_FILES, *CHECKPOINT_DIRS) if (run_dir / n).exists()]
+        for p in present:
+            if not _is_own(p):
+                foreign = sorted({q.name for q in p.iterdir()} - {MODEL_FILE, STATE_FILE, META_FILE}) \
+                    if p.is_dir() else []
+                what = p / foreign[0] if foreign else p
+                raise CheckpointError(f"cannot overwrite run directory {run_dir}: {what} was not written by deeprnn; "
+                                      "move it away or choose another --run-dir")
+        for p in present:
             if p.is_dir():
                 shutil.rmtree(p)
-            elif p.exists():
+            else:
                 p.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create run directory {run_dir}: {e.strerror or e}; "
+                              "choose another --run-dir") from None
     return run_dir
 
 
@@ -426,8 +526,9 @@ def write_plot(metrics_csv: Path, out_png: Path, title: str = "") -> None:
         return
     ep = [float(r["epoch"]) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    tr = [(e, float(r["train_ppl"])) for e, r in zip(ep, rows) if r["train_ppl"] not in ("", "nan")]
-    va = [(e, float(r["val_ppl"])) for e, r in zip(ep, rows) if r["val_ppl"] not in ("", "nan")]
+    # An overflowed perplexity is "inf" in metrics.csv: no point on a log axis.
+    tr = [(e, float(r["train_ppl"])) for e, r in zip(ep, rows) if _finite_text(r["train_ppl"])]
+    va = [(e, float(r["val_ppl"])) for e, r in zip(ep, rows) if _finite_text(r["val_ppl"])]
     if tr:
         ax.plot(*zip(*tr), label="train perplexity")
     if va:
@@ -436,7 +537,8 @@ def write_plot(metrics_csv: Path, out_png: Path, title: str = "") -> None:
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if tr or va:
+        ax.legend()
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
@@ -444,6 +546,13 @@ def write_plot(metrics_csv: Path, out_png: Path, title: str = "") -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, out_png)
+
+
+def _finite_text(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
@@ -570,6 +679,7 @@ def train(
             raise ConfigError("resume needs a run directory (--resume RUN_DIR)")
         if not run_dir.is_dir():
             raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
+        check_resume_target(run_dir)
         resume_ckpt = load_checkpoint(run_dir, prefer="last")
         if not {"position", "loader", "optimizer"} <= resume_ckpt.meta.keys() or \
                 "rng.torch" not in resume_ckpt.train_tensors:
@@ -629,6 +739,17 @@ def train(
     loader_cls = VariableLengthLoader if cfg.variable_bptt else BatchLoader
     loader = loader_cls(train_tokens, cfg.batch_size, cfg.num_steps, mode=cfg.sampling, seed=cfg.seed,
                         rank=dist.rank, world_size=dist.world_size)
+    if cfg.min_freq > 0 and len(vocab) == 1:
+        raise ConfigError(f"vocabulary has only <unk> after --min-freq {cfg.min_freq} (no token occurs that "
+                          "often); lower --min-freq")
+    # Validation picks best/, drives early stopping and the plateau schedule: a run without it would report
+    # numbers for a checkpoint it never wrote.
+    if heldout_streams(splits.valid, cfg.eval_batch_size) is None:
+        raise ConfigError(
+            "--val-fraction 0 leaves no validation text; training needs some to keep the best checkpoint: "
+            "use e.g. --val-fraction 0.05" if cfg.val_fraction == 0 else
+            f"the validation split has {splits.valid.numel()} tokens (--val-fraction {cfg.val_fraction:g}); "
+            "it needs at least 3: raise --val-fraction or use more text")
 
     if resume_ckpt is not None:
         model = resume_ckpt.model
@@ -733,7 +854,7 @@ def train(
             "optimizer": opt_meta,
             "best_val": best_val, "bad_evals": bad_evals, "evals_done": evals_done, "plateau": plateau,
             "lr_scale": lr_scale, "nan_rollbacks": nan_rollbacks,
-            "metrics": metrics,
+            "metrics": json_safe(metrics),
             "finetune": ({"freeze_layers": freeze_layers, "extend_vocab": extend_vocab} if parent is not None
                          else (resume_ckpt.meta.get("finetune") if resume_ckpt is not None else None)),
             "parent": (str(parent.path) if parent is not None else
@@ -822,8 +943,8 @@ def train(
         row = {
             "step": step, "epoch": round(epoch + batch_in_epoch / steps_per_epoch, 4), "tokens": tokens_seen,
             "elapsed_s": round(train_time, 3), "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
-            "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)) if val_n else float("nan"),
+            "train_loss": train_loss, "train_ppl": perplexity(train_loss),
+            "val_loss": val_loss, "val_ppl": perplexity(val_loss) if val_n else float("nan"),
             "val_bpc": val_loss / LN2 if val_n else float("nan"), "tokens_per_s": tps,
         }
         if dist.any_flag(not bool(finite)) or not math.isfinite(train_loss) or (
@@ -998,9 +1119,9 @@ def train(
                                rank=dist.rank, world_size=dist.world_size)
         s, c = dist.all_reduce_sum(s, c)
         test_loss = s / c
-        summary.update(test_loss=test_loss, test_ppl=math.exp(test_loss) if test_loss < 700 else math.inf, test_bpc=test_loss / LN2,
+        summary.update(test_loss=test_loss, test_ppl=perplexity(test_loss), test_bpc=test_loss / LN2,
                        test_tokens=c)
-    summary["best_val_ppl"] = (math.exp(best_val) if best_val < 700 else math.inf) if math.isfinite(best_val) else None
+    summary["best_val_ppl"] = perplexity(best_val) if math.isfinite(best_val) else None
     summary["best_val_bpc"] = best_val / LN2 if math.isfinite(best_val) else None
     summary["tokens_per_s"] = tokens_seen / train_time if train_time > 0 else None
     if is_main:
@@ -1010,5 +1131,5 @@ def train(
             except DeepRNNError as e:
                 summary["sample"] = None
                 log(f"no sample: {e}")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, default=str) + "\n")
     return summary

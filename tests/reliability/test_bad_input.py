@@ -201,7 +201,7 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--temperature", "0"], "temperature must be > 0, got 0.0"),
+    (["--temperature", "0"], "temperature must be > 0, got 0.0; use --strategy greedy for the most likely text"),
     (["--temperature", "-1"], "temperature must be > 0, got -1.0"),
     (["--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
     (["--top-p", "1.01"], "top_p must be in (0, 1], got 1.01"),

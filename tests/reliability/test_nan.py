@@ -130,6 +130,44 @@ def test_huge_but_finite_losses_do_not_crash_the_summary(tiny_cfg):
     assert summary["steps"] == 2 and summary["test_ppl"] >= 1
 
 
+def _strict_json(text: str):
+    """JSON as a strict parser reads it: NaN and Infinity are not JSON."""
+    import json
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_overflowing_perplexity_is_inf_everywhere(flags, small_corpus, tmp_path, capsys):
+    """Losses past exp's range (~709.8 nats): printed and in metrics.csv as inf (they were capped at exp(50) =
+    5.18e21), null in the JSON files and in --json output (which had bare Infinity), never a crash."""
+    from deeprnn.cli import main
+
+    assert train_mod.perplexity(60.0) == pytest.approx(math.exp(60.0))  # no cap below the overflow
+    assert train_mod.perplexity(710.0) == math.inf
+    run = tmp_path / "run"
+    argv = ["train", "--corpus", str(small_corpus), "--run-dir", str(run),
+            *flags(optimizer="sgd", lr=1e30, clip=0, schedule="constant", max_steps=2)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "held-out test perplexity inf (" in out and "best validation perplexity inf (" in out
+    with open(run / "metrics.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["train_loss"]) > 710 and float(row["val_loss"]) > 710
+    assert row["train_ppl"] == "inf" and row["val_ppl"] == "inf"
+    summary = _strict_json((run / "summary.json").read_text())
+    assert summary["test_ppl"] is None and summary["best_val_ppl"] is None and summary["last"]["val_ppl"] is None
+    assert summary["test_loss"] > 710
+    assert main(["info", str(run), "--json"]) == 0
+    info = _strict_json(capsys.readouterr().out)
+    assert info["metrics"]["val_ppl"] is None and info["metrics"]["val_loss"] > 710
+    assert main(["evaluate", str(run), "--split", "valid", "--json"]) == 0
+    result = _strict_json(capsys.readouterr().out)
+    assert result["perplexity"] is None and result["loss_nats"] > 710
+
+
 def test_unrepresentable_lr_is_a_config_error(cli_error, flags, small_corpus, tmp_path):
     line = cli_error(["train", "--corpus", str(small_corpus), "--run-dir", str(tmp_path / "r"),
                       *flags(lr=1e300)])

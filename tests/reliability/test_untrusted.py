@@ -59,12 +59,13 @@ def good_ckpt(tmp_path) -> Path:
     return save_checkpoint(tmp_path / "good", model=model, vocab=vocab, meta={})
 
 
+CLI_CALLS = (["generate"], ["info"], ["evaluate"], ["train", "--resume"], ["train", "--init-from"])
+
+
 def cli_refuses(cli_error, path: Path) -> list[str]:
-    lines = []
-    for argv in (["generate", str(path)], ["info", str(path)], ["evaluate", str(path)],
-                 ["train", "--resume", str(path)], ["train", "--init-from", str(path), "--corpus", "x.txt"]):
-        lines.append(cli_error(argv))
-    return lines
+    """The error line of each of CLI_CALLS on ``path``."""
+    extra = {"--init-from": ["--corpus", "x.txt"]}
+    return [cli_error([*argv, str(path), *extra.get(argv[-1], [])]) for argv in CLI_CALLS]
 
 
 @pytest.mark.parametrize("kind", ["pickle", "torch.save"])
@@ -76,8 +77,12 @@ def test_pickle_in_place_of_a_checkpoint_file_is_refused(tmp_path, good_ckpt, ho
     (ckpt / victim).write_bytes(hostile[kind])
     with pytest.raises(CheckpointError):
         load_checkpoint(ckpt)
-    for line in cli_refuses(cli_error, ckpt):
-        assert line.startswith("deeprnn: error: ") and ("corrupt" in line or "not a deeprnn checkpoint" in line)
+    for argv, line in zip(CLI_CALLS, cli_refuses(cli_error, ckpt)):
+        if argv[:2] == ["train", "--resume"]:  # refused before anything is read: not a run directory
+            assert line == (f"deeprnn: error: {ckpt} is a checkpoint directory, not a run; --resume takes a run "
+                            f"directory (to train on from these weights: --init-from {ckpt})")
+        else:
+            assert line.startswith("deeprnn: error: ") and ("corrupt" in line or "not a deeprnn checkpoint" in line)
     assert not marker.exists()
 
 

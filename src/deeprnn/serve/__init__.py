@@ -11,7 +11,7 @@ import argparse
 import os
 from typing import Any
 
-from deeprnn.errors import DeepRNNError
+from deeprnn.errors import ConfigError, DeepRNNError
 
 INSTALL_HINT = "the web playground needs FastAPI and uvicorn: pip install 'deeprnn[serve]'"
 
@@ -42,10 +42,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise DeepRNNError(f"--torch-threads must be >= 1, got {args.torch_threads}")
     import torch
 
+    from deeprnn.train import resolve_device
+
+    device = str(resolve_device(args.device))  # the check train, generate and evaluate make
+    check_port_free(args.host, args.port)  # before loading models; uvicorn binds it again at start
+
     # The process is ours: parallelism comes from the generation workers, and a small RNN step split
     # across busy cores only adds synchronisation (see deeprnn.generate).
     torch.set_num_threads(args.torch_threads)
-    app = create_app(args.paths, device=args.device, workers=args.workers, max_queue=args.max_queue)
+    app = create_app(args.paths, device=device, workers=args.workers, max_queue=args.max_queue)
     models = app.state.registry.ids()
     print(f"deeprnn serve: {len(models)} model(s): {', '.join(models)}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -54,6 +59,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"deeprnn serve: open {url}  (OpenAPI schema at {url}openapi.json; Ctrl-C stops)")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise :class:`ConfigError` (one line naming the port) when ``host:port`` cannot be listened on.
+
+    Binds a throwaway socket the way uvicorn does (``SO_REUSEADDR``) and closes it at once: nothing is held.
+    """
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot listen on --host {host}: {e.strerror}; pass an address of this machine, "
+                          "e.g. --host 127.0.0.1") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is already in use; choose another with --port, "
+                                  f"e.g. --port {port + 1 if port < 65535 else 8000}") from None
+            raise ConfigError(f"cannot listen on {host} port {port}: {e.strerror or e}; "
+                              "choose another --port or --host") from None
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port number from 1 to 65535, got {text!r}")
+    return port
 
 
 def _url_host(host: str) -> str:
@@ -74,8 +115,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", metavar="RUN_OR_CHECKPOINT_OR_RUNS_DIR",
                    help="run directories, checkpoint directories or directories holding runs")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback: this machine only)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port")
-    s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
+    s.add_argument("--port", type=_port, default=8000, help="TCP port (1 to 65535)")
+    s.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
     s.add_argument("--workers", type=int, default=2, help="generation threads")
     s.add_argument("--max-queue", type=int, default=32, help="requests waiting for a thread before 503")
     s.add_argument("--torch-threads", type=int, default=1,

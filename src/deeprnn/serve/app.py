@@ -433,7 +433,7 @@ def create_app(
 
     ``workers`` threads generate; up to ``max_queue`` more requests wait for one, further ones get 503.
     Bodies over ``max_body`` bytes get 413. Raises ``CheckpointError`` when a path holds no usable
-    checkpoint and ``ConfigError`` for out-of-range arguments.
+    checkpoint and ``ConfigError`` for out-of-range arguments or a device this machine lacks.
     """
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
@@ -441,7 +441,9 @@ def create_app(
         raise ConfigError(f"max_queue must be an integer >= 0, got {max_queue!r}")
     if not isinstance(max_body, int) or max_body < 1024:
         raise ConfigError(f"max_body must be an integer >= 1024 (bytes), got {max_body!r}")
-    registry = Registry.from_paths(paths, device=device)
+    from deeprnn.train import resolve_device
+
+    registry = Registry.from_paths(paths, device=str(resolve_device(device)))
     pool = GenerationPool(workers, max_queue)
 
     @contextlib.asynccontextmanager
