@@ -162,6 +162,22 @@ def test_download_with_a_bad_checksum_leaves_nothing(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_damaged_cached_copy_is_refused(tmp_path, shared_data):
+    """A cached named corpus is checked on every read, not only when downloaded: a truncated copy would
+    otherwise train silently on part of the text."""
+    real = (shared_data / "tinyshakespeare.txt").read_bytes()
+    (tmp_path / "tinyshakespeare.txt").write_bytes(real[:50_000])
+    with pytest.raises(CorpusError) as err:
+        build_corpus("tinyshakespeare", normalization="raw", data_dir=tmp_path)
+    digest = hashlib.sha256(real[:50_000]).hexdigest()
+    assert str(err.value) == (
+        f"{tmp_path / 'tinyshakespeare.txt'} (tinyshakespeare) is corrupt (sha256 {digest}, expected "
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed); delete it to download it again, "
+        "or pass the file's path instead of 'tinyshakespeare'")
+    (tmp_path / "tinyshakespeare.txt").write_bytes(real)
+    assert len(build_corpus("tinyshakespeare", normalization="raw", data_dir=tmp_path).tokens) == len(real.decode())
+
+
 def test_download_failure_is_one_line(monkeypatch, tmp_path):
     _go_online(monkeypatch, error=urllib.error.URLError("no route to host"))
     target = tmp_path / "war_of_the_worlds.txt"

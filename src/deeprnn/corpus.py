@@ -98,11 +98,12 @@ def _unknown_corpus(name: str) -> CorpusError:
     return CorpusError(f"unknown corpus {name!r}; known corpora: {known} (or pass a file or directory path)")
 
 
-def _check_digest(data: bytes, checksum: tuple[str, str], what: str) -> None:
+def _check_digest(data: bytes, checksum: tuple[str, str], what: str,
+                  fix: str = "reinstall or re-download it") -> None:
     algorithm, expected = checksum
     actual = hashlib.new(algorithm, data).hexdigest()
     if actual != expected:
-        raise CorpusError(f"{what} is corrupt ({algorithm} {actual}, expected {expected}); reinstall or re-download it")
+        raise CorpusError(f"{what} is corrupt ({algorithm} {actual}, expected {expected}); {fix}")
 
 
 def _read_bundled(filename: str) -> bytes:
@@ -183,7 +184,11 @@ def _read_named(name: str, data_dir, encoding: str | None) -> str:
         if data is not None:
             _check_digest(data, info.checksum, f"bundled {info.filename}")
             return decode_bytes(data, encoding, what=f"bundled {info.filename}")
-    return read_text(fetch_corpus(name, data_dir), encoding)
+    path = fetch_corpus(name, data_dir)
+    if info.checksum is not None:  # a cached copy too: a truncated or edited file would train silently
+        _check_digest(path.read_bytes(), info.checksum, f"{path} ({name})",
+                      f"delete it to download it again, or pass the file's path instead of {name!r}")
+    return read_text(path, encoding)
 
 
 # --- decoding ------------------------------------------------------------------------------------
