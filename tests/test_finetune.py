@@ -126,6 +126,22 @@ def test_finetune_flags_need_init_from(tmp_path):
         train(tiny(tmp_path / "x"), extend_vocab=True, **QUIET)
 
 
+def test_model_flags_that_differ_from_the_parent_are_refused(parent, tmp_path, capsys):
+    """--init-from keeps the parent's model, so a model flag that would change it is one line, exit 2, and
+    nothing is trained; flags equal to the parent's are fine."""
+    run, _ = parent
+    child = tmp_path / "child"
+    argv = ["train", "--init-from", str(run), "--corpus", "timemachine", "--run-dir", str(child)]
+    assert main([*argv, "--num-hiddens", "512", "--cell", "gru"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"deeprnn: error: --num-hiddens 512 differs from the model in {run} (24 there); fine-tuning "
+                    "keeps the parent's model: drop --num-hiddens, or train a new model without --init-from")
+    assert not child.exists()
+    assert main([*argv, "--num-hiddens", "24", "--max-steps", "1", "--max-tokens", "4000", "--batch-size", "8",
+                 "--num-steps", "10", "--val-fraction", "0.02", "--test-fraction", "0.02", "--eval-batch-size", "8",
+                 "--quiet"]) == 0
+
+
 def test_info_shows_lineage(parent, tmp_path, capsys):
     run, _ = parent
     train(tiny(tmp_path / "child", max_steps=1), init_from=str(run), **QUIET)

@@ -283,6 +283,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.validate()
     else:
         cfg = build_train_config(args)
+        if args.init_from:
+            _check_flags_against_parent(args)
     progress = not args.quiet and sys.stderr.isatty()
     log = (lambda *_a, **_k: None) if args.quiet else print
     summary = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=progress, log=log,
@@ -292,6 +294,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     if distributed.current().rank == 0:
         _print_summary(summary, cfg)
     return 0
+
+
+def _check_flags_against_parent(args: argparse.Namespace) -> None:
+    """A fine-tuned model is the parent's model: a model flag given with ``--init-from`` that differs from
+    the parent's value would be ignored, so it is refused instead."""
+    from deeprnn.checkpoint import read_meta, resolve_checkpoint
+    from deeprnn.errors import ConfigError
+    from deeprnn.models.config import ModelConfig
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    if not given:
+        return
+    parent = read_meta(resolve_checkpoint(args.init_from)).get("model_config", {})
+    for name, value in given.items():
+        if name in parent and parent[name] != (list(value) if isinstance(value, tuple) else value):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {value} differs from the model in {args.init_from} ({parent[name]!r} there); "
+                              f"fine-tuning keeps the parent's model: drop {flag}, or train a new model without "
+                              "--init-from")
 
 
 def _print_summary(summary: dict[str, Any], cfg) -> None:
