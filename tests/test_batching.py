@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from deeprnn.batching import (
@@ -254,8 +254,7 @@ def test_windows_are_the_source_stream_shifted_by_one(tokens, batch_size, num_st
     mode=st.sampled_from(["sequential", "random"]),
 )
 def test_loader_windows_are_the_stream_shifted_by_one(n, batch_size, num_steps, seed, mode):
-    if n < batch_size * num_steps + num_steps:
-        return
+    assume(n >= batch_size * num_steps + num_steps)  # smaller: refused (test_too_small_corpus_error)
     stream = torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(seed))
     got = list(BatchLoader(stream, batch_size, num_steps, mode=mode, seed=seed))
     where = list(BatchLoader(torch.arange(n), batch_size, num_steps, mode=mode, seed=seed))
@@ -307,3 +306,33 @@ def test_corpus_tokens_are_compact_and_batches_int64():
     model = build_model(ModelConfig(vocab_size=len(corpus.vocab), cell="lstm", num_hiddens=8, num_layers=1))
     narrow = evaluate_tokens(model, corpus.tokens, batch_size=4, num_steps=10)
     assert narrow == evaluate_tokens(model, corpus.tokens.long(), batch_size=4, num_steps=10)
+
+
+# --- epoch seeds and offsets -------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["sequential", "random"])
+def test_epoch_seeds_do_not_collide_like_seed_plus_epoch(mode):
+    """(seed, epoch) pairs with equal sums draw different epochs: the seed is not ``seed + epoch``. (A
+    sequential epoch is its offset alone, so two unrelated pairs agree one time in T; these three do not.)"""
+    tokens = torch.arange(1000)
+    for (s1, e1), (s2, e2) in [((3, 3), (4, 2)), ((1, 1), (2, 0)), ((0, 4), (4, 0))]:
+        a = epoch(BatchLoader(tokens, 4, 10, mode=mode, seed=s1), e1)
+        b = epoch(BatchLoader(tokens, 4, 10, mode=mode, seed=s2), e2)
+        assert a != b, ((s1, e1), (s2, e2))
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_random_windows_start_at_the_epochs_offset(seed):
+    """In random mode every window of epoch e starts at that epoch's offset plus a multiple of T, the offset
+    being the one the sequential loader of the same (seed, e) starts its first stream at; it varies by epoch."""
+    T = 10
+    rnd = BatchLoader(torch.arange(1000), 4, T, mode="random", seed=seed)
+    seq = BatchLoader(torch.arange(1000), 4, T, mode="sequential", seed=seed)
+    offsets = []
+    for e in range(8):
+        offset = epoch(seq, e)[0][0][0][0]  # batch 0, X, row 0, first token: tokens are positions
+        assert 0 <= offset < T
+        starts = [row[0] for X, _ in epoch(rnd, e) for row in X]
+        assert len(starts) == 24 * 4
+        assert {s % T for s in starts} == {offset}
+        offsets.append(offset)
+    assert len(set(offsets)) >= 3, offsets

@@ -199,6 +199,9 @@ class FixedLM(nn.Module):
         return self.logits.expand(T, B, -1), state  # (T, B, V)
 
 
+SQRT_SUM = math.sqrt(0.5) + math.sqrt(0.3) + math.sqrt(0.2)  # normalises p^(1/T) at T = 2
+
+
 @pytest.mark.parametrize(
     "kw, expected",
     [
@@ -207,6 +210,13 @@ class FixedLM(nn.Module):
         (dict(top_p=0.75), [0.0, 0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]),
         (dict(top_p=0.5), [0.0, 1.0, 0.0, 0.0, 0.0]),
         (dict(temperature=0.5), [0.0, 25 / 38, 9 / 38, 4 / 38, 0.0]),  # p^(1/T) renormalised
+        # top-p reads the probabilities after temperature. T = 2: p^(1/2) / SQRT_SUM (√.5 + √.3 + √.2 = 1.702),
+        # i.e. .415, .322, .263; the mass before 'c' is .737 < .75, so all three stay (on the raw .5, .3, .2
+        # the mass before 'c' is .8 and 'c' would go).
+        (dict(temperature=2.0, top_p=0.75),
+         [0.0, math.sqrt(0.5) / SQRT_SUM, math.sqrt(0.3) / SQRT_SUM, math.sqrt(0.2) / SQRT_SUM, 0.0]),
+        # T = 0.5: 25/38 = .658 >= .6 after 'a' alone, so only 'a' stays (on the raw .5 < .6, 'b' would stay too).
+        (dict(temperature=0.5, top_p=0.6), [0.0, 1.0, 0.0, 0.0, 0.0]),
     ],
 )
 def test_sampling_draws_the_filtered_distribution(kw, expected):

@@ -79,10 +79,19 @@ X = torch.tensor([[0, 2]])  # (B=1, T=2)
 STATE = _t([[H0_1], [H0_2]])  # (L=2, B=1, h=2)
 
 
-def test_arithmetic_matches_its_literals():
+def test_scratch_one_step_at_a_time_matches_each_steps_arithmetic():
+    """Fed one token per call, the scratch model gives the spelled-out arithmetic at t = 1 (logits and both
+    layers' states) and at t = 2 from its own t = 1 state; the literals are that arithmetic's values."""
     values = {"H1_1": H1_1, "H1_2": H1_2, "O_1": O_1, "H2_1": H2_1, "H2_2": H2_2, "O_2": O_2}
     for name, value in values.items():
         assert_close(_t(value), _t(LITERALS[name]), rtol=0, atol=1e-12)
+    model = _model()
+    o1, s1 = model(X[:, :1], STATE)  # (1, 1, 3), (2, 1, 2)
+    o2, s2 = model(X[:, 1:], s1)
+    assert_close(o1[0, 0], _t(O_1), rtol=0, atol=1e-12)
+    assert_close(s1[:, 0], _t([H1_1, H1_2]), rtol=0, atol=1e-12)
+    assert_close(o2[0, 0], _t(O_2), rtol=0, atol=1e-12)
+    assert_close(s2[:, 0], _t([H2_1, H2_2]), rtol=0, atol=1e-12)
 
 
 def test_scratch_matches_hand_computation():
@@ -98,7 +107,16 @@ def test_concise_matches_hand_computation():
     assert_close(state[:, 0], _t([LITERALS["H2_1"], LITERALS["H2_2"]]), rtol=0, atol=1e-11)
 
 
-def test_dropping_the_upper_recurrent_term_changes_the_numbers():
-    """The seed's slip, by hand: without H_{t-1}^(2) W_hh^(2), layer 2 at t = 2 differs."""
-    slip = tanh(H2_1[0] * 0.3 + H2_1[1] * 0.7 + 0.0)
-    assert abs(slip - LITERALS["H2_2"][0]) > 1e-2
+def test_dropping_the_upper_recurrent_term_is_caught_by_the_hand_computation():
+    """The seed's slip (layer 2 without H_{t-1}^(2) W_hh^(2)) is the scratch model with W_hh^(2) = 0: its
+    layer-2 state at t = 2 is then tanh(H_2^(1) W_xh^(2) + b_h^(2)), worked out here, and misses the literals
+    by far more than test_scratch_matches_hand_computation's tolerance."""
+    slip = [tanh(H2_1[0] * 0.3 + H2_1[1] * 0.7 + 0.0), tanh(H2_1[0] * -0.2 + H2_1[1] * 0.5 + 0.2)]
+    model = _model()
+    with torch.no_grad():
+        model.layers[1].W_hh.zero_()
+        logits, state = model(X, STATE)
+    assert_close(state[0, 0], _t(LITERALS["H2_1"]), rtol=0, atol=1e-11)  # layer 1 is untouched
+    assert_close(state[1, 0], _t(slip), rtol=0, atol=1e-12)
+    assert float((state[1, 0] - _t(LITERALS["H2_2"])).abs().max()) > 1e-2
+    assert float((logits[:, 0] - _t([LITERALS["O_1"], LITERALS["O_2"]])).abs().max()) > 1e-2

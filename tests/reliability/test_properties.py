@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from deeprnn.batching import BatchLoader
@@ -120,9 +120,9 @@ def test_too_small_is_refused_exactly_below_the_stated_minimum(n, batch_size, nu
         assert len(loader) >= 1
 
 
-def _loader_or_none(n, batch_size, num_steps, **kw):
-    if n < batch_size * num_steps + num_steps:
-        return None
+def _loader(n, batch_size, num_steps, **kw):
+    """A loader over ``arange(n)``; examples too small for one (tested above) are rejected, not passed."""
+    assume(n >= batch_size * num_steps + num_steps)
     return BatchLoader(torch.arange(n), batch_size, num_steps, **kw)
 
 
@@ -130,9 +130,7 @@ def _loader_or_none(n, batch_size, num_steps, **kw):
 @given(**LOADER, epochs=st.integers(1, 4))
 def test_every_epoch_has_len_batches_within_bounds_and_no_window_repeats(n, batch_size, num_steps, seed, mode,
                                                                          epochs):
-    loader = _loader_or_none(n, batch_size, num_steps, mode=mode, seed=seed)
-    if loader is None:
-        return
+    loader = _loader(n, batch_size, num_steps, mode=mode, seed=seed)
     for e in range(epochs):
         batches = list(loader)
         assert len(batches) == len(loader)
@@ -150,9 +148,7 @@ def test_every_epoch_has_len_batches_within_bounds_and_no_window_repeats(n, batc
 @settings(max_examples=50, deadline=None)
 @given(**LOADER, stop=st.integers(0, 50), epoch=st.integers(0, 3))
 def test_resume_mid_epoch_gives_the_remaining_batches(n, batch_size, num_steps, seed, mode, stop, epoch):
-    first = _loader_or_none(n, batch_size, num_steps, mode=mode, seed=seed)
-    if first is None:
-        return
+    first = _loader(n, batch_size, num_steps, mode=mode, seed=seed)
     first.set_epoch(epoch)
     it = iter(first)
     done = [next(it) for _ in range(min(stop, len(first)))]
@@ -175,9 +171,7 @@ def test_resume_mid_epoch_gives_the_remaining_batches(n, batch_size, num_steps, 
 @given(**LOADER, world_size=st.sampled_from([1, 2, 3]))
 def test_rank_shards_tile_the_global_batch(n, batch_size, num_steps, seed, mode, world_size):
     batch_size *= world_size
-    whole = _loader_or_none(n, batch_size, num_steps, mode=mode, seed=seed)
-    if whole is None:
-        return
+    whole = _loader(n, batch_size, num_steps, mode=mode, seed=seed)
     shards = [list(BatchLoader(torch.arange(n), batch_size, num_steps, mode=mode, seed=seed, rank=r,
                                world_size=world_size)) for r in range(world_size)]
     for k, (X, Y) in enumerate(whole):
@@ -215,10 +209,16 @@ def test_splits_are_contiguous_disjoint_and_cover_each_source(tmp_path_factory, 
 # --- generation ------------------------------------------------------------------------------------
 
 
-@settings(max_examples=80, deadline=None)
-@given(logits=st.lists(st.floats(-20, 20), min_size=1, max_size=12),
-       temperature=st.floats(0.05, 5), top_k=st.one_of(st.none(), st.integers(1, 15)),
+@settings(max_examples=120, deadline=None)
+@given(logits=st.lists(st.one_of(st.floats(-20, 20), st.floats(-3, 3)), min_size=1, max_size=12),
+       temperature=st.one_of(st.just(1.0), st.floats(0.05, 5)), top_k=st.one_of(st.none(), st.integers(1, 15)),
        top_p=st.one_of(st.none(), st.floats(0.01, 1.0)))
+# Top-p on the probabilities before temperature fails these. softmax([2, 1, 0]) = .665, .245, .090: top-p 0.8
+# keeps two. At temperature 0.5 they are .867, .117, .016: it keeps one; at temperature 2, .506, .307, .186:
+# top-p 0.85 keeps all three (.813 before the last, against .910 before temperature).
+@example(logits=[2.0, 1.0, 0.0], temperature=0.5, top_k=None, top_p=0.8)
+@example(logits=[2.0, 1.0, 0.0], temperature=2.0, top_k=None, top_p=0.85)
+@example(logits=[0.0, 2.0, 1.0, 3.0], temperature=0.5, top_k=3, top_p=0.8)
 def test_filtered_distribution_keeps_the_best_and_respects_k_and_p(logits, temperature, top_k, top_p):
     x = torch.tensor([logits])
     out = filter_logits(x, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -228,14 +228,17 @@ def test_filtered_distribution_keeps_the_best_and_respects_k_and_p(logits, tempe
     if top_k is not None:
         kth = torch.sort(x[0], descending=True).values[min(top_k, len(logits)) - 1]
         assert bool((x[0][kept] >= kth).all())  # only ties with the k-th can exceed k
-    if top_p is not None and top_k is None:
-        probs = torch.softmax(x[0].double() / temperature, -1)
-        dropped = probs[~kept]
-        # Whatever was dropped is no likelier than what was kept, and the kept mass reaches top_p
-        # (up to float32 rounding of the softmax).
+    if top_p is not None:
+        # top-p reads softmax(logits / temperature) renormalised over what top-k left (float64 here).
+        after_k = torch.isfinite(filter_logits(x, temperature=temperature, top_k=top_k)[0])
+        probs = torch.softmax((x[0].double() / temperature).masked_fill(~after_k, -math.inf), -1)
+        dropped = probs[after_k & ~kept]
+        # Whatever was dropped is no likelier than what was kept, the kept mass reaches top_p, and the set is
+        # the smallest that does: without its least likely token it falls short (up to float32 rounding).
         if dropped.numel():
             assert float(dropped.max()) <= float(probs[kept].min()) + 1e-6
             assert float(probs[kept].sum()) >= top_p - 1e-4
+        assert float(probs[kept].sum() - probs[kept].min()) < top_p + 1e-5
     probs = torch.softmax(out[0], -1)
     assert math.isclose(float(probs.sum()), 1.0, rel_tol=1e-5)
 
