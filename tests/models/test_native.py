@@ -10,6 +10,7 @@ Skips only if the extension cannot be built here.
 from __future__ import annotations
 
 import itertools
+import logging
 import warnings
 
 import pytest
@@ -335,6 +336,33 @@ def _fresh_load_state(monkeypatch):
     monkeypatch.delenv(native.ENV, raising=False)
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setattr(native, "_failure", None)
+
+
+def test_a_build_that_fails_with_openmp_is_retried_without_it(monkeypatch, caplog):
+    """A toolchain that cannot link libgomp still gets the C++ kernels, built without OpenMP (and so without
+    the row split, which windows.cpp turns off at compile time then)."""
+    from torch.utils import cpp_extension
+
+    if not native._openmp_flags():
+        pytest.skip("torch does not use OpenMP here: the kernels are built without it anyway")
+    _fresh_load_state(monkeypatch)
+    calls = []
+
+    def load(**kwargs):
+        calls.append(kwargs)
+        if "-fopenmp" in kwargs["extra_cflags"]:
+            raise RuntimeError("ld: cannot find -lgomp")
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    caplog.set_level(logging.INFO, logger="deeprnn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the second build works
+        assert native.load() == "module"
+    assert [("-fopenmp" in c["extra_cflags"], c.get("extra_ldflags")) for c in calls] == [(True, ["-fopenmp"]),
+                                                                                           (False, None)]
+    assert calls[1]["name"] == native.build_name([f for f in native._flags() if f != "-fopenmp"]) != calls[0]["name"]
+    assert "building the C++ kernels with OpenMP failed; building them without it" in caplog.messages
 
 
 def test_failed_build_under_warnings_as_errors_still_falls_back(monkeypatch, caplog):

@@ -89,8 +89,17 @@ def load() -> ModuleType | None:
                 _clear_stale_lock(build_dir)
                 if not _built(build_dir, name):  # else loading takes a fraction of a second
                     log.info("building the scratch layers' C++ kernels for this machine (once, about 15 s)")
-            _module = cpp_extension.load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags,
-                                         extra_ldflags=_openmp_flags(), verbose=False)
+            try:
+                _module = cpp_extension.load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags,
+                                             extra_ldflags=_openmp_flags(), verbose=False)
+            except Exception:
+                if not _openmp_flags():
+                    raise
+                # A toolchain without libgomp to link: the kernels still build, without the row split.
+                log.info("building the C++ kernels with OpenMP failed; building them without it")
+                flags = [f for f in flags if f not in _openmp_flags()]
+                _module = cpp_extension.load(name=build_name(flags), sources=[str(f) for f in SOURCES],
+                                             extra_cflags=flags, verbose=False)
             _build_seconds = time.perf_counter() - started
         except Exception as exc:  # any failure means "use the Python loops", never a crash
             _failure = f"{type(exc).__name__}: {_gist(str(exc))}"

@@ -389,7 +389,9 @@ class StepProduct {
 // compiled (AVX-512) and set_row_products is on; otherwise StepProduct.
 std::atomic<bool> row_products{true};
 
-#if defined(__AVX512F__)
+// With torch's OpenMP backend at::parallel_for is a pragma in a header: compiled without -fopenmp (a build
+// that fell back, native.py) it would run every share on one thread, slower than StepProduct's products.
+#if defined(__AVX512F__) && !(AT_PARALLEL_OPENMP && !defined(_OPENMP))
 constexpr bool kRowKernel = true;
 #else
 constexpr bool kRowKernel = false;
