@@ -19,6 +19,16 @@ def _offline_data_dir(monkeypatch):
     monkeypatch.setenv("DEEPRNN_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU spinning threads slow them 10x:
+    a module that uses this runs on one torch thread (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     return SHARED_DATA

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -263,3 +264,146 @@ def test_write_error_on_stdout_is_one_line(trained, command):
         _, err = child.communicate(timeout=120)
     assert child.returncode == 1
     assert err == "deeprnn: error: cannot write the output: No space left on device\n"
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--init-from", "{run}"], "--resume continues the run in {run} from its own weights and --init-from starts a new "
+                               "run from other weights: pass only one of them"),
+    (["--overwrite"], "--resume continues the run in {run} and --overwrite replaces it: drop --overwrite to continue "
+                      "it, or drop --resume to start it over"),
+    (["--dry-run"], "--dry-run starts a new tiny run and cannot continue the run in {run}: drop --dry-run, or drop "
+                    "--resume and give --run-dir a new directory"),
+])
+def test_resume_with_a_contradicting_flag_is_refused(trained, capsys, extra, message):
+    """--init-from, --overwrite and --dry-run used to be ignored silently under --resume (which then trained on)."""
+    before = _files(trained)
+    argv = ["train", "--resume", str(trained), "--max-steps", "9", *[a.format(run=trained) for a in extra]]
+    line = one_error_line(capsys, 2, argv)
+    assert line == "deeprnn: error: " + message.format(run=trained)
+    assert _files(trained) == before
+
+
+@pytest.mark.parametrize("nproc", ["0", "-1"])
+def test_nproc_below_one_is_refused(tmp_path, capsys, nproc):
+    """--nproc 0 and -1 used to train one process silently."""
+    line = one_error_line(capsys, 2, ["train", *TINY, "--nproc", nproc, "--run-dir", str(tmp_path / "r")])
+    assert line == f"deeprnn: error: --nproc must be >= 1 (processes to launch), got {nproc}"
+    assert not (tmp_path / "r").exists()
+
+
+def test_config_file_range_errors_name_the_file(tmp_path, capsys):
+    """A value out of range in the file is prefixed with the file's name, like its other errors; a flag's own
+    error is not (the file is fine); a directory is said to be one."""
+    conf = tmp_path / "c.toml"
+    conf.write_text("dropout = 2\n")
+    line = one_error_line(capsys, 2, ["train", "--config", str(conf)])
+    assert line == f"deeprnn: error: {conf}: dropout must be in [0, 1), got 2.0"
+    conf.write_text("val_fraction = 0.5\n")  # fine alone; with the flag below the two leave no training text
+    line = one_error_line(capsys, 2, ["train", "--config", str(conf), "--test-fraction", "0.5"])
+    assert line == f"deeprnn: error: {conf}: val_fraction + test_fraction must be < 1 to leave training text"
+    conf.write_text("dropout = 0.1\n")
+    line = one_error_line(capsys, 2, ["train", "--config", str(conf), "--lr", "-1"])
+    assert line == "deeprnn: error: lr must be > 0, got -1.0"
+    line = one_error_line(capsys, 2, ["train", "--config", str(tmp_path)])
+    assert line == f"deeprnn: error: config file {tmp_path} is a directory; pass the .toml file inside it"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--num-hidden", "1"], "--num-hidden 1"),  # --num-hiddens
+    (["train", "--epoch", "1"], "--epoch 1"),  # --epochs
+    (["generate", "run", "--temp", "0.5"], "--temp 0.5"),  # --temperature
+    (["evaluate", "run", "--dynamic", "0.1"], "--dynamic 0.1"),  # --dynamic-lr, --dynamic-rule, --dynamic-decay
+])
+def test_abbreviated_flags_are_refused(capsys, argv, flag):
+    """argparse used to take a unique prefix of a flag, so a typo could pick another flag without a word."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    prog = f"deeprnn {argv[0]}"
+    assert capsys.readouterr().err == f"{prog}: error: unrecognized arguments: {flag} (see {prog} --help)\n"
+
+
+def _parsers():
+    from deeprnn.cli import build_parser
+
+    root = build_parser()
+    return [root, *root._subparsers._group_actions[0].choices.values()]
+
+
+def test_every_parser_refuses_abbreviations():
+    assert [p.prog for p in _parsers() if p.allow_abbrev] == []
+
+
+def test_help_shows_each_default_once():
+    """``(default: num_hiddens) (default: None)``: a flag whose help says its default got a second one."""
+    import re
+
+    for parser in _parsers():
+        text = " ".join(parser.format_help().split())
+        assert not re.search(r"\(default[^)]*\) \(default", text), (parser.prog, text)
+    helps = {p.prog: " ".join(p.format_help().split()) for p in _parsers()}
+    assert "embedding size (default: num_hiddens) --dropout" in helps["deeprnn train"]
+    assert "(default runs/<name>) --on-nan" in helps["deeprnn train"]
+    assert "held-out evaluation, about 1 minute of training on 2 CPU cores." in helps["deeprnn train"]
+    for command in ("generate", "evaluate"):
+        assert "--device DEVICE auto | cpu | cuda | cuda:N | mps (default: auto)" in helps[f"deeprnn {command}"]
+
+
+@pytest.fixture
+def word_run(tmp_path, capsys):
+    """A tiny word-level run on a text without 'time' or 'traveller' (the default prefix)."""
+    text = tmp_path / "cats.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log .\n" * 300)
+    run = tmp_path / "words"
+    assert main(["train", *TINY, "--corpus", str(text), "--token", "word", "--normalization", "raw",
+                 "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    return run
+
+
+def test_info_reports_bits_per_word_for_word_models(trained, word_run, capsys):
+    """As evaluate and train say it: bpc at character level, bits/word at word level (it said bits/token)."""
+    for run, unit in ((trained, "bpc"), (word_run, "bits/word")):
+        assert main(["info", str(run)]) == 0
+        (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("validation")]
+        assert re.fullmatch(rf"validation  perplexity \d+\.\d{{4}}, \d+\.\d{{4}} {re.escape(unit)}", line), line
+
+
+@pytest.mark.parametrize("args, warning", [
+    (["--strategy", "greedy", "--temperature", "0.5"], "--strategy greedy does not use --temperature; it is ignored"),
+    # Ignored, so not checked either: 0 is no temperature a sampler could use, but greedy never reads it.
+    (["--strategy", "greedy", "--temperature", "0", "--top-p", "2"],
+     "--strategy greedy does not use --temperature, --top-p; they are ignored"),
+    (["--strategy", "greedy", "--top-k", "3", "--top-p=0.9", "--seed", "1"],
+     "--strategy greedy does not use --top-k, --top-p, --seed; they are ignored"),
+    (["--strategy", "beam", "--top-k", "3", "--temperature", "1.0"],
+     "--strategy beam does not use --temperature, --top-k; they are ignored"),
+    (["--beam-width", "2"], "--strategy sample does not use --beam-width; it is ignored"),  # sample: the default
+    (["--strategy", "sample", "--temperature", "0.5", "--top-k", "3", "--seed", "1"], None),
+    (["--strategy", "beam", "--beam-width", "2"], None),
+])
+def test_generate_warns_about_options_its_strategy_ignores(trained, capsys, args, warning):
+    """Options given explicitly (even at their default value) that the strategy does not read: one warning line
+    on stderr, and the text is generated."""
+    assert main(["generate", str(trained), "--num-preds", "5", *args]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("time traveller") and len(out.splitlines()[0]) == len("time traveller") + 5
+    assert err == ("" if warning is None else f"deeprnn: warning: {warning}\n")
+
+
+def test_ignored_option_warning_comes_before_the_text_and_never_with_an_error(trained, capsys):
+    child = _child(["generate", str(trained), "--strategy", "greedy", "--temperature", "0.5", "--num-preds", "5"],
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = child.communicate(timeout=120)
+    assert child.returncode == 0, out
+    warning, text, rest = out.split("\n")
+    assert warning == "deeprnn: warning: --strategy greedy does not use --temperature; it is ignored"
+    assert text.startswith("time traveller") and rest == ""
+    # Bad input stays one line: nothing is generated, so nothing is ignored.
+    line = one_error_line(capsys, 2, ["generate", str(trained), "--strategy", "greedy", "--temperature", "0.5",
+                                      "--num-preds", "-1"])
+    assert line == "deeprnn: error: num_preds must be >= 0, got -1"

@@ -1,5 +1,6 @@
 """Reading corpora: the book-equal Time Machine, named corpora, encodings, errors and splits."""
 
+import codecs
 import collections
 import hashlib
 import importlib.resources
@@ -234,6 +235,25 @@ def test_binary_is_refused(tmp_path):
     utf16 = tmp_path / "utf16.txt"
     utf16.write_bytes("hello world".encode("utf-16"))
     assert read_text(utf16, encoding="utf-16") == "hello world"
+
+
+@pytest.mark.parametrize("encoding, bom", [
+    ("utf-16-le", codecs.BOM_UTF16_LE), ("utf-16-be", codecs.BOM_UTF16_BE),
+    ("utf-32-le", codecs.BOM_UTF32_LE), ("utf-32-be", codecs.BOM_UTF32_BE),
+])
+def test_utf16_and_utf32_with_a_bom_are_read(monkeypatch, tmp_path, encoding, bom):
+    """Their byte-order mark says how to decode them (Notepad's "Unicode" is UTF-16 LE with one); they used to be
+    refused as binary. Read whole and read in chunks (of 1 to 3 bytes: the mark spans chunks), the same corpus."""
+    text = "The Time Traveller \u00e9 \u201cquoted\u201d \U0001f600\r\nsecond line\n"
+    path = tmp_path / "unicode.txt"
+    path.write_bytes(bom + text.encode(encoding))
+    assert read_text(path) == text.replace("\r\n", "\n")
+    whole = build_corpus(str(path), normalization="raw")
+    assert whole.vocab.decode(whole.tokens) == text.replace("\r\n", "\n")
+    ids, vocab = reference_chars(str(path), "raw")
+    for chunk in (1, 2, 3):
+        assert_same_corpus(build_streamed(monkeypatch, str(path), chunk, normalization="raw"), ids, vocab,
+                           [str(path)])
 
 
 @pytest.mark.parametrize("content", [b"", b"  \n\t\r\n"])
@@ -530,7 +550,8 @@ GUTENBERG_EMPTY = b"header\n*** START OF THE BOOK ***\n\n  \n*** END OF THE BOOK
     (b"", {}),
     (b"  \n\t\r\n", {}),
     (b"PK\x03\x04\x00\x00binary", {}),
-    (b"\xff\xfe not utf-8, and a NUL later \x00", {}),  # NUL bytes are refused before decoding
+    (b"\xff not utf-8, and a NUL later \x00", {}),  # NUL bytes are refused before decoding
+    (b"\xff\xfe a UTF-16 BOM, then an odd byte", {}),  # a BOM says UTF-16: its decoding error, not "binary"
     (b"hello \x81\x8d world\n", {}),
     (b"price \xa4\xa6\xa8 list\n", {}),
     (bytes(range(1, 256)), {}),

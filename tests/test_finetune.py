@@ -175,3 +175,17 @@ def test_word_level_model_learns(tmp_path):
 
     out = generate(ck.model, ck.vocab, "the time", 5)[0]
     assert out.startswith("the time ") and len(out.split()) == 7
+
+
+@pytest.mark.parametrize("k", [3, -1])
+def test_freeze_layers_outside_the_parents_depth_is_refused_before_any_text_is_read(parent, tmp_path, k):
+    """The parent has 2 layers. Checked against its checkpoint before the corpus is read (here a file that does
+    not exist, which would be the error otherwise) and before any fine-tuning line is printed."""
+    run, _ = parent
+    lines = []
+    with pytest.raises(ConfigError) as e:
+        train(tiny(tmp_path / "f", corpus=[str(tmp_path / "missing.txt")]), init_from=str(run), freeze_layers=k,
+              progress=False, log=lines.append)
+    assert str(e.value) == (f"--freeze-layers must be in [0, 2] (the number of layers of the model in {run}), "
+                            f"got {k}")
+    assert lines == [] and not (tmp_path / "f").exists()

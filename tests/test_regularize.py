@@ -17,12 +17,7 @@ from deeprnn.train import TrainConfig, train
 V, H, B, T = 9, 6, 4, 7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(impl="concise", cell="lstm", **kw):

@@ -4,7 +4,6 @@ column but the timings (step, epoch, tokens, lr, losses, perplexities, bits per 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from deeprnn.train import train
 
@@ -13,13 +12,7 @@ from test_train import rows, tiny
 TIMINGS = ("elapsed_s", "tokens_per_s")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU spinning threads slow them 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def without_timings(run_dir) -> list[dict[str, str]]:

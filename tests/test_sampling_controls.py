@@ -18,13 +18,7 @@ from test_generate import PREFIX, TEXT, FixedLM, tiny_model
 PROBS = [0.0, 0.5, 0.3, 0.2, 0.0]  # <unk> a b c d: zero probability for <unk> and 'd'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU spinning threads slow them 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,13 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from deeprnn.train import TrainConfig, lr_at, train
 
 from test_train import rows, tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU spinning threads slow them 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cosine(**kw) -> TrainConfig:

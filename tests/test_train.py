@@ -271,3 +271,139 @@ def test_source_weights_repeat_a_sources_training_text(tmp_path):
     for bad in (2, [True]):  # a bare number, a bool
         with pytest.raises(ConfigError, match=r"^source_weights must be a list of numbers > 0"):
             tiny(tmp_path, source_weights=bad).validate()
+
+
+def test_resume_past_the_budget_is_refused(tmp_path):
+    """A resumed run already at or past --max-steps (or --num-epochs) has nothing to train: refused, nothing
+    written. It used to score the test split again, rewrite summary.json and say "done (epochs)"."""
+    cfg = tiny(tmp_path, max_steps=4)
+    train(cfg, progress=False, log=lambda *_: None)
+    run = tmp_path / "run"
+    before = _tree(run)
+    for max_steps in (4, 3):
+        with pytest.raises(ConfigError) as e:
+            train(dataclasses.replace(cfg, max_steps=max_steps), resume=True, progress=False, log=lambda *_: None)
+        assert str(e.value) == (f"the run in {run} is already at step 4, at or past max_steps {max_steps}: nothing "
+                                "to train; resume with --max-steps above 4 to train on")
+    assert _tree(run) == before
+    # The same for epochs (6 steps each here), also where the last checkpoint was saved at an epoch's last batch
+    # (eval_every 6), before the loop moved on to the next epoch.
+    for eval_every in (0, 6):
+        ecfg = tiny(tmp_path / f"e{eval_every}", max_tokens=500, num_epochs=2, eval_every=eval_every)
+        done = train(ecfg, progress=False, log=lambda *_: None)
+        assert done["stop_reason"] == "epochs" and done["steps"] == 12
+        with pytest.raises(ConfigError) as e:
+            train(ecfg, resume=True, progress=False, log=lambda *_: None)
+        assert str(e.value) == (f"the run in {ecfg.run_dir} has already trained 2 epochs, at or past num_epochs 2: "
+                                "nothing to train; resume with --num-epochs above 2 to train on")
+        summary = train(dataclasses.replace(ecfg, num_epochs=3), resume=True, progress=False, log=lambda *_: None)
+        assert summary["stop_reason"] == "epochs" and summary["steps"] == 18
+    # Variable-length windows: each epoch here draws 7 windows where len(loader) says 6. A run paused after the
+    # 6th of the last epoch still has one to train.
+    vcfg = tiny(tmp_path / "v", max_tokens=500, num_epochs=2, variable_bptt=True)
+    assert train(vcfg, progress=False, log=lambda *_: None, stop_after_steps=13)["stop_reason"] == "paused"
+    assert train(vcfg, resume=True, progress=False, log=lambda *_: None)["steps"] == 14
+    with pytest.raises(ConfigError, match=r"has already trained 2 epochs, at or past num_epochs 2: "):
+        train(vcfg, resume=True, progress=False, log=lambda *_: None)
+
+
+def test_a_run_names_its_files_by_absolute_path_and_resumes_from_anywhere(tmp_path, monkeypatch, shared_data):
+    """--corpus wotw.txt in w/ is stored as w's absolute path (named corpora stay names), so the run resumes from
+    the parent directory, with the file spelled w/wotw.txt or not at all, exactly as an uninterrupted run."""
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "wotw.txt").write_text((shared_data / "timemachine.txt").read_text()[:6000])
+    monkeypatch.chdir(work)
+    kw = dict(corpus=["timemachine", "wotw.txt"], heldout_from=["wotw.txt"], source_weights=[0.02, 1.0],
+              max_tokens=None, num_epochs=1, eval_every=4, max_steps=12)
+    train(tiny(work / "a", **kw), progress=False, log=lambda *_: None)
+    paused = train(tiny(work / "b", **kw), progress=False, log=lambda *_: None, stop_after_steps=8)  # at an evaluation
+    assert paused["stop_reason"] == "paused"
+    saved = json.loads((work / "b" / "run" / "config.json").read_text())
+    assert saved["corpus"] == ["timemachine", str(work / "wotw.txt")]
+    assert saved["heldout_from"] == [str(work / "wotw.txt")]
+
+    monkeypatch.chdir(tmp_path)
+    resumed = tiny(tmp_path, **{**kw, "corpus": ["timemachine", "w/wotw.txt"], "heldout_from": ["w/wotw.txt"]})
+    resumed.run_dir = "w/b/run"  # relative too
+    assert train(resumed, resume=True, progress=False, log=lambda *_: None)["steps"] == 12
+    a, b = rows(work / "a" / "run"), rows(work / "b" / "run")
+    assert [(r["step"], r["train_loss"], r["val_loss"]) for r in a] == \
+        [(r["step"], r["train_loss"], r["val_loss"]) for r in b]
+
+    from deeprnn.cli import main
+
+    assert main(["evaluate", "w/b/run", "--split", "valid", "--json"]) == 0  # the run's own text, from here
+    (tmp_path / "other.txt").write_text((shared_data / "timemachine.txt").read_text()[:6000])
+    with pytest.raises(ConfigError) as e:
+        train(dataclasses.replace(resumed, corpus=["timemachine", "other.txt"], max_steps=14), resume=True,
+              progress=False, log=lambda *_: None)
+    assert str(e.value) == (f"corpus differs from the run in w/b/run (['timemachine', '{work / 'wotw.txt'}'] there, "
+                            "['timemachine', 'other.txt'] now); resume without changing it, or start a new run")
+
+
+def test_an_old_run_with_relative_paths_resumes_from_its_own_directory(tmp_path, monkeypatch, shared_data):
+    """Runs made before paths were stored absolute keep working where they were started; elsewhere the refusal
+    says where to resume from."""
+    import deeprnn.corpus
+
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "wotw.txt").write_text((shared_data / "timemachine.txt").read_text()[:6000])
+    monkeypatch.chdir(work)
+    with monkeypatch.context() as m:
+        m.setattr(deeprnn.corpus, "absolute_spec", lambda spec: spec)  # what older versions stored
+        cfg = tiny(work, corpus=["wotw.txt"], max_tokens=None, max_steps=2)
+        train(cfg, progress=False, log=lambda *_: None)
+    assert json.loads((work / "run" / "config.json").read_text())["corpus"] == ["wotw.txt"]
+    assert train(dataclasses.replace(cfg, run_dir="run", max_steps=3), resume=True, progress=False,
+                 log=lambda *_: None)["steps"] == 3
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        train(dataclasses.replace(cfg, corpus=["w/wotw.txt"], run_dir="w/run", max_steps=4), resume=True,
+              progress=False, log=lambda *_: None)
+    assert str(e.value) == ("corpus differs from the run in w/run (['wotw.txt'] there, ['w/wotw.txt'] now); the run "
+                            "names its files relative to the directory it was started in: resume from there")
+
+
+def test_too_small_a_training_split_is_called_that(tmp_path):
+    """The minimum is checked on the training split (after --max-tokens), and the message says so: it used to
+    call the split's size the corpus's."""
+    f = tmp_path / "small.txt"
+    f.write_text("the time machine " * 5)  # 84 characters after d2l normalisation; 80% of them train
+    cfg = tiny(tmp_path, corpus=[str(f)], max_tokens=None, val_fraction=0.1, test_fraction=0.1)
+    with pytest.raises(CorpusError) as e:
+        train(cfg, progress=False, log=lambda *_: None)
+    assert str(e.value) == ("the training split has 67 tokens (the corpus has 84) but batch_size=8 and num_steps=10 "
+                            "need at least 90 (batch_size*num_steps + num_steps); use more text or smaller sizes")
+    with pytest.raises(CorpusError) as e:
+        train(tiny(tmp_path, max_tokens=50), progress=False, log=lambda *_: None)
+    assert str(e.value) == ("the training split has 50 tokens (--max-tokens 50; the corpus has 170580) but "
+                            "batch_size=8 and num_steps=10 need at least 90 (batch_size*num_steps + num_steps); "
+                            "use more text or smaller sizes")
+    assert not (tmp_path / "run").exists()
+
+
+def test_end_of_training_sample_has_num_preds_tokens(tmp_path):
+    """--num-preds 7 gives 7 characters after the prefix (it used to be max(num_preds, 100))."""
+    summary = train(tiny(tmp_path, max_steps=2, prefix="time traveller", num_preds=7), progress=False,
+                    log=lambda *_: None)
+    assert summary["sample"].startswith("time traveller") and len(summary["sample"]) == len("time traveller") + 7
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["sample"] == summary["sample"]
+
+
+def test_end_of_training_sample_with_a_prefix_outside_the_vocabulary_is_skipped(tmp_path):
+    """A prefix with words the word-level vocabulary lacks is refused as deeprnn generate refuses it: no sample
+    (it used to feed them as <unk> silently), one line saying why; a prefix from the text gives one."""
+    text = tmp_path / "cats.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log .\n" * 300)
+    lines = []
+    cfg = tiny(tmp_path, corpus=[str(text)], token="word", normalization="raw", max_tokens=None, max_steps=2,
+               prefix="time traveller the", num_preds=4)
+    summary = train(cfg, progress=False, log=lines.append)
+    assert summary["sample"] is None
+    assert lines[-1] == ("no sample: the prefix 'time traveller the' has words not in the vocabulary: 'time', "
+                         "'traveller'; pass --prefix with words of the training text")
+    summary = train(dataclasses.replace(cfg, prefix="the cat", run_dir=str(tmp_path / "run2")), progress=False,
+                    log=lines.append)
+    assert summary["sample"].startswith("the cat ") and len(summary["sample"].split()) == 2 + 4

@@ -119,10 +119,24 @@ ALIASES = {"num_epochs": ["--epochs"]}
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (what, and where to look) and exit status 2."""
+    """argparse, but a usage error is one line (what, and where to look) and exit status 2, and a flag must be
+    spelled out: an abbreviation (``--epoch`` for ``--epochs``) would let a typo pick another flag silently."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D102
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to a flag's help unless the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _field_help() -> dict[str, str]:
@@ -156,7 +170,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *ALIASES.get(f.name, [])]
         default = getattr(defaults, f.name)
-        help_text = f"{helps.get(f.name, '')} (default: {default})"
+        help_text = helps.get(f.name, "")
+        if "default" not in help_text:  # else the field's comment already says what the default is
+            help_text += f" (default: {default})"
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         t = str(f.type)
         if t == "bool":
@@ -179,6 +195,8 @@ def load_toml(path: str) -> dict[str, Any]:
     except ModuleNotFoundError:  # Python 3.10
         raise ConfigError("--config needs Python >= 3.11 (tomllib); pass the options as flags instead") from None
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; pass the .toml file inside it")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
@@ -248,19 +266,27 @@ def _check_contained(value: str, key: str, source: str) -> None:
 
 
 def build_train_config(args: argparse.Namespace):
+    """The validated TrainConfig of defaults < ``--preset`` < ``--config`` < flags. A range error that the
+    config file's values cause is prefixed with the file's name, as its other errors are."""
     from deeprnn.train import TrainConfig
 
-    values: dict[str, Any] = {}
-    if getattr(args, "preset", None):
-        values.update(PRESETS[args.preset])
-    if getattr(args, "config", None):
-        values.update(config_from_mapping(load_toml(args.config), args.config))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in fields})
+    preset = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
+    from_file = config_from_mapping(load_toml(args.config), args.config) if getattr(args, "config", None) else {}
+    flags = {k: v for k, v in vars(args).items() if k in fields}
     if getattr(args, "dry_run", False):
-        values.update(PRESETS["tiny"])
-    cfg = TrainConfig(**values)
-    cfg.validate()
+        flags.update(PRESETS["tiny"])
+    cfg = TrainConfig(**{**preset, **from_file, **flags})
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        if from_file:
+            try:  # the same options without the file's: do they pass? Then a value from the file is at fault
+                TrainConfig(**{**preset, **flags}).validate()
+            except ConfigError:
+                raise e from None
+            raise ConfigError(f"{args.config}: {e}") from None
+        raise
     return cfg
 
 
@@ -271,7 +297,8 @@ def build_train_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from deeprnn.train import train
 
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    _check_train_flags(args)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args.nproc, getattr(args, "argv", None))
     if args.resume:
         from deeprnn.train import saved_train_config
@@ -294,6 +321,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if distributed.current().rank == 0:
         _print_summary(summary, cfg)
     return 0
+
+
+def _check_train_flags(args: argparse.Namespace) -> None:
+    """Flags that contradict each other are refused rather than one of them ignored."""
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1 (processes to launch), got {args.nproc}")
+    if not args.resume:
+        return
+    if args.init_from:
+        raise ConfigError(f"--resume continues the run in {args.resume} from its own weights and --init-from starts a "
+                          "new run from other weights: pass only one of them")
+    if args.overwrite:
+        raise ConfigError(f"--resume continues the run in {args.resume} and --overwrite replaces it: drop --overwrite "
+                          "to continue it, or drop --resume to start it over")
+    if args.dry_run:
+        raise ConfigError(f"--dry-run starts a new tiny run and cannot continue the run in {args.resume}: drop "
+                          "--dry-run, or drop --resume and give --run-dir a new directory")
 
 
 def _check_flags_against_parent(args: argparse.Namespace) -> None:
@@ -360,16 +404,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deeprnn.generate import generate
     from deeprnn.train import resolve_device
 
-    if args.temperature == 0:
+    if args.temperature == 0 and args.strategy == "sample":
         raise ConfigError(f"temperature must be > 0, got {args.temperature}; "
                           "use --strategy greedy for the most likely text")
+    sampling = args.strategy == "sample"  # the other strategies ignore these (with a warning): not checked
     device = resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, map_location=device)
     stream = args.num_samples == 1 and args.strategy != "beam" and not args.json
     started = False  # the prefix goes out with the first piece: generate() checks every argument before it
+    ignored = _ignored_generate_flags(args.strategy, getattr(args, "argv", None) or [])
+
+    def warn_ignored() -> None:  # once, when generation goes ahead, before any text: not before an error
+        nonlocal ignored
+        if ignored:
+            print(f"deeprnn: warning: --strategy {args.strategy} does not use {', '.join(ignored)}; "
+                  f"{'it is' if len(ignored) == 1 else 'they are'} ignored", file=sys.stderr)
+            ignored = []
 
     def on_text(i: int, piece: str) -> None:
         nonlocal started
+        if not started:
+            warn_ignored()
         sys.stdout.write(piece if started else args.prefix + piece)
         sys.stdout.flush()
         started = True
@@ -384,13 +439,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         warnings.showwarning = show
         try:
             texts = generate(ck.model, ck.vocab, args.prefix, args.num_preds, strategy=args.strategy,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             temperature=args.temperature if sampling else 1.0,
+                             top_k=args.top_k if sampling else None, top_p=args.top_p if sampling else None,
                              num_samples=args.num_samples, beam_width=args.beam_width, seed=args.seed,
                              unk=args.unk, on_text=on_text if stream else None, device=device)
         except DeepRNNError:
             if started:  # end the partial line, so that the error is a line of its own
                 sys.stdout.write("\n")
             raise
+    warn_ignored()
     if args.json:
         print(json.dumps({"samples": texts}))
     elif stream:
@@ -399,6 +456,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for t in texts:
             print(t)
     return 0
+
+
+# The options each strategy reads (deeprnn.generate.generate); the others are ignored by it.
+_STRATEGY_FLAGS = {"--temperature": ("sample",), "--top-k": ("sample",), "--top-p": ("sample",),
+                   "--seed": ("sample",), "--beam-width": ("beam",)}
+
+
+def _ignored_generate_flags(strategy: str, argv: list[str]) -> list[str]:
+    """The flags given in ``argv`` that ``strategy`` does not use, in the order of :data:`_STRATEGY_FLAGS`."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return [flag for flag, users in _STRATEGY_FLAGS.items() if flag in given and strategy not in users]
 
 
 def checkpoint_split_tokens(ck, split: str, *, corpus=None, data_dir=None, encoding=None):
@@ -520,7 +588,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     met = info["metrics"] or {}
     if met.get("val_bpc") is not None:  # an overflowed perplexity is saved as null: it is inf
         ppl = float("inf") if met.get("val_ppl") is None else float(met["val_ppl"])
-        print(f"validation  perplexity {ppl:.4f}, {float(met['val_bpc']):.4f} bits/token")
+        unit = "bpc" if info["token"] == "char" else "bits/word"  # as evaluate and train say it
+        print(f"validation  perplexity {ppl:.4f}, {float(met['val_bpc']):.4f} {unit}")
     print("lineage     " + (" <- ".join(info["lineage"]) if info["lineage"] else "trained from scratch"))
     return 0
 
@@ -546,7 +615,7 @@ def _lineage(meta: dict[str, Any]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsOnceFormatter
     p = _Parser(prog="deeprnn", description="Deep recurrent language models (D2L section 9.3), "
                 "trained, evaluated and sampled from the command line.")
     p.add_argument("--version", action="version", version=f"deeprnn {__version__}")
@@ -554,14 +623,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (no arguments: the main job on The Time Machine)",
                        description="Train a deep RNN language model. With no arguments: a 2-layer LSTM on "
-                       "the bundled Time Machine, held-out evaluation, about 3 minutes on 2 CPU cores.")
+                       "the bundled Time Machine, held-out evaluation, about 1 minute of training on 2 CPU cores.")
     t.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration (flags still win)")
     t.add_argument("--config", metavar="FILE.toml", help="options from a TOML file ([train] table or top level)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     t.add_argument("--dry-run", action="store_true", help="a few steps of a tiny model, to check the setup")
-    t.add_argument("--nproc", type=int, default=0, help="launch torchrun with this many processes (DDP)")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="launch torchrun with this many processes (DDP) when more than 1 (default: 1)")
     t.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="fine-tune: start from these weights")
     t.add_argument("--extend-vocab", action="store_true",
                    help="with --init-from: add rows for new tokens instead of mapping them to <unk>")
@@ -582,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--unk", choices=["error", "replace"], default="error",
                    help="prefix characters outside the vocabulary: refuse, or map to <unk>")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--json", action="store_true", help="print the samples as JSON")
     g.set_defaults(func=cmd_generate)
 
@@ -605,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dynamic-decay", type=float, default=0.0, metavar="D",
                    help="dynamic evaluation: pull the weights back towards the trained ones by this fraction per window")
     e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="compute precision")
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_evaluate)
 

@@ -272,8 +272,20 @@ def _looks_like_cp1252(data: bytes) -> str | None:
     return data.decode("cp1252") if _reads_as_cp1252(_byte_counts(data)) else None
 
 
+# UTF-32 first: its little-endian BOM begins with UTF-16's.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _bom_codec(head: bytes) -> str | None:
+    """``"utf-16"`` or ``"utf-32"`` when ``head`` (a file's first bytes) starts with that encoding's byte-order
+    mark; the codec reads the mark, decodes in its byte order and drops it. None otherwise."""
+    return next((codec for bom, codec in _BOMS if head.startswith(bom)), None)
+
+
 def decode_bytes(data: bytes, encoding: str | None = None, *, what: str = "input") -> str:
     """Decode file contents like :func:`read_text` (``what`` names the input in error messages)."""
+    encoding = encoding or _bom_codec(data[:4])
     if encoding is not None:
         try:
             text = data.decode(encoding)
@@ -302,8 +314,9 @@ def _translate_newlines(text: str) -> str:
 
 
 def read_text(path: str | os.PathLike, encoding: str | None = None) -> str:
-    """Read a text file: UTF-8 by default (a BOM is stripped); Windows-1252 when the bytes are not
-    UTF-8 but read as cp1252 text (smart quotes, dashes); ``encoding`` forces a codec. Newlines are
+    """Read a text file: UTF-8 by default (a BOM is stripped); UTF-16 or UTF-32 when the file starts with
+    their byte-order mark; Windows-1252 when the bytes are not UTF-8 but read as cp1252 text (smart quotes,
+    dashes); ``encoding`` forces a codec. Newlines are
     translated to ``\\n`` as Python's text mode does.
 
     Raises :class:`CorpusError` for a missing, unreadable, binary, undecodable or empty file.
@@ -436,6 +449,26 @@ def _source_items(specs) -> Iterator[tuple[str, Path | None]]:
             raise _unknown_corpus(spec)
 
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` as a run's config stores it: a named corpus as its name, a file or directory as its absolute
+    path (``~`` expanded, symbolic links kept), so that the run reads the same text from any directory."""
+    if spec in NAMED_CORPORA:
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
+
+
+def same_sources(a: list[str] | None, b: list[str] | None) -> bool:
+    """Whether two lists of specs name the same sources in the same order: names equal, paths leading to
+    the same file from the current directory (``wotw.txt`` and ``../w/wotw.txt`` may)."""
+    if a is None or b is None:
+        return a is b
+
+    def key(spec: str) -> str:
+        return spec if spec in NAMED_CORPORA else os.path.realpath(os.path.expanduser(spec))
+
+    return len(a) == len(b) and all(key(x) == key(y) for x, y in zip(a, b))
+
+
 def _read_sources(specs, data_dir, encoding, strip_boilerplate: bool, stream_large: bool,
                   ) -> list[Source | _StreamedFile]:
     """:func:`load_sources`; with ``stream_large``, files of :data:`STREAM_MIN_BYTES` or more are
@@ -478,6 +511,15 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
         with open(path, "rb") as f:
             while chunk := f.read(CHUNK_BYTES):
                 yield chunk
+    except OSError as err:
+        raise _read_error(path, err) from None
+
+
+def _file_head(path: Path, size: int = 4) -> bytes:
+    """The first ``size`` bytes of ``path`` (enough for any byte-order mark)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
     except OSError as err:
         raise _read_error(path, err) from None
 
@@ -646,6 +688,7 @@ def _scan_file(name: str, path: Path, encoding: str | None, strip_boilerplate: b
     """Check a large file as :func:`read_text` and :func:`load_sources` would, without holding it: the
     same decoding, the same :class:`CorpusError` in the same order."""
     what = str(path)
+    encoding = encoding or _bom_codec(_file_head(path))  # as decode_bytes
     if encoding is None:
         if any(b"\x00" in chunk for chunk in _file_chunks(path)):
             raise _binary_error(what, forced=False)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from deeprnn.errors import CheckpointError, ConfigError, DeepRNNError, VocabError
+from deeprnn.errors import CheckpointError, ConfigError, CorpusError, DeepRNNError, VocabError
 from deeprnn.regularize import activation_penalty
 
 LN2 = math.log(2.0)
@@ -205,17 +205,49 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
+# Fields that name sources: compared by the files they lead to, so that a run can be resumed from another
+# directory with the same files spelled another way (a run stores them as absolute paths).
+SOURCE_FIELDS = ("corpus", "heldout_from")
+
+
 def check_resumable(cfg: TrainConfig, saved: dict[str, Any], run_dir: Path) -> None:
     """Refuse to resume with options that would silently change the computation."""
+    from deeprnn.corpus import same_sources
+
     for f in dataclasses.fields(TrainConfig):
         if f.name in RESUME_MAY_CHANGE or f.name not in saved:
             continue
         new, old = getattr(cfg, f.name), saved[f.name]
         if isinstance(new, tuple):
             new = list(new)
+        if f.name in SOURCE_FIELDS and same_sources(new, old):
+            continue
         if new != old:
-            raise ConfigError(f"{f.name} differs from the run in {run_dir} ({old!r} there, {new!r} now); "
-                              "resume without changing it, or start a new run")
+            hint = "resume without changing it, or start a new run"
+            if f.name in SOURCE_FIELDS and any(_relative_elsewhere(s) for s in old or []):
+                hint = "the run names its files relative to the directory it was started in: resume from there"
+            raise ConfigError(f"{f.name} differs from the run in {run_dir} ({old!r} there, {new!r} now); {hint}")
+
+
+def _relative_elsewhere(spec: str) -> bool:
+    """Whether ``spec`` is a relative path (what runs of older deeprnn versions stored) that leads
+    nowhere from the current directory: the run was probably started in another one."""
+    from deeprnn.corpus import NAMED_CORPORA
+
+    path = os.path.expanduser(spec)
+    return spec not in NAMED_CORPORA and not os.path.isabs(path) and not os.path.exists(path)
+
+
+def check_budget_left(cfg: TrainConfig, run_dir: Path, *, step: int, epochs: int | None = None) -> None:
+    """Refuse to resume a run that has already used up its budget: ``step`` steps taken (``max_steps``), or
+    ``epochs`` whole epochs trained (``num_epochs``; None: not known yet). There is nothing to train, and
+    carrying on would only score the test split again and rewrite the summary."""
+    if cfg.max_steps is not None and step >= cfg.max_steps:
+        raise ConfigError(f"the run in {run_dir} is already at step {step}, at or past max_steps {cfg.max_steps}: "
+                          f"nothing to train; resume with --max-steps above {step} to train on")
+    if epochs is not None and epochs >= cfg.num_epochs:
+        raise ConfigError(f"the run in {run_dir} has already trained {epochs} epochs, at or past num_epochs "
+                          f"{cfg.num_epochs}: nothing to train; resume with --num-epochs above {epochs} to train on")
 
 
 def saved_train_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -331,14 +363,23 @@ def sequence_loss(logits: torch.Tensor, Y: torch.Tensor, reduction: str = "mean"
 
 
 def quiet_sample(model, vocab, prefix: str, num_preds: int, device) -> str:
-    """Greedy sample for progress output; prefix tokens outside the vocabulary become <unk>."""
-    import warnings
-
+    """Greedy sample of ``num_preds`` tokens for progress output. Prefix tokens outside the vocabulary raise
+    :class:`VocabError`, as ``deeprnn generate`` refuses them (see :func:`prefix_note`)."""
     from deeprnn.generate import generate
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return generate(model, vocab, prefix, num_preds, device=device, unk="replace")[0]
+    return generate(model, vocab, prefix, num_preds, device=device, unk="error")[0]
+
+
+def prefix_note(vocab, prefix: str) -> str | None:
+    """Why there is no sample for ``prefix`` (one line), or None when every prefix token is in ``vocab``."""
+    word = vocab.token == "word"
+    tokens = prefix.split() if word else list(prefix)
+    missing = list(dict.fromkeys(t for t in tokens if t not in vocab.token_to_idx))
+    if not missing:
+        return None
+    kind = "words" if word else "characters"
+    return (f"no sample: the prefix {prefix!r} has {kind} not in the vocabulary: "
+            f"{', '.join(repr(t) for t in missing)}; pass --prefix with {kind} of the training text")
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -659,7 +700,7 @@ def train(
     from deeprnn.allocator import keep_freed_memory
     from deeprnn.batching import BatchLoader
     from deeprnn.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
-    from deeprnn.corpus import build_corpus
+    from deeprnn.corpus import absolute_spec, build_corpus
     from deeprnn.models import ModelConfig, build_model, detach_state
 
     cfg.validate()
@@ -685,7 +726,12 @@ def train(
                 "rng.torch" not in resume_ckpt.train_tensors:
             raise CheckpointError(f"{resume_ckpt.path} holds weights but no training state to resume; "
                                   "fine-tune from it with --init-from instead")
-        check_resumable(cfg, resume_ckpt.meta.get("train_config", {}), run_dir)
+        saved = resume_ckpt.meta.get("train_config", {})
+        check_resumable(cfg, saved, run_dir)
+        for name in SOURCE_FIELDS:  # the same sources: keep the names the run's spans and heldout_from use
+            if name in saved:
+                setattr(cfg, name, saved[name])
+        check_budget_left(cfg, run_dir, step=resume_ckpt.meta["position"]["step"])  # before any text is read
 
     device = resolve_device(cfg.device) if dist.device is None else dist.device
     torch.manual_seed(cfg.seed)
@@ -706,6 +752,10 @@ def train(
         from deeprnn.finetune import count_unknown, extended_vocab, grow_model, missing_tokens
 
         parent = load_checkpoint(init_from)
+        n_layers = parent.model.config.num_layers
+        if not 0 <= freeze_layers <= n_layers:  # before any text is read
+            raise ConfigError(f"--freeze-layers must be in [0, {n_layers}] (the number of layers of the model in "
+                              f"{init_from}), got {freeze_layers}")
         if parent.vocab.token != cfg.token:
             raise ConfigError(f"token must match the parent checkpoint's ({parent.vocab.token!r}) when fine-tuning")
         fresh = build_corpus(cfg.corpus, vocab=None, **build)
@@ -733,12 +783,32 @@ def train(
     train_tokens = splits.train
     if cfg.max_tokens is not None:
         train_tokens = train_tokens[: cfg.max_tokens]
+    minimum = cfg.batch_size * cfg.num_steps + cfg.num_steps
+    if train_tokens.numel() < minimum:  # the loader's own check, told about the training split, not the corpus
+        cut = f"--max-tokens {cfg.max_tokens}; " if train_tokens.numel() < splits.train.numel() else ""
+        raise CorpusError(
+            f"the training split has {train_tokens.numel()} tokens ({cut}the corpus has {corpus.tokens.numel()}) but "
+            f"batch_size={cfg.batch_size} and num_steps={cfg.num_steps} need at least {minimum} "
+            "(batch_size*num_steps + num_steps); use more text or smaller sizes")
+    corpus_label = ", ".join(cfg.corpus)
+    if resume_ckpt is None:
+        # The run's config names files by absolute path, so that it can be resumed and evaluated from anywhere.
+        cfg.corpus = [absolute_spec(s) for s in cfg.corpus]
+        if cfg.heldout_from is not None:
+            cfg.heldout_from = [absolute_spec(s) for s in cfg.heldout_from]
 
     from deeprnn.regularize import VariableLengthLoader
 
     loader_cls = VariableLengthLoader if cfg.variable_bptt else BatchLoader
     loader = loader_cls(train_tokens, cfg.batch_size, cfg.num_steps, mode=cfg.sampling, seed=cfg.seed,
                         rank=dist.rank, world_size=dist.world_size)
+    if resume_ckpt is not None:  # a last/ saved after an epoch's last batch has trained that epoch too
+        at = resume_ckpt.meta["loader"]
+        # Variable-length windows: an epoch has as many batches as its drawn windows, not len(loader).
+        lengths = getattr(loader, "window_lengths", None)
+        in_epoch = len(lengths(at["epoch"])[1]) if lengths is not None else len(loader)
+        check_budget_left(cfg, run_dir, step=resume_ckpt.meta["position"]["step"],
+                          epochs=at["epoch"] + (at["batch"] >= in_epoch))
     if cfg.min_freq > 0 and len(vocab) == 1:
         raise ConfigError(f"vocabulary has only <unk> after --min-freq {cfg.min_freq} (no token occurs that "
                           "often); lower --min-freq")
@@ -825,7 +895,7 @@ def train(
     n_params = model.num_params()
 
     if is_main and step == 0:
-        log(f"corpus: {', '.join(cfg.corpus)} — {corpus.tokens.numel():,} {cfg.token}s, vocabulary {len(vocab)}; "
+        log(f"corpus: {corpus_label} — {corpus.tokens.numel():,} {cfg.token}s, vocabulary {len(vocab)}; "
             f"train {train_tokens.numel():,} / valid {splits.valid.numel():,} / test {splits.test.numel():,}")
         log(f"model: {cfg.impl} {cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}, {n_params:,} parameters; "
             f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}x{cfg.num_steps}, {device}, {cfg.precision}; "
@@ -1126,10 +1196,14 @@ def train(
     summary["tokens_per_s"] = tokens_seen / train_time if train_time > 0 else None
     if is_main:
         if cfg.prefix and cfg.num_preds:
-            try:
-                summary["sample"] = quiet_sample(eval_model, vocab, cfg.prefix, max(cfg.num_preds, 100), device)
-            except DeepRNNError as e:
-                summary["sample"] = None
-                log(f"no sample: {e}")
+            summary["sample"] = None
+            note = prefix_note(vocab, cfg.prefix)  # skipped, as deeprnn generate refuses such a prefix
+            if note is not None:
+                log(note)
+            else:
+                try:
+                    summary["sample"] = quiet_sample(eval_model, vocab, cfg.prefix, cfg.num_preds, device)
+                except DeepRNNError as e:
+                    log(f"no sample: {e}")
         (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, default=str) + "\n")
     return summary

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from deeprnn.cli import main
 from deeprnn.train import TrainConfig
@@ -32,13 +31,9 @@ def tiny_flags(**overrides) -> list[str]:
     return [*flags, "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared CPU spinning threads slow them 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every reliability test runs on one torch thread (``one_thread`` in tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -256,9 +256,10 @@ def test_config_file_that_is_not_toml(tmp_path, cli_error):
 
 
 def test_config_file_out_of_range_value(tmp_path, cli_error):
+    """Named after the file like the file's other errors (it used to be the bare field message)."""
     cfg = tmp_path / "c.toml"
     cfg.write_text("[train]\nnum_hiddens = 0\n")
-    assert cli_error(["train", "--config", str(cfg)]) == "deeprnn: error: num_hiddens must be >= 1, got 0"
+    assert cli_error(["train", "--config", str(cfg)]) == f"deeprnn: error: {cfg}: num_hiddens must be >= 1, got 0"
 
 
 # --- resuming with another vocabulary --------------------------------------------------------------
