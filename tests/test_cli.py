@@ -407,3 +407,12 @@ def test_ignored_option_warning_comes_before_the_text_and_never_with_an_error(tr
     line = one_error_line(capsys, 2, ["generate", str(trained), "--strategy", "greedy", "--temperature", "0.5",
                                       "--num-preds", "-1"])
     assert line == "deeprnn: error: num_preds must be >= 0, got -1"
+
+
+def test_evaluating_a_split_too_short_to_score_is_one_line(trained, tmp_path, capsys):
+    """A corpus whose validation split has fewer than 2 tokens cannot be scored: one line, not a division
+    by zero."""
+    short = tmp_path / "short.txt"
+    short.write_text("time traveller")  # 14 characters: the 5% validation split is one of them
+    line = one_error_line(capsys, 2, ["evaluate", str(trained), "--corpus", str(short), "--split", "valid"])
+    assert line == "deeprnn: error: split 'valid' has 1 tokens; need at least 2 to score"

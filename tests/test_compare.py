@@ -284,3 +284,13 @@ def test_report_never_replaces_a_file_it_did_not_write(tmp_path, tiny_text, caps
     assert main(argv) == 0  # its own files: replaced
     assert "1 from the cache" in capsys.readouterr().out
     assert (out / "notes.md").read_text() == "findings" and "findings" in (out / "report.md").read_text()
+
+
+def test_set_reads_booleans_strictly():
+    """``--set residual=maybe`` is neither true nor false: an error naming the field, not a silent False."""
+    from deeprnn.compare import parse_set
+
+    assert parse_set(["residual=yes", "tie_weights=0"]) == {"residual": True, "tie_weights": False}
+    with pytest.raises(ConfigError) as err:
+        parse_set(["residual=maybe"])
+    assert str(err.value) == "residual must be of type bool, got 'maybe'"
