@@ -277,9 +277,14 @@ def _files(root):
                       "it, or drop --resume to start it over"),
     (["--dry-run"], "--dry-run starts a new tiny run and cannot continue the run in {run}: drop --dry-run, or drop "
                     "--resume and give --run-dir a new directory"),
+    (["--preset", "tiny"], "--resume continues the run in {run} with its own configuration, which --preset would not "
+                           "change: drop --preset (flags such as --max-steps still apply)"),
+    (["--config", "c.toml"], "--resume continues the run in {run} with its own configuration, which --config would "
+                             "not change: drop --config (flags such as --max-steps still apply)"),
 ])
 def test_resume_with_a_contradicting_flag_is_refused(trained, capsys, extra, message):
-    """--init-from, --overwrite and --dry-run used to be ignored silently under --resume (which then trained on)."""
+    """--init-from, --overwrite, --dry-run, --preset and --config used to be ignored silently under --resume
+    (which then trained on)."""
     before = _files(trained)
     argv = ["train", "--resume", str(trained), "--max-steps", "9", *[a.format(run=trained) for a in extra]]
     line = one_error_line(capsys, 2, argv)

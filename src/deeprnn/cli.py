@@ -338,6 +338,10 @@ def _check_train_flags(args: argparse.Namespace) -> None:
     if args.dry_run:
         raise ConfigError(f"--dry-run starts a new tiny run and cannot continue the run in {args.resume}: drop "
                           "--dry-run, or drop --resume and give --run-dir a new directory")
+    for flag, value in (("--preset", args.preset), ("--config", args.config)):
+        if value:  # a resumed run takes its own configuration; only flags may change its budget
+            raise ConfigError(f"--resume continues the run in {args.resume} with its own configuration, which "
+                              f"{flag} would not change: drop {flag} (flags such as --max-steps still apply)")
 
 
 def _check_flags_against_parent(args: argparse.Namespace) -> None:
