@@ -187,11 +187,13 @@ def save_checkpoint(
             # written; load_checkpoint falls back to the trash copy if it finds one.
             old = parent / f".{path.name}.old"
             if old.exists():
+                _carry_foreign(old, path)  # a save killed after the swap: the user's files are still there
                 shutil.rmtree(old)
             os.rename(path, old)
         os.rename(tmp, path)
         _fsync_dir(parent)
         if old is not None:
+            _carry_foreign(old, path)
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         if tmp is not None:
@@ -203,6 +205,17 @@ def save_checkpoint(
             ) from None
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
     return path
+
+
+def _carry_foreign(src: Path, dst: Path) -> None:
+    """Move what is not a checkpoint file (someone's notes put into ``best/``) from a replaced checkpoint
+    directory into the new one, so that a save never deletes a user's file; a name the new directory
+    already has is left alone."""
+    if not dst.is_dir():
+        return
+    for entry in src.iterdir():
+        if entry.name not in (MODEL_FILE, STATE_FILE, META_FILE) and not (dst / entry.name).exists():
+            os.rename(entry, dst / entry.name)
 
 
 def is_own_checkpoint_dir(path: Path) -> bool:

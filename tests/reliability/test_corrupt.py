@@ -176,3 +176,25 @@ def test_crash_between_the_two_renames_falls_back_to_the_old_copy(run, tmp_path)
                               run_dir=str(r), max_steps=5)
     assert train(cfg, resume=True, progress=False, log=lambda *_: None)["steps"] == 5
     assert load_checkpoint(r / "last").meta["position"]["step"] == 5
+
+
+def test_saving_over_a_checkpoint_keeps_a_users_files_in_it(ckpt):
+    """Someone's notes in best/ survive every later save into it, and a save killed after its swap left
+    them in the trash copy: the next save brings them back. The checkpoint itself is the new one."""
+    ck = load_checkpoint(ckpt)
+    (ckpt / "notes.txt").write_text("lr 2 was too high\n")
+    (ckpt / "plots").mkdir()
+    (ckpt / "plots" / "a.png").write_bytes(b"png")
+    for step in (7, 8):
+        save_checkpoint(ckpt, model=ck.model, vocab=ck.vocab, meta={"position": {"step": step}})
+        assert load_checkpoint(ckpt).meta["position"]["step"] == step
+        assert (ckpt / "notes.txt").read_text() == "lr 2 was too high\n"
+        assert (ckpt / "plots" / "a.png").read_bytes() == b"png"
+    trash = ckpt.parent / f".{ckpt.name}.old"
+    os.rename(ckpt / "notes.txt", trash.parent / "notes.tmp")
+    trash.mkdir()
+    os.rename(trash.parent / "notes.tmp", trash / "notes.txt")  # as a save killed before its last step leaves it
+    save_checkpoint(ckpt, model=ck.model, vocab=ck.vocab, meta={"position": {"step": 9}})
+    assert (ckpt / "notes.txt").read_text() == "lr 2 was too high\n" and not trash.exists()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint.json", "model.safetensors", "notes.txt", "plots",
+                                                      "train_state.safetensors"]
