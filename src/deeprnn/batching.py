@@ -110,7 +110,8 @@ class BatchLoader:
     """
 
     def __init__(self, tokens, batch_size: int, num_steps: int, mode: str = "sequential",
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, *, what: str = "corpus", sizes: str = ""):
+        # what, sizes: how a too-short stream is named in the error ("the training split", " (the corpus has N)")
         for field, value in (("batch_size", batch_size), ("num_steps", num_steps), ("world_size", world_size)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{field} must be an integer >= 1, got {value!r}")
@@ -126,7 +127,7 @@ class BatchLoader:
         minimum = batch_size * num_steps + num_steps
         if len(self.tokens) < minimum:
             raise CorpusError(
-                f"corpus has {len(self.tokens)} tokens but batch_size={batch_size} and num_steps={num_steps} "
+                f"{what} has {len(self.tokens)} tokens{sizes} but batch_size={batch_size} and num_steps={num_steps} "
                 f"need at least {minimum} (batch_size*num_steps + num_steps); use more text or smaller sizes"
             )
         # Batches at the worst offset, num_steps - 1; both modes reduce to the same count.

@@ -42,6 +42,7 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 META_FILE = "checkpoint.json"
+FILES = frozenset({MODEL_FILE, STATE_FILE, META_FILE})  # everything save_checkpoint writes
 META_DIGEST = "meta_sha256"  # key in checkpoint.json: SHA-256 of the rest of it (see _meta_digest)
 
 
@@ -214,7 +215,7 @@ def _carry_foreign(src: Path, dst: Path) -> None:
     if not dst.is_dir():
         return
     for entry in src.iterdir():
-        if entry.name not in (MODEL_FILE, STATE_FILE, META_FILE) and not (dst / entry.name).exists():
+        if entry.name not in FILES and not (dst / entry.name).exists():
             os.rename(entry, dst / entry.name)
 
 
@@ -226,7 +227,7 @@ def is_own_checkpoint_dir(path: Path) -> bool:
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return names <= {MODEL_FILE, STATE_FILE, META_FILE} and isinstance(meta, dict) and meta.get("format") == FORMAT
+    return names <= FILES and isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def resolve_checkpoint(run_or_ckpt: str | os.PathLike, prefer: str = "best") -> Path:

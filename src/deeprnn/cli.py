@@ -348,7 +348,6 @@ def _check_flags_against_parent(args: argparse.Namespace) -> None:
     """A fine-tuned model is the parent's model: a model flag given with ``--init-from`` that differs from
     the parent's value would be ignored, so it is refused instead."""
     from deeprnn.checkpoint import read_meta, resolve_checkpoint
-    from deeprnn.errors import ConfigError
     from deeprnn.models.config import ModelConfig
 
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}

@@ -361,10 +361,6 @@ def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl
     return rec
 
 
-def _finite(text: str) -> bool:
-    return _num(text) is not None
-
-
 def _num(v) -> float | None:
     try:
         f = float(v)
@@ -450,7 +446,7 @@ def plot_curves(records: list[dict[str, Any]], out_png: Path, target_ppl: float 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     colours: dict[str, Any] = {}
     for r in records:
-        rows = [x for x in read_metrics(Path(r["run_dir"]) / "metrics.csv") if _finite(x["val_ppl"])]
+        rows = [x for x in read_metrics(Path(r["run_dir"]) / "metrics.csv") if _num(x["val_ppl"]) is not None]
         if not rows:
             continue
         first = r["label"] not in colours

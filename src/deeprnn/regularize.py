@@ -111,10 +111,10 @@ class VariableLengthLoader(BatchLoader):
     """
 
     def __init__(self, tokens, batch_size: int, num_steps: int, mode: str = "sequential",
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, **names):
         if mode != "sequential":
             raise ConfigError(f"variable_bptt needs sampling='sequential', got {mode!r}")
-        super().__init__(tokens, batch_size, num_steps, mode, seed, rank, world_size)
+        super().__init__(tokens, batch_size, num_steps, mode, seed, rank, world_size, **names)
 
     def load_state_dict(self, state: dict) -> None:
         epoch, batch = int(state["epoch"]), int(state["batch"])

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from deeprnn.errors import CheckpointError, ConfigError, CorpusError, DeepRNNError, VocabError
+from deeprnn.errors import CheckpointError, ConfigError, DeepRNNError, VocabError
 from deeprnn.regularize import activation_penalty
 
 LN2 = math.log(2.0)
@@ -526,14 +526,13 @@ def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool =
             )
         import shutil
 
-        from deeprnn.checkpoint import META_FILE, MODEL_FILE, STATE_FILE
+        from deeprnn.checkpoint import FILES
 
         # Only remove what a run writes, and only once every such name is known to be deeprnn's.
         present = [run_dir / n for n in (*RUN_FILES, *CHECKPOINT_DIRS) if (run_dir / n).exists()]
         for p in present:
             if not _is_own(p):
-                foreign = sorted({q.name for q in p.iterdir()} - {MODEL_FILE, STATE_FILE, META_FILE}) \
-                    if p.is_dir() else []
+                foreign = sorted({q.name for q in p.iterdir()} - FILES) if p.is_dir() else []
                 what = p / foreign[0] if foreign else p
                 raise CheckpointError(f"cannot overwrite run directory {run_dir}: {what} was not written by deeprnn; "
                                       "move it away or choose another --run-dir")
@@ -783,13 +782,6 @@ def train(
     train_tokens = splits.train
     if cfg.max_tokens is not None:
         train_tokens = train_tokens[: cfg.max_tokens]
-    minimum = cfg.batch_size * cfg.num_steps + cfg.num_steps
-    if train_tokens.numel() < minimum:  # the loader's own check, told about the training split, not the corpus
-        cut = f"--max-tokens {cfg.max_tokens}; " if train_tokens.numel() < splits.train.numel() else ""
-        raise CorpusError(
-            f"the training split has {train_tokens.numel()} tokens ({cut}the corpus has {corpus.tokens.numel()}) but "
-            f"batch_size={cfg.batch_size} and num_steps={cfg.num_steps} need at least {minimum} "
-            "(batch_size*num_steps + num_steps); use more text or smaller sizes")
     corpus_label = ", ".join(cfg.corpus)
     if resume_ckpt is None:
         # The run's config names files by absolute path, so that it can be resumed and evaluated from anywhere.
@@ -800,8 +792,10 @@ def train(
     from deeprnn.regularize import VariableLengthLoader
 
     loader_cls = VariableLengthLoader if cfg.variable_bptt else BatchLoader
+    cut = f"--max-tokens {cfg.max_tokens}; " if train_tokens.numel() < splits.train.numel() else ""
     loader = loader_cls(train_tokens, cfg.batch_size, cfg.num_steps, mode=cfg.sampling, seed=cfg.seed,
-                        rank=dist.rank, world_size=dist.world_size)
+                        rank=dist.rank, world_size=dist.world_size, what="the training split",
+                        sizes=f" ({cut}the corpus has {corpus.tokens.numel()})")
     if resume_ckpt is not None:  # a last/ saved after an epoch's last batch has trained that epoch too
         at = resume_ckpt.meta["loader"]
         # Variable-length windows: an epoch has as many batches as its drawn windows, not len(loader).

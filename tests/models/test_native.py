@@ -338,13 +338,15 @@ def _fresh_load_state(monkeypatch):
     monkeypatch.setattr(native, "_failure", None)
 
 
-def test_a_build_that_fails_with_openmp_is_retried_without_it(monkeypatch, caplog):
+def test_a_build_that_fails_with_openmp_is_retried_without_it(tmp_path, monkeypatch, caplog):
     """A toolchain that cannot link libgomp still gets the C++ kernels, built without OpenMP (and so without
-    the row split, which windows.cpp turns off at compile time then)."""
+    the row split, which windows.cpp turns off at compile time then); later processes load that build at
+    once instead of trying the OpenMP one again."""
     from torch.utils import cpp_extension
 
     if not native._openmp_flags():
         pytest.skip("torch does not use OpenMP here: the kernels are built without it anyway")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     _fresh_load_state(monkeypatch)
     calls = []
 
@@ -352,6 +354,7 @@ def test_a_build_that_fails_with_openmp_is_retried_without_it(monkeypatch, caplo
         calls.append(kwargs)
         if "-fopenmp" in kwargs["extra_cflags"]:
             raise RuntimeError("ld: cannot find -lgomp")
+        (tmp_path / kwargs["name"] / f"{kwargs['name']}.so").touch()  # what a build leaves
         return "module"
 
     monkeypatch.setattr(cpp_extension, "load", load)
@@ -359,10 +362,15 @@ def test_a_build_that_fails_with_openmp_is_retried_without_it(monkeypatch, caplo
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning: the second build works
         assert native.load() == "module"
-    assert [("-fopenmp" in c["extra_cflags"], c.get("extra_ldflags")) for c in calls] == [(True, ["-fopenmp"]),
-                                                                                           (False, None)]
+    assert [("-fopenmp" in c["extra_cflags"], c["extra_ldflags"]) for c in calls] == [(True, ["-fopenmp"]),
+                                                                                      (False, [])]
     assert calls[1]["name"] == native.build_name([f for f in native._flags() if f != "-fopenmp"]) != calls[0]["name"]
     assert "building the C++ kernels with OpenMP failed; building them without it" in caplog.messages
+    # The next process: ready() without compiling, and load() takes the cached build first.
+    _fresh_load_state(monkeypatch)
+    calls.clear()
+    assert native.ready()
+    assert native.load() == "module" and [c["name"] for c in calls] == [native.build_name(native._flag_sets()[1])]
 
 
 def test_failed_build_under_warnings_as_errors_still_falls_back(monkeypatch, caplog):

@@ -82,24 +82,25 @@ def load() -> ModuleType | None:
             from torch.utils import cpp_extension
 
             _find_ninja()
-            flags = _flags()
-            name = build_name(flags)
-            build_dir = _build_directory(cpp_extension, name)
-            if build_dir is not None:
-                _clear_stale_lock(build_dir)
-                if not _built(build_dir, name):  # else loading takes a fraction of a second
-                    log.info("building the scratch layers' C++ kernels for this machine (once, about 15 s)")
-            try:
-                _module = cpp_extension.load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags,
-                                             extra_ldflags=_openmp_flags(), verbose=False)
-            except Exception:
-                if not _openmp_flags():
-                    raise
-                # A toolchain without libgomp to link: the kernels still build, without the row split.
-                log.info("building the C++ kernels with OpenMP failed; building them without it")
-                flags = [f for f in flags if f not in _openmp_flags()]
-                _module = cpp_extension.load(name=build_name(flags), sources=[str(f) for f in SOURCES],
-                                             extra_cflags=flags, verbose=False)
+            # A build cached already first (so a toolchain that cannot link OpenMP does not try that build
+            # again in every process), then the others in order of preference.
+            flag_sets = sorted(_flag_sets(), key=lambda flags: not _is_cached(cpp_extension, flags))
+            for i, flags in enumerate(flag_sets):
+                name = build_name(flags)
+                build_dir = _build_directory(cpp_extension, name)
+                if build_dir is not None:
+                    _clear_stale_lock(build_dir)
+                    if not _built(build_dir, name):  # else loading takes a fraction of a second
+                        log.info("building the scratch layers' C++ kernels for this machine (once, about 15 s)")
+                try:
+                    _module = cpp_extension.load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags,
+                                                 extra_ldflags=[f for f in flags if f == "-fopenmp"], verbose=False)
+                    break
+                except Exception:
+                    if i == len(flag_sets) - 1:
+                        raise
+                    # A toolchain without libgomp to link: the kernels still build, without the row split.
+                    log.info("building the C++ kernels with OpenMP failed; building them without it")
             _build_seconds = time.perf_counter() - started
         except Exception as exc:  # any failure means "use the Python loops", never a crash
             _failure = f"{type(exc).__name__}: {_gist(str(exc))}"
@@ -112,9 +113,24 @@ def load() -> ModuleType | None:
 
 
 def _flags() -> list[str]:
+    """The preferred build's compiler flags (with OpenMP where torch uses it)."""
+    return _flag_sets()[0]
+
+
+def _flag_sets() -> list[list[str]]:
+    """The builds to try, best first: with OpenMP where torch uses it, then without it."""
     # -fno-trapping-math: without it GCC will not if-convert the clamp in the sigmoid, and leaves those
     # loops scalar (3-10x slower); nothing here reads floating-point flags.
-    return ["-O3", "-fno-trapping-math", *_isa_flags(), *_openmp_flags()]
+    base = ["-O3", "-fno-trapping-math", *_isa_flags()]
+    openmp = _openmp_flags()
+    return [base + openmp, base] if openmp else [base]
+
+
+def _is_cached(cpp_extension: ModuleType, flags: list[str]) -> bool:
+    """Whether the build with ``flags`` is compiled already in torch's extensions directory."""
+    name = build_name(flags)
+    build_dir = _build_directory(cpp_extension, name)
+    return build_dir is not None and _built(build_dir, name)
 
 
 def _openmp_flags() -> list[str]:
@@ -137,9 +153,7 @@ def ready() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        name = build_name(_flags())
-        build_dir = _build_directory(cpp_extension, name)
-        return build_dir is not None and _built(build_dir, name)
+        return any(_is_cached(cpp_extension, flags) for flags in _flag_sets())
     except Exception:  # no cpp_extension, unreadable cache: then it is not ready
         return False
 

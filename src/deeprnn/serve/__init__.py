@@ -44,7 +44,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from deeprnn.train import resolve_device
 
-    device = str(resolve_device(args.device))  # the check train, generate and evaluate make
+    # The check train, generate and evaluate make, before the port's (create_app makes it again for library
+    # callers; here it must come first, so that a missing device is reported even when the port is taken).
+    device = str(resolve_device(args.device))
     check_port_free(args.host, args.port)  # before loading models; uvicorn binds it again at start
 
     # The process is ours: parallelism comes from the generation workers, and a small RNN step split

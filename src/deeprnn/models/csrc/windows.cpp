@@ -404,11 +404,11 @@ class RowProduct {
 
   // right: (K, N) float32, any strides.
   explicit RowProduct(const Tensor& right) : K_(right.size(0)), N_(right.size(1)) {
+    TORCH_CHECK(right.scalar_type() == at::kFloat, "RowProduct: float32 only");
     const int64_t panels = (N_ + kWidth - 1) / kWidth;
-    packed_ = at::empty({panels, K_, kWidth}, right.options().dtype(at::kFloat));
-    const Tensor src = right.scalar_type() == at::kFloat ? right : right.to(at::kFloat);
-    const float* b = src.data_ptr<float>();
-    const int64_t sk = src.stride(0), sn = src.stride(1);
+    packed_ = at::empty({panels, K_, kWidth}, right.options());
+    const float* b = right.data_ptr<float>();
+    const int64_t sk = right.stride(0), sn = right.stride(1);
     float* out = packed_.data_ptr<float>();
     // One pass, a panel per task: rows of 32 from a row-major right, or gathered from any other layout.
     at::parallel_for(0, panels, 4, [&](int64_t p0, int64_t p1) {
@@ -517,6 +517,42 @@ T* step_ptr(const Tensor& t, int64_t step) {
   return t.defined() ? ptr<T>(t) + step * t.stride(0) : nullptr;
 }
 
+// A float32 forward window split by rows: for each share of rows and each step, the product h_{t-1} W_hh
+// of its rows (hs (T+1, B, H), W_hh (H, G)) into `prod` (rows x G), then step(t, first row, rows, prod)
+// for the pointwise pass.
+template <typename Step>
+void forward_rows(const Tensor& W_hh, const Tensor& hs, Step&& step) {
+  const RowProduct right(W_hh);
+  const int64_t T = hs.size(0) - 1, B = hs.size(1), H = hs.size(2), G = W_hh.size(1);
+  for_row_shares(B, [&](int64_t, int64_t r0, int64_t R) {
+    std::vector<float> prod(R * G);
+    for (int64_t t = 0; t < T; ++t) {
+      right.rows(step_ptr<float>(hs, t) + r0 * H, H, R, prod.data(), G);
+      step(t, r0, R, prod.data());
+    }
+  });
+}
+
+// A float32 backward sweep split by rows, t from T-1 down: step(t, share, first row, rows, dh_prod) runs
+// the pointwise pass, with dh_prod the rows' share of the previous step's product (nullptr at t = T-1),
+// and returns the rows' gradient of the product's output (row stride G); its product with W^T
+// (W (H, G)) is the next step's dh_prod. Returns the last product, dh_{-1}'s part through W (B, H).
+template <typename Step>
+Tensor backward_rows(const Tensor& W, int64_t T, int64_t B, Step&& step) {
+  const RowProduct right(W.t());
+  const int64_t H = W.size(0), G = W.size(1);
+  Tensor dh_prod = at::empty({B, H}, W.options());
+  for_row_shares(B, [&](int64_t share, int64_t r0, int64_t R) {
+    float* dhp = ptr<float>(dh_prod) + r0 * H;
+    const float* prod = nullptr;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      right.rows(step(t, share, r0, R, prod), G, R, dhp, H);
+      prod = dhp;
+    }
+  });
+  return dh_prod;
+}
+
 // -- whole windows ----------------------------------------------------------------------------------
 // Forward: per step one product h_{t-1} W (in lp under autocast) and one pointwise pass that adds the
 // input projection. Backward: per step one pointwise pass, whose dh adds the previous product to what
@@ -538,17 +574,11 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj_in, const Tensor& h0, const
   hs[0].copy_(h0);
   cs[0].copy_(c0);
   if (split_rows(st, lp)) {
-    const RowProduct right(W_hh);
-    for_row_shares(B, [&](int64_t, int64_t r0, int64_t R) {
+    forward_rows(W_hh, hs, [&](int64_t t, int64_t r0, int64_t R, const float* prod) {
       const int64_t sh = r0 * H, sg = r0 * G;
-      std::vector<float> prod(R * G);
-      for (int64_t t = 0; t < T; ++t) {
-        right.rows(step_ptr<float>(hs, t) + sh, H, R, prod.data(), G);
-        lstm_forward_step<float, float, float>(R, H, step_ptr<float>(xproj, t) + sg, prod.data(),
-                                               step_ptr<float>(acts, t) + sg, step_ptr<float>(cs, t) + sh,
-                                               step_ptr<float>(cs, t + 1) + sh, step_ptr<float>(tcs, t) + sh,
-                                               step_ptr<float>(hs, t + 1) + sh, nullptr);
-      }
+      lstm_forward_step<float, float, float>(R, H, step_ptr<float>(xproj, t) + sg, prod, step_ptr<float>(acts, t) + sg,
+                                             step_ptr<float>(cs, t) + sh, step_ptr<float>(cs, t + 1) + sh,
+                                             step_ptr<float>(tcs, t) + sh, step_ptr<float>(hs, t + 1) + sh, nullptr);
     });
     return {W_hh, acts, hs, cs, tcs, hs};
   }
@@ -587,22 +617,14 @@ std::vector<Tensor> lstm_backward(const Tensor& W, const Tensor& acts, const Ten
   const Tensor dh_first = at::add(d_hT.to(st), d_out[T - 1]).contiguous();
   Tensor dc = d_cT.to(st, /*non_blocking=*/false, /*copy=*/true).contiguous();
   if (split_rows(st, lp)) {
-    const RowProduct right(W.t());
-    Tensor dh_prod = at::empty({B, H}, acts.options());
-    for_row_shares(B, [&](int64_t, int64_t r0, int64_t R) {
+    // dh_t = (t = T-1 ? dh_first : d_out_t) + the product of step t+1, added in the pointwise pass.
+    Tensor dh_prod = backward_rows(W, T, B, [&](int64_t t, int64_t, int64_t r0, int64_t R, const float* prod) {
       const int64_t sh = r0 * H, sg = r0 * G;
-      float* dhp = ptr<float>(dh_prod) + sh;
-      const float* dh_base = ptr<float>(dh_first) + sh;
-      const float* prod = nullptr;
-      for (int64_t t = T - 1; t >= 0; --t) {
-        float* dp = step_ptr<float>(dpre, t) + sg;
-        lstm_backward_step<float, float>(R, H, dh_base, prod, step_ptr<float>(acts, t) + sg,
-                                         step_ptr<float>(cs, t) + sh, step_ptr<float>(tcs, t) + sh,
-                                         ptr<float>(dc) + sh, dp, nullptr);
-        right.rows(dp, G, R, dhp, H);  // dh_{t-1} = this + d_out_{t-1}, added in the next pass
-        prod = dhp;
-        if (t > 0) dh_base = step_ptr<float>(d_out, t - 1) + sh;
-      }
+      float* dp = step_ptr<float>(dpre, t) + sg;
+      lstm_backward_step<float, float>(R, H, (t == T - 1 ? ptr<float>(dh_first) : step_ptr<float>(d_out, t)) + sh,
+                                       prod, step_ptr<float>(acts, t) + sg, step_ptr<float>(cs, t) + sh,
+                                       step_ptr<float>(tcs, t) + sh, ptr<float>(dc) + sh, dp, nullptr);
+      return dp;
     });
     return {dpre, dpre, dh_prod, dc};
   }
@@ -640,16 +662,11 @@ std::vector<Tensor> gru_forward(const Tensor& xproj_in, const Tensor& h0, const 
   Tensor hs = at::empty({T + 1, B, H}, opts);
   hs[0].copy_(h0);
   if (split_rows(st, lp)) {
-    const RowProduct right(W_hh);
-    for_row_shares(B, [&](int64_t, int64_t r0, int64_t R) {
+    forward_rows(W_hh, hs, [&](int64_t t, int64_t r0, int64_t R, const float* prod) {
       const int64_t sh = r0 * H, sg = r0 * G;
-      std::vector<float> prod(R * G);
-      for (int64_t t = 0; t < T; ++t) {
-        right.rows(step_ptr<float>(hs, t) + sh, H, R, prod.data(), G);
-        gru_forward_step<float, float, float>(R, H, step_ptr<float>(xproj, t) + sg, prod.data(), ptr<float>(b_hn),
-                                              step_ptr<float>(acts, t) + sg, step_ptr<float>(ghn, t) + sh,
-                                              step_ptr<float>(hs, t) + sh, step_ptr<float>(hs, t + 1) + sh, nullptr);
-      }
+      gru_forward_step<float, float, float>(R, H, step_ptr<float>(xproj, t) + sg, prod, ptr<float>(b_hn),
+                                            step_ptr<float>(acts, t) + sg, step_ptr<float>(ghn, t) + sh,
+                                            step_ptr<float>(hs, t) + sh, step_ptr<float>(hs, t + 1) + sh, nullptr);
     });
     return {W_hh, acts, ghn, hs, hs};
   }
@@ -691,25 +708,17 @@ std::vector<Tensor> gru_backward(const Tensor& W, const Tensor& acts, const Tens
   // `direct` alternates between two buffers: a step reads the previous one (dh = it + product).
   Tensor direct[2] = {at::empty({B, H}, opts), at::empty({B, H}, opts)};
   if (split_rows(st, lp)) {
-    const RowProduct right(W.t());
-    Tensor dh_prod = at::empty({B, H}, opts);
     Tensor d_b_parts = at::zeros({row_shares(B), H}, opts);  // b_hn's gradient, summed per share
-    for_row_shares(B, [&](int64_t i, int64_t r0, int64_t R) {
+    // dh_t = (t = T-1 ? dh_first : step t+1's `direct`) + the product of step t+1.
+    Tensor dh_prod = backward_rows(W, T, B, [&](int64_t t, int64_t share, int64_t r0, int64_t R, const float* prod) {
       const int64_t sh = r0 * H, sg = r0 * G;
-      float* dhp = ptr<float>(dh_prod) + sh;
-      const float* dh_base = ptr<float>(dh_first) + sh;
-      const float* prod = nullptr;
-      for (int64_t t = T - 1; t >= 0; --t) {
-        float* dir = ptr<float>(direct[t % 2]) + sh;
-        float* dg = step_ptr<float>(d_g, t) + sg;
-        gru_backward_step<float, float>(
-            R, H, dh_base, prod, step_ptr<float>(acts, t) + sg, step_ptr<float>(ghn, t) + sh,
-            step_ptr<float>(hs, t) + sh, (t > 0 ? step_ptr<float>(d_out, t - 1) : ptr<float>(zeros)) + sh, dir,
-            step_ptr<float>(d_x, t) + sg, nullptr, dg, nullptr, ptr<float>(d_b_parts) + i * H);
-        right.rows(dg, G, R, dhp, H);
-        prod = dhp;
-        dh_base = dir;
-      }
+      float* dg = step_ptr<float>(d_g, t) + sg;
+      gru_backward_step<float, float>(
+          R, H, (t == T - 1 ? ptr<float>(dh_first) : ptr<float>(direct[(t + 1) % 2])) + sh, prod,
+          step_ptr<float>(acts, t) + sg, step_ptr<float>(ghn, t) + sh, step_ptr<float>(hs, t) + sh,
+          (t > 0 ? step_ptr<float>(d_out, t - 1) : ptr<float>(zeros)) + sh, ptr<float>(direct[t % 2]) + sh,
+          step_ptr<float>(d_x, t) + sg, nullptr, dg, nullptr, ptr<float>(d_b_parts) + share * H);
+      return dg;
     });
     return {d_x, d_g, d_b_parts.sum(0), at::add(direct[0], dh_prod)};
   }
@@ -747,15 +756,9 @@ std::vector<Tensor> rnn_forward(const Tensor& xproj_in, const Tensor& h0, const 
   Tensor hs = at::empty({T + 1, B, H}, W_hh.options());
   hs[0].copy_(h0);
   if (split_rows(st, lp)) {
-    const RowProduct right(W_hh);
-    for_row_shares(B, [&](int64_t, int64_t r0, int64_t R) {
-      const int64_t sh = r0 * H;
-      std::vector<float> prod(R * H);
-      for (int64_t t = 0; t < T; ++t) {
-        right.rows(step_ptr<float>(hs, t) + sh, H, R, prod.data(), H);
-        rnn_forward_step<float, float, float>(R, H, relu, step_ptr<float>(xproj, t) + sh, prod.data(),
-                                              step_ptr<float>(hs, t + 1) + sh, nullptr);
-      }
+    forward_rows(W_hh, hs, [&](int64_t t, int64_t r0, int64_t R, const float* prod) {
+      rnn_forward_step<float, float, float>(R, H, relu, step_ptr<float>(xproj, t) + r0 * H, prod,
+                                            step_ptr<float>(hs, t + 1) + r0 * H, nullptr);
     });
     return {W_hh, hs, hs};
   }
@@ -787,20 +790,12 @@ std::vector<Tensor> rnn_backward(const Tensor& W, const Tensor& hs, const Tensor
   Tensor dpl = lp ? at::empty({T, B, H}, hs.options().dtype(*lp)) : dpre;
   const Tensor dh_first = at::add(d_hT.to(st), d_out[T - 1]).contiguous();
   if (split_rows(st, lp)) {
-    const RowProduct right(W.t());
-    Tensor dh_prod = at::empty({B, H}, hs.options());
-    for_row_shares(B, [&](int64_t, int64_t r0, int64_t R) {
+    Tensor dh_prod = backward_rows(W, T, B, [&](int64_t t, int64_t, int64_t r0, int64_t R, const float* prod) {
       const int64_t sh = r0 * H;
-      float* dhp = ptr<float>(dh_prod) + sh;
-      const float* dh_base = ptr<float>(dh_first) + sh;
-      const float* prod = nullptr;
-      for (int64_t t = T - 1; t >= 0; --t) {
-        float* dp = step_ptr<float>(dpre, t) + sh;
-        rnn_backward_step<float, float>(R, H, relu, dh_base, prod, step_ptr<float>(hs, t + 1) + sh, dp, nullptr);
-        right.rows(dp, H, R, dhp, H);
-        prod = dhp;
-        if (t > 0) dh_base = step_ptr<float>(d_out, t - 1) + sh;
-      }
+      float* dp = step_ptr<float>(dpre, t) + sh;
+      rnn_backward_step<float, float>(R, H, relu, (t == T - 1 ? ptr<float>(dh_first) : step_ptr<float>(d_out, t)) + sh,
+                                      prod, step_ptr<float>(hs, t + 1) + sh, dp, nullptr);
+      return dp;
     });
     return {dpre, dpre, dh_prod};
   }
