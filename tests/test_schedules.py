@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -97,3 +99,41 @@ def test_plateau_decays_after_evaluations_without_improvement(tmp_path, patience
     assert all(v > val[0] - 1e-6 for v in val[1:])  # no improvement after the first
     assert [float(x["lr"]) for x in r] == [1e-9 * f for f in expected]
     assert summary["stop_reason"] == ("max_steps" if patience == 0 else "early stopping")
+
+
+def _strict_json(text: str):
+    """JSON as a strict parser (a browser's JSON.parse, jq) reads it: NaN and Infinity are errors."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_checkpoint_json_is_strict_json_and_the_inf_it_stands_for_resumes(tmp_path, schedule):
+    """No evaluation improved the plateau counter of a cosine run, so its best loss is inf: checkpoint.json
+    must still be strict JSON (null), and resuming must read inf back, so that the first evaluation after
+    the resume counts as an improvement."""
+    cfg = tiny(tmp_path, schedule=schedule, eval_every=2, max_steps=4)
+    train(cfg, progress=False, log=lambda *_: None)
+    for name in ("best", "last"):
+        meta = _strict_json((tmp_path / "run" / name / "checkpoint.json").read_text())
+        assert math.isfinite(meta["best_val"])
+        assert (meta["plateau"]["best"] is None) == (schedule == "cosine")
+    resumed = train(dataclasses.replace(cfg, max_steps=6), resume=True, progress=False, log=lambda *_: None)
+    assert resumed["steps"] == 6
+    meta = _strict_json((tmp_path / "run" / "last" / "checkpoint.json").read_text())
+    assert (meta["plateau"]["best"] is None) == (schedule == "cosine")
+
+
+def test_a_best_loss_saved_as_null_reads_back_as_inf():
+    from deeprnn.train import _loss_or_inf, _plateau_from
+
+    assert _loss_or_inf(None) == math.inf and _loss_or_inf(1.5) == 1.5
+    assert _plateau_from({"plateau": {"best": None, "bad": 1, "scale": 0.5}}, {}) == \
+        {"best": math.inf, "bad": 1, "scale": 0.5}
+    # checkpoints written before this change hold Infinity, which Python's json reads as inf
+    assert _plateau_from({"plateau": json.loads('{"best": Infinity, "bad": 0, "scale": 1.0}')}, {})["best"] == math.inf
+    default = {"best": math.inf, "bad": 0, "scale": 1.0}
+    assert _plateau_from({}, default) == default

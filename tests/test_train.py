@@ -407,3 +407,17 @@ def test_end_of_training_sample_with_a_prefix_outside_the_vocabulary_is_skipped(
     summary = train(dataclasses.replace(cfg, prefix="the cat", run_dir=str(tmp_path / "run2")), progress=False,
                     log=lines.append)
     assert summary["sample"].startswith("the cat ") and len(summary["sample"].split()) == 2 + 4
+
+
+def test_precision_note_says_what_bf16_means_for_cudnn_rnns():
+    """torch's autocast runs cuDNN's RNNs in float16 whatever dtype it was given: a concise bf16 run on a GPU
+    says so; a CPU run, an fp32 run and a scratch run (whose own kernels follow bf16) say nothing."""
+    from deeprnn.train import precision_note
+
+    cuda = torch.device("cuda", 0)
+    note = precision_note(cuda, "bf16", "concise")
+    assert note == ("note: under autocast torch runs cuDNN's LSTM/GRU/RNN layers in float16, not bfloat16, without "
+                    "loss scaling (the rest of the step is bfloat16); --precision fp32 keeps them in float32")
+    assert precision_note(torch.device("cpu"), "bf16", "concise") is None
+    assert precision_note(cuda, "fp32", "concise") is None
+    assert precision_note(cuda, "bf16", "scratch") is None

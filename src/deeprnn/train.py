@@ -58,6 +58,18 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def _loss_or_inf(value: float | None) -> float:
+    """A best loss read back from a checkpoint: ``None`` (JSON's stand-in for inf) is inf again."""
+    return math.inf if value is None else float(value)
+
+
+def _plateau_from(meta: dict, default: dict) -> dict:
+    """The plateau schedule's counters from a checkpoint's meta (older checkpoints have none)."""
+    plateau = dict(meta.get("plateau", default))
+    plateau["best"] = _loss_or_inf(plateau.get("best"))
+    return plateau
+
+
 @dataclass
 class TrainConfig:
     """Every training option. The command line's flags map one to one onto these fields."""
@@ -103,7 +115,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # L2 (sgd/adam) or decoupled (adamw) weight decay
     momentum: float = 0.0  # SGD momentum
     clip: float = 1.0  # gradient clipping by global norm (theta); 0 disables
-    schedule: str = "cosine"  # constant | cosine | step | plateau
+    schedule: str = "cosine"  # constant | cosine | step | plateau (lr x gamma after patience // 2 evaluations without improvement; 2 when patience is below 2)
     warmup_steps: int = 0  # linear warm-up steps (cosine)
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
     lr_step_size: int = 10  # step schedule: epochs between decays
@@ -385,6 +397,18 @@ def prefix_note(vocab, prefix: str) -> str | None:
 def autocast_context(device: torch.device, precision: str):
     enabled = precision == "bf16" and device.type in ("cpu", "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def precision_note(device: torch.device, precision: str, impl: str) -> str | None:
+    """What bf16 really means for a concise model on a GPU, or None where it means what it says.
+
+    torch's autocast has its own rule for cuDNN's RNNs (``aten/src/ATen/cudnn/AutocastRNN.cpp``): it casts
+    their weights, input and state to float16, whatever dtype autocast was given, and deeprnn uses no loss
+    scaler. The embedding, output layer and loss still follow bf16/fp32."""
+    if device.type != "cuda" or precision != "bf16" or impl != "concise":
+        return None
+    return ("note: under autocast torch runs cuDNN's LSTM/GRU/RNN layers in float16, not bfloat16, without "
+            "loss scaling (the rest of the step is bfloat16); --precision fp32 keeps them in float32")
 
 
 def heldout_streams(tokens: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -860,8 +884,8 @@ def train(
         optimizer_from_flat(optimizer, resume_ckpt.train_tensors, meta["optimizer"])
         pos = meta["position"]
         step, epoch, tokens_seen, train_time = pos["step"], pos["epoch"], pos["tokens"], pos["train_time"]
-        best_val, bad_evals, evals_done = meta["best_val"], meta["bad_evals"], meta["evals_done"]
-        plateau = meta.get("plateau", plateau)
+        best_val, bad_evals, evals_done = _loss_or_inf(meta["best_val"]), meta["bad_evals"], meta["evals_done"]
+        plateau = _plateau_from(meta, plateau)
         lr_scale, nan_rollbacks = meta.get("lr_scale", 1.0), meta.get("nan_rollbacks", 0)
         epoch, batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
         state = dist.shard_batch(_state_from_tensors(resume_ckpt.train_tensors, device))  # saved global
@@ -894,6 +918,9 @@ def train(
         log(f"model: {cfg.impl} {cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}, {n_params:,} parameters; "
             f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}x{cfg.num_steps}, {device}, {cfg.precision}; "
             f"run dir {run_dir}")
+        note = precision_note(device, cfg.precision, model.config.impl)
+        if note:
+            log(note)
 
     def scored(tokens: torch.Tensor) -> tuple[float, int]:
         loss_sum, count = evaluate_tokens(model, tokens, batch_size=cfg.eval_batch_size,
@@ -916,7 +943,9 @@ def train(
             "position": {"step": step, "epoch": epoch, "tokens": tokens_seen, "train_time": train_time},
             "loader": {"epoch": epoch, "batch": batch_in_epoch},
             "optimizer": opt_meta,
-            "best_val": best_val, "bad_evals": bad_evals, "evals_done": evals_done, "plateau": plateau,
+            # no evaluation yet: best_val is inf, written as null (JSON has no Infinity); _loss_or_inf reads it
+            "best_val": json_safe(best_val), "bad_evals": bad_evals, "evals_done": evals_done,
+            "plateau": json_safe(plateau),
             "lr_scale": lr_scale, "nan_rollbacks": nan_rollbacks,
             "metrics": json_safe(metrics),
             "finetune": ({"freeze_layers": freeze_layers, "extend_vocab": extend_vocab} if parent is not None
@@ -954,8 +983,8 @@ def train(
         optimizer_from_flat(optimizer, tensors, meta["optimizer"])
         step, tokens_seen = meta["position"]["step"], meta["position"]["tokens"]  # train_time keeps counting
         epoch, batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
-        best_val, bad_evals, evals_done = meta["best_val"], meta["bad_evals"], meta["evals_done"]
-        plateau = meta.get("plateau", plateau)
+        best_val, bad_evals, evals_done = _loss_or_inf(meta["best_val"]), meta["bad_evals"], meta["evals_done"]
+        plateau = _plateau_from(meta, plateau)
         state = dist.shard_batch(_state_from_tensors(tensors, device))
         if averager is not None:
             averager.load_tensors(tensors)
@@ -1045,7 +1074,7 @@ def train(
                 plateau["best"], plateau["bad"] = val_loss, 0
             else:
                 plateau["bad"] += 1
-                if plateau["bad"] >= max(1, cfg.patience // 2 or 2):
+                if plateau["bad"] >= (cfg.patience // 2 if cfg.patience >= 2 else 2):
                     plateau["scale"] *= cfg.lr_gamma
                     plateau["bad"] = 0
         if improved:
