@@ -68,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          output_dropout=0.3, input_dropout=0.1, embed_dropout=0.02, locked_dropout=True,
                          weight_drop=0.25, ar_alpha=2.0, tar_beta=1.0, variable_bptt=True, batch_size=32,
                          num_steps=80, optimizer="adam", lr=1.2e-2, clip=0.25, schedule="cosine", warmup_steps=50,
-                         min_lr_ratio=0.02, ema_decay=0.995, ema_start=600, time_budget=10.0, num_epochs=1000,
+                         min_lr_ratio=0.02, ema_decay=0.998, ema_start=600, time_budget=10.0, num_epochs=1000,
                          eval_every=100, eval_batch_size=8, eval_num_steps=512, precision="bf16", sample_every=5),
     # The Time Machine on one GPU (cuDNN LSTM, weight-drop through the fused call), 5 minutes: twice as wide as
     # the CPU recipe, with AWD-LSTM's heavier weight-drop, since a GPU runs many more epochs.
