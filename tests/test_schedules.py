@@ -128,12 +128,14 @@ def test_checkpoint_json_is_strict_json_and_the_inf_it_stands_for_resumes(tmp_pa
 
 
 def test_a_best_loss_saved_as_null_reads_back_as_inf():
-    from deeprnn.train import _loss_or_inf, _plateau_from
+    from deeprnn.train import _eval_counters, _loss_or_inf
 
     assert _loss_or_inf(None) == math.inf and _loss_or_inf(1.5) == 1.5
-    assert _plateau_from({"plateau": {"best": None, "bad": 1, "scale": 0.5}}, {}) == \
-        {"best": math.inf, "bad": 1, "scale": 0.5}
+    counters = {"bad_evals": 2, "evals_done": 5}
+    assert _eval_counters({"best_val": None, "plateau": {"best": None, "bad": 1, "scale": 0.5}, **counters}, {}) == \
+        (math.inf, 2, 5, {"best": math.inf, "bad": 1, "scale": 0.5})
     # checkpoints written before this change hold Infinity, which Python's json reads as inf
-    assert _plateau_from({"plateau": json.loads('{"best": Infinity, "bad": 0, "scale": 1.0}')}, {})["best"] == math.inf
+    old = json.loads('{"best_val": 1.25, "plateau": {"best": Infinity, "bad": 0, "scale": 1.0}}')
+    assert _eval_counters({**old, **counters}, {})[::3] == (1.25, {"best": math.inf, "bad": 0, "scale": 1.0})
     default = {"best": math.inf, "bad": 0, "scale": 1.0}
-    assert _plateau_from({}, default) == default
+    assert _eval_counters({"best_val": 0.5, **counters}, default) == (0.5, 2, 5, default)

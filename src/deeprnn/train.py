@@ -63,11 +63,12 @@ def _loss_or_inf(value: float | None) -> float:
     return math.inf if value is None else float(value)
 
 
-def _plateau_from(meta: dict, default: dict) -> dict:
-    """The plateau schedule's counters from a checkpoint's meta (older checkpoints have none)."""
-    plateau = dict(meta.get("plateau", default))
+def _eval_counters(meta: dict, plateau: dict) -> tuple[float, int, int, dict]:
+    """``best_val, bad_evals, evals_done, plateau`` as a checkpoint's meta saved them (``plateau``: the
+    counters to keep where an older checkpoint has none)."""
+    plateau = dict(meta.get("plateau", plateau))
     plateau["best"] = _loss_or_inf(plateau.get("best"))
-    return plateau
+    return _loss_or_inf(meta["best_val"]), meta["bad_evals"], meta["evals_done"], plateau
 
 
 @dataclass
@@ -115,7 +116,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # L2 (sgd/adam) or decoupled (adamw) weight decay
     momentum: float = 0.0  # SGD momentum
     clip: float = 1.0  # gradient clipping by global norm (theta); 0 disables
-    schedule: str = "cosine"  # constant | cosine | step | plateau (lr x gamma after patience // 2 evaluations without improvement; 2 when patience is below 2)
+    schedule: str = "cosine"  # constant | cosine | step | plateau (decay after patience//2 bad evals; 2 if patience<2)
     warmup_steps: int = 0  # linear warm-up steps (cosine)
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
     lr_step_size: int = 10  # step schedule: epochs between decays
@@ -884,8 +885,7 @@ def train(
         optimizer_from_flat(optimizer, resume_ckpt.train_tensors, meta["optimizer"])
         pos = meta["position"]
         step, epoch, tokens_seen, train_time = pos["step"], pos["epoch"], pos["tokens"], pos["train_time"]
-        best_val, bad_evals, evals_done = _loss_or_inf(meta["best_val"]), meta["bad_evals"], meta["evals_done"]
-        plateau = _plateau_from(meta, plateau)
+        best_val, bad_evals, evals_done, plateau = _eval_counters(meta, plateau)
         lr_scale, nan_rollbacks = meta.get("lr_scale", 1.0), meta.get("nan_rollbacks", 0)
         epoch, batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
         state = dist.shard_batch(_state_from_tensors(resume_ckpt.train_tensors, device))  # saved global
@@ -983,8 +983,7 @@ def train(
         optimizer_from_flat(optimizer, tensors, meta["optimizer"])
         step, tokens_seen = meta["position"]["step"], meta["position"]["tokens"]  # train_time keeps counting
         epoch, batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
-        best_val, bad_evals, evals_done = _loss_or_inf(meta["best_val"]), meta["bad_evals"], meta["evals_done"]
-        plateau = _plateau_from(meta, plateau)
+        best_val, bad_evals, evals_done, plateau = _eval_counters(meta, plateau)
         state = dist.shard_batch(_state_from_tensors(tensors, device))
         if averager is not None:
             averager.load_tensors(tensors)

@@ -364,7 +364,7 @@ def test_a_build_that_fails_with_openmp_is_retried_without_it(tmp_path, monkeypa
         assert native.load() == "module"
     assert [("-fopenmp" in c["extra_cflags"], c["extra_ldflags"]) for c in calls] == [(True, ["-fopenmp"]),
                                                                                       (False, [])]
-    assert calls[1]["name"] == native.build_name([f for f in native._flags() if f != "-fopenmp"]) != calls[0]["name"]
+    assert calls[1]["name"] == native.build_name([f for f in native._flag_sets()[0] if f != "-fopenmp"]) != calls[0]["name"]
     assert "building the C++ kernels with OpenMP failed; building them without it" in caplog.messages
     # The next process: ready() without compiling, and load() takes the cached build first.
     _fresh_load_state(monkeypatch)
@@ -395,7 +395,7 @@ def test_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch)
     seen = []
     for age, kept in ((native.STALE_LOCK_SECONDS + 60, False), (5, True)):
         _fresh_load_state(monkeypatch)
-        flags = native._flags()
+        flags = native._flag_sets()[0]
         lock = tmp_path / native.build_name(flags) / "lock"
         lock.parent.mkdir(exist_ok=True)
         lock.touch()
@@ -437,7 +437,7 @@ def test_a_first_build_is_announced_and_a_cached_one_is_not(tmp_path, monkeypatc
     _fresh_load_state(monkeypatch)
     assert native.load() == "module"
     assert caplog.messages == ["building the scratch layers' C++ kernels for this machine (once, about 15 s)"]
-    name = native.build_name(native._flags())
+    name = native.build_name(native._flag_sets()[0])
     (tmp_path / name / f"{name}.so").touch()
     caplog.clear()
     _fresh_load_state(monkeypatch)

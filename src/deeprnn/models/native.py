@@ -112,11 +112,6 @@ def load() -> ModuleType | None:
     return _module
 
 
-def _flags() -> list[str]:
-    """The preferred build's compiler flags (with OpenMP where torch uses it)."""
-    return _flag_sets()[0]
-
-
 def _flag_sets() -> list[list[str]]:
     """The builds to try, best first: with OpenMP where torch uses it, then without it."""
     # -fno-trapping-math: without it GCC will not if-convert the clamp in the sigmoid, and leaves those
