@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from deeprnn.averaging import WeightAverage
 from deeprnn.checkpoint import load_checkpoint
 from deeprnn.models import ModelConfig, build_model, concise_to_scratch, scratch_to_concise, state_dict_to_concise
-from deeprnn.regularize import VariableLengthLoader, activation_penalty, locked_dropout
+from deeprnn.regularize import VariableLengthLoader, activation_penalty, drop_connect, keep_mask, locked_dropout
 from deeprnn.train import TrainConfig, train
 
 V, H, B, T = 9, 6, 4, 7
@@ -39,6 +39,26 @@ def test_locked_dropout_function_shares_one_mask_across_time():
     assert torch.equal(y, y[:1].expand_as(y))  # the same mask at every step
     assert set(y.unique().tolist()) == {0.0, 2.0}  # kept entries scaled by 1/(1-p)
     assert torch.equal(locked_dropout(torch.ones(3, 2, 4), 0.5, training=False), torch.ones(3, 2, 4))
+
+
+def test_keep_mask_values_rate_and_seed():
+    """Entries are 0 or 1/(1-p); the kept fraction is 1-p within 5 standard deviations over 10^6 draws;
+    the same seed draws the same mask; weight-drop multiplies a weight by such a mask."""
+    p, n = 0.3, 1_000_000
+    torch.manual_seed(12)
+    m = keep_mask((1000, 1000), p)
+    assert set(m.unique().tolist()) == {0.0, torch.tensor(1.0).div(1 - p).item()}
+    kept = (m > 0).double().mean().item()
+    assert abs(kept - (1 - p)) < 5 * ((p * (1 - p)) / n) ** 0.5
+    torch.manual_seed(12)
+    assert torch.equal(keep_mask((1000, 1000), p), m)
+    assert keep_mask((3, 4), 0.5, dtype=torch.bfloat16).dtype == torch.bfloat16
+    w = torch.randn(40, 30)
+    torch.manual_seed(13)
+    dropped = drop_connect(w, p, True)
+    torch.manual_seed(13)
+    assert torch.equal(dropped, w * keep_mask(w.shape, p))
+    assert drop_connect(w, p, False) is w
 
 
 @pytest.mark.parametrize("impl", ["concise", "scratch"])
