@@ -195,3 +195,24 @@ def test_bf16_quality_compares_both_precisions(capsys):
         bf16_quality.main(["--steps", "0"])
     assert err.value.code == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_masks_times_both_draws_and_restores_keep_mask(capsys):
+    """``benchmarks/bench_masks.py`` at a token size: one line per kind with a time per round, the ratio
+    line, and ``regularize.keep_mask`` is deeprnn's own again afterwards; bad counts exit 2."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_masks
+    from deeprnn import regularize
+
+    ours = regularize.keep_mask
+    tiny = ["num_hiddens=8", "num_layers=2", "embed_size=4", "batch_size=2", "num_steps=3", "precision=fp32"]
+    assert bench_masks.main(["--rounds", "2", "--steps", "1", "--set", *tiny]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("bernoulli: ") and len(lines[0].split("ms/step")[0].split()) == 3
+    assert lines[1].startswith("     rand: ")
+    assert lines[2].startswith("ratio bernoulli_ / rand masks (best rounds): ")
+    assert "tm-cpu step, batch 2x3, fp32" in lines[2]
+    assert regularize.keep_mask is ours
+    with pytest.raises(SystemExit) as err:
+        bench_masks.main(["--rounds", "0"])
+    assert err.value.code == 2

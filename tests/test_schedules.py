@@ -34,6 +34,16 @@ def test_cosine_runs_from_lr_to_its_floor():
     assert all(a > b for a, b in zip(values, values[1:]))  # strictly falling in between
 
 
+def test_constant_schedule_warms_up_then_holds():
+    """The constant schedule takes the same linear warm-up, then stays at lr: the same values as a cosine
+    whose floor is lr itself (min_lr_ratio 1); without warm-up it is lr from the first step."""
+    cfg = TrainConfig(lr=0.5, schedule="constant", warmup_steps=4)
+    values = [lr_at(cfg, s, 12, None) for s in range(14)]
+    assert values == [0.5 / 4, 0.5 * 2 / 4, 0.5 * 3 / 4] + [0.5] * 11
+    assert values == [lr_at(cosine(warmup_steps=4, min_lr_ratio=1.0), s, 12, None) for s in range(14)]
+    assert lr_at(TrainConfig(lr=0.5, schedule="constant"), 0, 12, None) == 0.5
+
+
 def test_cosine_floor_defaults_to_min_lr_ratio():
     cfg = TrainConfig(lr=4e-3, schedule="cosine")
     assert cfg.min_lr_ratio == 0.05
@@ -59,9 +69,10 @@ def test_time_budget_fraction_drives_the_cosine():
     assert lr_at(cfg, 7, None, None) == 0.5
 
 
-@pytest.mark.parametrize("schedule", ["constant", "step", "plateau"])
+@pytest.mark.parametrize("schedule", ["step", "plateau"])
 def test_other_schedules_take_lr_and_no_warmup_from_lr_at(schedule):
-    """Warm-up belongs to the cosine; step and plateau are applied by the training loop (below)."""
+    """Warm-up belongs to the cosine and constant schedules; step and plateau are applied by the training
+    loop (below)."""
     cfg = TrainConfig(lr=0.5, schedule=schedule, warmup_steps=4)
     assert [lr_at(cfg, s, 12, None) for s in (0, 3, 11)] == [0.5, 0.5, 0.5]
 

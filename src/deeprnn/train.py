@@ -117,7 +117,7 @@ class TrainConfig:
     momentum: float = 0.0  # SGD momentum
     clip: float = 1.0  # gradient clipping by global norm (theta); 0 disables
     schedule: str = "cosine"  # constant | cosine | step | plateau (decay after patience//2 bad evals; 2 if patience<2)
-    warmup_steps: int = 0  # linear warm-up steps (cosine)
+    warmup_steps: int = 0  # linear warm-up steps (cosine and constant schedules)
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
     lr_step_size: int = 10  # step schedule: epochs between decays
     lr_gamma: float = 0.5  # step/plateau decay factor
@@ -343,9 +343,9 @@ def resolve_device(name: str) -> torch.device:
 def lr_at(cfg: TrainConfig, step: int, total_steps: int | None, elapsed_fraction: float | None) -> float:
     """Learning-rate multiplier-free schedule value at optimiser step ``step`` (0-based)."""
     base = cfg.lr
+    if cfg.schedule in ("cosine", "constant") and cfg.warmup_steps and step < cfg.warmup_steps:
+        return base * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "cosine":
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return base * (step + 1) / cfg.warmup_steps
         if elapsed_fraction is not None:
             frac = elapsed_fraction
         elif total_steps:

@@ -1,0 +1,93 @@
+"""Dropout masks from ``torch.rand >= p`` against ``bernoulli_``: the training step of a recipe, both ways.
+
+    python benchmarks/bench_masks.py [--preset tm-cpu] [--rounds 8] [--steps 10] [--set KEY=VALUE ...]
+
+Every mask deeprnn draws (locked and embedding dropout, weight-drop) comes from
+``deeprnn.regularize.keep_mask``. This script times the preset's training step (forward, loss, backward,
+Adam; bf16 autocast if the preset says so; random tokens, vocabulary 28) with ``keep_mask`` as it is and
+with a ``bernoulli_`` draw in its place, alternating for ``--rounds`` rounds of ``--steps`` steps, so
+drift in the machine's load hits both alike. It prints each round's milliseconds per step and the ratio
+of the best rounds, bernoulli_ / rand (> 1: the rand masks are faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
+from deeprnn import regularize  # noqa: E402
+from deeprnn.cli import PRESETS  # noqa: E402
+from deeprnn.models import ModelConfig, build_model  # noqa: E402
+from deeprnn.train import TrainConfig, autocast_context, sequence_loss  # noqa: E402
+
+VOCAB = 28
+
+
+def bernoulli_mask(shape, p: float, *, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The draw ``keep_mask`` replaced: one ``bernoulli_`` per entry, scaled by 1/(1-p)."""
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1 - p).div_(1 - p)
+
+
+def measure(cfg: TrainConfig, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Milliseconds per training step in each round, for the ``rand`` masks and the ``bernoulli`` ones."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(ModelConfig(vocab_size=VOCAB, **cfg.model_fields()))
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    X = torch.randint(0, VOCAB, (cfg.batch_size, cfg.num_steps))
+    Y = torch.randint(0, VOCAB, (cfg.batch_size, cfg.num_steps))
+    device = torch.device("cpu")
+
+    def step() -> None:
+        with autocast_context(device, cfg.precision):
+            logits, _ = model(X, model.begin_state(cfg.batch_size))
+        loss = sequence_loss(logits, Y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    ours = regularize.keep_mask
+    times: dict[str, list[float]] = {"bernoulli": [], "rand": []}
+    try:
+        for _ in range(rounds):
+            for name, draw in (("bernoulli", bernoulli_mask), ("rand", ours)):
+                regularize.keep_mask = draw
+                step()  # warm-up: the first step after a switch is not timed
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                times[name].append((time.perf_counter() - t0) / steps * 1e3)
+    finally:
+        regularize.keep_mask = ours
+    return times
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tm-cpu", choices=sorted(PRESETS), help="recipe whose step is timed")
+    p.add_argument("--rounds", type=int, default=8, help="alternating rounds")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round and kind")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TrainConfig fields")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1:
+        p.error("--rounds and --steps must be >= 1")
+    cfg = TrainConfig(**{**PRESETS[args.preset], **parse_sets(args.set)})
+    times = measure(cfg, args.rounds, args.steps)
+    for name, ms in times.items():
+        print(f"{name:>9}: " + " ".join(f"{t:.1f}" for t in ms) + f" ms/step (best {min(ms):.1f})")
+    print(f"ratio bernoulli_ / rand masks (best rounds): {min(times['bernoulli']) / min(times['rand']):.3f}; "
+          f"{args.preset} step, batch {cfg.batch_size}x{cfg.num_steps}, {cfg.precision}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"machine: {machine()}; load average {loadavg()} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
