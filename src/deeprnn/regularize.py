@@ -27,9 +27,9 @@ from deeprnn.errors import ConfigError
 def keep_mask(shape, p: float, *, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A dropout mask of ``shape``: each entry ``1/(1-p)`` with probability ``1 - p``, else 0.
 
-    One uniform draw per entry, compared with ``p``: on the CPU this is 4x faster than ``bernoulli_``
-    (2.3 ms against 9 ms for a 2048x512 LSTM weight on 2 cores), which mattered for weight-drop, three
-    such masks per step in the Time Machine recipes.
+    One uniform draw per entry, compared with ``p``: on the CPU ``bernoulli_`` is several times slower,
+    which mattered for weight-drop (three 2048x512 masks per step in the Time Machine recipes);
+    ``benchmarks/bench_masks.py`` times such a step both ways.
     """
     return (torch.rand(shape, device=device) >= p).to(dtype).div_(1 - p)
 
