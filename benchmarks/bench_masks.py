@@ -3,8 +3,8 @@
     python benchmarks/bench_masks.py [--preset tm-cpu] [--rounds 8] [--steps 10] [--set KEY=VALUE ...]
 
 Every mask deeprnn draws (locked and embedding dropout, weight-drop) comes from
-``deeprnn.regularize.keep_mask``. This script times the preset's training step (forward, loss, backward,
-Adam; bf16 autocast if the preset says so; random tokens, vocabulary 28) with ``keep_mask`` as it is and
+``deeprnn.regularize.keep_mask``. This script times the preset's training step on the CPU (forward, loss,
+backward, Adam; bf16 autocast if the preset says so; random tokens, vocabulary 28) with ``keep_mask`` as it is and
 with a ``bernoulli_`` draw in its place, alternating for ``--rounds`` rounds of ``--steps`` steps, so
 drift in the machine's load hits both alike. It prints each round's milliseconds per step and the ratio
 of the best rounds, bernoulli_ / rand (> 1: the rand masks are faster).

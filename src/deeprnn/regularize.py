@@ -31,7 +31,7 @@ def keep_mask(shape, p: float, *, device=None, dtype: torch.dtype = torch.float3
     which mattered for weight-drop (three 2048x512 masks per step in the Time Machine recipes);
     ``benchmarks/bench_masks.py`` times such a step both ways.
     """
-    return (torch.rand(shape, device=device) >= p).to(dtype).div_(1 - p)
+    return torch.rand(shape, device=device).ge_(p).to(dtype).div_(1 - p)  # 0/1 in place: no bool temporary
 
 
 def locked_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
