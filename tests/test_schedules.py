@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from deeprnn.errors import ConfigError
 from deeprnn.train import TrainConfig, lr_at, train
 
 from test_train import rows, tiny
@@ -44,6 +45,21 @@ def test_constant_schedule_warms_up_then_holds():
     assert lr_at(TrainConfig(lr=0.5, schedule="constant"), 0, 12, None) == 0.5
 
 
+def test_wsd_holds_then_decays_linearly_to_the_floor():
+    """wsd: the warm-up, lr until the last decay_fraction of the run, then a straight line down to lr r
+    (r = min_lr_ratio) at the end and after it; by steps or by the time budget's elapsed fraction."""
+    cfg = TrainConfig(lr=0.5, schedule="wsd", warmup_steps=4, min_lr_ratio=0.25, decay_fraction=0.5)
+    # 4 warm-up steps, then 8: lr up to halfway (step 8), then down by (0.5 - 0.125) / 4 a step to the floor.
+    values = [lr_at(cfg, s, 12, None) for s in range(14)]
+    assert values == [0.125, 0.25, 0.375] + [0.5] * 6 + [0.5 - 0.375 / 4, 0.5 - 0.375 / 2, 0.5 - 0.375 * 3 / 4,
+                                                         0.125, 0.125]
+    assert lr_at(cfg, 5, 12, 0.75) == 0.5 - 0.375 / 2  # time budget: 75% elapsed
+    assert lr_at(cfg, 5, 12, 0.4) == 0.5
+    assert lr_at(cfg, 5, None, None) == 0.5  # no length: lr
+    with pytest.raises(ConfigError, match=r"^decay_fraction must be in \(0, 1\], got 0$"):
+        TrainConfig(schedule="wsd", decay_fraction=0).validate()
+
+
 def test_cosine_floor_defaults_to_min_lr_ratio():
     cfg = TrainConfig(lr=4e-3, schedule="cosine")
     assert cfg.min_lr_ratio == 0.05
@@ -71,7 +87,7 @@ def test_time_budget_fraction_drives_the_cosine():
 
 @pytest.mark.parametrize("schedule", ["step", "plateau"])
 def test_other_schedules_take_lr_and_no_warmup_from_lr_at(schedule):
-    """Warm-up belongs to the cosine and constant schedules; step and plateau are applied by the training
+    """Warm-up belongs to the cosine, wsd and constant schedules; step and plateau are applied by the training
     loop (below)."""
     cfg = TrainConfig(lr=0.5, schedule=schedule, warmup_steps=4)
     assert [lr_at(cfg, s, 12, None) for s in (0, 3, 11)] == [0.5, 0.5, 0.5]

@@ -10,7 +10,7 @@ import torch
 
 from deeprnn.checkpoint import load_checkpoint
 from deeprnn.errors import CheckpointError, ConfigError, CorpusError
-from deeprnn.train import TrainConfig, evaluate_tokens, sequence_loss, train
+from deeprnn.train import TrainConfig, build_optimizer, evaluate_tokens, sequence_loss, train
 
 
 def tiny(tmp_path, **kw) -> TrainConfig:
@@ -255,6 +255,32 @@ def test_bad_config_values():
         TrainConfig(optimizer="rmsprop").validate()
     with pytest.raises(ConfigError, match=r"^clip must be >= 0"):
         TrainConfig(clip=-0.5).validate()
+    with pytest.raises(ConfigError, match=r"^beta1 must be in \[0, 1\), got 1.0$"):
+        TrainConfig(beta1=1.0).validate()
+    with pytest.raises(ConfigError, match=r"^beta2 must be in \[0, 1\), got -0.1$"):
+        TrainConfig(beta2=-0.1).validate()
+
+
+@pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_adam_betas_reach_the_optimiser(name, cls):
+    """--beta1/--beta2 set Adam's moment decays (defaults: torch's 0.9, 0.999)."""
+    model = torch.nn.Linear(3, 2)
+    default = build_optimizer(TrainConfig(optimizer=name), model)
+    assert isinstance(default, cls) and default.param_groups[0]["betas"] == (0.9, 0.999)
+    opt = build_optimizer(TrainConfig(optimizer=name, beta1=0.8, beta2=0.99, lr=0.01), model)
+    assert opt.param_groups[0]["betas"] == (0.8, 0.99)
+    # One step equals torch's own optimiser built with the same betas.
+    ref_model = torch.nn.Linear(3, 2)
+    ref_model.load_state_dict(model.state_dict())
+    ref = cls(ref_model.parameters(), lr=0.01, betas=(0.8, 0.99), weight_decay=0.0)
+    x = torch.randn(4, 3)
+    for m, o in ((model, opt), (ref_model, ref)):
+        for _ in range(3):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_source_weights_repeat_a_sources_training_text(tmp_path):

@@ -114,7 +114,7 @@ CHOICES: dict[str, list[str]] = {
     "gru_variant": ["torch", "d2l"],
     "sampling": ["sequential", "random"],
     "optimizer": ["sgd", "adam", "adamw"],
-    "schedule": ["constant", "cosine", "step", "plateau"],
+    "schedule": ["constant", "cosine", "wsd", "step", "plateau"],
     "precision": ["fp32", "bf16"],
     "on_nan": ["stop", "rollback"],
 }

@@ -115,10 +115,15 @@ class TrainConfig:
     lr: float = 4e-3  # learning rate
     weight_decay: float = 0.0  # L2 (sgd/adam) or decoupled (adamw) weight decay
     momentum: float = 0.0  # SGD momentum
+    beta1: float = 0.9  # Adam/AdamW first-moment decay
+    beta2: float = 0.999  # Adam/AdamW second-moment decay
     clip: float = 1.0  # gradient clipping by global norm (theta); 0 disables
-    schedule: str = "cosine"  # constant | cosine | step | plateau (decay after patience//2 bad evals; 2 if patience<2)
-    warmup_steps: int = 0  # linear warm-up steps (cosine and constant schedules)
-    min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
+    # constant | cosine | wsd (warm-up, stable, decay) | step | plateau (decay after patience//2 bad evals; 2 if
+    # patience<2)
+    schedule: str = "cosine"
+    warmup_steps: int = 0  # linear warm-up steps (cosine, wsd and constant schedules)
+    min_lr_ratio: float = 0.05  # cosine and wsd floor as a fraction of lr
+    decay_fraction: float = 0.2  # wsd: the last fraction of the run (time budget or steps) decays linearly
     lr_step_size: int = 10  # step schedule: epochs between decays
     lr_gamma: float = 0.5  # step/plateau decay factor
     ar_alpha: float = 0.0  # activation regularisation: alpha * mean(h_top^2) added to the loss
@@ -169,11 +174,14 @@ class TrainConfig:
         need(self.lr <= 3e38, f"lr must be <= 3e38 (what float32 weights can take), got {self.lr}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(0 <= self.beta1 < 1, f"beta1 must be in [0, 1), got {self.beta1}")
+        need(0 <= self.beta2 < 1, f"beta2 must be in [0, 1), got {self.beta2}")
         need(self.clip >= 0, f"clip must be >= 0 (0 disables clipping), got {self.clip}")
-        need(self.schedule in ("constant", "cosine", "step", "plateau"),
-             f"schedule must be one of constant, cosine, step, plateau, got {self.schedule!r}")
+        need(self.schedule in ("constant", "cosine", "wsd", "step", "plateau"),
+             f"schedule must be one of constant, cosine, wsd, step, plateau, got {self.schedule!r}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         need(self.lr_step_size >= 1, f"lr_step_size must be >= 1, got {self.lr_step_size}")
         need(0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
         need(self.ar_alpha >= 0, f"ar_alpha must be >= 0, got {self.ar_alpha}")
@@ -341,11 +349,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int | None, elapsed_fraction: float | None) -> float:
-    """Learning-rate multiplier-free schedule value at optimiser step ``step`` (0-based)."""
+    """Learning-rate multiplier-free schedule value at optimiser step ``step`` (0-based).
+
+    The run's progress is ``elapsed_fraction`` of the time budget when there is one, else the steps after the
+    warm-up over ``total_steps``. Cosine anneals over all of it; wsd holds lr and decays linearly to the floor
+    over its last ``decay_fraction`` (warm-up, stable, decay: no schedule length to guess the length of)."""
     base = cfg.lr
-    if cfg.schedule in ("cosine", "constant") and cfg.warmup_steps and step < cfg.warmup_steps:
+    if cfg.schedule in ("cosine", "wsd", "constant") and cfg.warmup_steps and step < cfg.warmup_steps:
         return base * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "cosine":
+    if cfg.schedule in ("cosine", "wsd"):
         if elapsed_fraction is not None:
             frac = elapsed_fraction
         elif total_steps:
@@ -354,6 +366,8 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int | None, elapsed_fraction
             frac = 0.0
         frac = min(max(frac, 0.0), 1.0)
         floor = base * cfg.min_lr_ratio
+        if cfg.schedule == "wsd":
+            return base - (base - floor) * max(0.0, frac - (1 - cfg.decay_fraction)) / cfg.decay_fraction
         return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * frac))
     return base
 
@@ -362,9 +376,10 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
 
 
 def sequence_loss(logits: torch.Tensor, Y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
