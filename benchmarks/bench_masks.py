@@ -4,10 +4,11 @@
 
 Every mask deeprnn draws (locked and embedding dropout, weight-drop) comes from
 ``deeprnn.regularize.keep_mask``. This script times the preset's training step on the CPU (forward, loss,
-backward, Adam; bf16 autocast if the preset says so; random tokens, vocabulary 28) with ``keep_mask`` as it is and
-with a ``bernoulli_`` draw in its place, alternating for ``--rounds`` rounds of ``--steps`` steps, so
-drift in the machine's load hits both alike. It prints each round's milliseconds per step and the ratio
-of the best rounds, bernoulli_ / rand (> 1: the rand masks are faster).
+backward, the preset's optimiser from ``build_optimizer``; bf16 autocast if the preset says so; random
+tokens, vocabulary 28) with ``keep_mask`` as it is and with a ``bernoulli_`` draw in its place, alternating
+for ``--rounds`` rounds of ``--steps`` steps, so drift in the machine's load hits both alike. It prints each
+round's milliseconds per step and the ratio of the best rounds, bernoulli_ / rand (> 1: the rand masks are
+faster).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
 from deeprnn import regularize  # noqa: E402
 from deeprnn.cli import PRESETS  # noqa: E402
 from deeprnn.models import ModelConfig, build_model  # noqa: E402
-from deeprnn.train import TrainConfig, autocast_context, sequence_loss  # noqa: E402
+from deeprnn.train import TrainConfig, autocast_context, build_optimizer, sequence_loss  # noqa: E402
 
 VOCAB = 28
 
@@ -40,7 +41,7 @@ def measure(cfg: TrainConfig, rounds: int, steps: int) -> dict[str, list[float]]
     torch.manual_seed(cfg.seed)
     model = build_model(ModelConfig(vocab_size=VOCAB, **cfg.model_fields()))
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = build_optimizer(cfg, model)
     X = torch.randint(0, VOCAB, (cfg.batch_size, cfg.num_steps))
     Y = torch.randint(0, VOCAB, (cfg.batch_size, cfg.num_steps))
     device = torch.device("cpu")

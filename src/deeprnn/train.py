@@ -118,12 +118,10 @@ class TrainConfig:
     beta1: float = 0.9  # Adam/AdamW first-moment decay
     beta2: float = 0.999  # Adam/AdamW second-moment decay
     clip: float = 1.0  # gradient clipping by global norm (theta); 0 disables
-    # constant | cosine | wsd (warm-up, stable, decay) | step | plateau (decay after patience//2 bad evals; 2 if
-    # patience<2)
-    schedule: str = "cosine"
+    schedule: str = "cosine"  # constant | cosine | wsd | step | plateau (decay after patience//2 bad evals; 2 if patience<2)
     warmup_steps: int = 0  # linear warm-up steps (cosine, wsd and constant schedules)
     min_lr_ratio: float = 0.05  # cosine and wsd floor as a fraction of lr
-    decay_fraction: float = 0.2  # wsd: the last fraction of the run (time budget or steps) decays linearly
+    decay_fraction: float = 0.2  # wsd (warm-up, stable, decay): the last fraction of the run decays linearly
     lr_step_size: int = 10  # step schedule: epochs between decays
     lr_gamma: float = 0.5  # step/plateau decay factor
     ar_alpha: float = 0.0  # activation regularisation: alpha * mean(h_top^2) added to the loss
