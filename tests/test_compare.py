@@ -286,6 +286,26 @@ def test_report_never_replaces_a_file_it_did_not_write(tmp_path, tiny_text, caps
     assert (out / "notes.md").read_text() == "findings" and "findings" in (out / "report.md").read_text()
 
 
+def test_a_users_matplotlib_plot_is_not_taken_for_the_reports(tmp_path):
+    """A plot is the report's own when it carries the report's PNG tag; an untagged Matplotlib PNG of the
+    same name is the user's, unless it sits beside a report.md deeprnn wrote (reports from before the tag)."""
+    plt = compare._plt()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    theirs, ours = tmp_path / "theirs" / "curves.png", tmp_path / "ours" / "curves.png"
+    for path, meta in ((theirs, None), (ours, compare.PNG_METADATA)):
+        path.parent.mkdir()
+        fig.savefig(path, metadata=meta)
+    plt.close(fig)
+    assert b"Matplotlib" in theirs.read_bytes()[:4096]
+    assert not compare._is_own_report_file(theirs)
+    assert compare._is_own_report_file(ours)
+    (theirs.parent / "report.md").write_text("my report\n")
+    assert not compare._is_own_report_file(theirs)
+    (theirs.parent / "report.md").write_text(f"# old report\n\n{compare._REPORT_TAIL}\n")
+    assert compare._is_own_report_file(theirs)
+
+
 def test_set_reads_booleans_strictly():
     """``--set residual=maybe`` is neither true nor false: an error naming the field, not a silent False."""
     from deeprnn.compare import parse_set

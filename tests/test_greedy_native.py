@@ -272,6 +272,7 @@ def test_ready_means_loaded_or_cached(ext, monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache: it would have to build
     assert not native.ready()
+    assert list(tmp_path.iterdir()) == []  # asking left no empty build directories behind
     monkeypatch.setenv(native.ENV, "0")
     assert not native.ready()
 

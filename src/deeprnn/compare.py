@@ -462,7 +462,7 @@ def plot_curves(records: list[dict[str, Any]], out_png: Path, target_ppl: float 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png)
+    fig.savefig(out_png, metadata=PNG_METADATA)
     plt.close(fig)
 
 
@@ -482,7 +482,7 @@ def plot_speed(records: list[dict[str, Any]], out_png: Path) -> None:
     ax.set_ylabel("training tokens / s")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png)
+    fig.savefig(out_png, metadata=PNG_METADATA)
     plt.close(fig)
 
 
@@ -516,6 +516,7 @@ def _answers(records: list[dict[str, Any]], eval_on: list[str], same_heldout: bo
 
 
 REPORT_FILES = ("report.md", "results.csv", "curves.png", "speed.png")
+PNG_METADATA = {"Source": "deeprnn compare"}  # a PNG text chunk: how a plot is known as the report's own
 _REPORT_TAIL = "Per-run numbers (every seed) are in [results.csv](results.csv)."  # report.md's last line
 _RESULTS_HEAD = "label,data,cell,layers,hiddens,impl,seed,key,"
 
@@ -526,7 +527,14 @@ def _is_own_report_file(path: Path) -> bool:
         if path.suffix == ".png":
             with open(path, "rb") as f:
                 head = f.read(4096)
-            return head.startswith(b"\x89PNG\r\n\x1a\n") and b"Matplotlib" in head
+            if not head.startswith(b"\x89PNG\r\n\x1a\n"):
+                return False
+            if b"Source\x00deeprnn compare" in head:
+                return True
+            # Plots of reports written before the tag: any Matplotlib PNG, but only beside our own report.md
+            # (any other Matplotlib plot of that name is the user's).
+            report = path.with_name("report.md")
+            return b"Matplotlib" in head and report.exists() and _is_own_report_file(report)
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False

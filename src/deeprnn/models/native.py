@@ -125,7 +125,15 @@ def _is_cached(cpp_extension: ModuleType, flags: list[str]) -> bool:
     """Whether the build with ``flags`` is compiled already in torch's extensions directory."""
     name = build_name(flags)
     build_dir = _build_directory(cpp_extension, name)
-    return build_dir is not None and _built(build_dir, name)
+    if build_dir is None:
+        return False
+    if _built(build_dir, name):
+        return True
+    # torch's helper makes the directory it names; asking must leave nothing behind. Only an empty one
+    # goes (rmdir): a build in progress or a failed one keeps its files.
+    with contextlib.suppress(OSError):
+        build_dir.rmdir()
+    return False
 
 
 def _openmp_flags() -> list[str]:
