@@ -423,3 +423,20 @@ def test_evaluating_a_split_too_short_to_score_is_one_line(trained, tmp_path, ca
     short.write_text("time traveller")  # 14 characters: the 5% validation split is one of them
     line = one_error_line(capsys, 2, ["evaluate", str(trained), "--corpus", str(short), "--split", "valid"])
     assert line == "deeprnn: error: split 'valid' has 1 tokens; need at least 2 to score"
+
+
+@pytest.mark.parametrize("name", sorted(__import__("deeprnn.cli", fromlist=["CHOICES"]).CHOICES))
+def test_offered_choices_are_what_the_config_accepts(name):
+    """Every value the command line offers for a string option passes the configuration's check, and a value
+    it does not offer fails with a message that lists exactly the offered ones (one list, deeprnn.choices)."""
+    from deeprnn.cli import CHOICES
+    from deeprnn.errors import ConfigError
+
+    base = {"dropout": 0.0, **({"cell": "gru", "impl": "scratch"} if name == "gru_variant" else {})}
+    for value in CHOICES[name]:
+        TrainConfig(**{**base, name: value}).validate()
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(**{**base, name: "bogus"}).validate()
+    message = str(err.value)
+    assert message.startswith(f"{name} must be ") and message.endswith("'bogus'")
+    assert all(value in message for value in CHOICES[name]), message

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deeprnn import __version__
+from deeprnn import __version__, choices
 from deeprnn.errors import ConfigError, DeepRNNError
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -105,19 +105,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                             precision="bf16", device="cuda", prefix="ROMEO:", sample_every=5),
 }
 
-CHOICES: dict[str, list[str]] = {
-    "normalization": ["d2l", "raw", "lower"],
-    "token": ["char", "word"],
-    "cell": ["rnn_tanh", "rnn_relu", "gru", "lstm"],
-    "impl": ["concise", "scratch"],
-    "input": ["one_hot", "embedding"],
-    "init": ["d2l", "torch", "orthogonal"],
-    "gru_variant": ["torch", "d2l"],
-    "sampling": ["sequential", "random"],
-    "optimizer": ["sgd", "adam", "adamw"],
-    "schedule": ["constant", "cosine", "wsd", "step", "plateau"],
-    "precision": ["fp32", "bf16"],
-    "on_nan": ["stop", "rollback"],
+CHOICES: dict[str, tuple[str, ...]] = {
+    "normalization": choices.NORMALIZATIONS,
+    "token": choices.TOKENS,
+    "cell": choices.CELLS,
+    "impl": choices.IMPLS,
+    "input": choices.INPUTS,
+    "init": choices.INITS,
+    "gru_variant": choices.GRU_VARIANTS,
+    "sampling": choices.SAMPLINGS,
+    "optimizer": choices.OPTIMIZERS,
+    "schedule": choices.SCHEDULES,
+    "precision": choices.PRECISIONS,
+    "on_nan": choices.ON_NAN,
 }
 
 ALIASES = {"num_epochs": ["--epochs"]}

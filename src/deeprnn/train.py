@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from deeprnn.choices import NORMALIZATIONS, ON_NAN, OPTIMIZERS, PRECISIONS, SAMPLINGS, SCHEDULES, TOKENS
 from deeprnn.errors import CheckpointError, ConfigError, DeepRNNError, VocabError
 from deeprnn.regularize import activation_penalty
 
@@ -159,15 +160,15 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(self.token in ("char", "word"), f"token must be 'char' or 'word', got {self.token!r}")
-        need(self.normalization in ("d2l", "raw", "lower"),
-             f"normalization must be one of d2l, raw, lower, got {self.normalization!r}")
+        for name, options in (("token", TOKENS), ("normalization", NORMALIZATIONS), ("sampling", SAMPLINGS),
+                              ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
+                              ("on_nan", ON_NAN)):
+            value = getattr(self, name)
+            allowed = (f"'{options[0]}' or '{options[1]}'" if len(options) == 2 else
+                       "one of " + ", ".join(options))
+            need(value in options, f"{name} must be {allowed}, got {value!r}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
-        need(self.sampling in ("sequential", "random"),
-             f"sampling must be 'sequential' or 'random', got {self.sampling!r}")
-        need(self.optimizer in ("sgd", "adam", "adamw"),
-             f"optimizer must be one of sgd, adam, adamw, got {self.optimizer!r}")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.lr <= 3e38, f"lr must be <= 3e38 (what float32 weights can take), got {self.lr}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -175,8 +176,6 @@ class TrainConfig:
         need(0 <= self.beta1 < 1, f"beta1 must be in [0, 1), got {self.beta1}")
         need(0 <= self.beta2 < 1, f"beta2 must be in [0, 1), got {self.beta2}")
         need(self.clip >= 0, f"clip must be >= 0 (0 disables clipping), got {self.clip}")
-        need(self.schedule in ("constant", "cosine", "wsd", "step", "plateau"),
-             f"schedule must be one of constant, cosine, wsd, step, plateau, got {self.schedule!r}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
@@ -204,8 +203,6 @@ class TrainConfig:
              "val_fraction + test_fraction must be < 1 to leave training text")
         need(self.max_tokens is None or self.max_tokens >= 2, f"max_tokens must be >= 2, got {self.max_tokens}")
         need(self.min_freq >= 0, f"min_freq must be >= 0, got {self.min_freq}")
-        need(self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        need(self.on_nan in ("stop", "rollback"), f"on_nan must be 'stop' or 'rollback', got {self.on_nan!r}")
         need(bool(self.corpus), "corpus must name at least one corpus, file or directory")
         need(self.source_weights is None or (
             isinstance(self.source_weights, (list, tuple)) and all(

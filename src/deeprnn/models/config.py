@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deeprnn.choices import CELLS, GRU_VARIANTS, IMPLS, INITS, INPUTS
 from deeprnn.errors import ConfigError
 
-CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
-IMPLS = ("concise", "scratch")
-INPUTS = ("one_hot", "embedding")
-INITS = ("d2l", "torch", "orthogonal")
-GRU_VARIANTS = ("torch", "d2l")
+__all__ = ["CELLS", "GRU_VARIANTS", "IMPLS", "INITS", "INPUTS", "ModelConfig"]
 
 # Gate blocks stacked along the last axis of W_xh / W_hh, in torch.nn order.
 NUM_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
