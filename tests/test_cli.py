@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from deeprnn.cli import PRESETS, main
+from deeprnn.cli import CHOICES, PRESETS, main
+from deeprnn.errors import ConfigError
 from deeprnn.train import TrainConfig
 
 TINY = ["--num-layers", "1", "--num-hiddens", "16", "--batch-size", "4", "--num-steps", "8",
@@ -425,13 +426,10 @@ def test_evaluating_a_split_too_short_to_score_is_one_line(trained, tmp_path, ca
     assert line == "deeprnn: error: split 'valid' has 1 tokens; need at least 2 to score"
 
 
-@pytest.mark.parametrize("name", sorted(__import__("deeprnn.cli", fromlist=["CHOICES"]).CHOICES))
+@pytest.mark.parametrize("name", sorted(CHOICES))
 def test_offered_choices_are_what_the_config_accepts(name):
     """Every value the command line offers for a string option passes the configuration's check, and a value
     it does not offer fails with a message that lists exactly the offered ones (one list, deeprnn.choices)."""
-    from deeprnn.cli import CHOICES
-    from deeprnn.errors import ConfigError
-
     base = {"dropout": 0.0, **({"cell": "gru", "impl": "scratch"} if name == "gru_variant" else {})}
     for value in CHOICES[name]:
         TrainConfig(**{**base, name: value}).validate()

@@ -517,6 +517,7 @@ def _answers(records: list[dict[str, Any]], eval_on: list[str], same_heldout: bo
 
 REPORT_FILES = ("report.md", "results.csv", "curves.png", "speed.png")
 PNG_METADATA = {"Source": "deeprnn compare"}  # a PNG text chunk: how a plot is known as the report's own
+_PNG_TAG = b"".join(f"{k}\0{v}".encode("latin-1") for k, v in PNG_METADATA.items())  # the chunk's bytes
 _REPORT_TAIL = "Per-run numbers (every seed) are in [results.csv](results.csv)."  # report.md's last line
 _RESULTS_HEAD = "label,data,cell,layers,hiddens,impl,seed,key,"
 
@@ -529,12 +530,11 @@ def _is_own_report_file(path: Path) -> bool:
                 head = f.read(4096)
             if not head.startswith(b"\x89PNG\r\n\x1a\n"):
                 return False
-            if b"Source\x00deeprnn compare" in head:
+            if _PNG_TAG in head:
                 return True
             # Plots of reports written before the tag: any Matplotlib PNG, but only beside our own report.md
             # (any other Matplotlib plot of that name is the user's).
-            report = path.with_name("report.md")
-            return b"Matplotlib" in head and report.exists() and _is_own_report_file(report)
+            return b"Matplotlib" in head and _is_own_report_file(path.with_name("report.md"))
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False

@@ -2,7 +2,8 @@
 
 from deeprnn.models.base import LanguageModel, State, detach_state
 from deeprnn.models.concise import ConciseModel
-from deeprnn.models.config import CELLS, GRU_VARIANTS, IMPLS, INITS, INPUTS, ModelConfig
+from deeprnn.choices import CELLS, GRU_VARIANTS, IMPLS, INITS, INPUTS
+from deeprnn.models.config import ModelConfig
 from deeprnn.models.convert import (
     concise_to_scratch,
     scratch_to_concise,

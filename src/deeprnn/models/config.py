@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from deeprnn.choices import CELLS, GRU_VARIANTS, IMPLS, INITS, INPUTS
 from deeprnn.errors import ConfigError
 
-__all__ = ["CELLS", "GRU_VARIANTS", "IMPLS", "INITS", "INPUTS", "ModelConfig"]
-
 # Gate blocks stacked along the last axis of W_xh / W_hh, in torch.nn order.
 NUM_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 
