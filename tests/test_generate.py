@@ -84,7 +84,15 @@ MODELS = [
     pytest.param(dict(cell="gru", impl="scratch", num_layers=3, residual=True), id="scratch-gru-residual"),
     pytest.param(dict(cell="lstm", impl="scratch", layer_norm=True), id="scratch-lstm-layernorm"),
     pytest.param(dict(cell="gru", impl="scratch", layer_norm=True), id="scratch-gru-layernorm"),
+    # zoneout's evaluation step is the expected update, not the plain cell's: it must use the model's own
+    pytest.param(dict(cell="lstm", impl="scratch", num_layers=2, zoneout_cell=0.5, zoneout_hidden=0.3),
+                 id="scratch-lstm-zoneout"),
 ]
+
+
+def takes_fast_path(kw) -> bool:
+    """Whether a model of ``MODELS`` is stepped by ``_CellStepper`` (torch's cells, the native greedy loop)."""
+    return not (kw.get("gru_variant") == "d2l" or kw.get("layer_norm") or kw.get("zoneout_cell"))
 
 
 # -- greedy -----------------------------------------------------------------------------------
@@ -106,7 +114,7 @@ def test_stepper_matches_forward(vocab, kw, streams, monkeypatch):
     ``torch.*_cell`` for few streams, and with the cells written out on oneDNN's products from
     ``ONEDNN_MIN_STREAMS`` streams (where this torch has oneDNN)."""
     model = tiny_model(vocab, **kw).eval()
-    fused = not (kw["cell"] == "gru" and kw.get("gru_variant") == "d2l") and not kw.get("layer_norm")
+    fused = takes_fast_path(kw)
     calls = []
     monkeypatch.setattr(_CellStepper, "_step_onednn",
                         lambda self, x, real=_CellStepper._step_onednn: calls.append(1) or real(self, x))

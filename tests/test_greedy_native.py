@@ -9,10 +9,10 @@ import torch
 from deeprnn.generate import _CellStepper, _NativeGreedy, generate, make_stepper
 from deeprnn.models import ModelConfig, build_model, native
 
-from test_generate import MODELS, PREFIX, TEXT, argmax_path, tiny_model  # noqa: F401  (vocab fixture below)
+from test_generate import MODELS, PREFIX, TEXT, argmax_path, takes_fast_path, tiny_model  # noqa: F401  (vocab fixture below)
 from deeprnn.vocab import Vocab
 
-FUSED = [m for m in MODELS if not (m.values[0].get("gru_variant") == "d2l" or m.values[0].get("layer_norm"))]
+FUSED = [m for m in MODELS if takes_fast_path(m.values[0])]
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from torch.testing import assert_close
 from deeprnn.averaging import WeightAverage
 from deeprnn.checkpoint import load_checkpoint
 from deeprnn.models import ModelConfig, build_model, concise_to_scratch, scratch_to_concise, state_dict_to_concise
+from deeprnn.models.scratch import zoneout_masks
 from deeprnn.regularize import VariableLengthLoader, activation_penalty, drop_connect, keep_mask, locked_dropout
 from deeprnn.train import TrainConfig, train
 
@@ -273,6 +274,108 @@ def test_layer_norm_cells_equal_float64_reference(cell):
         assert_close(grads[n], p.grad, msg=n)
 
 
+# -- zoneout ----------------------------------------------------------------------------------------
+
+
+def test_zoneout_masks_values_rate_and_evaluation():
+    """Training: 0/1 per unit and step, 1 (keep the previous value) with the rate; evaluation: the rate."""
+    like = torch.zeros(1, dtype=torch.float64)
+    torch.manual_seed(0)
+    zc, zh = zoneout_masks((50, 100, 200), like, 0.3, 0.0, True)
+    assert zc.dtype == zh.dtype == torch.float64 and zc.shape == (50, 100, 200)
+    assert set(zc.unique().tolist()) == {0.0, 1.0}
+    n = zc.numel()
+    assert abs(zc.mean().item() - 0.3) < 5 * (0.3 * 0.7 / n) ** 0.5
+    assert not zh.any()  # rate 0: every unit moves
+    assert not torch.equal(zc[0], zc[1])  # a new draw at every step
+    ec, eh = zoneout_masks((2, 3, 4), like, 0.3, 0.05, False)
+    assert torch.equal(ec, torch.full((2, 3, 4), 0.3, dtype=torch.float64))
+    assert torch.equal(eh, torch.full((2, 3, 4), 0.05, dtype=torch.float64))
+
+
+def _zoneout_lstm_reference(layer, x, h, c, zc, zh):
+    """Zoneout (Krueger et al. 2017, eqs. 5-6) written out: c = zc c_prev + (1 - zc) c̃,
+    h = zh h_prev + (1 - zh) o tanh(c̃), with c̃ = f c_prev + i g."""
+    Hh = h.shape[-1]
+    outs = []
+    for t in range(x.shape[0]):
+        a = x[t] @ layer.W_xh + layer.b_h + h @ layer.W_hh
+        i, f, g, o = a[:, :Hh].sigmoid(), a[:, Hh:2 * Hh].sigmoid(), a[:, 2 * Hh:3 * Hh].tanh(), a[:, 3 * Hh:].sigmoid()
+        c_tilde = f * c + i * g
+        h = zh[t] * h + (1 - zh[t]) * (o * c_tilde.tanh())
+        c = zc[t] * c + (1 - zc[t]) * c_tilde
+        outs.append(h)
+    return torch.stack(outs), h, c
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_zoneout_lstm_equals_float64_reference(training):
+    """A 2-layer residual scratch LSTM with zoneout against the equations: logits, final state and every
+    parameter's gradient. Training draws the masks (replayed from the same seed), evaluation uses the rates."""
+    torch.manual_seed(12)
+    model = _model("scratch", num_layers=2, residual=True, input="embedding", embed_size=H,
+                   zoneout_cell=0.4, zoneout_hidden=0.2).double().train(training)
+    gen = torch.Generator().manual_seed(13)
+    X, state = _tokens(13), _random_state(model, gen)
+    torch.manual_seed(14)
+    logits, new_state, grads = _run(model, X, state)
+    torch.manual_seed(14)  # the same draws, in the model's order: layer by layer, zc then zh
+    w = model.layers[0].W_hh
+    masks = [zoneout_masks((T, B, H), w, 0.4, 0.2, training) for _ in range(2)]
+    if training:
+        assert set(masks[0][0].unique().tolist()) == {0.0, 1.0}
+
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+
+    def layer_view(l):
+        return type("L", (), {k.split(".", 2)[2]: v for k, v in params.items() if k.startswith(f"layers.{l}.")})
+
+    x = F.embedding(X.T, params["embedding.weight"])
+    hs, cs = [], []
+    for l in range(2):
+        y, h, c = _zoneout_lstm_reference(layer_view(l), x, state[0][l], state[1][l], *masks[l])
+        x = y + x if l > 0 else y
+        hs.append(h)
+        cs.append(c)
+    ref_logits = x @ params["output.weight"].T + params["output.bias"]
+    ref_state = (torch.stack(hs), torch.stack(cs))
+    assert_close(logits, ref_logits)
+    assert_close(new_state, ref_state)
+    wt = torch.randn(ref_logits.shape, dtype=ref_logits.dtype, generator=torch.Generator().manual_seed(7))
+    ((ref_logits * wt).sum() + sum((s * s).sum() for s in ref_state)).backward()
+    for n, p in params.items():
+        assert_close(grads[n], p.grad, msg=n)
+
+
+def test_zoneout_evaluation_is_deterministic_and_differs_from_plain():
+    torch.manual_seed(15)
+    model = _model("scratch", zoneout_cell=0.5, zoneout_hidden=0.05)
+    plain = _model("scratch")
+    plain.load_state_dict(model.state_dict())
+    X = _tokens(15)
+    assert not torch.equal(model(X)[0], model(X)[0])  # training: new masks each forward
+    model.eval()
+    plain.eval()
+    e1, e2 = model(X)[0], model(X)[0]
+    assert torch.equal(e1, e2)
+    assert not torch.allclose(e1, plain(X)[0])  # the expected update, not the plain LSTM's
+
+
+def test_zoneout_of_zero_is_the_plain_lstm_bit_for_bit():
+    """Masks of zeros (a rate of 0 for c and h in evaluation) through the kernels equal no zoneout at all."""
+    torch.manual_seed(16)
+    layer = _model("scratch").layers[0]
+    xproj = torch.randn(T, B, 4 * H)
+    state = (torch.randn(B, H), torch.randn(B, H))
+    zeros = zoneout_masks((T, B, H), layer.W_hh, 0.0, 0.0, False)
+    a, (ha, ca) = layer(xproj, state)
+    b, (hb, cb) = layer(xproj, state, zeros)
+    assert torch.equal(a, b) and torch.equal(ha, hb) and torch.equal(ca, cb)
+    ones = tuple(torch.ones_like(m) for m in zeros)  # every unit zoned out: the state never moves
+    y, (h, c) = layer(xproj, state, ones)
+    assert torch.equal(h, state[0]) and torch.equal(c, state[1]) and torch.equal(y, state[0].expand(T, B, H))
+
+
 # -- variable-length BPTT, averaged weights, exact resume -------------------------------------------
 
 
@@ -312,9 +415,12 @@ def _rows(run_dir):
         return list(csv.DictReader(f))
 
 
-def test_resume_is_exact_with_every_regulariser(tmp_path):
-    """N steps in one go == N/2, pause, resume, N/2: variable windows, EMA, AR/TAR, weight-drop, locked."""
-    kw = dict(corpus=["timemachine"], num_layers=2, num_hiddens=16, batch_size=8, num_steps=10,
+@pytest.mark.parametrize("extra", [{}, dict(impl="scratch", zoneout_cell=0.3, zoneout_hidden=0.1)],
+                         ids=["concise", "scratch-zoneout"])
+def test_resume_is_exact_with_every_regulariser(tmp_path, extra):
+    """N steps in one go == N/2, pause, resume, N/2: variable windows, EMA, AR/TAR, weight-drop, locked
+    (and zoneout, whose masks come from the same generator as the others)."""
+    kw = dict(**extra, corpus=["timemachine"], num_layers=2, num_hiddens=16, batch_size=8, num_steps=10,
               max_tokens=4000, val_fraction=0.02, test_fraction=0.02, num_epochs=3, lr=1e-2, eval_every=5,
               eval_batch_size=8, eval_num_steps=50, sample_every=0, num_preds=5, precision="fp32", seed=3,
               input="embedding", dropout=0.2, locked_dropout=True, embed_dropout=0.1, input_dropout=0.1,

@@ -107,6 +107,8 @@ class TrainConfig:
     output_dropout: float | None = None  # dropout before the output layer (default: dropout)
     locked_dropout: bool = False  # variational dropout: one mask per sequence, shared across time
     weight_drop: float = 0.0  # DropConnect on the recurrent weights W_hh (AWD-LSTM weight-drop)
+    zoneout_cell: float = 0.0  # zoneout: probability that an LSTM unit keeps its previous c (impl scratch)
+    zoneout_hidden: float = 0.0  # zoneout: probability that an LSTM unit keeps its previous h (impl scratch)
     # batching
     batch_size: int = 32  # streams per step (global batch under DDP)
     num_steps: int = 64  # BPTT window length
@@ -152,7 +154,8 @@ class TrainConfig:
     def model_fields(self) -> dict[str, Any]:
         names = ("cell", "num_layers", "num_hiddens", "impl", "input", "embed_size", "dropout",
                  "tie_weights", "init", "forget_bias", "gru_variant", "residual", "layer_norm",
-                 "embed_dropout", "input_dropout", "output_dropout", "locked_dropout", "weight_drop")
+                 "embed_dropout", "input_dropout", "output_dropout", "locked_dropout", "weight_drop",
+                 "zoneout_cell", "zoneout_hidden")
         return {n: getattr(self, n) for n in names}
 
     def validate(self) -> None:

@@ -48,6 +48,14 @@ BAD = [
     (dict(embed_dropout=-0.1), "embed_dropout must be in [0, 1), got -0.1"),
     (dict(input_dropout="0.1"), "input_dropout must be a number in [0, 1), got '0.1'"),
     (dict(output_dropout=1.5), "output_dropout must be in [0, 1), got 1.5"),
+    (dict(zoneout_cell=1.0, impl="scratch"), "zoneout_cell must be in [0, 1), got 1.0"),
+    (dict(zoneout_hidden=-0.1, impl="scratch"), "zoneout_hidden must be in [0, 1), got -0.1"),
+    (dict(zoneout_cell=0.5), "zoneout_cell and zoneout_hidden have no torch.nn form; use impl='scratch' or set "
+                             "both to 0"),
+    (dict(zoneout_hidden=0.1, cell="gru", impl="scratch"),
+     "zoneout_cell and zoneout_hidden apply to cell='lstm' (cell is 'gru'); set both to 0"),
+    (dict(zoneout_cell=0.5, impl="scratch", layer_norm=True),
+     "zoneout_cell and zoneout_hidden do not combine with layer_norm; set both to 0 or layer_norm=False"),
 ]
 
 
@@ -81,6 +89,7 @@ def test_defaults_follow_the_contract():
     assert (cfg.num_layers, cfg.num_hiddens, cfg.impl, cfg.input, cfg.embed_size) == (2, 256, "concise", "one_hot", None)
     assert (cfg.dropout, cfg.tie_weights, cfg.forget_bias, cfg.gru_variant) == (0.0, False, 0.0, "torch")
     assert (cfg.residual, cfg.layer_norm) == (False, False)
+    assert (cfg.zoneout_cell, cfg.zoneout_hidden) == (0.0, 0.0)
     assert ModelConfig(vocab_size=28, cell="lstm", input="embedding").input_size == 256
 
 

@@ -213,15 +213,19 @@ def test_window_function_gradcheck(cell):
     assert torch.autograd.gradcheck(fn, args)
 
 
-@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru", "lstm-zoneout"])
 def test_fast_path_equals_autograd_reference(cell):
     torch.manual_seed(6)
+    cell, zoneout = cell.removesuffix("-zoneout"), cell.endswith("-zoneout")
     layer = ScratchModel(_config(cell, 1, "one_hot", "scratch")).double().layers[0]
     G = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}[cell]
     xproj = torch.randn(T, B, G * H, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(B, H, dtype=torch.float64)
     state = (h0, torch.randn(B, H, dtype=torch.float64)) if cell == "lstm" else h0
-    fast, ref = layer(xproj, state), layer.forward_reference(xproj, state)
+    kw = {}
+    if zoneout:  # one drawn 0/1 mask and one at a rate, as in training and in evaluation
+        kw["zoneout"] = ((torch.rand(T, B, H) < 0.5).double(), torch.full((T, B, H), 0.2, dtype=torch.float64))
+    fast, ref = layer(xproj, state, **kw), layer.forward_reference(xproj, state, **kw)
     assert_close(fast[0], ref[0])
     for f, r in zip(fast[1] if cell == "lstm" else (fast[1],), ref[1] if cell == "lstm" else (ref[1],)):
         assert_close(f, r)

@@ -123,6 +123,50 @@ def test_kernels_equal_python_loops(ext, products, cell, shape, dtype, lp, x_lp)
     _assert_lists_close(getattr(ext, f"{name}_backward")(*bargs), py_backward(*bargs), tol, lp)
 
 
+def _zoneout(T, B, H, dtype, kind, seed=3):
+    """Zoneout masks (zc, zh): drawn 0/1 as in training, or every unit at a rate as in evaluation."""
+    if kind == "rates":
+        return torch.full((T, B, H), 0.3, dtype=dtype), torch.full((T, B, H), 0.1, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    return tuple((torch.rand(T, B, H, generator=gen) < p).to(dtype) for p in (0.5, 0.2))
+
+
+@pytest.mark.parametrize("kind", ["drawn", "rates"])
+@pytest.mark.parametrize("shape,dtype,lp,x_lp", [c[1:] for c in CASES if c[0] == "lstm"])
+def test_lstm_zoneout_kernels_equal_python_loops(ext, products, shape, dtype, lp, x_lp, kind):
+    """With zoneout masks, the LSTM kernels return what the Python loops return, forward and backward."""
+    T, B, H = shape
+    args = (*_inputs("lstm", T, B, H, dtype, lp, x_lp), *_zoneout(T, B, H, dtype, kind))
+    tol = _tol(dtype, lp)
+    saved, ref_saved = ext.lstm_forward(*args), S._lstm_forward(*args)
+    _assert_lists_close(saved, ref_saved, tol, lp)
+    bargs = (*_backward_args("lstm", ref_saved, T, B, H, dtype, lp, x_lp, args), *args[-2:])
+    _assert_lists_close(ext.lstm_backward(*bargs), S._lstm_backward(*bargs), tol, lp)
+
+
+@pytest.mark.parametrize("kind", ["drawn", "rates"])
+def test_lstm_zoneout_gradcheck(ext, kind):
+    """The compiled backward sweep with zoneout against finite differences (float64)."""
+    T, B, H = 4, 2, 3
+    xproj, h0, c0, W, _ = _inputs("lstm", T, B, H, torch.float64, None, False, seed=6)
+    zc, zh = _zoneout(T, B, H, torch.float64, kind)
+    leaves = [a.detach().clone().requires_grad_() for a in (xproj, h0, c0, W)]
+    assert native.kernels_for(xproj, W, None) is ext
+    fn = lambda x, h, c, W: S._LSTMWindow.apply(x, h, c, W, None, zc, zh)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(leaves))
+
+
+def test_zoneout_masks_are_checked(ext):
+    xproj, h0, c0, W, _ = _inputs("lstm", 3, 2, 4, torch.float32, None, False)
+    zc, zh = _zoneout(3, 2, 4, torch.float32, "drawn")
+    with pytest.raises(RuntimeError, match="zoneout needs both masks"):
+        ext.lstm_forward(xproj, h0, c0, W, None, zc, None)
+    with pytest.raises(RuntimeError, match="contiguous \\(T, B, H\\) tensor in the state's dtype"):
+        ext.lstm_forward(xproj, h0, c0, W, None, zc.double(), zh)
+    with pytest.raises(RuntimeError, match="contiguous \\(T, B, H\\) tensor in the state's dtype"):
+        ext.lstm_forward(xproj, h0, c0, W, None, zc[:2], zh[:2])
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_row_split_is_the_same_on_any_number_of_threads(ext, cell):
     """Split by rows, each row's numbers do not depend on how many shares the batch is cut into: forward

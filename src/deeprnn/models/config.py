@@ -35,6 +35,10 @@ class ModelConfig:
     output_dropout: float | None = None  # dropout before the output layer; None: the same as dropout
     locked_dropout: bool = False  # one dropout mask per sequence and window, shared across time steps
     weight_drop: float = 0.0  # DropConnect on the recurrent weights W_hh, one mask per window
+    # zoneout (Krueger et al. 2017), LSTM, impl="scratch": in training each unit keeps its previous c (h)
+    # with this probability at each step; in evaluation every unit moves by the expected amount
+    zoneout_cell: float = 0.0
+    zoneout_hidden: float = 0.0
 
     @property
     def input_size(self) -> int:
@@ -104,8 +108,18 @@ class ModelConfig:
                 raise ConfigError("layer_norm has no torch.nn form; use impl='scratch' or layer_norm=False")
             if self.cell == "gru" and self.gru_variant != "torch":
                 raise ConfigError("layer_norm needs gru_variant='torch' for cell='gru'")
-        for name in ("embed_dropout", "input_dropout", "weight_drop"):
+        for name in ("embed_dropout", "input_dropout", "weight_drop", "zoneout_cell", "zoneout_hidden"):
             _check_rate(name, getattr(self, name))
+        if self.zoneout_cell or self.zoneout_hidden:
+            if self.cell != "lstm":
+                raise ConfigError(f"zoneout_cell and zoneout_hidden apply to cell='lstm' (cell is {self.cell!r}); "
+                                  "set both to 0")
+            if self.impl != "scratch":
+                raise ConfigError("zoneout_cell and zoneout_hidden have no torch.nn form; use impl='scratch' "
+                                  "or set both to 0")
+            if self.layer_norm:
+                raise ConfigError("zoneout_cell and zoneout_hidden do not combine with layer_norm; set both to 0 "
+                                  "or layer_norm=False")
         if self.output_dropout is not None:
             _check_rate("output_dropout", self.output_dropout)
         return self

@@ -229,8 +229,10 @@ class RNNLayer(_ScratchLayer):
         return torch.stack(outputs), h
 
 
-def _lstm_forward(xproj, h0, c0, W_hh, lp):
-    """The Python loop of ``_LSTMWindow.forward`` -> ``[W, acts, hs, cs, tcs, hl]`` (as ``native``'s)."""
+def _lstm_forward(xproj, h0, c0, W_hh, lp, zc=None, zh=None):
+    """The Python loop of ``_LSTMWindow.forward`` -> ``[W, acts, hs, cs, tcs, hl]`` (as ``native``'s).
+    ``zc``, ``zh``: zoneout masks (T, B, H), both or neither: ``c = zc c_prev + (1 - zc) c̃``,
+    ``h = zh h_prev + (1 - zh) h̃`` with ``h̃ = o tanh(c̃)``; ``tcs`` then holds tanh(c̃)."""
     T, B, G = xproj.shape  # G = 4H, gate blocks i, f, g, o
     H = G // 4
     acts = xproj.new_empty(T, B, G, dtype=W_hh.dtype)  # σ(i), σ(f), tanh(g), σ(o) per step
@@ -252,15 +254,18 @@ def _lstm_forward(xproj, h0, c0, W_hh, lp):
         torch.mul(f, cs[t], out=cs[t + 1]).addcmul_(i, g)
         tc = torch.mul(cs[t + 1], 2, out=tcs[t]).sigmoid_().mul_(2).sub_(1)  # tanh(c_t)
         torch.mul(o, tc, out=hs[t + 1])
+        if zc is not None:  # written so that a mask of 1 keeps the previous value exactly
+            cs[t + 1].mul_(1 - zc[t]).addcmul_(zc[t], cs[t])
+            hs[t + 1].mul_(1 - zh[t]).addcmul_(zh[t], hs[t])
         if lp is not None:
             hl[t + 1].copy_(hs[t + 1])
     return [W, acts, hs, cs, tcs, hl]
 
 
-def _lstm_backward(W, acts, hs, cs, tcs, hl, d_out, d_hT, d_cT, x_in_lp: bool = False):
+def _lstm_backward(W, acts, hs, cs, tcs, hl, d_out, d_hT, d_cT, x_in_lp: bool = False, zc=None, zh=None):
     """The Python sweep of ``_LSTMWindow.backward`` -> ``[dpre, dpl, dh, dc]``: the pre-activations'
     gradient, its copy in the products' dtype (``dpre`` itself without one), and ``h0``'s and ``c0``'s.
-    ``x_in_lp`` as in ``_rnn_backward``."""
+    ``x_in_lp`` as in ``_rnn_backward``; ``zc``, ``zh``: the forward's zoneout masks."""
     lp = hl.dtype if hl.dtype != hs.dtype else None
     T, B, G = acts.shape
     H = G // 4
@@ -276,12 +281,20 @@ def _lstm_backward(W, acts, hs, cs, tcs, hl, d_out, d_hT, d_cT, x_in_lp: bool = 
     dpl = dpre if lp is None else torch.empty_like(dpre, dtype=lp)  # dpre for the products
     W_T = W.T
     dh, dc = d_hT.to(acts.dtype) + d_out[T - 1], d_cT.to(acts.dtype)
+    dz = carry = None  # with zoneout: the gradients of h and c that skip a step
     for t in range(T - 1, -1, -1):
+        if zc is not None:
+            if dz is not None:
+                dh = dh + dz
+            dz = dh * zh[t]
+            dh = dh * (1 - zh[t])
+            carry = dc * zc[t]
+            dc = dc * (1 - zc[t])
         dc = torch.addcmul(dc, dh, A[t])
         dp = dpre[t].view(B, 4, H)
         torch.mul(dc.unsqueeze(1), M[t, :, :3], out=dp[:, :3])
         torch.mul(dh, M[t, :, 3], out=dp[:, 3])
-        dc = dc * f[t]
+        dc = dc * f[t] if carry is None else dc * f[t] + carry
         if lp is not None:
             dpl[t].copy_(dpre[t])
             dh = (dpl[t] @ W_T).to(acts.dtype)
@@ -291,6 +304,8 @@ def _lstm_backward(W, acts, hs, cs, tcs, hl, d_out, d_hT, d_cT, x_in_lp: bool = 
             dh = torch.addmm(d_out[t - 1], dpre[t], W_T)
         else:
             dh = dpre[0] @ W_T
+    if dz is not None:
+        dh = dh + dz
     return [dpl if x_in_lp and lp is not None else dpre, dpl, dh, dc]
 
 
@@ -303,30 +318,31 @@ class _LSTMWindow(torch.autograd.Function):
     of the input projection is the stacked gate gradients, so ``W_xh``/``b_h`` are handled by autograd
     outside. Saved for backward: the activations (T, B, 4H), c and h (T+1, B, H), tanh(c) (T, B, H).
     ``lp`` (a dtype or None): run the products with operands in that dtype (see ``_gemm_dtype``); the
-    outputs then come in ``lp`` too, the final state in W_hh's dtype.
+    outputs then come in ``lp`` too, the final state in W_hh's dtype. ``zc``, ``zh``: zoneout masks (see
+    ``_lstm_forward``), saved for the backward sweep too; they get no gradient.
     """
 
     @staticmethod
-    def forward(ctx, xproj, h0, c0, W_hh, lp=None):
+    def forward(ctx, xproj, h0, c0, W_hh, lp=None, zc=None, zh=None):
         ctx.native = native.kernels_for(xproj, W_hh, lp)
         ctx.x_in_lp = lp is not None and xproj.dtype == lp
         with _no_autocast(xproj):
             kernel = _lstm_forward if ctx.native is None else ctx.native.lstm_forward
-            W, acts, hs, cs, tcs, hl = kernel(xproj, h0, c0, W_hh, lp)
-        ctx.save_for_backward(W, acts, hs, cs, tcs, hl)
+            W, acts, hs, cs, tcs, hl = kernel(xproj, h0, c0, W_hh, lp, zc, zh)
+        ctx.save_for_backward(W, acts, hs, cs, tcs, hl, zc, zh)
         return hl[1:], hs[-1].clone(), cs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_hT, d_cT):
-        W, acts, hs, cs, tcs, hl = ctx.saved_tensors
+        W, acts, hs, cs, tcs, hl, zc, zh = ctx.saved_tensors
         with _no_autocast(acts):
             kernel = _lstm_backward if ctx.native is None else ctx.native.lstm_backward
-            dpre, dpl, dh, dc = kernel(W, acts, hs, cs, tcs, hl, d_out, d_hT, d_cT, ctx.x_in_lp)
+            dpre, dpl, dh, dc = kernel(W, acts, hs, cs, tcs, hl, d_out, d_hT, d_cT, ctx.x_in_lp, zc, zh)
             d_W_hh = None
             if ctx.needs_input_grad[3]:
                 d_W_hh = _recurrent_weight_grad(hl, dpl, acts.dtype)  # (H, 4H)
-        return dpre, dh, dc, d_W_hh, None
+        return dpre, dh, dc, d_W_hh, None, None, None
 
 
 class LSTMLayer(_ScratchLayer):
@@ -334,23 +350,29 @@ class LSTMLayer(_ScratchLayer):
 
     num_gates = 4
 
-    def forward(self, xproj, state):
-        """xproj (T, B, 4H), state (h, c) each (B, H) -> (outputs (T, B, H), (h, c))."""
+    def forward(self, xproj, state, zoneout=None):
+        """xproj (T, B, 4H), state (h, c) each (B, H) -> (outputs (T, B, H), (h, c)).
+        ``zoneout``: None, or masks ``(zc, zh)`` each (T, B, H) in the state's dtype (``zoneout_masks``)."""
         h0, c0 = state
-        outputs, h, c = _LSTMWindow.apply(xproj, h0, c0, self.W_hh, _gemm_dtype(xproj))
+        zc, zh = (None, None) if zoneout is None else zoneout
+        outputs, h, c = _LSTMWindow.apply(xproj, h0, c0, self.W_hh, _gemm_dtype(xproj), zc, zh)
         return outputs, (h, c)
 
-    def forward_reference(self, xproj, state):
+    def forward_reference(self, xproj, state, zoneout=None):
         """The same function with autograd through every step; slower, kept as the plain statement."""
         h, c = state
         H = self.num_hiddens
         outputs = []
-        for x in xproj.unbind(0):
+        for t, x in enumerate(xproj.unbind(0)):
             gates = torch.addmm(x, h, self.W_hh)  # (B, 4H)
             i, f, _, o = gates.sigmoid().chunk(4, 1)
             g = gates[:, 2 * H : 3 * H].tanh()
-            c = torch.addcmul(f * c, i, g)
-            h = o * c.tanh()
+            c_new = torch.addcmul(f * c, i, g)
+            h_new = o * c_new.tanh()
+            if zoneout is not None:  # keep the previous value where the mask says so
+                c_new = zoneout[0][t] * c + (1 - zoneout[0][t]) * c_new
+                h_new = zoneout[1][t] * h + (1 - zoneout[1][t]) * h_new
+            h, c = h_new, c_new
             outputs.append(h)
         return torch.stack(outputs), (h, c)
 
@@ -626,6 +648,20 @@ def _make_layer(config: ModelConfig, input_size: int) -> _ScratchLayer:
     return RNNLayer(input_size, H, nonlinearity=config.cell.removeprefix("rnn_"))
 
 
+def zoneout_masks(shape, like: torch.Tensor, cell: float, hidden: float, training: bool):
+    """Zoneout masks ``(zc, zh)`` for one layer's window, each of ``shape`` (T, B, H) in ``like``'s dtype
+    and on its device.
+
+    Training: 1 where a unit keeps its previous value this step, drawn independently per unit and step
+    with probability ``cell`` (for c) and ``hidden`` (for h), as ``regularize.keep_mask`` draws. Evaluation:
+    the rates themselves, every unit moving by the expected amount, so evaluation stays deterministic.
+    """
+    if not training:
+        return like.new_full(shape, cell), like.new_full(shape, hidden)
+    return tuple(torch.rand(shape, device=like.device, dtype=like.dtype).lt_(p) if p > 0 else like.new_zeros(shape)
+                 for p in (cell, hidden))
+
+
 class ScratchModel(LanguageModel):
     """The deep RNN of d2l section 9.3 from scratch, with the ``LanguageModel`` interface."""
 
@@ -652,10 +688,15 @@ class ScratchModel(LanguageModel):
             else:
                 xproj = layer.project(self._embed(X))  # embedded, or one-hot with tokens dropped
             s = (state[0][l], state[1][l]) if lstm else state[l]
+            extra = {}
+            if lstm and (cfg.zoneout_cell or cfg.zoneout_hidden):
+                extra["zoneout"] = zoneout_masks(xproj.shape[:2] + (cfg.num_hiddens,), layer.W_hh,
+                                                 cfg.zoneout_cell, cfg.zoneout_hidden, self.training)
             if self.training and cfg.weight_drop > 0:  # DropConnect on W_hh, one mask per window
-                y, s = functional_call(layer, {"W_hh": drop_connect(layer.W_hh, cfg.weight_drop, True)}, (xproj, s))
+                y, s = functional_call(layer, {"W_hh": drop_connect(layer.W_hh, cfg.weight_drop, True)},
+                                       (xproj, s), extra)
             else:
-                y, s = layer(xproj, s)  # (T, B, H)
+                y, s = layer(xproj, s, **extra)  # (T, B, H)
             out = y + out if cfg.residual and l > 0 else y
             finals.append(s)
         return out, stack_layer_states(finals)  # (L, B, H), or (h, c) of that shape

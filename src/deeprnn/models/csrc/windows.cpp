@@ -95,11 +95,16 @@ inline void for_each_unit(int64_t B, int64_t H, const scalar_t* __restrict dh_ba
 // Pointers are one step's slices, rows of B, unit j of gate q at [b * G + q * H + j].
 
 // LSTM forward: the pre-activations x + prod (prod = h W, in lp or scalar_t). Writes the activations
-// σ(i), σ(f), tanh(g), σ(o) into `a`, c, tanh(c), h and h's lp copy.
-template <typename scalar_t, typename x_t, typename lp_t>
+// σ(i), σ(f), tanh(g), σ(o) into `a`, c, tanh(c), h and h's lp copy. With zoneout (Z; Krueger et al. 2017)
+// mc and mh are the step's zoneout masks (1: the unit keeps its previous value; at evaluation the rate):
+// c = mc c_prev + (1 - mc) c̃, h = mh h_prev + (1 - mh) h̃, with c̃ = f c_prev + i g, h̃ = o tanh(c̃), and
+// `tc` holds tanh(c̃).
+template <typename scalar_t, typename x_t, typename lp_t, bool Z = false>
 void lstm_forward_step(int64_t B, int64_t H, const x_t* __restrict x, const lp_t* __restrict prod,
                        scalar_t* __restrict a, const scalar_t* __restrict c_prev, scalar_t* __restrict c,
-                       scalar_t* __restrict tc, scalar_t* __restrict h, lp_t* __restrict hl) {
+                       scalar_t* __restrict tc, scalar_t* __restrict h, lp_t* __restrict hl,
+                       const scalar_t* __restrict h_prev = nullptr, const scalar_t* __restrict mc = nullptr,
+                       const scalar_t* __restrict mh = nullptr) {
   const int64_t G = 4 * H;
   for (int64_t b = 0; b < B; ++b) {
     scalar_t* ab = a + b * G;
@@ -113,34 +118,53 @@ void lstm_forward_step(int64_t B, int64_t H, const x_t* __restrict x, const lp_t
       const scalar_t po = add_product<scalar_t>(xb[3 * H + j], pb[3 * H + j]);
       const scalar_t i = sigmoid(pi), f = sigmoid(pf), g = tanh_via_sigmoid(pg), o = sigmoid(po);
       ab[j] = i, ab[H + j] = f, ab[2 * H + j] = g, ab[3 * H + j] = o;
-      const scalar_t cn = f * c_prev[s + j] + i * g;
+      scalar_t cn = f * c_prev[s + j] + i * g;
       const scalar_t t = tanh_via_sigmoid(cn);
+      scalar_t hn = o * t;
+      if constexpr (Z) {  // written so that a mask of 1 keeps the previous value exactly
+        cn = mc[s + j] * c_prev[s + j] + (1 - mc[s + j]) * cn;
+        hn = mh[s + j] * h_prev[s + j] + (1 - mh[s + j]) * hn;
+      }
       c[s + j] = cn;
       tc[s + j] = t;
-      h[s + j] = o * t;
-      if constexpr (has_lp<scalar_t, lp_t>) hl[s + j] = to_lp<lp_t>(o * t);
+      h[s + j] = hn;
+      if constexpr (has_lp<scalar_t, lp_t>) hl[s + j] = to_lp<lp_t>(hn);
     }
   }
 }
 
 // LSTM backward: from dh (see for_each_unit) and dc (updated in place: in, dc_t; out, dc_{t-1}) to the
-// pre-activations' gradient dpre (and its lp copy). Factors grouped as in the Python sweep.
-template <typename scalar_t, typename lp_t>
+// pre-activations' gradient dpre (and its lp copy). Factors grouped as in the Python sweep. With zoneout
+// (Z) dz carries the part of h's gradient that skips a step (in: to h_t; out: to h_{t-1}), added to dh.
+template <typename scalar_t, typename lp_t, bool Z = false>
 void lstm_backward_step(int64_t B, int64_t H, const scalar_t* dh_base, const lp_t* dh_prod,
                         const scalar_t* __restrict a, const scalar_t* __restrict c_prev,
                         const scalar_t* __restrict tc, scalar_t* __restrict dc, scalar_t* __restrict dpre,
-                        lp_t* __restrict dpl) {
+                        lp_t* __restrict dpl, const scalar_t* __restrict mc = nullptr,
+                        const scalar_t* __restrict mh = nullptr, scalar_t* __restrict dz = nullptr) {
   const int64_t G = 4 * H;
   for_each_unit(B, H, dh_base, dh_prod, [&](int64_t b, int64_t j, scalar_t dh) {
     const scalar_t* ab = a + b * G;
     scalar_t* db = dpre + b * G;
     const int64_t s = b * H;
     const scalar_t i = ab[j], f = ab[H + j], g = ab[2 * H + j], o = ab[3 * H + j], t = tc[s + j];
-    const scalar_t d = dc[s + j] + dh * (o * (1 - t * t));
+    scalar_t dct = dc[s + j], carry = 0;
+    if constexpr (Z) {
+      dh += dz[s + j];
+      dz[s + j] = dh * mh[s + j];
+      dh *= 1 - mh[s + j];
+      carry = dct * mc[s + j];
+      dct *= 1 - mc[s + j];
+    }
+    const scalar_t d = dct + dh * (o * (1 - t * t));
     const scalar_t di = d * (g * i * (1 - i)), df = d * (c_prev[s + j] * f * (1 - f));
     const scalar_t dg = d * (i * (1 - g * g)), do_ = dh * (t * o * (1 - o));
     db[j] = di, db[H + j] = df, db[2 * H + j] = dg, db[3 * H + j] = do_;
-    dc[s + j] = d * f;
+    if constexpr (Z) {
+      dc[s + j] = d * f + carry;
+    } else {
+      dc[s + j] = d * f;
+    }
     if constexpr (has_lp<scalar_t, lp_t>) {
       lp_t* lb = dpl + b * G;
       lb[j] = to_lp<lp_t>(di), lb[H + j] = to_lp<lp_t>(df);
@@ -558,9 +582,35 @@ Tensor backward_rows(const Tensor& W, int64_t T, int64_t B, Step&& step) {
 // input projection. Backward: per step one pointwise pass, whose dh adds the previous product to what
 // comes from above, and one product.
 
-// Returns [W, acts, hs, cs, tcs, hl], _LSTMWindow's saved tensors.
+// Zoneout masks for a window: both defined (contiguous (T, B, H) in the state's dtype) or both absent.
+bool zoneout_masks(const std::optional<Tensor>& zc, const std::optional<Tensor>& zh, const Tensor& hs,
+                   at::ScalarType st) {
+  TORCH_CHECK(zc.has_value() == zh.has_value(), "lstm window: zoneout needs both masks (zc and zh) or neither");
+  if (!zc) return false;
+  const int64_t T = hs.size(0) - 1, B = hs.size(1), H = hs.size(2);
+  for (const Tensor* m : {&*zc, &*zh}) {
+    TORCH_CHECK(m->dim() == 3 && m->size(0) == T && m->size(1) == B && m->size(2) == H && m->is_contiguous() &&
+                    m->scalar_type() == st,
+                "lstm window: a zoneout mask must be a contiguous (T, B, H) tensor in the state's dtype");
+  }
+  return true;
+}
+
+// Runs f(std::integral_constant<bool, z>) for the runtime flag z.
+template <typename F>
+void with_zoneout(bool z, F&& f) {
+  if (z) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Returns [W, acts, hs, cs, tcs, hl], _LSTMWindow's saved tensors. zc, zh: zoneout masks (see
+// lstm_forward_step), both or neither.
 std::vector<Tensor> lstm_forward(const Tensor& xproj_in, const Tensor& h0, const Tensor& c0, const Tensor& W_hh_in,
-                                 std::optional<at::ScalarType> lp_in) {
+                                 std::optional<at::ScalarType> lp_in, const std::optional<Tensor>& zc,
+                                 const std::optional<Tensor>& zh) {
   const Tensor W_hh = W_hh_in.contiguous();
   const auto st = W_hh.scalar_type();
   const auto lp = effective_lp(lp_in, st);
@@ -571,14 +621,21 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj_in, const Tensor& h0, const
   Tensor acts = at::empty({T, B, G}, opts);
   Tensor hs = at::empty({T + 1, B, H}, opts), cs = at::empty({T + 1, B, H}, opts);
   Tensor tcs = at::empty({T, B, H}, opts);
+  const bool zone = zoneout_masks(zc, zh, hs, st);
+  const Tensor mc = zone ? *zc : Tensor(), mh = zone ? *zh : Tensor();
   hs[0].copy_(h0);
   cs[0].copy_(c0);
   if (split_rows(st, lp)) {
-    forward_rows(W_hh, hs, [&](int64_t t, int64_t r0, int64_t R, const float* prod) {
-      const int64_t sh = r0 * H, sg = r0 * G;
-      lstm_forward_step<float, float, float>(R, H, step_ptr<float>(xproj, t) + sg, prod, step_ptr<float>(acts, t) + sg,
-                                             step_ptr<float>(cs, t) + sh, step_ptr<float>(cs, t + 1) + sh,
-                                             step_ptr<float>(tcs, t) + sh, step_ptr<float>(hs, t + 1) + sh, nullptr);
+    with_zoneout(zone, [&](auto z) {
+      forward_rows(W_hh, hs, [&](int64_t t, int64_t r0, int64_t R, const float* prod) {
+        const int64_t sh = r0 * H, sg = r0 * G;
+        const float* zc_t = z ? step_ptr<float>(mc, t) + sh : nullptr;
+        const float* zh_t = z ? step_ptr<float>(mh, t) + sh : nullptr;
+        lstm_forward_step<float, float, float, decltype(z)::value>(
+            R, H, step_ptr<float>(xproj, t) + sg, prod, step_ptr<float>(acts, t) + sg, step_ptr<float>(cs, t) + sh,
+            step_ptr<float>(cs, t + 1) + sh, step_ptr<float>(tcs, t) + sh, step_ptr<float>(hs, t + 1) + sh, nullptr,
+            step_ptr<float>(hs, t) + sh, zc_t, zh_t);
+      });
     });
     return {W_hh, acts, hs, cs, tcs, hs};
   }
@@ -589,12 +646,15 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj_in, const Tensor& h0, const
     using scalar_t = typename decltype(s)::type;
     using x_t = typename decltype(xt)::type;
     using lp_t = typename decltype(l)::type;
-    for (int64_t t = 0; t < T; ++t) {
-      lstm_forward_step<scalar_t, x_t, lp_t>(B, H, step_ptr<x_t>(xproj, t), ptr<lp_t>(product(hl[t])),
-                                             step_ptr<scalar_t>(acts, t), step_ptr<scalar_t>(cs, t),
-                                             step_ptr<scalar_t>(cs, t + 1), step_ptr<scalar_t>(tcs, t),
-                                             step_ptr<scalar_t>(hs, t + 1), step_ptr<lp_t>(hl, t + 1));
-    }
+    with_zoneout(zone, [&](auto z) {
+      for (int64_t t = 0; t < T; ++t) {
+        lstm_forward_step<scalar_t, x_t, lp_t, decltype(z)::value>(
+            B, H, step_ptr<x_t>(xproj, t), ptr<lp_t>(product(hl[t])), step_ptr<scalar_t>(acts, t),
+            step_ptr<scalar_t>(cs, t), step_ptr<scalar_t>(cs, t + 1), step_ptr<scalar_t>(tcs, t),
+            step_ptr<scalar_t>(hs, t + 1), step_ptr<lp_t>(hl, t + 1), step_ptr<scalar_t>(hs, t),
+            step_ptr<scalar_t>(mc, t), step_ptr<scalar_t>(mh, t));
+      }
+    });
   });
   return {W, acts, hs, cs, tcs, hl};
 }
@@ -602,47 +662,61 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj_in, const Tensor& h0, const
 // Returns [dpre, dpl, dh, dc]: the gradients of the pre-activations (= of the input projection), their
 // lp copy (the products' operand; dpre itself without lp), and of h0 and c0. With x_in_lp (x came in
 // lp, so autograd would round its gradient to lp anyway) dpre is dpl, and the float copy of a step's
-// dpre only passes through a scratch row.
+// dpre only passes through a scratch row. zc, zh: the forward's zoneout masks, both or neither.
 std::vector<Tensor> lstm_backward(const Tensor& W, const Tensor& acts, const Tensor& hs, const Tensor& cs,
                                   const Tensor& tcs, const Tensor& hl, const Tensor& d_out_in,
-                                  const Tensor& d_hT, const Tensor& d_cT, bool x_in_lp) {
+                                  const Tensor& d_hT, const Tensor& d_cT, bool x_in_lp,
+                                  const std::optional<Tensor>& zc, const std::optional<Tensor>& zh) {
   const auto st = acts.scalar_type();
   const auto lp = effective_lp(hl.scalar_type(), st);
   x_in_lp = x_in_lp && lp;
   const int64_t T = acts.size(0), B = acts.size(1), G = acts.size(2), H = G / 4;
   TORCH_CHECK(T > 0, "lstm_backward: empty window");
+  const bool zone = zoneout_masks(zc, zh, hs, st);
+  const Tensor mc = zone ? *zc : Tensor(), mh = zone ? *zh : Tensor();
+  Tensor dz = zone ? at::zeros({B, H}, acts.options()) : Tensor();  // h's gradient that skips a step
   const Tensor d_out = d_out_in.to(st).contiguous();
   Tensor dpre = x_in_lp ? at::empty({B, G}, acts.options()) : at::empty_like(acts);
   Tensor dpl = lp ? at::empty(acts.sizes(), acts.options().dtype(*lp)) : dpre;
   const Tensor dh_first = at::add(d_hT.to(st), d_out[T - 1]).contiguous();
   Tensor dc = d_cT.to(st, /*non_blocking=*/false, /*copy=*/true).contiguous();
   if (split_rows(st, lp)) {
-    // dh_t = (t = T-1 ? dh_first : d_out_t) + the product of step t+1, added in the pointwise pass.
-    Tensor dh_prod = backward_rows(W, T, B, [&](int64_t t, int64_t, int64_t r0, int64_t R, const float* prod) {
-      const int64_t sh = r0 * H, sg = r0 * G;
-      float* dp = step_ptr<float>(dpre, t) + sg;
-      lstm_backward_step<float, float>(R, H, (t == T - 1 ? ptr<float>(dh_first) : step_ptr<float>(d_out, t)) + sh,
-                                       prod, step_ptr<float>(acts, t) + sg, step_ptr<float>(cs, t) + sh,
-                                       step_ptr<float>(tcs, t) + sh, ptr<float>(dc) + sh, dp, nullptr);
-      return dp;
+    Tensor dh_prod;
+    with_zoneout(zone, [&](auto z) {
+      // dh_t = (t = T-1 ? dh_first : d_out_t) + the product of step t+1, added in the pointwise pass.
+      dh_prod = backward_rows(W, T, B, [&](int64_t t, int64_t, int64_t r0, int64_t R, const float* prod) {
+        const int64_t sh = r0 * H, sg = r0 * G;
+        float* dp = step_ptr<float>(dpre, t) + sg;
+        lstm_backward_step<float, float, decltype(z)::value>(
+            R, H, (t == T - 1 ? ptr<float>(dh_first) : step_ptr<float>(d_out, t)) + sh, prod,
+            step_ptr<float>(acts, t) + sg, step_ptr<float>(cs, t) + sh, step_ptr<float>(tcs, t) + sh,
+            ptr<float>(dc) + sh, dp, nullptr, z ? step_ptr<float>(mc, t) + sh : nullptr,
+            z ? step_ptr<float>(mh, t) + sh : nullptr, z ? ptr<float>(dz) + sh : nullptr);
+        return dp;
+      });
     });
-    return {dpre, dpre, dh_prod, dc};
+    return {dpre, dpre, zone ? dh_prod.add_(dz) : dh_prod, dc};
   }
   StepProduct product(W.t(), B);
   dispatch(st, st, lp, [&](auto s, auto, auto l) {
     using scalar_t = typename decltype(s)::type;
     using lp_t = typename decltype(l)::type;
-    const scalar_t* dh_base = ptr<scalar_t>(dh_first);
-    const lp_t* dh_prod = nullptr;
-    for (int64_t t = T - 1; t >= 0; --t) {
-      lstm_backward_step<scalar_t, lp_t>(B, H, dh_base, dh_prod, step_ptr<scalar_t>(acts, t),
-                                         step_ptr<scalar_t>(cs, t), step_ptr<scalar_t>(tcs, t), ptr<scalar_t>(dc),
-                                         step_ptr<scalar_t>(dpre, x_in_lp ? 0 : t), step_ptr<lp_t>(dpl, t));
-      dh_prod = ptr<lp_t>(product(dpl[t]));  // dh_{t-1} = this + d_out_{t-1}, added in the next pass
-      if (t > 0) dh_base = step_ptr<scalar_t>(d_out, t - 1);
-    }
+    with_zoneout(zone, [&](auto z) {
+      const scalar_t* dh_base = ptr<scalar_t>(dh_first);
+      const lp_t* dh_prod = nullptr;
+      for (int64_t t = T - 1; t >= 0; --t) {
+        lstm_backward_step<scalar_t, lp_t, decltype(z)::value>(
+            B, H, dh_base, dh_prod, step_ptr<scalar_t>(acts, t), step_ptr<scalar_t>(cs, t),
+            step_ptr<scalar_t>(tcs, t), ptr<scalar_t>(dc), step_ptr<scalar_t>(dpre, x_in_lp ? 0 : t),
+            step_ptr<lp_t>(dpl, t), step_ptr<scalar_t>(mc, t), step_ptr<scalar_t>(mh, t), ptr<scalar_t>(dz));
+        dh_prod = ptr<lp_t>(product(dpl[t]));  // dh_{t-1} = this + d_out_{t-1}, added in the next pass
+        if (t > 0) dh_base = step_ptr<scalar_t>(d_out, t - 1);
+      }
+    });
   });
-  return {x_in_lp ? dpl : dpre, dpl, product.result().to(st), dc};
+  Tensor dh = product.result().to(st);
+  if (zone) dh = dh.add(dz);
+  return {x_in_lp ? dpl : dpre, dpl, dh, dc};
 }
 
 // Returns [W, acts, ghn, hs, hl], _GRUWindow's saved tensors.
@@ -821,8 +895,13 @@ void register_greedy(pybind11::module& m);  // greedy.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deeprnn's compiled window kernels: see deeprnn.models.scratch";
-  m.def("lstm_forward", &lstm_forward, py::call_guard<py::gil_scoped_release>(), "LSTM window forward -> [W, acts, hs, cs, tcs, hl]");
-  m.def("lstm_backward", &lstm_backward, py::call_guard<py::gil_scoped_release>(), "LSTM window backward -> [dpre, dpl, dh, dc]");
+  m.def("lstm_forward", &lstm_forward, py::call_guard<py::gil_scoped_release>(),
+        "LSTM window forward -> [W, acts, hs, cs, tcs, hl]", py::arg("xproj"), py::arg("h0"), py::arg("c0"),
+        py::arg("W_hh"), py::arg("lp") = py::none(), py::arg("zc") = py::none(), py::arg("zh") = py::none());
+  m.def("lstm_backward", &lstm_backward, py::call_guard<py::gil_scoped_release>(),
+        "LSTM window backward -> [dpre, dpl, dh, dc]", py::arg("W"), py::arg("acts"), py::arg("hs"), py::arg("cs"),
+        py::arg("tcs"), py::arg("hl"), py::arg("d_out"), py::arg("d_hT"), py::arg("d_cT"), py::arg("x_in_lp"),
+        py::arg("zc") = py::none(), py::arg("zh") = py::none());
   m.def("gru_forward", &gru_forward, py::call_guard<py::gil_scoped_release>(), "GRU window forward -> [W, acts, ghn, hs, hl]");
   m.def("gru_backward", &gru_backward, py::call_guard<py::gil_scoped_release>(), "GRU window backward -> [d_x, d_g, d_b_hn, dh]");
   m.def("rnn_forward", &rnn_forward, py::call_guard<py::gil_scoped_release>(), "RNN window forward -> [W, hs, hl]");
