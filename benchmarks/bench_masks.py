@@ -1,9 +1,12 @@
 """Dropout masks from ``torch.rand >= p`` against ``bernoulli_``: the training step of a recipe, both ways.
 
     python benchmarks/bench_masks.py [--preset tm-cpu] [--rounds 8] [--steps 10] [--set KEY=VALUE ...]
+    python benchmarks/bench_masks.py --set impl=concise weight_drop=0.35 zoneout_cell=0 zoneout_hidden=0
 
-Every mask deeprnn draws (locked and embedding dropout, weight-drop) comes from
-``deeprnn.regularize.keep_mask``. This script times the preset's training step on the CPU (forward, loss,
+(the second: the ``tm-cpu`` step as it was when README's figure was measured, before zoneout replaced its
+weight-drop). Every dropout mask deeprnn draws (locked and embedding dropout, weight-drop) comes from
+``deeprnn.regularize.keep_mask``; zoneout's 0/1 masks (``scratch.zoneout_masks``, also ``torch.rand``) are
+not swapped. This script times the preset's training step on the CPU (forward, loss,
 backward, the preset's optimiser from ``build_optimizer``; bf16 autocast if the preset says so; random
 tokens, vocabulary 28) with ``keep_mask`` as it is and with a ``bernoulli_`` draw in its place, alternating
 for ``--rounds`` rounds of ``--steps`` steps, so drift in the machine's load hits both alike. It prints each
