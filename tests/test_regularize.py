@@ -201,6 +201,17 @@ def test_residual_scratch_equals_concise(cell, inp):
     assert not torch.allclose(plain(X, state)[0], ls)
 
 
+def _leaf_params(model):
+    """Detached copies of the model's parameters that require grad, and ``layer_view(l)``: layer l's copies
+    as attributes (``W_xh``, ``W_hh``, ``b_h``, ...), for references written out from the equations."""
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+
+    def layer_view(l):
+        return type("L", (), {k.split(".", 2)[2]: v for k, v in params.items() if k.startswith(f"layers.{l}.")})
+
+    return params, layer_view
+
+
 def _ln(x, gain, bias=None, eps=1e-5):
     mu = x.mean(-1, keepdim=True)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)
@@ -247,11 +258,7 @@ def test_layer_norm_cells_equal_float64_reference(cell):
     X, state = _tokens(11), _random_state(model, gen)
     logits, new_state, grads = _run(model, X, state)
 
-    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
-
-    def layer_view(l):
-        return type("L", (), {k.split(".", 2)[2]: v for k, v in params.items() if k.startswith(f"layers.{l}.")})
-
+    params, layer_view = _leaf_params(model)
     x = F.embedding(X.T, params["embedding.weight"])
     hs, cs = [], []
     for l in range(2):
@@ -325,11 +332,7 @@ def test_zoneout_lstm_equals_float64_reference(training):
     if training:
         assert set(masks[0][0].unique().tolist()) == {0.0, 1.0}
 
-    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
-
-    def layer_view(l):
-        return type("L", (), {k.split(".", 2)[2]: v for k, v in params.items() if k.startswith(f"layers.{l}.")})
-
+    params, layer_view = _leaf_params(model)
     x = F.embedding(X.T, params["embedding.weight"])
     hs, cs = [], []
     for l in range(2):
