@@ -92,7 +92,8 @@ MODELS = [
 
 def takes_fast_path(kw) -> bool:
     """Whether a model of ``MODELS`` is stepped by ``_CellStepper`` (torch's cells, the native greedy loop)."""
-    return not (kw.get("gru_variant") == "d2l" or kw.get("layer_norm") or kw.get("zoneout_cell"))
+    return not (kw.get("gru_variant") == "d2l" or kw.get("layer_norm") or kw.get("zoneout_cell")
+                or kw.get("zoneout_hidden"))
 
 
 # -- greedy -----------------------------------------------------------------------------------

@@ -527,7 +527,7 @@ def make_stepper(model: nn.Module, device: torch.device) -> _ModelStepper:
             for l in range(rnn.num_layers)
         ]
     elif (type(model) is ScratchModel and not (cfg.cell == "gru" and cfg.gru_variant == "d2l") and not cfg.layer_norm
-          and not (cfg.zoneout_cell or cfg.zoneout_hidden)):  # zoneout's expected update: the model's own step
+          and not cfg.zoneout):  # zoneout's expected update: the model's own step
         layers = []
         for layer in model.layers:
             b_hh = None

@@ -152,11 +152,10 @@ class TrainConfig:
     on_nan: str = "stop"  # stop | rollback (restore last checkpoint, halve lr)
 
     def model_fields(self) -> dict[str, Any]:
-        names = ("cell", "num_layers", "num_hiddens", "impl", "input", "embed_size", "dropout",
-                 "tie_weights", "init", "forget_bias", "gru_variant", "residual", "layer_norm",
-                 "embed_dropout", "input_dropout", "output_dropout", "locked_dropout", "weight_drop",
-                 "zoneout_cell", "zoneout_hidden")
-        return {n: getattr(self, n) for n in names}
+        """The ModelConfig fields (all but vocab_size, which comes from the data), read off this config."""
+        from deeprnn.models.config import ModelConfig  # torch-free
+
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"}
 
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:

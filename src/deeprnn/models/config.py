@@ -110,7 +110,7 @@ class ModelConfig:
                 raise ConfigError("layer_norm needs gru_variant='torch' for cell='gru'")
         for name in ("embed_dropout", "input_dropout", "weight_drop", "zoneout_cell", "zoneout_hidden"):
             _check_rate(name, getattr(self, name))
-        if self.zoneout_cell or self.zoneout_hidden:
+        if self.zoneout:
             if self.cell != "lstm":
                 raise ConfigError(f"zoneout_cell and zoneout_hidden apply to cell='lstm' (cell is {self.cell!r}); "
                                   "set both to 0")
@@ -123,6 +123,11 @@ class ModelConfig:
         if self.output_dropout is not None:
             _check_rate("output_dropout", self.output_dropout)
         return self
+
+    @property
+    def zoneout(self) -> bool:
+        """Whether zoneout is on (a rate for c or h above 0)."""
+        return bool(self.zoneout_cell or self.zoneout_hidden)
 
     @property
     def out_dropout(self) -> float:

@@ -680,6 +680,10 @@ class ScratchModel(LanguageModel):
         out = None  # the previous layer's output (set by layer 0)
         one_hot_plain = self.embedding is None and (
             not self.training or (cfg.embed_dropout == 0 and cfg.input_dropout == 0))
+        zone_shape = (X.shape[1], X.shape[0], cfg.num_hiddens)  # (T, B, H), every layer's (LSTM only)
+        # in evaluation every layer's masks are the same rates: made once
+        eval_zoneout = None if self.training or not cfg.zoneout else zoneout_masks(
+            zone_shape, self.layers[0].W_hh, cfg.zoneout_cell, cfg.zoneout_hidden, False)
         for l, layer in enumerate(self.layers):
             if l > 0:
                 xproj = layer.project(self._dropout(out, cfg.dropout))  # dropout between layers, (T, B, G*H)
@@ -689,9 +693,9 @@ class ScratchModel(LanguageModel):
                 xproj = layer.project(self._embed(X))  # embedded, or one-hot with tokens dropped
             s = (state[0][l], state[1][l]) if lstm else state[l]
             extra = {}
-            if lstm and (cfg.zoneout_cell or cfg.zoneout_hidden):
-                extra["zoneout"] = zoneout_masks(xproj.shape[:2] + (cfg.num_hiddens,), layer.W_hh,
-                                                 cfg.zoneout_cell, cfg.zoneout_hidden, self.training)
+            if cfg.zoneout:  # ModelConfig allows it for LSTM layers only
+                extra["zoneout"] = eval_zoneout or zoneout_masks(zone_shape, layer.W_hh, cfg.zoneout_cell,
+                                                                 cfg.zoneout_hidden, True)
             if self.training and cfg.weight_drop > 0:  # DropConnect on W_hh, one mask per window
                 y, s = functional_call(layer, {"W_hh": drop_connect(layer.W_hh, cfg.weight_drop, True)},
                                        (xproj, s), extra)

@@ -582,9 +582,10 @@ Tensor backward_rows(const Tensor& W, int64_t T, int64_t B, Step&& step) {
 // input projection. Backward: per step one pointwise pass, whose dh adds the previous product to what
 // comes from above, and one product.
 
-// Zoneout masks for a window: both defined (contiguous (T, B, H) in the state's dtype) or both absent.
-bool zoneout_masks(const std::optional<Tensor>& zc, const std::optional<Tensor>& zh, const Tensor& hs,
-                   at::ScalarType st) {
+// Whether a window has zoneout masks, after checking them: both defined (contiguous (T, B, H) in the
+// state's dtype) or both absent.
+bool checked_zoneout(const std::optional<Tensor>& zc, const std::optional<Tensor>& zh, const Tensor& hs,
+                     at::ScalarType st) {
   TORCH_CHECK(zc.has_value() == zh.has_value(), "lstm window: zoneout needs both masks (zc and zh) or neither");
   if (!zc) return false;
   const int64_t T = hs.size(0) - 1, B = hs.size(1), H = hs.size(2);
@@ -621,7 +622,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj_in, const Tensor& h0, const
   Tensor acts = at::empty({T, B, G}, opts);
   Tensor hs = at::empty({T + 1, B, H}, opts), cs = at::empty({T + 1, B, H}, opts);
   Tensor tcs = at::empty({T, B, H}, opts);
-  const bool zone = zoneout_masks(zc, zh, hs, st);
+  const bool zone = checked_zoneout(zc, zh, hs, st);
   const Tensor mc = zone ? *zc : Tensor(), mh = zone ? *zh : Tensor();
   hs[0].copy_(h0);
   cs[0].copy_(c0);
@@ -672,7 +673,7 @@ std::vector<Tensor> lstm_backward(const Tensor& W, const Tensor& acts, const Ten
   x_in_lp = x_in_lp && lp;
   const int64_t T = acts.size(0), B = acts.size(1), G = acts.size(2), H = G / 4;
   TORCH_CHECK(T > 0, "lstm_backward: empty window");
-  const bool zone = zoneout_masks(zc, zh, hs, st);
+  const bool zone = checked_zoneout(zc, zh, hs, st);
   const Tensor mc = zone ? *zc : Tensor(), mh = zone ? *zh : Tensor();
   Tensor dz = zone ? at::zeros({B, H}, acts.options()) : Tensor();  // h's gradient that skips a step
   const Tensor d_out = d_out_in.to(st).contiguous();
