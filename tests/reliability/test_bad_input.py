@@ -184,6 +184,21 @@ def test_out_of_range_training_values(cli_error, tmp_path, flag, value, message)
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--zoneout-cell", "1"], "zoneout_cell must be in [0, 1), got 1.0"),
+    (["--zoneout-cell", "0.3"],
+     "zoneout_cell and zoneout_hidden have no torch.nn form; use impl='scratch' or set both to 0"),
+    (["--zoneout-hidden", "0.05", "--impl", "scratch", "--cell", "gru"],
+     "zoneout_cell and zoneout_hidden apply to cell='lstm' (cell is 'gru'); set both to 0"),
+    (["--zoneout-cell", "0.3", "--impl", "scratch", "--layer-norm"],
+     "zoneout_cell and zoneout_hidden do not combine with layer_norm; set both to 0 or layer_norm=False"),
+])
+def test_zoneout_where_it_does_not_apply(cli_error, tmp_path, flags, message):
+    line = cli_error(["train", "--run-dir", str(tmp_path / "r"), *flags])
+    assert line == f"deeprnn: error: {message}"
+    assert not (tmp_path / "r").exists()
+
+
 def test_wrongly_typed_flag_value(cli_error):
     line = cli_error(["train", "--num-layers", "two"])
     assert line == "deeprnn train: error: argument --num-layers: invalid int value: 'two' (see deeprnn train --help)"
