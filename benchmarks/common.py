@@ -37,11 +37,14 @@ def machine() -> str:
     """One line: CPU, logical CPUs, torch and its threads and ISA, Python, OS, and the scratch layers'
     window kernels (C++ or the Python loops)."""
     from deeprnn.models import native, onednn
+    from deeprnn.train import native_bf16
 
     return (f"{cpu_name()}; {os.cpu_count()} logical CPUs; torch {torch.__version__} ({torch.get_num_threads()} "
             f"threads, {torch.backends.cpu.get_cpu_capability()}); Python {platform.python_version()}; "
             f"{platform.system()} {platform.release()}; scratch layers on CPU: {native.backend()}; "
-            f"fp32 window-sized products: {'oneDNN' if onednn.enabled() else 'torch.mm'}; {keep_freed_memory()}")
+            f"fp32 window-sized products: {'oneDNN' if onednn.enabled() else 'torch.mm'}; "
+            f"bf16: {'native' if native_bf16(torch.device('cpu')) else 'emulated (no AVX-512), so auto means fp32'}; "
+            f"{keep_freed_memory()}")
 
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 3,

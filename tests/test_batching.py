@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from deeprnn.batching import (
     BatchLoader,
+    _epoch_seed,
     book_seq_data_iter_random,
     book_seq_data_iter_sequential,
     seq_data_iter_random,
@@ -174,6 +175,68 @@ def test_rank_shards_concatenate_to_the_global_batch(mode, world_size):
             assert len(parts[0][k][0]) == 8 // world_size
 
 
+# --- partial shuffle (Press 2019) ------------------------------------------------------------------
+def test_partial_shuffle_rotates_each_stream_by_its_drawn_shift():
+    """Epoch e: the offset, then one shift per stream in [0, L), both from the (seed, e) generator; stream
+    i is row i of the unshuffled epoch rotated left by its shift, and the batches are its columns."""
+    B, T, n = 4, 10, 1000
+    loader = BatchLoader(torch.arange(n), B, T, seed=3, partial_shuffle=True)
+    for e in (0, 1, 7):
+        g = torch.Generator().manual_seed(_epoch_seed(3, e))
+        offset = int(torch.randint(0, T, (1,), generator=g))
+        L = (n - offset - 1) // B
+        shifts = torch.randint(0, L, (B, 1), generator=g).flatten().tolist()
+        rows = [[offset + i * L + (j + shifts[i]) % L for j in range(L)] for i in range(B)]
+        expected = [([r[k * T:(k + 1) * T] for r in rows], [[t + 1 for t in r[k * T:(k + 1) * T]] for r in rows])
+                    for k in range(len(loader))]
+        assert epoch(loader, e) == expected
+        assert len(set(shifts)) > 1 and any(shifts)  # not the unshuffled epoch
+    plain = BatchLoader(torch.arange(n), B, T, seed=3)
+    assert epoch(plain, 1) != epoch(loader, 1)
+
+
+def test_partial_shuffle_with_variable_windows_keeps_the_lengths_and_rotates_the_streams():
+    from deeprnn.regularize import VariableLengthLoader
+
+    n, B = 5000, 4
+    plain = VariableLengthLoader(torch.arange(n), B, 20, seed=1)
+    shuffled = VariableLengthLoader(torch.arange(n), B, 20, seed=1, partial_shuffle=True)
+    for e in (0, 3):
+        assert shuffled.window_lengths(e) == plain.window_lengths(e)
+        offset, lengths = plain.window_lengths(e)
+        L = (n - offset - 1) // B
+        shuffled.set_epoch(e)
+        batches = list(shuffled)
+        assert [x.shape[1] for x, _ in batches] == lengths
+        streams = torch.cat([x for x, _ in batches], 1)
+        assert torch.equal(torch.cat([y for _, y in batches], 1), streams + 1)
+        shifts = []
+        for i in range(B):
+            s = int(streams[i, 0]) - offset - i * L  # where row i starts inside its stretch of text
+            assert 0 <= s < L
+            assert streams[i].tolist() == [offset + i * L + (j + s) % L for j in range(L)]
+            shifts.append(s)
+        assert len(set(shifts)) == B
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_partial_shuffle_resumes_and_shards_exactly(world_size):
+    tokens = torch.randint(0, 28, (2000,), generator=torch.Generator().manual_seed(0))
+    single = BatchLoader(tokens, 8, 9, seed=1, partial_shuffle=True)
+    ranks = [BatchLoader(tokens, 8, 9, seed=1, rank=r, world_size=world_size, partial_shuffle=True)
+             for r in range(world_size)]
+    whole = epoch(single, 2)
+    parts = [epoch(loader, 2) for loader in ranks]
+    for k, (X, Y) in enumerate(whole):
+        assert sum((p[k][0] for p in parts), []) == X and sum((p[k][1] for p in parts), []) == Y
+    single.set_epoch(2)
+    it = iter(single)
+    head = [next(it) for _ in range(5)]
+    resumed = BatchLoader(tokens, 8, 9, seed=1, partial_shuffle=True)
+    resumed.load_state_dict(single.state_dict())
+    assert as_lists(head) + as_lists(resumed) == whole
+
+
 def test_random_windows_are_disjoint_within_an_epoch():
     loader = BatchLoader(torch.arange(1000), 4, 10, mode="random", seed=0)
     for e in range(3):
@@ -211,6 +274,8 @@ def test_too_small_corpus_error():
     ({"mode": "shuffled"}, r"^mode must be one of sequential, random, got 'shuffled'$"),
     ({"world_size": 3}, r"^batch_size must be divisible by world_size=3, got 4$"),
     ({"world_size": 2, "rank": 2}, r"^rank must be in \[0, world_size=2\), got 2$"),
+    ({"mode": "random", "partial_shuffle": True},
+     r"^partial_shuffle needs mode='sequential' \(random sampling already shuffles its windows\), got 'random'$"),
 ])
 def test_loader_config_errors(kwargs, msg):
     args = {"batch_size": 4, "num_steps": 5, **kwargs}

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from deeprnn.models import ModelConfig, build_model
 from deeprnn.models.convert import scratch_to_concise, state_dict_to_scratch
+from deeprnn.train import native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
@@ -48,7 +49,7 @@ def test_scratch_bf16_kernels_match_fp32(cell, input_kind):
     V, B, T = 11, 4, 9
     cfg = ModelConfig(vocab_size=V, cell=cell, num_layers=2, num_hiddens=32, impl="scratch", input=input_kind)
     model = build_model(cfg)
-    twin = scratch_to_concise(model)
+    twin_model = scratch_to_concise(model)
     X = torch.randint(0, V, (B, T))
     Y = torch.randint(0, V, (B, T))
     state = model.begin_state(B)
@@ -56,17 +57,19 @@ def test_scratch_bf16_kernels_match_fp32(cell, input_kind):
              else torch.randn_like(state) * 0.5)
     ref_logits, ref_final, ref_grads = _run(model, X, Y, state, bf16=False)
     logits, final, grads = _run(model, X, Y, state, bf16=True)
-    t_logits, t_final, t_grads = _run(twin, X, Y, state, bf16=True)
     assert final[0].dtype == torch.float32  # the carried state stays in the parameters' dtype
     assert _rel(logits, ref_logits) < 2e-2
     for f, r in zip(final, ref_final):
         assert _rel(f, r) < 2e-2
     # torch.nn's own bf16 error on the same gradient, in scratch names. Its two biases map to one
-    # summed b_h whose gradient is not comparable, so b_h is held to the layer's W_hh figure.
-    twin = convert_grads(t_grads, cfg)
+    # summed b_h whose gradient is not comparable, so b_h is held to the layer's W_hh figure. On a CPU
+    # without AVX-512 torch.nn.LSTM has no bf16 (deeprnn.train.check_precision): the 4% bound alone.
+    twin = None
+    if cell != "lstm" or native_bf16(torch.device("cpu")):
+        twin = convert_grads(_run(twin_model, X, Y, state, bf16=True)[2], cfg)
     for name, g in ref_grads.items():
         twin_name = name.replace("b_h", "W_hh") if name.endswith(".b_h") else name
-        twin_err = _rel(twin[twin_name], ref_grads[twin_name])
+        twin_err = 0.0 if twin is None else _rel(twin[twin_name], ref_grads[twin_name])
         assert _rel(grads[name], g) < max(4e-2, 1.5 * twin_err), name
 
 
@@ -125,9 +128,17 @@ def test_cpu_suite_prints_every_row():
     assert "book's training steps: a child process with glibc's default malloc" in out
     header = next(line for line in out.splitlines() if line.startswith("workload"))
     assert header.split()[-3:] == ["ratio", "at", "ceiling"]
-    for row in ("concise LSTM fp32 vs book nn.LSTM", "scratch GRU bf16 vs book nn.GRU",
-                "scratch LSTM fp32 vs book-style scratch", "generation greedy, 1 stream vs predict_ch8",
-                "torch's step products alone (3.3 MB fp32 read/char)", "generation sampling, 64 streams"):
+    rows = ["concise LSTM fp32 vs book nn.LSTM", "scratch LSTM fp32 vs book-style scratch",
+            "generation greedy, 1 stream vs predict_ch8", "torch's step products alone (3.3 MB fp32 read/char)",
+            "generation sampling, 64 streams"]
+    if native_bf16(torch.device("cpu")):
+        rows += ["scratch GRU bf16 vs book nn.GRU", "concise LSTM bf16 vs book nn.LSTM"]
+        assert "bf16 matmul 2048^3: " in out
+    else:  # emulated bf16 would say nothing about the code and take minutes
+        assert "bf16 vs" not in out
+        assert ("no bf16 rows: this CPU has no AVX-512, so torch emulates bf16 (slower than fp32) and "
+                "torch.nn.LSTM has none") in out
+    for row in rows:
         assert row in out, row
 
 
@@ -180,6 +191,13 @@ def test_bf16_quality_compares_both_precisions(capsys):
     from benchmarks import bf16_quality
 
     tiny = ["num_hiddens=16", "batch_size=4", "num_steps=8", "eval_batch_size=4", "eval_num_steps=64"]
+    if not native_bf16(torch.device("cpu")):  # torch.nn.LSTM has no bf16 here: one line; the scratch LSTM runs
+        with pytest.raises(SystemExit) as err:
+            bf16_quality.main(["--steps", "2", "--seeds", "3", "--set", *tiny])
+        assert err.value.code == 2
+        assert "error: precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512" in \
+            capsys.readouterr().err
+        tiny.append("impl=scratch")
     assert bf16_quality.main(["--steps", "2", "--seeds", "3", "--set", *tiny]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.split()[:1] == ["3"])

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -259,6 +260,9 @@ def test_bad_config_values():
         TrainConfig(beta1=1.0).validate()
     with pytest.raises(ConfigError, match=r"^beta2 must be in \[0, 1\), got -0.1$"):
         TrainConfig(beta2=-0.1).validate()
+    with pytest.raises(ConfigError, match=r"^partial_shuffle needs sampling='sequential' \(random sampling already "
+                                          r"shuffles its windows\)$"):
+        TrainConfig(partial_shuffle=True, sampling="random").validate()
 
 
 @pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
@@ -435,11 +439,14 @@ def test_end_of_training_sample_with_a_prefix_outside_the_vocabulary_is_skipped(
     assert summary["sample"].startswith("the cat ") and len(summary["sample"].split()) == 2 + 4
 
 
-def test_precision_note_says_what_bf16_means_for_cudnn_rnns():
+def test_precision_note_says_what_bf16_means_for_cudnn_rnns(monkeypatch):
     """torch's autocast runs cuDNN's RNNs in float16 whatever dtype it was given: a concise bf16 run on a GPU
-    says so; a CPU run, an fp32 run and a scratch run (whose own kernels follow bf16) say nothing."""
+    says so; a CPU run (with native bf16), an fp32 run and a scratch run (whose own kernels follow bf16) say
+    nothing."""
+    import deeprnn.train as train_mod
     from deeprnn.train import precision_note
 
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: True)
     cuda = torch.device("cuda", 0)
     note = precision_note(cuda, "bf16", "concise")
     assert note == ("note: under autocast torch runs cuDNN's LSTM/GRU/RNN layers in float16, not bfloat16, without "
@@ -447,3 +454,67 @@ def test_precision_note_says_what_bf16_means_for_cudnn_rnns():
     assert precision_note(torch.device("cpu"), "bf16", "concise") is None
     assert precision_note(cuda, "fp32", "concise") is None
     assert precision_note(cuda, "bf16", "scratch") is None
+
+
+# --- precision auto: bf16 only where the device multiplies it natively -------------------------------------
+def test_native_bf16_follows_torchs_onednn_check():
+    """On a CPU, native bf16 is oneDNN's own test (AVX-512 BW/VL/DQ), the one that decides whether torch's bf16
+    products and torch.nn.LSTM's bf16 kernels exist; mps and others never."""
+    from deeprnn.train import native_bf16
+
+    assert native_bf16(torch.device("cpu")) is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert native_bf16(torch.device("meta")) is False
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_precision_auto_is_bf16_only_with_native_bf16(tmp_path, monkeypatch, native, expected):
+    import deeprnn.train as train_mod
+    from deeprnn.train import resolve_precision
+
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: native)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == expected
+    assert (resolve_precision("fp32", cpu), resolve_precision("bf16", cpu)) == ("fp32", "bf16")
+    assert TrainConfig().precision == "auto"
+    lines: list[str] = []
+    cfg = tiny(tmp_path, cell="gru", precision="auto", max_steps=2)  # the GRU runs bf16 on any CPU
+    train(cfg, progress=False, log=lines.append)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == expected  # what auto became
+    assert any(f", cpu, {expected} (auto); run dir" in line for line in lines), lines
+
+
+def test_bf16_on_a_cpu_without_it(tmp_path, monkeypatch):
+    """Asked for explicitly: the GRU and the scratch layers run, with a note that fp32 is faster; torch.nn.LSTM,
+    which oneDNN cannot build in bf16 there, is one line before any run directory exists."""
+    import deeprnn.train as train_mod
+    from deeprnn.train import check_precision, precision_note
+
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    cpu = torch.device("cpu")
+    assert precision_note(cpu, "bf16", "concise") == (
+        "note: this CPU has no AVX-512, so torch emulates bfloat16 products, several times slower than float32; "
+        "--precision auto (or fp32) trains faster here")
+    assert precision_note(cpu, "fp32", "concise") is None
+    msg = ("precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512, which this one lacks; "
+           "use precision auto or fp32, or impl 'scratch'")
+    with pytest.raises(ConfigError, match=f"^{re.escape(msg)}$"):
+        train(tiny(tmp_path, precision="bf16"), progress=False, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+    check_precision("auto", cpu, "lstm", "concise")  # auto is fp32 here
+    check_precision("bf16", cpu, "lstm", "scratch")
+    check_precision("bf16", cpu, "gru", "concise")
+
+
+def test_resume_keeps_the_precision_auto_chose(tmp_path, monkeypatch):
+    """A run started where auto meant bf16 resumes in bf16 with precision auto, wherever it resumes."""
+    import deeprnn.train as train_mod
+
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: True)
+    cfg = tiny(tmp_path, cell="gru", precision="auto", max_steps=4, eval_every=2)
+    train(cfg, progress=False, log=lambda *_: None, stop_after_steps=2)
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    summary = train(tiny(tmp_path, cell="gru", precision="auto", max_steps=4, eval_every=2), resume=True,
+                    progress=False, log=lambda *_: None)
+    assert summary["steps"] == 4
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "bf16"
+    assert load_checkpoint(tmp_path / "run" / "last").meta["train_config"]["precision"] == "bf16"

@@ -103,20 +103,25 @@ class BatchLoader:
     count the least favourable offset allows). ``batch_size`` is global: rank ``r`` of ``world_size``
     gets rows ``[r*B/W, (r+1)*B/W)`` of each global batch. The loader remembers its position: a full
     pass moves on to the next epoch, ``state_dict()`` / ``load_state_dict()`` resume mid-epoch, and
-    ``set_epoch(e)`` jumps to the start of epoch ``e``.
+    ``set_epoch(e)`` jumps to the start of epoch ``e``. ``partial_shuffle`` (sequential only) also rotates
+    each stream by a shift drawn from the same generator, after everything else it draws (``_streams``).
 
     Raises :class:`ConfigError` for bad sizes and :class:`CorpusError` when the tokens cannot fill one
     batch at every offset (at least ``batch_size * num_steps + num_steps`` tokens are needed).
     """
 
     def __init__(self, tokens, batch_size: int, num_steps: int, mode: str = "sequential",
-                 seed: int = 0, rank: int = 0, world_size: int = 1, *, what: str = "corpus", sizes: str = ""):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, *, partial_shuffle: bool = False,
+                 what: str = "corpus", sizes: str = ""):
         # what, sizes: how a too-short stream is named in the error ("the training split", " (the corpus has N)")
         for field, value in (("batch_size", batch_size), ("num_steps", num_steps), ("world_size", world_size)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{field} must be an integer >= 1, got {value!r}")
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if partial_shuffle and mode != "sequential":
+            raise ConfigError(f"partial_shuffle needs mode='sequential' (random sampling already shuffles its "
+                              f"windows), got {mode!r}")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if batch_size % world_size:
@@ -124,6 +129,7 @@ class BatchLoader:
         self.tokens = _as_tokens(tokens)
         self.batch_size, self.num_steps, self.mode = batch_size, num_steps, mode
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.partial_shuffle = partial_shuffle
         minimum = batch_size * num_steps + num_steps
         if len(self.tokens) < minimum:
             raise CorpusError(
@@ -158,9 +164,7 @@ class BatchLoader:
         offset = int(torch.randint(0, self.num_steps, (1,), generator=g))
         B, T = self.batch_size, self.num_steps
         if self.mode == "sequential":
-            num_tokens = (len(self.tokens) - offset - 1) // B * B
-            Xs = self.tokens[offset : offset + num_tokens].reshape(B, -1)[self._rows]  # (B/W, L)
-            Ys = self.tokens[offset + 1 : offset + 1 + num_tokens].reshape(B, -1)[self._rows]
+            Xs, Ys = self._streams(offset, g)
             for k in range(self.batch, len(self)):
                 yield Xs[:, k * T : (k + 1) * T].long(), Ys[:, k * T : (k + 1) * T].long()
         else:
@@ -168,6 +172,23 @@ class BatchLoader:
             starts = torch.randperm(num_subseqs, generator=g) * T + offset
             for k in range(self.batch, len(self)):
                 yield _windows(self.tokens, starts[k * B : (k + 1) * B][self._rows], T)
+
+    def _streams(self, offset: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the epoch's ``B`` streams after dropping ``offset`` tokens: ``(X, Y)``, each
+        ``(B/W, L)``. With ``partial_shuffle`` (Press 2019) stream ``i`` is rotated left by a shift drawn
+        from ``g`` in ``[0, L)``: it reads the same stretch of text, starting at a different place each epoch
+        and wrapping round once, so the streams that share a batch change from epoch to epoch. ``X`` and
+        ``Y`` rotate together, so every target is still the token after its input."""
+        B = self.batch_size
+        num_tokens = (len(self.tokens) - offset - 1) // B * B
+        Xs = self.tokens[offset : offset + num_tokens].reshape(B, -1)  # (B, L)
+        Ys = self.tokens[offset + 1 : offset + 1 + num_tokens].reshape(B, -1)
+        if self.partial_shuffle:
+            L = Xs.shape[1]
+            shifts = torch.randint(0, L, (B, 1), generator=g)  # drawn for all B rows: the same on every rank
+            cols = (torch.arange(L) + shifts) % L
+            Xs, Ys = Xs.gather(1, cols), Ys.gather(1, cols)
+        return Xs[self._rows], Ys[self._rows]
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch

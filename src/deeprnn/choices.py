@@ -15,5 +15,5 @@ NORMALIZATIONS = ("d2l", "raw", "lower")
 SAMPLINGS = ("sequential", "random")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "wsd", "step", "plateau")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the device multiplies it natively, else fp32
 ON_NAN = ("stop", "rollback")

@@ -45,7 +45,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A tiny configuration for smoke tests and --dry-run.
     "tiny": dict(num_layers=1, num_hiddens=16, batch_size=4, num_steps=8, num_epochs=1, max_steps=5,
                  eval_batch_size=4, eval_num_steps=32, sample_every=0, num_preds=10, precision="fp32"),
-    # Quality recipes (docs/quality.md): AWD-LSTM-style regularisation, trained to a wall-clock budget.
+    # Quality recipes (docs/quality.md): AWD-LSTM-style regularisation, trained to a wall-clock budget. The CPU
+    # ones take precision "auto": bf16 on a CPU with AVX-512, where they were measured, fp32 on one without,
+    # where emulated bf16 would take several times longer per step.
     # The Time Machine's 17k held-out characters are scored as 8 long streams with the state carried
     # (AWD-LSTM scores with small evaluation batches too): each stream starts cold once, not every 266
     # characters as 64 streams would. Tiny Shakespeare's 111k keep 64 streams of 1.7k characters.
@@ -65,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    variable_bptt=True,
                    batch_size=32, num_steps=80, optimizer="adam", lr=1.6e-2, beta2=0.95, clip=0.25,
                    schedule="constant", warmup_steps=50, ema_decay=0.998, ema_start=600, time_budget=10.0,
-                   num_epochs=1000, eval_every=200, eval_batch_size=8, eval_num_steps=512, precision="bf16",
+                   num_epochs=1000, eval_every=200, eval_batch_size=8, eval_num_steps=512, precision="auto",
                    sample_every=5),
     # The War of the Worlds added to training; held out: the Time Machine's last 10% only. The Time Machine's
     # training text counts twice (the held-out text is its), 3 layers with residual connections. A constant
@@ -78,7 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          weight_drop=0.25, ar_alpha=2.0, tar_beta=1.0, variable_bptt=True, batch_size=32,
                          num_steps=80, optimizer="adam", lr=1.2e-2, clip=0.25, schedule="constant",
                          warmup_steps=50, ema_decay=0.998, ema_start=600, time_budget=10.0, num_epochs=1000,
-                         eval_every=100, eval_batch_size=8, eval_num_steps=512, precision="bf16", sample_every=5),
+                         eval_every=100, eval_batch_size=8, eval_num_steps=512, precision="auto", sample_every=5),
     # The Time Machine on one GPU (cuDNN LSTM, weight-drop through the fused call), 5 minutes: twice as wide as
     # the CPU recipe, with AWD-LSTM's heavier weight-drop, since a GPU runs many more epochs.
     "tm-gpu": dict(corpus=["timemachine"], normalization="d2l", val_fraction=0.1, test_fraction=0.0,
@@ -97,7 +99,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                             batch_size=32, num_steps=100, optimizer="adam", lr=3e-3, clip=0.25, schedule="cosine",
                             warmup_steps=50, min_lr_ratio=0.02, ema_decay=0.995, ema_start=500, time_budget=10.0,
                             num_epochs=1000, eval_every=200, eval_batch_size=64, eval_num_steps=256,
-                            precision="bf16", prefix="ROMEO:", sample_every=5),
+                            precision="auto", prefix="ROMEO:", sample_every=5),
     # Tiny Shakespeare on one GPU (cuDNN LSTM, weight-drop through the fused call): 2.4 minutes of training,
     # measured on an H100 (docs/quality.md). Lighter dropout (0.25/0.3, weight-drop 0.3) over-fitted after 1 min.
     "shakespeare-gpu": dict(corpus=["tinyshakespeare"], normalization="raw", val_fraction=0.1, test_fraction=0.0,
@@ -511,10 +513,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from deeprnn.checkpoint import load_checkpoint
-    from deeprnn.train import LN2, evaluate_tokens, json_safe, perplexity, resolve_device
+    from deeprnn.train import LN2, check_precision, evaluate_tokens, json_safe, perplexity, resolve_device
 
     device = resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, map_location=device)
+    check_precision(args.precision, device, ck.model.config.cell, ck.model.config.impl)
     tokens = checkpoint_split_tokens(ck, args.split, corpus=args.corpus, data_dir=args.data_dir,
                                      encoding=args.encoding)
     if tokens.numel() < 2:

@@ -120,10 +120,10 @@ class VariableLengthLoader(BatchLoader):
     """
 
     def __init__(self, tokens, batch_size: int, num_steps: int, mode: str = "sequential",
-                 seed: int = 0, rank: int = 0, world_size: int = 1, **names):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, **options):
         if mode != "sequential":
             raise ConfigError(f"variable_bptt needs sampling='sequential', got {mode!r}")
-        super().__init__(tokens, batch_size, num_steps, mode, seed, rank, world_size, **names)
+        super().__init__(tokens, batch_size, num_steps, mode, seed, rank, world_size, **options)
 
     def load_state_dict(self, state: dict) -> None:
         epoch, batch = int(state["epoch"]), int(state["batch"])
@@ -133,6 +133,11 @@ class VariableLengthLoader(BatchLoader):
 
     def window_lengths(self, epoch: int) -> tuple[int, list[int]]:
         """The offset and the window lengths of ``epoch`` (they cover its streams; the last may be cut)."""
+        offset, lengths, _ = self._draw(epoch)
+        return offset, lengths
+
+    def _draw(self, epoch: int) -> tuple[int, list[int], torch.Generator]:
+        """``window_lengths`` and the generator after its draws (partial_shuffle's shifts come next)."""
         g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         offset = int(torch.randint(0, self.num_steps, (1,), generator=g))
         stream = (len(self.tokens) - offset - 1) // self.batch_size
@@ -144,14 +149,11 @@ class VariableLengthLoader(BatchLoader):
             n = min(max(n, lo), T + MAX_EXTRA, stream - pos)
             lengths.append(n)
             pos += n
-        return offset, lengths
+        return offset, lengths, g
 
     def _epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        offset, lengths = self.window_lengths(epoch)
-        B = self.batch_size
-        num_tokens = (len(self.tokens) - offset - 1) // B * B
-        Xs = self.tokens[offset : offset + num_tokens].reshape(B, -1)[self._rows]  # (B/W, L)
-        Ys = self.tokens[offset + 1 : offset + 1 + num_tokens].reshape(B, -1)[self._rows]
+        offset, lengths, g = self._draw(epoch)
+        Xs, Ys = self._streams(offset, g)  # (B/W, L); partial_shuffle's shifts come after the lengths
         starts = [0]
         for n in lengths:
             starts.append(starts[-1] + n)

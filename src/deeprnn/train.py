@@ -130,6 +130,7 @@ class TrainConfig:
     ar_alpha: float = 0.0  # activation regularisation: alpha * mean(h_top^2) added to the loss
     tar_beta: float = 0.0  # temporal activation regularisation: beta * mean((h_t - h_t-1)^2)
     variable_bptt: bool = False  # window length ~ N(num_steps, 5) (p=0.95, else half), lr scaled by len/num_steps
+    partial_shuffle: bool = False  # rotate each stream by a random shift every epoch (Press 2019; sequential)
     ema_decay: float = 0.0  # evaluate and keep as best an EMA of the weights with this decay (0: off)
     ema_start: int = 0  # optimiser steps before the weight average starts
     # budget
@@ -147,7 +148,7 @@ class TrainConfig:
     # execution
     seed: int = 0  # fixes data order, init, dropout and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "bf16"  # fp32 | bf16 (autocast; the loss stays fp32)
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast; the loss stays fp32); auto: see resolve_precision
     run_dir: str | None = None  # where config, metrics, plot and checkpoints go (default runs/<name>)
     on_nan: str = "stop"  # stop | rollback (restore last checkpoint, halve lr)
 
@@ -187,6 +188,8 @@ class TrainConfig:
         need(self.tar_beta >= 0, f"tar_beta must be >= 0, got {self.tar_beta}")
         need(not self.variable_bptt or self.sampling == "sequential",
              "variable_bptt needs sampling='sequential' (random windows carry no state)")
+        need(not self.partial_shuffle or self.sampling == "sequential",
+             "partial_shuffle needs sampling='sequential' (random sampling already shuffles its windows)")
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (0 disables), got {self.ema_decay}")
         need(self.ema_start >= 0, f"ema_start must be >= 0, got {self.ema_start}")
         need(self.num_epochs >= 1, f"num_epochs must be >= 1, got {self.num_epochs}")
@@ -407,17 +410,53 @@ def prefix_note(vocab, prefix: str) -> str | None:
             f"{', '.join(repr(t) for t in missing)}; pass --prefix with {kind} of the training text")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices at full speed: a CUDA GPU that supports it, or a CPU
+    with AVX-512 (BW, VL, DQ), which oneDNN's bf16 kernels need. Elsewhere (an AVX2-only x86 CPU, say)
+    torch falls back to generic bf16 products, several times slower than float32 (7.5x on one such 2-core
+    machine for a 2560x512x2048 product)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a build without oneDNN
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` becomes ``bf16`` where :func:`native_bf16` holds and ``fp32`` elsewhere; the others stay."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def check_precision(precision: str, device: torch.device, cell: str, impl: str) -> None:
+    """ConfigError where bf16 cannot run at all: torch.nn.LSTM under bf16 autocast on a CPU without native
+    bf16 (oneDNN builds no bf16 LSTM there: "could not create a primitive descriptor"). The GRU, the RNN and
+    every scratch layer run there, only slower than fp32 (:func:`precision_note`)."""
+    if (resolve_precision(precision, device) == "bf16" and device.type == "cpu" and cell == "lstm"
+            and impl == "concise" and not native_bf16(device)):
+        raise ConfigError("precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512, which "
+                          "this one lacks; use precision auto or fp32, or impl 'scratch'")
+
+
 def autocast_context(device: torch.device, precision: str):
-    enabled = precision == "bf16" and device.type in ("cpu", "cuda")
+    enabled = resolve_precision(precision, device) == "bf16" and device.type in ("cpu", "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def precision_note(device: torch.device, precision: str, impl: str) -> str | None:
-    """What bf16 really means for a concise model on a GPU, or None where it means what it says.
+    """What bf16 really means here, or None where it means what it says.
 
+    On a CPU without native bf16 (:func:`native_bf16`) it is emulated, and slower than fp32. On a GPU,
     torch's autocast has its own rule for cuDNN's RNNs (``aten/src/ATen/cudnn/AutocastRNN.cpp``): it casts
     their weights, input and state to float16, whatever dtype autocast was given, and deeprnn uses no loss
     scaler. The embedding, output layer and loss still follow bf16/fp32."""
+    if precision == "bf16" and device.type == "cpu" and not native_bf16(device):
+        return ("note: this CPU has no AVX-512, so torch emulates bfloat16 products, several times slower than "
+                "float32; --precision auto (or fp32) trains faster here")
     if device.type != "cuda" or precision != "bf16" or impl != "concise":
         return None
     return ("note: under autocast torch runs cuDNN's LSTM/GRU/RNN layers in float16, not bfloat16, without "
@@ -763,6 +802,8 @@ def train(
             raise CheckpointError(f"{resume_ckpt.path} holds weights but no training state to resume; "
                                   "fine-tune from it with --init-from instead")
         saved = resume_ckpt.meta.get("train_config", {})
+        if cfg.precision == "auto" and saved.get("precision") in PRECISIONS:
+            cfg.precision = saved["precision"]  # what auto became when the run started
         check_resumable(cfg, saved, run_dir)
         for name in SOURCE_FIELDS:  # the same sources: keep the names the run's spans and heldout_from use
             if name in saved:
@@ -770,6 +811,8 @@ def train(
         check_budget_left(cfg, run_dir, step=resume_ckpt.meta["position"]["step"])  # before any text is read
 
     device = resolve_device(cfg.device) if dist.device is None else dist.device
+    auto_precision = cfg.precision == "auto"
+    cfg.precision = resolve_precision(cfg.precision, device)  # config.json records what auto became
     torch.manual_seed(cfg.seed)
 
     vocab = resume_ckpt.vocab if resume_ckpt else None
@@ -831,7 +874,8 @@ def train(
     loader_cls = VariableLengthLoader if cfg.variable_bptt else BatchLoader
     cut = f"--max-tokens {cfg.max_tokens}; " if train_tokens.numel() < splits.train.numel() else ""
     loader = loader_cls(train_tokens, cfg.batch_size, cfg.num_steps, mode=cfg.sampling, seed=cfg.seed,
-                        rank=dist.rank, world_size=dist.world_size, what="the training split",
+                        rank=dist.rank, world_size=dist.world_size, partial_shuffle=cfg.partial_shuffle,
+                        what="the training split",
                         sizes=f" ({cut}the corpus has {corpus.tokens.numel()})")
     if resume_ckpt is not None:  # a last/ saved after an epoch's last batch has trained that epoch too
         at = resume_ckpt.meta["loader"]
@@ -870,6 +914,7 @@ def train(
         mcfg = ModelConfig(vocab_size=len(vocab), **cfg.model_fields())
         mcfg.validate()
         model = build_model(mcfg)
+    check_precision(cfg.precision, device, model.config.cell, model.config.impl)  # before the run directory
     model.to(device)
     model.train()
     if model.config.impl == "scratch" and device.type == "cpu":
@@ -928,7 +973,8 @@ def train(
         log(f"corpus: {corpus_label} — {corpus.tokens.numel():,} {cfg.token}s, vocabulary {len(vocab)}; "
             f"train {train_tokens.numel():,} / valid {splits.valid.numel():,} / test {splits.test.numel():,}")
         log(f"model: {cfg.impl} {cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}, {n_params:,} parameters; "
-            f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}x{cfg.num_steps}, {device}, {cfg.precision}; "
+            f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}x{cfg.num_steps}, {device}, {cfg.precision}"
+            f"{' (auto)' if auto_precision else ''}; "
             f"run dir {run_dir}")
         note = precision_note(device, cfg.precision, model.config.impl)
         if note:

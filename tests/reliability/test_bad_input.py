@@ -199,6 +199,13 @@ def test_zoneout_where_it_does_not_apply(cli_error, tmp_path, flags, message):
     assert not (tmp_path / "r").exists()
 
 
+def test_partial_shuffle_with_random_sampling(cli_error, tmp_path):
+    line = cli_error(["train", "--run-dir", str(tmp_path / "r"), "--partial-shuffle", "--sampling", "random"])
+    assert line == ("deeprnn: error: partial_shuffle needs sampling='sequential' "
+                    "(random sampling already shuffles its windows)")
+    assert not (tmp_path / "r").exists()
+
+
 def test_wrongly_typed_flag_value(cli_error):
     line = cli_error(["train", "--num-layers", "two"])
     assert line == "deeprnn train: error: argument --num-layers: invalid int value: 'two' (see deeprnn train --help)"
