@@ -98,6 +98,7 @@ ABLATION_ROWS: dict[str, dict] = {
     "+ weight-drop 0.25": dict(weight_drop=0.25),
     "+ AR 2 / TAR 1": dict(ar_alpha=2.0, tar_beta=1.0),
     "+ variable-length BPTT": dict(variable_bptt=True),
+    "+ partial shuffle (Press 2019)": dict(partial_shuffle=True),
     "+ weight EMA 0.99 (from 1/3 of the steps)": dict(ema_decay=0.99, ema_start=-1),
     "+ residual connections (3 layers)": dict(residual=True, num_layers=3),
     "3 layers without residual (reference for the row above)": dict(num_layers=3),
@@ -108,6 +109,9 @@ ABLATION_ROWS: dict[str, dict] = {
     "all of locked, embedding, input, weight-drop, AR/TAR, variable BPTT, EMA": dict(
         locked_dropout=True, embed_dropout=0.05, input_dropout=0.1, weight_drop=0.25, ar_alpha=2.0,
         tar_beta=1.0, variable_bptt=True, ema_decay=0.99, ema_start=-1),
+    "all of locked, embedding, input, weight-drop, AR/TAR, variable BPTT, EMA, and partial shuffle": dict(
+        locked_dropout=True, embed_dropout=0.05, input_dropout=0.1, weight_drop=0.25, ar_alpha=2.0,
+        tar_beta=1.0, variable_bptt=True, ema_decay=0.99, ema_start=-1, partial_shuffle=True),
 }
 
 
