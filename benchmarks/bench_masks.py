@@ -29,7 +29,7 @@ from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
 from deeprnn import regularize  # noqa: E402
 from deeprnn.cli import PRESETS  # noqa: E402
 from deeprnn.models import ModelConfig, build_model  # noqa: E402
-from deeprnn.train import TrainConfig, autocast_context, build_optimizer, sequence_loss  # noqa: E402
+from deeprnn.train import TrainConfig, autocast_context, build_optimizer, resolve_precision, sequence_loss  # noqa: E402
 
 VOCAB = 28
 
@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     for name, ms in times.items():
         print(f"{name:>9}: " + " ".join(f"{t:.1f}" for t in ms) + f" ms/step (best {min(ms):.1f})")
     print(f"ratio bernoulli_ / rand masks (best rounds): {min(times['bernoulli']) / min(times['rand']):.3f}; "
-          f"{args.preset} step, batch {cfg.batch_size}x{cfg.num_steps}, {cfg.precision}, "
+          f"{args.preset} step, batch {cfg.batch_size}x{cfg.num_steps}, "
+          f"{resolve_precision(cfg.precision, torch.device('cpu'))}, "
           f"{torch.get_num_threads()} threads")
     print(f"machine: {machine()}; load average {loadavg()} at the end")
     return 0

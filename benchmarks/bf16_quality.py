@@ -29,10 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
 from deeprnn.checkpoint import load_checkpoint  # noqa: E402
 from deeprnn.cli import checkpoint_split_tokens  # noqa: E402
-import torch  # noqa: E402
-
 from deeprnn.errors import ConfigError  # noqa: E402
-from deeprnn.train import TrainConfig, check_precision, evaluate_tokens, train  # noqa: E402
+from deeprnn.train import TrainConfig, check_precision, evaluate_tokens, resolve_device, train  # noqa: E402
 
 TARGET = 0.02
 
@@ -62,7 +60,7 @@ def main(argv=None) -> int:
 
     base = dataclasses.replace(TrainConfig(), eval_every=args.steps, sample_every=0, patience=0, **overrides)
     try:  # torch.nn.LSTM has no bf16 on a CPU without AVX-512: say so in one line, before any training
-        check_precision("bf16", torch.device("cpu"), base.cell, base.impl)
+        check_precision("bf16", resolve_device(base.device), base.cell, base.impl)
     except ConfigError as e:
         parser.error(str(e))
     print(f"machine: {machine()}; load average {loadavg()}")

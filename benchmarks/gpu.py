@@ -245,8 +245,8 @@ def main(argv=None) -> str:
     big_tps = timed(ours_loop(dev, big_cfg, B_big, T, lp, graph=False), dev, seconds) * B_big * T
     if cuda and not args.no_graphs:  # last: a failed capture may leave the device unusable for the rest
         try:
-            tps = timed(ours_loop(dev, book_cfg, B_book, T, "bf16", graph=True), dev, seconds) * B_book * T
-            rows.append(("deeprnn step, bf16, CUDA graph", tps))
+            tps = timed(ours_loop(dev, book_cfg, B_book, T, lp, graph=True), dev, seconds) * B_book * T
+            rows.append((f"deeprnn step, {lp}, CUDA graph", tps))
         except Exception as e:  # capture is not supported by every cuDNN/torch pairing: say so, go on
             log(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); skipped")
     log(f"\nbook config: 2 x {H_book} LSTM, one-hot, vocab {V}, batch {B_book} x {T}, SGD, clip 1")

@@ -314,3 +314,16 @@ def test_set_reads_booleans_strictly():
     with pytest.raises(ConfigError) as err:
         parse_set(["residual=maybe"])
     assert str(err.value) == "residual must be of type bool, got 'maybe'"
+
+
+def test_cache_key_holds_what_precision_auto_means_here():
+    """A run cached where auto meant bf16 is not reused where it means fp32, and keys of explicit precisions
+    (bf16 runs cached before auto existed among them) stay what they were."""
+    from deeprnn.compare import config_key
+    from deeprnn.train import TrainConfig, resolve_precision
+
+    here = resolve_precision("auto", torch.device("cpu"))
+    other = {"bf16": "fp32", "fp32": "bf16"}[here]
+    auto = config_key(TrainConfig(precision="auto", device="cpu"))
+    assert auto == config_key(TrainConfig(precision=here, device="cpu"))
+    assert auto != config_key(TrainConfig(precision=other, device="cpu"))

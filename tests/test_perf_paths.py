@@ -234,3 +234,24 @@ def test_bench_masks_times_both_draws_and_restores_keep_mask(capsys):
     with pytest.raises(SystemExit) as err:
         bench_masks.main(["--rounds", "0"])
     assert err.value.code == 2
+
+
+def test_precision_probe_says_what_auto_means_and_measures_both(capsys):
+    """``benchmarks/precision_probe.py`` at a small size: what auto means here, and every product in both
+    precisions with the ratio of the window product."""
+    import re
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import precision_probe
+    from deeprnn.train import resolve_precision
+
+    assert precision_probe.main(["--size", "64"]) == 0
+    out = capsys.readouterr().out
+    native = native_bf16(torch.device("cpu"))
+    assert (f"native bf16: {'yes' if native else 'no'}; --precision auto means "
+            f"{resolve_precision('auto', torch.device('cpu'))} here") in out
+    assert ("bf16" if native else "fp32") == resolve_precision("auto", torch.device("cpu"))
+    assert re.search(r"^fp32 2048\^3: torch.mm [0-9.]+ GFLOP/s, oneDNN [0-9.]+ GFLOP/s$", out, re.M)
+    assert re.search(r"^bf16 64\^3: torch.mm [0-9.]+ GFLOP/s$", out, re.M)
+    m = re.search(r"fp32 ([0-9.]+) GFLOP/s, bf16 ([0-9.]+) GFLOP/s, bf16/fp32 ([0-9.]+)x$", out, re.M)
+    assert m and float(m[3]) == pytest.approx(float(m[2]) / float(m[1]), abs=0.01)

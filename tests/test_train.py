@@ -466,6 +466,18 @@ def test_native_bf16_follows_torchs_onednn_check():
     assert native_bf16(torch.device("meta")) is False
 
 
+@pytest.mark.parametrize("capability, native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_native_bf16_on_a_gpu_means_ampere_or_later(monkeypatch, capability, native):
+    """A V100 or T4 emulates bf16 (torch.cuda.is_bf16_supported() says yes by default): auto is fp32 there."""
+    from deeprnn.train import native_bf16, resolve_precision
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    cuda1 = torch.device("cuda", 1)
+    assert native_bf16(cuda1) is native and asked == [cuda1]  # the device asked about, not the current one
+    assert resolve_precision("auto", cuda1) == ("bf16" if native else "fp32")
+
+
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_precision_auto_is_bf16_only_with_native_bf16(tmp_path, monkeypatch, native, expected):
     import deeprnn.train as train_mod
@@ -516,5 +528,4 @@ def test_resume_keeps_the_precision_auto_chose(tmp_path, monkeypatch):
     summary = train(tiny(tmp_path, cell="gru", precision="auto", max_steps=4, eval_every=2), resume=True,
                     progress=False, log=lambda *_: None)
     assert summary["steps"] == 4
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "bf16"
     assert load_checkpoint(tmp_path / "run" / "last").meta["train_config"]["precision"] == "bf16"

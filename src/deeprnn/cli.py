@@ -517,7 +517,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, map_location=device)
-    check_precision(args.precision, device, ck.model.config.cell, ck.model.config.impl)
+    check_precision(args.precision, device, ck.model.config.cell, ck.model.config.impl,
+                    fix="use --precision fp32 (the default) or auto")
     tokens = checkpoint_split_tokens(ck, args.split, corpus=args.corpus, data_dir=args.data_dir,
                                      encoding=args.encoding)
     if tokens.numel() < 2:
@@ -690,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic evaluation update: steps scaled by the RMS of training gradients, or plain SGD")
     e.add_argument("--dynamic-decay", type=float, default=0.0, metavar="D",
                    help="dynamic evaluation: pull the weights back towards the trained ones by this fraction per window")
-    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="compute precision")
+    e.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="compute precision (auto: bf16 where the device multiplies it natively)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_evaluate)

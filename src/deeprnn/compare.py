@@ -167,6 +167,10 @@ def _norm_heldout(corpus: list[str], heldout_from: list[str] | None) -> list[str
 def config_key(cfg, weights: dict[str, float] | str | None = None) -> str:
     """Cache key of a run: a hash of every TrainConfig field that shapes the result, and the weights."""
     d = dataclasses.asdict(cfg)
+    if d.get("precision") == "auto":  # what auto means on this machine: a bf16 run is not reused as fp32
+        from deeprnn.train import resolve_device, resolve_precision
+
+        d["precision"] = resolve_precision("auto", resolve_device(cfg.device))
     for volatile in ("run_dir", "data_dir", "device"):
         d.pop(volatile, None)
     d["_weights"] = weights

@@ -148,7 +148,7 @@ class TrainConfig:
     # execution
     seed: int = 0  # fixes data order, init, dropout and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto | fp32 | bf16 (autocast; the loss stays fp32); auto: see resolve_precision
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast; loss in fp32); auto: bf16 on an AVX-512 CPU or Ampere+ GPU
     run_dir: str | None = None  # where config, metrics, plot and checkpoints go (default runs/<name>)
     on_nan: str = "stop"  # stop | rollback (restore last checkpoint, halve lr)
 
@@ -236,9 +236,11 @@ def check_resumable(cfg: TrainConfig, saved: dict[str, Any], run_dir: Path) -> N
     from deeprnn.corpus import same_sources
 
     for f in dataclasses.fields(TrainConfig):
-        if f.name in RESUME_MAY_CHANGE or f.name not in saved:
+        if f.name in RESUME_MAY_CHANGE:
             continue
-        new, old = getattr(cfg, f.name), saved[f.name]
+        # A field the run does not know is newer than the run: it trained as the field's default does.
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        new, old = getattr(cfg, f.name), saved.get(f.name, default)
         if isinstance(new, tuple):
             new = list(new)
         if f.name in SOURCE_FIELDS and same_sources(new, old):
@@ -411,12 +413,12 @@ def prefix_note(vocab, prefix: str) -> str | None:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices at full speed: a CUDA GPU that supports it, or a CPU
+    """Whether ``device`` multiplies bfloat16 matrices at full speed: a CUDA GPU from Ampere on, or a CPU
     with AVX-512 (BW, VL, DQ), which oneDNN's bf16 kernels need. Elsewhere (an AVX2-only x86 CPU, say)
     torch falls back to generic bf16 products, several times slower than float32 (on one such 2-core
-    machine: 8 against 60 GFLOP/s for a 2560x512x2048 product, 0.9 against 108-138 at 1024-2048 cubed)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    machine: 16 against 127 GFLOP/s for a 2560x512x2048 product; benchmarks/precision_probe.py)."""
+    if device.type == "cuda":  # bf16 tensor cores from Ampere (8.0) on; is_bf16_supported() counts emulation
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -432,14 +434,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
-def check_precision(precision: str, device: torch.device, cell: str, impl: str) -> None:
+def check_precision(precision: str, device: torch.device, cell: str, impl: str, *,
+                    fix: str = "use precision auto or fp32, or impl 'scratch'") -> None:
     """ConfigError where bf16 cannot run at all: torch.nn.LSTM under bf16 autocast on a CPU without native
     bf16 (oneDNN builds no bf16 LSTM there: "could not create a primitive descriptor"). The GRU, the RNN and
-    every scratch layer run there, only slower than fp32 (:func:`precision_note`)."""
+    every scratch layer run there, only slower than fp32 (:func:`precision_note`). ``fix``: what to do."""
     if (resolve_precision(precision, device) == "bf16" and device.type == "cpu" and cell == "lstm"
             and impl == "concise" and not native_bf16(device)):
-        raise ConfigError("precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512, which "
-                          "this one lacks; use precision auto or fp32, or impl 'scratch'")
+        raise ConfigError(f"precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512, which "
+                          f"this one lacks; {fix}")
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -914,7 +917,9 @@ def train(
         mcfg = ModelConfig(vocab_size=len(vocab), **cfg.model_fields())
         mcfg.validate()
         model = build_model(mcfg)
-    check_precision(cfg.precision, device, model.config.cell, model.config.impl)  # before the run directory
+    check_precision(cfg.precision, device, model.config.cell, model.config.impl,  # before the run directory
+                    fix=(f"the run in {run_dir} trained in bf16: resume it on a machine with AVX-512 or a GPU"
+                         if resume_ckpt is not None else "use precision auto or fp32, or impl 'scratch'"))
     model.to(device)
     model.train()
     if model.config.impl == "scratch" and device.type == "cpu":

@@ -306,3 +306,47 @@ def test_resume_with_another_vocabulary(tmp_path, cli_error, flags, capsys):
     line = cli_error(["train", "--resume", str(run), "--corpus", str(other), "--quiet"])
     assert line.startswith("deeprnn: error: corpus differs from the run in ")
 
+
+
+# --- bf16 where torch.nn.LSTM cannot run it (a CPU without AVX-512) -----------------------------------------
+
+
+def test_evaluate_in_bf16_where_the_lstm_cannot(cli_error, checkpoint, monkeypatch):
+    import deeprnn.train as train_mod
+
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    line = cli_error(["evaluate", str(checkpoint), "--precision", "bf16"])
+    assert line == ("deeprnn: error: precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512, "
+                    "which this one lacks; use --precision fp32 (the default) or auto")
+
+
+def test_resuming_a_bf16_lstm_run_where_bf16_cannot_run(tiny_cfg, edit_meta, monkeypatch, tmp_path):
+    """A concise LSTM run that trained in bf16 (auto on an AVX-512 machine) cannot go on in bf16 on a CPU without
+    it, and fp32 would change the computation: one line that says where to resume it."""
+    import deeprnn.train as train_mod
+
+    train(tiny_cfg(max_steps=4, eval_every=2), progress=False, log=lambda *_: None, stop_after_steps=2)
+    run = tmp_path / "run"
+    edit_meta(run / "last", lambda meta: meta["train_config"].update(precision="bf16"))
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    msg = (f"precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512, which this one lacks; "
+           f"the run in {run} trained in bf16: resume it on a machine with AVX-512 or a GPU")
+    with pytest.raises(ConfigError) as err:
+        train(tiny_cfg(max_steps=4, eval_every=2, precision="auto"), resume=True, progress=False,
+              log=lambda *_: None)
+    assert str(err.value) == msg
+
+
+def test_resume_compares_a_field_the_run_predates_with_its_default(tiny_cfg, edit_meta, tmp_path):
+    """A run saved before partial_shuffle existed trained without it: resuming with it is refused, without it
+    goes on."""
+    train(tiny_cfg(max_steps=4, eval_every=2), progress=False, log=lambda *_: None, stop_after_steps=2)
+    run = tmp_path / "run"
+    edit_meta(run / "last", lambda meta: meta["train_config"].pop("partial_shuffle"))
+    with pytest.raises(ConfigError) as err:
+        train(tiny_cfg(max_steps=4, eval_every=2, partial_shuffle=True), resume=True, progress=False,
+              log=lambda *_: None)
+    assert str(err.value) == (f"partial_shuffle differs from the run in {run} (False there, True now); "
+                              "resume without changing it, or start a new run")
+    summary = train(tiny_cfg(max_steps=4, eval_every=2), resume=True, progress=False, log=lambda *_: None)
+    assert summary["steps"] == 4
