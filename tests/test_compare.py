@@ -317,8 +317,8 @@ def test_set_reads_booleans_strictly():
 
 
 def test_cache_key_holds_what_precision_auto_means_here():
-    """A run cached where auto meant bf16 is not reused where it means fp32, and keys of explicit precisions
-    (bf16 runs cached before auto existed among them) stay what they were."""
+    """A run cached where auto meant bf16 is not reused where it means fp32: the key is the one of the precision
+    auto means here."""
     from deeprnn.compare import config_key
     from deeprnn.train import TrainConfig, resolve_precision
 
