@@ -469,7 +469,8 @@ def main(argv=None) -> str:
                      f">= {target:g}x", "yes" if r >= target else "NO", frac(mflop, rate), limit))
 
     bl = med(rates, "book LSTM")
-    for prec, target in (("fp32", 1.0), ("bf16", 1.7))[:len(precisions)]:
+    for prec in precisions:
+        target = {"fp32": 1.0, "bf16": 1.7}[prec]
         k = f"concise lstm {prec}"
         add(f"concise LSTM {prec} vs book nn.LSTM", med(rates, k), "tok/s", "book", bl,
             ratio(rates, k, "book LSTM"), target, MFLOP["lstm"])

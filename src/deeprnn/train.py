@@ -434,13 +434,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
+def _emulated_bf16(precision: str, device: torch.device) -> bool:
+    """Whether bf16 was asked for where the CPU only emulates it (``auto`` never is: it is fp32 there)."""
+    return precision == "bf16" and device.type == "cpu" and not native_bf16(device)
+
+
 def check_precision(precision: str, device: torch.device, cell: str, impl: str, *,
                     fix: str = "use precision auto or fp32, or impl 'scratch'") -> None:
     """ConfigError where bf16 cannot run at all: torch.nn.LSTM under bf16 autocast on a CPU without native
     bf16 (oneDNN builds no bf16 LSTM there: "could not create a primitive descriptor"). The GRU, the RNN and
     every scratch layer run there, only slower than fp32 (:func:`precision_note`). ``fix``: what to do."""
-    if (resolve_precision(precision, device) == "bf16" and device.type == "cpu" and cell == "lstm"
-            and impl == "concise" and not native_bf16(device)):
+    if _emulated_bf16(precision, device) and cell == "lstm" and impl == "concise":
         raise ConfigError(f"precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512, which "
                           f"this one lacks; {fix}")
 
@@ -457,7 +461,7 @@ def precision_note(device: torch.device, precision: str, impl: str) -> str | Non
     torch's autocast has its own rule for cuDNN's RNNs (``aten/src/ATen/cudnn/AutocastRNN.cpp``): it casts
     their weights, input and state to float16, whatever dtype autocast was given, and deeprnn uses no loss
     scaler. The embedding, output layer and loss still follow bf16/fp32."""
-    if precision == "bf16" and device.type == "cpu" and not native_bf16(device):
+    if _emulated_bf16(precision, device):
         return ("note: this CPU has no AVX-512, so torch emulates bfloat16 products, several times slower than "
                 "float32; --precision auto (or fp32) trains faster here")
     if device.type != "cuda" or precision != "bf16" or impl != "concise":
@@ -917,9 +921,9 @@ def train(
         mcfg = ModelConfig(vocab_size=len(vocab), **cfg.model_fields())
         mcfg.validate()
         model = build_model(mcfg)
-    check_precision(cfg.precision, device, model.config.cell, model.config.impl,  # before the run directory
-                    fix=(f"the run in {run_dir} trained in bf16: resume it on a machine with AVX-512 or a GPU"
-                         if resume_ckpt is not None else "use precision auto or fp32, or impl 'scratch'"))
+    resuming = {} if resume_ckpt is None else {
+        "fix": f"the run in {run_dir} trained in bf16: resume it on a machine with AVX-512 or a GPU"}
+    check_precision(cfg.precision, device, model.config.cell, model.config.impl, **resuming)  # before the run dir
     model.to(device)
     model.train()
     if model.config.impl == "scratch" and device.type == "cpu":

@@ -320,13 +320,18 @@ def test_evaluate_in_bf16_where_the_lstm_cannot(cli_error, checkpoint, monkeypat
                     "which this one lacks; use --precision fp32 (the default) or auto")
 
 
+def _paused_tiny_run(tiny_cfg, tmp_path):
+    """A tiny run of 4 steps paused after 2 (``last/`` holds its training state); its directory."""
+    train(tiny_cfg(max_steps=4, eval_every=2), progress=False, log=lambda *_: None, stop_after_steps=2)
+    return tmp_path / "run"
+
+
 def test_resuming_a_bf16_lstm_run_where_bf16_cannot_run(tiny_cfg, edit_meta, monkeypatch, tmp_path):
     """A concise LSTM run that trained in bf16 (auto on an AVX-512 machine) cannot go on in bf16 on a CPU without
     it, and fp32 would change the computation: one line that says where to resume it."""
     import deeprnn.train as train_mod
 
-    train(tiny_cfg(max_steps=4, eval_every=2), progress=False, log=lambda *_: None, stop_after_steps=2)
-    run = tmp_path / "run"
+    run = _paused_tiny_run(tiny_cfg, tmp_path)
     edit_meta(run / "last", lambda meta: meta["train_config"].update(precision="bf16"))
     monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
     msg = (f"precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512, which this one lacks; "
@@ -340,8 +345,7 @@ def test_resuming_a_bf16_lstm_run_where_bf16_cannot_run(tiny_cfg, edit_meta, mon
 def test_resume_compares_a_field_the_run_predates_with_its_default(tiny_cfg, edit_meta, tmp_path):
     """A run saved before partial_shuffle existed trained without it: resuming with it is refused, without it
     goes on."""
-    train(tiny_cfg(max_steps=4, eval_every=2), progress=False, log=lambda *_: None, stop_after_steps=2)
-    run = tmp_path / "run"
+    run = _paused_tiny_run(tiny_cfg, tmp_path)
     edit_meta(run / "last", lambda meta: meta["train_config"].pop("partial_shuffle"))
     with pytest.raises(ConfigError) as err:
         train(tiny_cfg(max_steps=4, eval_every=2, partial_shuffle=True), resume=True, progress=False,
