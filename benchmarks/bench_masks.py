@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
+from benchmarks.common import alternating_rounds, loadavg, machine, parse_sets, preset_step  # noqa: E402
 from deeprnn import regularize  # noqa: E402
 from deeprnn.cli import PRESETS  # noqa: E402
-from deeprnn.models import ModelConfig, build_model  # noqa: E402
-from deeprnn.train import TrainConfig, autocast_context, build_optimizer, resolve_precision, sequence_loss  # noqa: E402
+from deeprnn.errors import ConfigError  # noqa: E402
+from deeprnn.train import TrainConfig, check_precision, resolve_precision  # noqa: E402
 
 VOCAB = 28
 
@@ -40,37 +39,14 @@ def bernoulli_mask(shape, p: float, *, device=None, dtype: torch.dtype = torch.f
 
 
 def measure(cfg: TrainConfig, rounds: int, steps: int) -> dict[str, list[float]]:
-    """Milliseconds per training step in each round, for the ``rand`` masks and the ``bernoulli`` ones."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(ModelConfig(vocab_size=VOCAB, **cfg.model_fields()))
-    model.train()
-    optimizer = build_optimizer(cfg, model)
-    X = torch.randint(0, VOCAB, (cfg.batch_size, cfg.num_steps))
-    Y = torch.randint(0, VOCAB, (cfg.batch_size, cfg.num_steps))
-    device = torch.device("cpu")
-
-    def step() -> None:
-        with autocast_context(device, cfg.precision):
-            logits, _ = model(X, model.begin_state(cfg.batch_size))
-        loss = sequence_loss(logits, Y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    """Milliseconds per training step in each round, for the ``bernoulli`` masks and the ``rand`` ones."""
     ours = regularize.keep_mask
-    times: dict[str, list[float]] = {"bernoulli": [], "rand": []}
+    step = preset_step(cfg, VOCAB)
     try:
-        for _ in range(rounds):
-            for name, draw in (("bernoulli", bernoulli_mask), ("rand", ours)):
-                regularize.keep_mask = draw
-                step()  # warm-up: the first step after a switch is not timed
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                times[name].append((time.perf_counter() - t0) / steps * 1e3)
+        return alternating_rounds(step, {"bernoulli": lambda: setattr(regularize, "keep_mask", bernoulli_mask),
+                                         "rand": lambda: setattr(regularize, "keep_mask", ours)}, rounds, steps)
     finally:
         regularize.keep_mask = ours
-    return times
 
 
 def main(argv=None) -> int:
@@ -83,6 +59,10 @@ def main(argv=None) -> int:
     if args.rounds < 1 or args.steps < 1:
         p.error("--rounds and --steps must be >= 1")
     cfg = TrainConfig(**{**PRESETS[args.preset], **parse_sets(args.set)})
+    try:  # torch.nn.LSTM has no bf16 on a CPU without AVX-512: say so in one line, before any step
+        check_precision(cfg.precision, torch.device("cpu"), cfg.cell, cfg.impl, fix="use --set precision=auto")
+    except ConfigError as e:
+        p.error(str(e))
     times = measure(cfg, args.rounds, args.steps)
     for name, ms in times.items():
         print(f"{name:>9}: " + " ".join(f"{t:.1f}" for t in ms) + f" ms/step (best {min(ms):.1f})")

@@ -98,3 +98,47 @@ def parse_sets(items: list[str] | None) -> dict:
         except (ValueError, SyntaxError):
             out[key] = text
     return out
+
+
+def preset_step(cfg, vocab_size: int = 28):
+    """One training step of ``cfg``'s model on the CPU, as a callable: forward, loss, backward and the
+    recipe's optimiser (``build_optimizer``), under bf16 autocast where ``cfg.precision`` resolves to it;
+    one fixed batch of random tokens, every step from a fresh state (a window of ``cfg.num_steps``)."""
+    from deeprnn.models import ModelConfig, build_model
+    from deeprnn.train import autocast_context, build_optimizer, sequence_loss
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(ModelConfig(vocab_size=vocab_size, **cfg.model_fields()))
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+    X = torch.randint(0, vocab_size, (cfg.batch_size, cfg.num_steps))
+    Y = torch.randint(0, vocab_size, (cfg.batch_size, cfg.num_steps))
+    device = torch.device("cpu")
+
+    def step() -> None:
+        with autocast_context(device, cfg.precision):
+            logits, _ = model(X, model.begin_state(cfg.batch_size))
+        loss = sequence_loss(logits, Y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def alternating_rounds(step, settings: dict, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Milliseconds per ``step()`` under each of ``settings`` (name -> a callable that switches to it), in
+    ``rounds`` rounds of ``steps`` timed steps each. Every round runs each setting once, in alternating
+    order (forwards, then backwards), so drift in the machine's load hits them alike; the first step after
+    a switch is not timed."""
+    names = list(settings)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            settings[name]()
+            step()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times[name].append((time.perf_counter() - t0) / steps * 1e3)
+    return times

@@ -273,6 +273,11 @@ def test_ready_means_loaded_or_cached(ext, monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache: it would have to build
     assert not native.ready()
     assert list(tmp_path.iterdir()) == []  # asking left no empty build directories behind
+    building = [tmp_path / native.build_name(flags) for flags in native._flag_sets()]
+    for directory in building:  # another process has just made its build directory, not yet its lock
+        directory.mkdir()
+    assert not native.ready()
+    assert all(d.is_dir() for d in building)  # asking did not remove them from under that build
     monkeypatch.setenv(native.ENV, "0")
     assert not native.ready()
 

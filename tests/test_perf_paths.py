@@ -184,6 +184,29 @@ def test_profile_step_lists_ops_and_the_products_share(capsys):
     assert "--steps and --rows must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script", ["profile_step", "bench_masks"])
+def test_timing_scripts_refuse_a_bf16_lstm_where_bf16_is_emulated(script, monkeypatch, capsys):
+    """On a CPU without native bf16 (``native_bf16`` made False, so this runs on every machine) the two
+    timing scripts refuse bf16 with torch.nn.LSTM in one line, exit 2, instead of oneDNN's traceback."""
+    import deeprnn.train as train_mod
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_masks, profile_step
+
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    main, argv, fix = {
+        "profile_step": (profile_step.main, ["--impl", "concise", "--precision", "bf16"], "use --precision fp32"),
+        "bench_masks": (bench_masks.main, ["--set", "impl=concise", "precision=bf16"],
+                        "use --set precision=auto"),
+    }[script]
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].split(": error: ", 1)[1] == (
+        f"precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512, which this one lacks; "
+        f"{fix}")
+
+
 def test_bf16_quality_compares_both_precisions(capsys):
     """``benchmarks/bf16_quality.py`` at a token size: one row per seed with both perplexities and their
     difference, the verdict line; the fields it sets itself are refused with one line."""
@@ -234,6 +257,48 @@ def test_bench_masks_times_both_draws_and_restores_keep_mask(capsys):
     with pytest.raises(SystemExit) as err:
         bench_masks.main(["--rounds", "0"])
     assert err.value.code == 2
+
+
+def test_bench_rows_times_both_ways_and_leaves_the_row_split_on(capsys):
+    """``benchmarks/bench_rows.py`` at a token size: per round the step and the forward window both ways,
+    the two ratio lines, and ``row_products`` on again afterwards; a concise or bf16 step is refused in one
+    line, exit 2 (so is a build without a row kernel)."""
+    import re
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_rows
+    from deeprnn.models import native
+
+    ext = native.load()
+    tiny = ["num_hiddens=8", "num_layers=2", "embed_size=4", "batch_size=3", "num_steps=5", "precision=fp32"]
+    if ext is None or not ext.row_kernel_isa():
+        with pytest.raises(SystemExit) as err:
+            bench_rows.main(["--rounds", "1", "--steps", "1", "--set", *tiny])
+        assert err.value.code == 2 and "have no row product kernel" in capsys.readouterr().err
+        return
+    for cell in ("lstm", "gru", "rnn_relu"):
+        no_zoneout = [] if cell == "lstm" else ["zoneout_cell=0", "zoneout_hidden=0"]  # tm-cpu's, LSTM only
+        assert bench_rows.main(["--rounds", "2", "--steps", "1", "--set", *tiny, f"cell={cell}", *no_zoneout]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        for i, what in enumerate(("training step", "forward window")):
+            times = [re.fullmatch(rf"{what}, +{name}: ([0-9.e -]+) ms \(best ([0-9.e-]+)\)", line)
+                     for name, line in zip(("per-step", "rows"), lines[3 * i: 3 * i + 2])]
+            assert all(times) and all(len(m[1].split()) == 2 for m in times)
+            ratio = float(lines[3 * i + 2].rsplit(" ", 1)[1])
+            assert lines[3 * i + 2].startswith(f"ratio per-step / rows, {what} (best rounds): ")
+            assert ratio == pytest.approx(float(times[0][2]) / float(times[1][2]), rel=2e-3)  # printed rounded
+        assert lines[6] == f"tm-cpu: {cell} 2x8, batch 3x5, fp32, {torch.get_num_threads()} threads, " \
+                           f"{ext.row_kernel_isa()} row kernel"
+        assert ext.row_products()
+    for bad in (["impl=concise"], ["precision=bf16"]):
+        with pytest.raises(SystemExit) as err:
+            bench_rows.main(["--set", *tiny, *bad])
+        assert err.value.code == 2
+        assert "error: the row split runs scratch layers in float32; this step is impl" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        bench_rows.main(["--set", *tiny, "cell=gru"])
+    assert err.value.code == 2
+    assert "error: zoneout_cell and zoneout_hidden apply to cell='lstm'" in capsys.readouterr().err
 
 
 def test_precision_probe_says_what_auto_means_and_measures_both(capsys):

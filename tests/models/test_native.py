@@ -91,14 +91,14 @@ CASES += [(c, SHAPES[3], torch.float32, torch.float16, True) for c in CELLS]
 @pytest.fixture(params=["rows", "packed", "mm"])
 def products(ext, request):
     """The three ways the kernels run a window's products: float32 windows split by rows with the
-    AVX-512 kernel (other dtypes then take the next way), oneDNN's prepacked linear per step (float32,
+    AVX-512 or AVX2 kernel (other dtypes then take the next way), oneDNN's prepacked linear per step (float32,
     where torch has it) and at::mm per step."""
     mode = request.param
     ext.set_row_products(mode == "rows")
     ext.set_packed_products(mode != "mm")
     if mode == "rows" and not ext.row_products():
         ext.set_row_products(True)
-        pytest.skip("the kernels were built without AVX-512: no row-split path")
+        pytest.skip("the kernels were built without a row product kernel (AVX-512 or AVX2): no row-split path")
     if mode == "packed" and not ext.packed_products():
         ext.set_row_products(True), ext.set_packed_products(True)
         pytest.skip("this torch build has no oneDNN prepacked linear: at::mm is the only path")
@@ -172,7 +172,7 @@ def test_row_split_is_the_same_on_any_number_of_threads(ext, cell):
     """Split by rows, each row's numbers do not depend on how many shares the batch is cut into: forward
     and backward are bit-equal on 1 and 3 threads, except GRU's b_hn gradient, which is summed per share."""
     if not ext.row_products():
-        pytest.skip("the kernels were built without AVX-512: no row-split path")
+        pytest.skip("the kernels were built without a row product kernel (AVX-512 or AVX2): no row-split path")
     T, B, H = 4, 21, 40
     name, py_forward, _ = KERNELS[cell]
     args = _inputs(cell, T, B, H, torch.float32, None, False)
@@ -216,7 +216,10 @@ def test_backend_line_says_whether_windows_are_split_by_rows(ext):
         ext.set_row_products(False)
         assert native.backend().startswith("C++ window kernels") and "split by rows" not in native.backend()
         ext.set_row_products(True)
-        assert ("float32 windows split by rows, AVX-512 products" in native.backend()) == ext.row_products()
+        isa = ext.row_kernel_isa()
+        assert isa == ("AVX-512" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else
+                       "AVX2" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "")
+        assert (f"float32 windows split by rows, {isa} products" in native.backend()) == ext.row_products()
     finally:
         ext.set_row_products(True)
 

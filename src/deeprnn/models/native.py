@@ -124,16 +124,11 @@ def _flag_sets() -> list[list[str]]:
 def _is_cached(cpp_extension: ModuleType, flags: list[str]) -> bool:
     """Whether the build with ``flags`` is compiled already in torch's extensions directory."""
     name = build_name(flags)
-    build_dir = _build_directory(cpp_extension, name)
-    if build_dir is None:
-        return False
-    if _built(build_dir, name):
-        return True
-    # torch's helper makes the directory it names; asking must leave nothing behind. Only an empty one
-    # goes (rmdir): a build in progress or a failed one keeps its files.
-    with contextlib.suppress(OSError):
-        build_dir.rmdir()
-    return False
+    # torch's helper makes the directory it names, and asking must neither leave an empty one behind nor
+    # remove one that another process's build has just made (and not yet locked). Named "", the directory
+    # is the extensions root itself, which a build would make anyway.
+    root = _build_directory(cpp_extension, "")
+    return root is not None and _built(root / name, name)
 
 
 def _openmp_flags() -> list[str]:
@@ -244,5 +239,5 @@ def backend() -> str:
     if module is None:
         return f"python window kernels (C++ build failed: {_failure})"
     isa = torch.backends.cpu.get_cpu_capability() if _isa_flags() else "baseline ISA"
-    rows = "; float32 windows split by rows, AVX-512 products" if module.row_products() else ""
+    rows = f"; float32 windows split by rows, {module.row_kernel_isa()} products" if module.row_products() else ""
     return f"C++ window kernels (vectorised for {isa}{rows}; built or loaded in {_build_seconds:.1f} s)"

@@ -20,6 +20,7 @@
 #include "pointwise.h"
 
 #include <algorithm>
+#include <string>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -31,7 +32,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -403,28 +404,43 @@ class StepProduct {
 // The rows of a batch are independent sequences: only the weights are shared. So a float32 window can
 // run as one parallel region in which each thread carries its own rows through every step, its
 // products and its pointwise passes, with no barrier between steps and no call into ATen per step.
-// The products are a hand-written AVX-512 kernel over the right operand packed once per window into
-// panels of 32 columns (K x 32, contiguous, the last one zero-padded). At the book's size a thread's
-// step product, 16 rows x 256 x 1024, takes ~32 us (~250 GFLOP/s, about one core's peak) against ~59 us
-// through oneDNN's prepacked linear on one thread, and packing costs ~20-30 us against 0.3-1 ms for
-// oneDNN's reorder; an LSTM window's forward and backward run ~1.5x faster, a training step ~1.25x.
-// (Window-sized products, 1120 rows, ran no faster this way than through oneDNN: those stay there.)
-// Needs at::parallel_for on torch's threads, hence -fopenmp (native.py). Only where the kernel is
-// compiled (AVX-512) and set_row_products is on; otherwise StepProduct.
+// The products are a hand-written kernel over the right operand packed once per window into panels of
+// two vectors' columns (K x 32 with AVX-512, K x 16 with AVX2; contiguous, the last one zero-padded).
+// AVX-512: at the book's size a thread's step product, 16 rows x 256 x 1024, takes ~32 us (~250 GFLOP/s,
+// about one core's peak) against ~59 us through oneDNN's prepacked linear on one thread, and packing
+// costs ~20-30 us against 0.3-1 ms for oneDNN's reorder; an LSTM window's forward and backward run ~1.5x
+// faster, a training step ~1.25x. AVX2 (a 6 x 16 micro-kernel, BLIS's shape for 16 vector registers): on
+// a 2-core AMD EPYC without AVX-512, tm-cpu's step product, 32 rows x 512 x 2048 on two threads, ran at
+// ~140-180 GFLOP/s against ~80-95 through oneDNN. (Window-sized products, 1120 rows, ran no faster this
+// way than through oneDNN: those stay there.) Needs at::parallel_for on torch's threads, hence -fopenmp
+// (native.py). Only where a kernel is compiled (AVX-512, or AVX2 with FMA) and set_row_products is on;
+// otherwise StepProduct.
 std::atomic<bool> row_products{true};
 
 // With torch's OpenMP backend at::parallel_for is a pragma in a header: compiled without -fopenmp (a build
 // that fell back, native.py) it would run every share on one thread, slower than StepProduct's products.
-#if defined(__AVX512F__) && !(AT_PARALLEL_OPENMP && !defined(_OPENMP))
+#if defined(__AVX512F__)
+#define DEEPRNN_ROW_KERNEL "AVX-512"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define DEEPRNN_ROW_KERNEL "AVX2"
+#endif
+#if defined(DEEPRNN_ROW_KERNEL) && !(AT_PARALLEL_OPENMP && !defined(_OPENMP))
 constexpr bool kRowKernel = true;
+constexpr const char* kRowKernelIsa = DEEPRNN_ROW_KERNEL;
 #else
 constexpr bool kRowKernel = false;
+constexpr const char* kRowKernelIsa = "";
 #endif
 
 class RowProduct {
  public:
+#if defined(__AVX512F__)
   static constexpr int64_t kWidth = 32;  // columns per panel: two AVX-512 vectors
   static constexpr int64_t kRows = 8;    // rows per call of the micro-kernel
+#else
+  static constexpr int64_t kWidth = 16;  // columns per panel: two AVX2 vectors
+  static constexpr int64_t kRows = 6;    // rows per call: 12 accumulators, 2 panel loads, 1 broadcast
+#endif
 
   // right: (K, N) float32, any strides.
   explicit RowProduct(const Tensor& right) : K_(right.size(0)), N_(right.size(1)) {
@@ -474,8 +490,26 @@ class RowProduct {
         }
       }
     }
+#elif defined(__AVX2__) && defined(__FMA__)
+    const float* p = packed_.data_ptr<float>();
+    for (int64_t n0 = 0; n0 < N_; n0 += kWidth, p += K_ * kWidth) {
+      const int64_t width = std::min(kWidth, N_ - n0);
+      const __m256i m0 = mask(width), m1 = mask(width - 8);
+      for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+        const float* ar = a + r0 * lda;
+        float* cr = c + r0 * ldc + n0;
+        switch (std::min(kRows, rows - r0)) {
+          case 6: micro<6>(ar, lda, p, cr, ldc, m0, m1); break;
+          case 5: micro<5>(ar, lda, p, cr, ldc, m0, m1); break;
+          case 4: micro<4>(ar, lda, p, cr, ldc, m0, m1); break;
+          case 3: micro<3>(ar, lda, p, cr, ldc, m0, m1); break;
+          case 2: micro<2>(ar, lda, p, cr, ldc, m0, m1); break;
+          default: micro<1>(ar, lda, p, cr, ldc, m0, m1); break;
+        }
+      }
+    }
 #else
-    TORCH_CHECK(false, "RowProduct: built without AVX-512");
+    TORCH_CHECK(false, "RowProduct: built without AVX-512 or AVX2");
 #endif
   }
 
@@ -502,6 +536,36 @@ class RowProduct {
     for (int r = 0; r < R; ++r) {
       _mm512_mask_storeu_ps(c + r * ldc, m0, acc0[r]);
       _mm512_mask_storeu_ps(c + r * ldc + 16, m1, acc1[r]);
+    }
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  // The lanes below n of 8: all ones where stored (maskstore writes a lane whose sign bit is set).
+  static __m256i mask(int64_t n) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, 8))), lanes);
+  }
+
+  // R rows x 16 columns: 2R accumulators, each k one pair of panel loads and R broadcasts. GCC is told to
+  // unroll the loops over rows: otherwise it kept the accumulators in memory, at less than half the speed.
+  template <int R>
+  void micro(const float* __restrict a, int64_t lda, const float* __restrict p, float* __restrict c,
+             int64_t ldc, __m256i m0, __m256i m1) const {
+    __m256 acc0[R], acc1[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K_; ++k) {
+      const __m256 b0 = _mm256_load_ps(p + k * kWidth), b1 = _mm256_load_ps(p + k * kWidth + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256 x = _mm256_broadcast_ss(a + r * lda + k);
+        acc0[r] = _mm256_fmadd_ps(x, b0, acc0[r]);
+        acc1[r] = _mm256_fmadd_ps(x, b1, acc1[r]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm256_maskstore_ps(c + r * ldc, m0, acc0[r]);
+      _mm256_maskstore_ps(c + r * ldc + 8, m1, acc1[r]);
     }
   }
 #endif
@@ -912,7 +976,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_products", [] { return packed_products.load() && packed_linear() != nullptr; },
         "Whether products use oneDNN's prepacked linear where they can");
   m.def("set_row_products", [](bool on) { row_products.store(on); },
-        "Whether float32 windows may run split by rows with the AVX-512 product kernel; for tests");
+        "Whether float32 windows may run split by rows with the row product kernel; for tests");
   m.def("row_share_threads", [](int64_t rows) {
           std::mutex mutex;
           std::set<std::thread::id> ids;
@@ -924,6 +988,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         },
         "How many threads ran the shares of `rows` rows (tests: the row split really runs in parallel)");
   m.def("row_products", [] { return kRowKernel && row_products.load(); },
-        "Whether float32 windows run split by rows with the AVX-512 product kernel");
+        "Whether float32 windows run split by rows with the row product kernel");
+  m.def("row_kernel_isa", [] { return std::string(kRowKernelIsa); },
+        "The row product kernel's instruction set (AVX-512 or AVX2), empty where none is compiled");
   register_greedy(m);
 }
