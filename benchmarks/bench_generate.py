@@ -12,7 +12,10 @@ same weights, so greedy outputs must be identical (checked):
     (b'') greedy/py the same on the cell stepper in a Python loop (what generate did before the compiled
                     loop, and still does where it cannot load), to show what the compiled loop buys
     (b') greedy/fwd the same through ``model.forward`` (the generic stepper), to show what the stepper buys
-    (c) sample x64  ``strategy="sample"``, 64 streams in one batch, temperature 1
+    (c) sample x64  ``strategy="sample"``, 64 streams in one batch, temperature 1: each step one call of the
+                    C++ row stepper (``RowStepper``) where the kernels have a row product kernel
+    (c'') the same  with the cells as torch ops on oneDNN's products (what (c) does without a row stepper),
+                    to show what the row stepper buys
     (c') the same   with the stepper on ``torch.*_cell`` (as below ``ONEDNN_MIN_STREAMS`` streams), to show
                     what its oneDNN products buy
     (d) beam x4     ``strategy="beam"``, width 4 (characters of the returned beam per second)
@@ -128,12 +131,12 @@ def flops_per_char(cfg: ModelConfig) -> int:
     return 2 * (G * H * (cfg.input_size + H) + (L - 1) * G * H * 2 * H + H * V)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (at most 40 s); the best is reported")
     parser.add_argument("--seconds", type=float, default=0.4, help="target duration of one timed run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -189,6 +192,17 @@ def main() -> None:
         finally:
             g.ONEDNN_MIN_STREAMS = least
 
+    def sample_onednn_ops(n):
+        # (c'') without the row stepper: the cells as torch ops on oneDNN's products.
+        import deeprnn.generate as g
+
+        real = g._CellStepper._row_stepper
+        g._CellStepper._row_stepper = lambda self, x: None
+        try:
+            generate(ours, vocab, PREFIX, n, strategy="sample", num_samples=64, seed=0)
+        finally:
+            g._CellStepper._row_stepper = real
+
     def run_book(n):
         with torch.no_grad():
             book_predict_ch8(PREFIX, n, book, vocab, "cpu")
@@ -200,6 +214,7 @@ def main() -> None:
         ("(b') greedy via forward", greedy_forward, 1),
         ("(c) sample x64 streams",
          lambda n: generate(ours, vocab, PREFIX, n, strategy="sample", num_samples=64, seed=0), 64),
+        ("(c'') sample x64, oneDNN ops", sample_onednn_ops, 64),
         ("(c') sample x64, torch cells", sample_torch_cells, 64),
         ("(d) beam width 4", lambda n: generate(ours, vocab, PREFIX, n, strategy="beam", beam_width=4), 1),
     ]
@@ -209,16 +224,17 @@ def main() -> None:
     base = rows[0][1]
     fpc = flops_per_char(cfg)
     print(f"greedy output identical to the book's ({check} chars, same weights): {'yes' if same else 'NO'}")
-    print(f"{'workload':<26}{'chars/s':>12}{'vs book':>10}{'of peak':>10}")
+    print(f"{'workload':<30}{'chars/s':>12}{'vs book':>10}{'of peak':>10}")
     for name, rate in rows:
-        print(f"{name:<26}{rate:>12,.0f}{rate / base:>9.1f}x{fpc * rate / (peak * 1e9):>9.1%}")
+        print(f"{name:<30}{rate:>12,.0f}{rate / base:>9.1f}x{fpc * rate / (peak * 1e9):>9.1%}")
     greedy, sample = rows[1][1], rows[4][1]
     print(f"targets: greedy >= 8x book: {greedy / base:.1f}x {'met' if greedy >= 8 * base else 'MISSED'}; "
           f"64-stream sampling >= 50,000 chars/s: {sample:,.0f} {'met' if sample >= 50_000 else 'MISSED'}")
     weight_mb = sum(p.numel() * 4 for p in ours.parameters()) / 1e6
     print(f"greedy: compiled loop vs the Python stepper loop: {greedy / rows[2][1]:.2f}x; weights read: "
           f"{weight_mb:.1f} MB/char, {greedy * weight_mb / 1e3:.0f} GB/s")
-    print(f"64-stream sampling, stepper on oneDNN's products vs on torch.*_cell: {sample / rows[5][1]:.2f}x")
+    print(f"64-stream sampling, the row stepper vs the cells as torch ops on oneDNN's products: "
+          f"{sample / rows[5][1]:.2f}x; those vs the stepper on torch.*_cell: {rows[5][1] / rows[6][1]:.2f}x")
     print(f"timed section: {time.perf_counter() - t0:.1f} s")
 
 

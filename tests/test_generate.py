@@ -14,7 +14,7 @@ from torch import nn
 
 from deeprnn.errors import ConfigError, VocabError
 from deeprnn.generate import ONEDNN_MIN_STREAMS, _CellStepper, _ModelStepper, filter_logits, generate, make_stepper
-from deeprnn.models import ModelConfig, build_model, onednn
+from deeprnn.models import ModelConfig, build_model, native, onednn
 from deeprnn.vocab import Vocab
 
 TEXT = "the time traveller for so it will be convenient to speak of him was expounding a recondite matter to us"
@@ -108,17 +108,25 @@ def test_greedy_equals_argmax_path(vocab, kw):
     assert len(set(expected[len(PREFIX):])) > 2  # the path is not a single repeated character
 
 
-@pytest.mark.parametrize("streams", [3, ONEDNN_MIN_STREAMS + 1])
+@pytest.mark.parametrize("streams,path", [(3, "cells"), (ONEDNN_MIN_STREAMS + 1, "onednn"),
+                                          (ONEDNN_MIN_STREAMS + 1, "rows")])
 @pytest.mark.parametrize("kw", MODELS)
-def test_stepper_matches_forward(vocab, kw, streams, monkeypatch):
+def test_stepper_matches_forward(vocab, kw, streams, path, monkeypatch):
     """The per-step fast path gives the logits and final state of one ``forward`` over the window: on
-    ``torch.*_cell`` for few streams, and with the cells written out on oneDNN's products from
-    ``ONEDNN_MIN_STREAMS`` streams (where this torch has oneDNN)."""
+    ``torch.*_cell`` for few streams; from ``ONEDNN_MIN_STREAMS`` streams, in the compiled row stepper
+    (``RowStepper``, where the C++ kernels have a row product kernel and it is on), else with the cells
+    written out on oneDNN's products (where this torch has oneDNN)."""
+    ext = native.load()
+    if path == "rows" and (ext is None or not ext.row_kernel_isa()):
+        pytest.skip("the C++ kernels here have no row product kernel: no row stepper")
+    if ext is not None:
+        monkeypatch.setattr(ext, "row_products", lambda: path == "rows")  # the stepper asks it once
     model = tiny_model(vocab, **kw).eval()
     fused = takes_fast_path(kw)
-    calls = []
-    monkeypatch.setattr(_CellStepper, "_step_onednn",
-                        lambda self, x, real=_CellStepper._step_onednn: calls.append(1) or real(self, x))
+    calls = {"onednn": [], "rows": []}
+    for name in calls:
+        monkeypatch.setattr(_CellStepper, f"_step_{name}", lambda self, x, real=getattr(_CellStepper, f"_step_{name}"),
+                            seen=calls[name]: seen.append(1) or real(self, x))
     torch.manual_seed(1)
     X = torch.randint(len(vocab), (streams, 12))  # (B, T)
     with torch.inference_mode():
@@ -129,7 +137,8 @@ def test_stepper_matches_forward(vocab, kw, streams, monkeypatch):
         stepper.expand(streams)
         got = torch.stack([stepper.step(X[:, t].contiguous()) for t in range(X.shape[1])])  # (T, B, V)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert len(calls) == (12 if fused and streams >= ONEDNN_MIN_STREAMS and onednn.enabled() else 0)
+    assert len(calls["rows"]) == (12 if fused and path == "rows" else 0)
+    assert len(calls["onednn"]) == (12 if fused and path == "onednn" and onednn.enabled() else 0)
 
 
 def test_greedy_from_one_character_prefix_and_zero_preds(vocab):

@@ -260,8 +260,8 @@ def test_bench_masks_times_both_draws_and_restores_keep_mask(capsys):
 
 
 def test_bench_rows_times_both_ways_and_leaves_the_row_split_on(capsys):
-    """``benchmarks/bench_rows.py`` at a token size: per round the step and the forward window both ways,
-    the two ratio lines, and ``row_products`` on again afterwards; a concise or bf16 step is refused in one
+    """``benchmarks/bench_rows.py`` at a token size: per round the step, the forward window and sampling
+    both ways, the three ratio lines, the sampling rates, and ``row_products`` on again afterwards; a concise or bf16 step is refused in one
     line, exit 2 (so is a build without a row kernel)."""
     import re
 
@@ -278,17 +278,19 @@ def test_bench_rows_times_both_ways_and_leaves_the_row_split_on(capsys):
         return
     for cell in ("lstm", "gru", "rnn_relu"):
         no_zoneout = [] if cell == "lstm" else ["zoneout_cell=0", "zoneout_hidden=0"]  # tm-cpu's, LSTM only
-        assert bench_rows.main(["--rounds", "2", "--steps", "1", "--set", *tiny, f"cell={cell}", *no_zoneout]) == 0
+        assert bench_rows.main(["--rounds", "2", "--steps", "1", "--streams", "5", "--set", *tiny, f"cell={cell}",
+                                *no_zoneout]) == 0
         lines = capsys.readouterr().out.splitlines()
-        for i, what in enumerate(("training step", "forward window")):
+        for i, what in enumerate(("training step", "forward window", "sampling 100 chars x 5 streams")):
             times = [re.fullmatch(rf"{what}, +{name}: ([0-9.e -]+) ms \(best ([0-9.e-]+)\)", line)
                      for name, line in zip(("per-step", "rows"), lines[3 * i: 3 * i + 2])]
             assert all(times) and all(len(m[1].split()) == 2 for m in times)
             ratio = float(lines[3 * i + 2].rsplit(" ", 1)[1])
             assert lines[3 * i + 2].startswith(f"ratio per-step / rows, {what} (best rounds): ")
             assert ratio == pytest.approx(float(times[0][2]) / float(times[1][2]), rel=2e-3)  # printed rounded
-        assert lines[6] == f"tm-cpu: {cell} 2x8, batch 3x5, fp32, {torch.get_num_threads()} threads, " \
-                           f"{ext.row_kernel_isa()} row kernel"
+        assert re.fullmatch(f"tm-cpu: {cell} 2x8, batch 3x5, fp32, {torch.get_num_threads()} threads, "
+                            f"{ext.row_kernel_isa()} row kernel; sampling [0-9,]+ chars/s with the row stepper, "
+                            "[0-9,]+ without", lines[9])
         assert ext.row_products()
     for bad in (["impl=concise"], ["precision=bf16"]):
         with pytest.raises(SystemExit) as err:
@@ -299,6 +301,31 @@ def test_bench_rows_times_both_ways_and_leaves_the_row_split_on(capsys):
         bench_rows.main(["--set", *tiny, "cell=gru"])
     assert err.value.code == 2
     assert "error: zoneout_cell and zoneout_hidden apply to cell='lstm'" in capsys.readouterr().err
+
+
+def test_bench_generate_lists_every_workload_and_the_stepper_ratios(capsys):
+    """``benchmarks/bench_generate.py`` at a short size: the identity check, one row per workload (the
+    row stepper, the oneDNN ops and the torch cells among them), the targets and the two sampling ratios,
+    which are the rows' rates divided."""
+    import re
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_generate
+
+    bench_generate.main(["--repeats", "1", "--seconds", "0.02"])
+    out = capsys.readouterr().out
+    assert "greedy output identical to the book's (600 chars, same weights): yes" in out
+    rates = {m[1].strip(): float(m[2].replace(",", "")) for m in
+             re.finditer(r"^(\([a-z'\"]+\) .+?) +([0-9,]+) +[0-9.]+x +[0-9.]+%$", out, re.M)}
+    assert list(rates) == ["(a) book predict_ch8", "(b) greedy", "(b'') greedy, Python loop",
+                           "(b') greedy via forward", "(c) sample x64 streams", "(c'') sample x64, oneDNN ops",
+                           "(c') sample x64, torch cells", "(d) beam width 4"]
+    m = re.search(r"the row stepper vs the cells as torch ops on oneDNN's products: ([0-9.]+)x; those vs the "
+                  r"stepper on torch.\*_cell: ([0-9.]+)x", out)
+    assert m and float(m[1]) == pytest.approx(rates["(c) sample x64 streams"] / rates["(c'') sample x64, oneDNN ops"],
+                                              rel=0.01)
+    assert float(m[2]) == pytest.approx(rates["(c'') sample x64, oneDNN ops"] / rates["(c') sample x64, torch cells"],
+                                        rel=0.01)
 
 
 def test_precision_probe_says_what_auto_means_and_measures_both(capsys):

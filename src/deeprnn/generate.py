@@ -350,6 +350,7 @@ class _CellStepper(_ModelStepper):
         self.vocab_size = out_weight.shape[0]
         self.dtype = out_weight.dtype
         self.one_hot = None
+        self.rows = None  # the compiled several-stream step (_row_stepper), once asked for; False: none here
 
     def _from_model_state(self, state) -> None:
         h, c = state if self.lstm else (state, None)
@@ -376,6 +377,8 @@ class _CellStepper(_ModelStepper):
                 self.one_hot = torch.zeros(B, self.vocab_size, dtype=self.dtype, device=self.device)
             x = self.one_hot.zero_()
             x.scatter_(1, tokens.view(B, 1), 1.0)  # (B, V), reused buffer
+        if B >= ONEDNN_MIN_STREAMS and self._row_stepper(x):
+            return self._step_rows(x)
         if B >= ONEDNN_MIN_STREAMS and onednn.usable(x, self.out_weight_t):
             return self._step_onednn(x)
         for l, weights in enumerate(self.layers):
@@ -385,6 +388,32 @@ class _CellStepper(_ModelStepper):
                 self.h[l] = self.cell_fn(x, self.h[l], *weights)
             x = self.h[l] + x if self.residual and l > 0 else self.h[l]  # (B, H)
         return torch.addmm(self.out_bias, x, self.out_weight_t)  # (B, V)
+
+    def _row_stepper(self, x: torch.Tensor):
+        """The C++ several-stream step (``RowStepper`` in ``csrc/windows.cpp``: every layer's weights packed
+        once, each thread carrying its share of the streams through all layers in one call), or None: only
+        for float32 CPU weights outside autocast, where the extension is built already (sampling never
+        waits ~15 s for a build) and has a row product kernel (AVX-512 or AVX2) that is switched on."""
+        if self.rows is None:
+            self.rows = False
+            if (x.device.type == "cpu" and self.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                    and all(w is None or w.dtype == torch.float32 for layer in self.layers for w in layer)
+                    and native.ready()):
+                ext = native.load()
+                if ext is not None and ext.row_products():
+                    w_ih, w_hh, b_ih, b_hh = (list(ws) for ws in zip(*self.layers))
+                    self.rows = ext.RowStepper(self.cell, w_ih, w_hh, b_ih, b_hh, self.residual,
+                                               self.out_weight_t.t(), self.out_bias)
+        return self.rows or None
+
+    def _step_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``step`` for several streams through the C++ row stepper, the output layer included."""
+        L = len(self.layers)
+        out = self.rows.step(x, self.h, self.c if self.lstm else [])
+        self.h = list(out[1:L + 1])
+        if self.lstm:
+            self.c = list(out[L + 1:])
+        return out[0]  # (B, V)
 
     def _step_onednn(self, x: torch.Tensor) -> torch.Tensor:
         """``step`` for several streams: the same cells as ``torch.*_cell``, written out, with their

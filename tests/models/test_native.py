@@ -501,3 +501,99 @@ def test_training_a_scratch_model_loads_the_kernels_before_its_clock_starts(tmp_
                       max_steps=1, eval_batch_size=2, sample_every=0, precision="fp32", run_dir=str(tmp_path / "r"))
     train(cfg, progress=False, log=lambda *_: None)
     assert calls[:2] == ["load", "window"]  # loaded (built, the first time) before the first window runs
+
+
+# -- the several-stream step of generation (RowStepper) -----------------------------------------------
+
+_CELL_FNS = {"lstm": torch.lstm_cell, "gru": torch.gru_cell, "rnn_tanh": torch.rnn_tanh_cell,
+             "rnn_relu": torch.rnn_relu_cell}
+
+
+def _stepper_case(cell, B, H, inp, L, V=21, seed=0):
+    """Layers of torch.nn-layout weights (layer 2 without b_hh), the output layer, an input and a state."""
+    G = {"lstm": 4, "gru": 3}.get(cell, 1)
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen) * 0.5  # noqa: E731
+    w_ih = [rand(G * H, inp if l == 0 else H) for l in range(L)]
+    w_hh = [rand(G * H, H) for _ in range(L)]
+    b_ih = [rand(G * H) for _ in range(L)]
+    b_hh = [None if l == 1 else rand(G * H) for l in range(L)]
+    x = rand(B, inp)
+    h = [rand(B, H) for _ in range(L)]
+    c = [rand(B, H) for _ in range(L)] if cell == "lstm" else []
+    return (w_ih, w_hh, b_ih, b_hh), (rand(V, H), rand(V)), x, h, c
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("cell", CELLS)
+def test_row_stepper_equals_torch_cells(ext, cell, residual):
+    """One step of B streams through every layer and the output layer equals ``torch.*_cell`` layer by
+    layer and ``F.linear`` in float64 (with the residual sums of layers 2..L), to float32 rounding; the
+    inputs are left as they were; 1 and 3 threads give the same bits. B = 19: row shares that end in a
+    narrower block; H = 33 and V = 21: widths that end in a partly filled panel."""
+    if not ext.row_kernel_isa():
+        pytest.skip("the kernels were built without a row product kernel (AVX-512 or AVX2): no row stepper")
+    B, H, inp, L = 19, 33, 10, 3
+    layers, (w_out, b_out), x, h, c = _stepper_case(cell, B, H, inp, L)
+    before = [t.clone() for t in (x, *h, *c)]
+    stepper = ext.RowStepper(cell, *layers, residual, w_out, b_out)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            runs.append(stepper.step(x, h, c))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    out = runs[0]
+    assert all(torch.equal(a, b) for a, b in zip(before, (x, *h, *c)))
+    xr, hs, cs = x.double(), [], []
+    for l, weights in enumerate(zip(*layers)):
+        args = [None if w is None else w.double() for w in weights]
+        if cell == "lstm":
+            hn, cn = _CELL_FNS[cell](xr, (h[l].double(), c[l].double()), *args)
+            cs.append(cn)
+        else:
+            hn = _CELL_FNS[cell](xr, h[l].double(), *args)
+        hs.append(hn)
+        xr = hn + xr if residual and l > 0 else hn
+    assert len(out) == 1 + L + len(cs)
+    logits = torch.nn.functional.linear(xr, w_out.double(), b_out.double())
+    assert out[0].dtype == torch.float32 and out[0].shape == (B, 21)
+    assert_close(out[0].double(), logits, atol=5e-5, rtol=1e-5)
+    for got, want in zip(out[1:], [*hs, *cs]):
+        assert got.dtype == torch.float32 and got.shape == (B, H)
+        assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+
+
+def test_row_stepper_refuses_bad_calls(ext):
+    """Wrong cells, shapes and dtypes raise torch's RuntimeError with the stepper's own message."""
+    if not ext.row_kernel_isa():
+        pytest.skip("the kernels were built without a row product kernel (AVX-512 or AVX2): no row stepper")
+    layers, out, x, h, c = _stepper_case("lstm", 4, 8, 5, 2)
+    with pytest.raises(RuntimeError, match="row stepper: unknown cell 'lstmx'"):
+        ext.RowStepper("lstmx", *layers, False, *out)
+    with pytest.raises(RuntimeError, match=r"layer 1's weights must be float32 CPU \(24, in\) matrices"):
+        ext.RowStepper("gru", *layers, False, *out)  # LSTM weights: 4H rows, not 3H
+    w_ih, w_hh, b_ih, b_hh = layers
+    with pytest.raises(RuntimeError, match="one w_ih, w_hh, b_ih and b_hh per layer"):
+        ext.RowStepper("lstm", w_ih, w_hh[:1], b_ih, b_hh, False, *out)
+    with pytest.raises(RuntimeError, match="a bias must have 32 values"):
+        ext.RowStepper("lstm", w_ih, w_hh, [b_ih[0][:-1], b_ih[1]], b_hh, False, *out)
+    with pytest.raises(RuntimeError, match=r"the output weight must be a float32 CPU \(V, 8\) matrix"):
+        ext.RowStepper("lstm", *layers, False, out[0][:, :-1], out[1])
+    with pytest.raises(RuntimeError, match="a bias must have 21 values"):
+        ext.RowStepper("lstm", *layers, False, out[0], out[1][:-1])
+    stepper = ext.RowStepper("lstm", *layers, False, *out)
+    with pytest.raises(RuntimeError, match=r"x must be a float32 CPU \(B, 5\) matrix"):
+        stepper.step(x[:, :4], h, c)
+    with pytest.raises(RuntimeError, match=r"x must be a float32 CPU \(B, 5\) matrix"):
+        stepper.step(x.double(), h, c)
+    with pytest.raises(RuntimeError, match="one h per layer, and one c per layer for the LSTM only"):
+        stepper.step(x, h, [])
+    with pytest.raises(RuntimeError, match=r"each state must be a float32 CPU \(B, H\) matrix"):
+        stepper.step(x, [h[0], h[1][:3]], c)
+    with pytest.raises(RuntimeError, match=r"each state must be a float32 CPU \(B, H\) matrix"):
+        stepper.step(x, h, [c[0], c[1][None]])

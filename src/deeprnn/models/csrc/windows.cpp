@@ -954,6 +954,159 @@ std::vector<Tensor> rnn_backward(const Tensor& W, const Tensor& hs, const Tensor
   return {x_in_lp ? dpl : dpre, dpl, product.result().to(st)};
 }
 
+// -- one step of several streams, split by rows (sampling, beam search) ---------------------------------
+// Generation steps B streams one token at a time, returning to Python after each step to draw the next
+// tokens. Through torch a step is ~10 calls per layer: two products and the cell's pointwise ops. Here the
+// weights are packed once per generation (RowProduct) and each of torch's threads carries its share of
+// the rows through every layer: its rows' two products, the cell's pointwise pass, the residual sum, with
+// no barrier between layers (rows are independent) and one parallel region per step, which ends with the
+// rows' logits. Same maths as torch.lstm_cell / gru_cell / rnn_tanh_cell / rnn_relu_cell, the residual
+// connections of layers 2..L and the output layer, with pointwise.h's sigmoid and tanh (about 1 ulp from
+// torch's). Only where a row kernel is compiled.
+class RowStepper {
+ public:
+  // w_ih[l]: (G*H, in_l), w_hh[l]: (G*H, H), out_weight: (V, H), torch.nn's layout; biases (G*H, V) or absent.
+  RowStepper(const std::string& cell, const std::vector<Tensor>& w_ih, const std::vector<Tensor>& w_hh,
+             const std::vector<std::optional<Tensor>>& b_ih, const std::vector<std::optional<Tensor>>& b_hh,
+             bool residual, const Tensor& out_weight, const std::optional<Tensor>& out_bias)
+      : residual_(residual) {
+    TORCH_CHECK(kRowKernel, "row stepper: built without a row product kernel");
+    gates_ = cell == "lstm" ? 4 : cell == "gru" ? 3 : (cell == "rnn_tanh" || cell == "rnn_relu") ? 1 : 0;
+    TORCH_CHECK(gates_ > 0, "row stepper: unknown cell '", cell, "'");
+    relu_ = cell == "rnn_relu";
+    const size_t L = w_ih.size();
+    TORCH_CHECK(L > 0 && w_hh.size() == L && b_ih.size() == L && b_hh.size() == L,
+                "row stepper: one w_ih, w_hh, b_ih and b_hh per layer");
+    H_ = w_hh[0].size(1);
+    for (size_t l = 0; l < L; ++l) {
+      for (const Tensor* w : {&w_ih[l], &w_hh[l]}) {
+        TORCH_CHECK(w->dim() == 2 && w->size(0) == gates_ * H_ && w->scalar_type() == at::kFloat && w->device().is_cpu(),
+                    "row stepper: layer ", l + 1, "'s weights must be float32 CPU (", gates_ * H_, ", in) matrices");
+      }
+      TORCH_CHECK(w_hh[l].size(1) == H_ && (l == 0 || w_ih[l].size(1) == H_),
+                  "row stepper: layer ", l + 1, " has the wrong shape");
+      inputs_.push_back(w_ih[l].size(1));
+      ih_.emplace_back(w_ih[l].t());
+      hh_.emplace_back(w_hh[l].t());
+      bih_.push_back(bias(b_ih[l], gates_ * H_));
+      bhh_.push_back(bias(b_hh[l], gates_ * H_));
+      bsum_.emplace_back(gates_ * H_);
+      for (int64_t j = 0; j < gates_ * H_; ++j) bsum_[l][j] = bih_[l][j] + bhh_[l][j];
+    }
+    TORCH_CHECK(out_weight.dim() == 2 && out_weight.size(1) == H_ && out_weight.scalar_type() == at::kFloat &&
+                    out_weight.device().is_cpu(),
+                "row stepper: the output weight must be a float32 CPU (V, ", H_, ") matrix");
+    V_ = out_weight.size(0);
+    out_.emplace_back(out_weight.t());
+    bout_ = bias(out_bias, V_);
+  }
+
+  // x (B, in_1) float32; h[l], c[l] (B, H) float32, c only for the LSTM. Returns [logits (B, V), the new h
+  // of every layer, then the new c of every layer]; the inputs are not written.
+  std::vector<Tensor> step(const Tensor& x_in, const std::vector<Tensor>& h_in, const std::vector<Tensor>& c_in) const {
+    const int64_t L = static_cast<int64_t>(ih_.size()), G = gates_ * H_, H = H_;
+    const bool lstm = gates_ == 4;
+    TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == inputs_[0] && x_in.scalar_type() == at::kFloat &&
+                    x_in.device().is_cpu(),
+                "row stepper: x must be a float32 CPU (B, ", inputs_[0], ") matrix");
+    const int64_t B = x_in.size(0);
+    TORCH_CHECK(static_cast<int64_t>(h_in.size()) == L && static_cast<int64_t>(c_in.size()) == (lstm ? L : 0),
+                "row stepper: one h per layer, and one c per layer for the LSTM only");
+    const Tensor x = x_in.contiguous();
+    std::vector<Tensor> h, c, out;
+    out.push_back(at::empty({B, V_}, x.options()));
+    for (int64_t l = 0; l < L; ++l) {
+      for (const Tensor* t : lstm ? std::vector<const Tensor*>{&h_in[l], &c_in[l]} : std::vector<const Tensor*>{&h_in[l]}) {
+        TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == H && t->scalar_type() == at::kFloat &&
+                        t->device().is_cpu(),
+                    "row stepper: each state must be a float32 CPU (B, H) matrix");
+      }
+      h.push_back(h_in[l].contiguous());
+      if (lstm) c.push_back(c_in[l].contiguous());
+      out.push_back(at::empty({B, H}, x.options()));
+    }
+    for (int64_t l = 0; l < (lstm ? L : 0); ++l) out.push_back(at::empty({B, H}, x.options()));
+    for_row_shares(B, [&](int64_t, int64_t r0, int64_t R) {
+      std::vector<float> gi(R * G), gh(R * G), sum(residual_ && L > 1 ? R * H : 0);
+      const float* xr = ptr<float>(x) + r0 * inputs_[0];
+      int64_t ldx = inputs_[0];
+      for (int64_t l = 0; l < L; ++l) {
+        ih_[l].rows(xr, ldx, R, gi.data(), G);
+        hh_[l].rows(ptr<float>(h[l]) + r0 * H, H, R, gh.data(), G);
+        float* hn = ptr<float>(out[1 + l]) + r0 * H;
+        const float* bs = bsum_[l].data();  // b_ih + b_hh
+        for (int64_t r = 0; r < R; ++r) {
+          const float* a = gi.data() + r * G;
+          const float* b = gh.data() + r * G;
+          float* hr = hn + r * H;
+          if (lstm) {
+            const float* cp = ptr<float>(c[l]) + (r0 + r) * H;
+            float* cr = ptr<float>(out[1 + L + l]) + (r0 + r) * H;
+            UNITS_INDEPENDENT
+            for (int64_t j = 0; j < H; ++j) {
+              const float i = sigmoid(a[j] + b[j] + bs[j]);
+              const float f = sigmoid(a[H + j] + b[H + j] + bs[H + j]);
+              const float g = tanh_via_sigmoid(a[2 * H + j] + b[2 * H + j] + bs[2 * H + j]);
+              const float o = sigmoid(a[3 * H + j] + b[3 * H + j] + bs[3 * H + j]);
+              const float cn = f * cp[j] + i * g;
+              cr[j] = cn;
+              hr[j] = o * tanh_via_sigmoid(cn);
+            }
+          } else if (gates_ == 3) {
+            const float* hp = ptr<float>(h[l]) + (r0 + r) * H;
+            const float* bi = bih_[l].data() + 2 * H;  // n's biases apart: r multiplies only W_hn h + b_hn
+            const float* bh = bhh_[l].data() + 2 * H;
+            UNITS_INDEPENDENT
+            for (int64_t j = 0; j < H; ++j) {
+              const float rg = sigmoid(a[j] + b[j] + bs[j]);
+              const float z = sigmoid(a[H + j] + b[H + j] + bs[H + j]);
+              const float n = tanh_via_sigmoid(a[2 * H + j] + bi[j] + rg * (b[2 * H + j] + bh[j]));
+              hr[j] = n + z * (hp[j] - n);
+            }
+          } else {
+            UNITS_INDEPENDENT
+            for (int64_t j = 0; j < H; ++j) {
+              const float pre = a[j] + b[j] + bs[j];
+              hr[j] = relu_ ? std::max(pre, 0.f) : tanh_via_sigmoid(pre);
+            }
+          }
+        }
+        if (residual_ && l > 0) {  // the next layer's input (and the output): h + this layer's input
+          for (int64_t r = 0; r < R; ++r) {
+            for (int64_t j = 0; j < H; ++j) sum[r * H + j] = hn[r * H + j] + xr[r * ldx + j];
+          }
+          xr = sum.data();
+        } else {
+          xr = hn;
+        }
+        ldx = H;
+      }
+      float* logits = ptr<float>(out[0]) + r0 * V_;
+      out_[0].rows(xr, ldx, R, logits, V_);
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t v = 0; v < V_; ++v) logits[r * V_ + v] += bout_[v];
+      }
+    });
+    return out;
+  }
+
+ private:
+  // A bias as G floats, zeros where the layer has none.
+  static std::vector<float> bias(const std::optional<Tensor>& b, int64_t G) {
+    if (!b) return std::vector<float>(G, 0.0f);
+    const Tensor d = b->detach().to(at::kFloat).contiguous();
+    TORCH_CHECK(d.numel() == G, "row stepper: a bias must have ", G, " values");
+    return std::vector<float>(d.data_ptr<float>(), d.data_ptr<float>() + G);
+  }
+
+  bool residual_, relu_ = false;
+  int64_t gates_ = 0, H_ = 0, V_ = 0;
+  std::vector<int64_t> inputs_;
+  std::vector<RowProduct> ih_, hh_, out_;  // out_: the output layer's one product
+  std::vector<std::vector<float>> bih_, bhh_, bsum_;
+  std::vector<float> bout_;
+};
+
 }  // namespace
 
 void register_greedy(pybind11::module& m);  // greedy.cpp
@@ -991,5 +1144,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether float32 windows run split by rows with the row product kernel");
   m.def("row_kernel_isa", [] { return std::string(kRowKernelIsa); },
         "The row product kernel's instruction set (AVX-512 or AVX2), empty where none is compiled");
+  py::class_<RowStepper>(m, "RowStepper")
+      .def(py::init<const std::string&, const std::vector<Tensor>&, const std::vector<Tensor>&,
+                    const std::vector<std::optional<Tensor>>&, const std::vector<std::optional<Tensor>>&, bool,
+                    const Tensor&, const std::optional<Tensor>&>(),
+           py::arg("cell"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("residual"),
+           py::arg("out_weight"), py::arg("out_bias"))
+      .def("step", &RowStepper::step, py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("h"),
+           py::arg("c"), "One step of B streams -> [logits, new h of each layer, new c of each layer (LSTM)]");
   register_greedy(m);
 }
