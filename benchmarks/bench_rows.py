@@ -30,8 +30,7 @@ from benchmarks.common import alternating_rounds, loadavg, machine, parse_sets, 
 from deeprnn.cli import PRESETS  # noqa: E402
 from deeprnn.errors import ConfigError  # noqa: E402
 from deeprnn.generate import generate  # noqa: E402
-from deeprnn.models import ModelConfig, build_model  # noqa: E402
-from deeprnn.models import native  # noqa: E402
+from deeprnn.models import ModelConfig, build_model, native  # noqa: E402
 from deeprnn.train import TrainConfig, resolve_precision  # noqa: E402
 from deeprnn.vocab import Vocab  # noqa: E402
 
@@ -77,7 +76,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.streams < 1:
         p.error("--rounds, --steps and --streams must be >= 1")
-    cfg = TrainConfig(**{**PRESETS[args.preset], **parse_sets(args.set)})
+    # float32 unless --set says otherwise: the presets' "auto" means bf16 on an AVX-512 CPU or a GPU
+    cfg = TrainConfig(**{**PRESETS[args.preset], "precision": "fp32", **parse_sets(args.set)})
     cpu = torch.device("cpu")
     if cfg.impl != "scratch" or resolve_precision(cfg.precision, cpu) != "fp32":
         p.error(f"the row split runs scratch layers in float32; this step is impl {cfg.impl!r}, precision "

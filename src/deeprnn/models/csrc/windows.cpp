@@ -410,8 +410,9 @@ class StepProduct {
 // about one core's peak) against ~59 us through oneDNN's prepacked linear on one thread, and packing
 // costs ~20-30 us against 0.3-1 ms for oneDNN's reorder; an LSTM window's forward and backward run ~1.5x
 // faster, a training step ~1.25x. AVX2 (a 6 x 16 micro-kernel, BLIS's shape for 16 vector registers): on
-// a 2-core AMD EPYC without AVX-512, tm-cpu's step product, 32 rows x 512 x 2048 on two threads, ran at
-// ~140-180 GFLOP/s against ~80-95 through oneDNN. (Window-sized products, 1120 rows, ran no faster this
+// a 2-core AMD EPYC without AVX-512, one of tm-cpu's forward windows (3 x 512 LSTM, 32 rows, 80 steps)
+// ran 1.16-1.42x faster than with oneDNN's per-step products, its training step 1.04-1.10x
+// (benchmarks/bench_rows.py). (Window-sized products, 1120 rows, ran no faster this
 // way than through oneDNN: those stay there.) Needs at::parallel_for on torch's threads, hence -fopenmp
 // (native.py). Only where a kernel is compiled (AVX-512, or AVX2 with FMA) and set_row_products is on;
 // otherwise StepProduct.
@@ -450,7 +451,7 @@ class RowProduct {
     const float* b = right.data_ptr<float>();
     const int64_t sk = right.stride(0), sn = right.stride(1);
     float* out = packed_.data_ptr<float>();
-    // One pass, a panel per task: rows of 32 from a row-major right, or gathered from any other layout.
+    // One pass, a panel per task: rows of kWidth from a row-major right, or gathered from any other layout.
     at::parallel_for(0, panels, 4, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = p * kWidth, width = std::min(kWidth, N_ - n0);
@@ -470,42 +471,13 @@ class RowProduct {
 
   // c[r * ldc + n] = sum_k a[r * lda + k] * right[k][n], for rows r < rows and every column n.
   void rows(const float* a, int64_t lda, int64_t rows, float* c, int64_t ldc) const {
-#if defined(__AVX512F__)
+#if defined(DEEPRNN_ROW_KERNEL)
     const float* p = packed_.data_ptr<float>();
     for (int64_t n0 = 0; n0 < N_; n0 += kWidth, p += K_ * kWidth) {
       const int64_t width = std::min(kWidth, N_ - n0);
-      const __mmask16 m0 = mask(width), m1 = mask(width - 16);
+      const Mask m0 = mask(width), m1 = mask(width - kWidth / 2);
       for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-        const float* ar = a + r0 * lda;
-        float* cr = c + r0 * ldc + n0;
-        switch (std::min(kRows, rows - r0)) {
-          case 8: micro<8>(ar, lda, p, cr, ldc, m0, m1); break;
-          case 7: micro<7>(ar, lda, p, cr, ldc, m0, m1); break;
-          case 6: micro<6>(ar, lda, p, cr, ldc, m0, m1); break;
-          case 5: micro<5>(ar, lda, p, cr, ldc, m0, m1); break;
-          case 4: micro<4>(ar, lda, p, cr, ldc, m0, m1); break;
-          case 3: micro<3>(ar, lda, p, cr, ldc, m0, m1); break;
-          case 2: micro<2>(ar, lda, p, cr, ldc, m0, m1); break;
-          default: micro<1>(ar, lda, p, cr, ldc, m0, m1); break;
-        }
-      }
-    }
-#elif defined(__AVX2__) && defined(__FMA__)
-    const float* p = packed_.data_ptr<float>();
-    for (int64_t n0 = 0; n0 < N_; n0 += kWidth, p += K_ * kWidth) {
-      const int64_t width = std::min(kWidth, N_ - n0);
-      const __m256i m0 = mask(width), m1 = mask(width - 8);
-      for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-        const float* ar = a + r0 * lda;
-        float* cr = c + r0 * ldc + n0;
-        switch (std::min(kRows, rows - r0)) {
-          case 6: micro<6>(ar, lda, p, cr, ldc, m0, m1); break;
-          case 5: micro<5>(ar, lda, p, cr, ldc, m0, m1); break;
-          case 4: micro<4>(ar, lda, p, cr, ldc, m0, m1); break;
-          case 3: micro<3>(ar, lda, p, cr, ldc, m0, m1); break;
-          case 2: micro<2>(ar, lda, p, cr, ldc, m0, m1); break;
-          default: micro<1>(ar, lda, p, cr, ldc, m0, m1); break;
-        }
+        micro_upto<kRows>(std::min(kRows, rows - r0), a + r0 * lda, lda, p, c + r0 * ldc + n0, ldc, m0, m1);
       }
     }
 #else
@@ -515,6 +487,8 @@ class RowProduct {
 
  private:
 #if defined(__AVX512F__)
+  using Mask = __mmask16;
+
   static __mmask16 mask(int64_t n) {
     return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
   }
@@ -539,6 +513,8 @@ class RowProduct {
     }
   }
 #elif defined(__AVX2__) && defined(__FMA__)
+  using Mask = __m256i;
+
   // The lanes below n of 8: all ones where stored (maskstore writes a lane whose sign bit is set).
   static __m256i mask(int64_t n) {
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -553,7 +529,8 @@ class RowProduct {
     __m256 acc0[R], acc1[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K_; ++k) {
+    const int64_t K = K_;  // a local: the stores through c could alias K_, so the loop would reload it
+    for (int64_t k = 0; k < K; ++k) {
       const __m256 b0 = _mm256_load_ps(p + k * kWidth), b1 = _mm256_load_ps(p + k * kWidth + 8);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
@@ -567,6 +544,18 @@ class RowProduct {
       _mm256_maskstore_ps(c + r * ldc, m0, acc0[r]);
       _mm256_maskstore_ps(c + r * ldc + 8, m1, acc1[r]);
     }
+  }
+#endif
+
+#if defined(DEEPRNN_ROW_KERNEL)
+  // micro<n>(...) for a runtime n in [1, R].
+  template <int R>
+  void micro_upto(int64_t n, const float* a, int64_t lda, const float* p, float* c, int64_t ldc, Mask m0,
+                  Mask m1) const {
+    if constexpr (R > 1) {
+      if (n < R) return micro_upto<R - 1>(n, a, lda, p, c, ldc, m0, m1);
+    }
+    micro<R>(a, lda, p, c, ldc, m0, m1);
   }
 #endif
 
@@ -977,6 +966,7 @@ class RowStepper {
     const size_t L = w_ih.size();
     TORCH_CHECK(L > 0 && w_hh.size() == L && b_ih.size() == L && b_hh.size() == L,
                 "row stepper: one w_ih, w_hh, b_ih and b_hh per layer");
+    TORCH_CHECK(w_hh[0].dim() == 2, "row stepper: layer 1's weights must be float32 CPU (G*H, in) matrices");
     H_ = w_hh[0].size(1);
     for (size_t l = 0; l < L; ++l) {
       for (const Tensor* w : {&w_ih[l], &w_hh[l]}) {
@@ -1094,7 +1084,7 @@ class RowStepper {
   // A bias as G floats, zeros where the layer has none.
   static std::vector<float> bias(const std::optional<Tensor>& b, int64_t G) {
     if (!b) return std::vector<float>(G, 0.0f);
-    const Tensor d = b->detach().to(at::kFloat).contiguous();
+    const Tensor d = b->detach().to(at::kCPU, at::kFloat).contiguous();
     TORCH_CHECK(d.numel() == G, "row stepper: a bias must have ", G, " values");
     return std::vector<float>(d.data_ptr<float>(), d.data_ptr<float>() + G);
   }
