@@ -14,8 +14,8 @@ same weights, so greedy outputs must be identical (checked):
     (b') greedy/fwd the same through ``model.forward`` (the generic stepper), to show what the stepper buys
     (c) sample x64  ``strategy="sample"``, 64 streams in one batch, temperature 1: each step one call of the
                     C++ row stepper (``RowStepper``) where the kernels have a row product kernel
-    (c'') the same  with the cells as torch ops on oneDNN's products (what (c) does without a row stepper),
-                    to show what the row stepper buys
+    (c'') the same  with the cells as torch ops on oneDNN's products (what (c) does without a row stepper
+                    on a CPU with AVX-512; without AVX-512 it takes (c')), to show what the row stepper buys
     (c') the same   with the stepper on ``torch.*_cell`` (as below ``ONEDNN_MIN_STREAMS`` streams), to show
                     what its oneDNN products buy
     (d) beam x4     ``strategy="beam"``, width 4 (characters of the returned beam per second)
@@ -196,12 +196,12 @@ def main(argv=None) -> None:
         # (c'') without the row stepper: the cells as torch ops on oneDNN's products.
         import deeprnn.generate as g
 
-        real = g._CellStepper._row_stepper
-        g._CellStepper._row_stepper = lambda self, x: None
+        real, steps = g._CellStepper._row_stepper, g._onednn_steps
+        g._CellStepper._row_stepper, g._onednn_steps = (lambda self, x: None), (lambda: True)
         try:
             generate(ours, vocab, PREFIX, n, strategy="sample", num_samples=64, seed=0)
         finally:
-            g._CellStepper._row_stepper = real
+            g._CellStepper._row_stepper, g._onednn_steps = real, steps
 
     def run_book(n):
         with torch.no_grad():

@@ -13,7 +13,9 @@ per step and the ratio of the best rounds, per-step / rows (> 1: the row split i
 one layer's forward window alone, the same way, and sampling: ``deeprnn.generate`` drawing 100 characters
 for each of ``--streams`` streams from a model of the preset's shape (cell, layers, width, input, residual;
 no regularisers), whose several-stream step runs in the C++ row stepper (``RowStepper``) or, with the row
-split off, as torch ops on oneDNN's products. The preset must train scratch layers in float32.
+split off, as ``generate`` runs it without one: torch ops on oneDNN's products on a CPU with AVX-512,
+``torch.*_cell`` without (before 2026-11-28's ``_onednn_steps``, oneDNN's products there too). The preset
+must train scratch layers in float32.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from deeprnn.errors import ConfigError, VocabError
+import deeprnn.generate as generate_mod
 from deeprnn.generate import ONEDNN_MIN_STREAMS, _CellStepper, _ModelStepper, filter_logits, generate, make_stepper
 from deeprnn.models import ModelConfig, build_model, native, onednn
 from deeprnn.vocab import Vocab
@@ -109,18 +110,20 @@ def test_greedy_equals_argmax_path(vocab, kw):
 
 
 @pytest.mark.parametrize("streams,path", [(3, "cells"), (ONEDNN_MIN_STREAMS + 1, "onednn"),
-                                          (ONEDNN_MIN_STREAMS + 1, "rows")])
+                                          (ONEDNN_MIN_STREAMS + 1, "rows"), (ONEDNN_MIN_STREAMS + 1, "avx2")])
 @pytest.mark.parametrize("kw", MODELS)
 def test_stepper_matches_forward(vocab, kw, streams, path, monkeypatch):
     """The per-step fast path gives the logits and final state of one ``forward`` over the window: on
     ``torch.*_cell`` for few streams; from ``ONEDNN_MIN_STREAMS`` streams, in the compiled row stepper
     (``RowStepper``, where the C++ kernels have a row product kernel and it is on), else with the cells
-    written out on oneDNN's products (where this torch has oneDNN)."""
+    written out on oneDNN's products (where this torch has oneDNN and the CPU AVX-512, made so here), else
+    (``avx2``: a CPU without AVX-512) on ``torch.*_cell`` again."""
     ext = native.load()
     if path == "rows" and (ext is None or not ext.row_kernel_isa()):
         pytest.skip("the C++ kernels here have no row product kernel: no row stepper")
     if ext is not None:
         monkeypatch.setattr(ext, "row_products", lambda: path == "rows")  # the stepper asks it once
+    monkeypatch.setattr(generate_mod, "_onednn_steps", lambda: path != "avx2")
     model = tiny_model(vocab, **kw).eval()
     fused = takes_fast_path(kw)
     calls = {"onednn": [], "rows": []}

@@ -41,9 +41,19 @@ from torch import nn
 from deeprnn.errors import ConfigError, VocabError
 from deeprnn.models import native, onednn
 
-# From this many streams on, a step's products go through oneDNN (at the book's size 2.0x MKL's speed
-# at 64 streams, 1.6x at 4; MKL's matrix-vector product wins for one stream).
+# From this many streams on, a step runs in the compiled row stepper where there is one, else, on a CPU
+# with AVX-512, with its products through oneDNN (there, at the book's size, 2.0x MKL's speed at 64
+# streams, 1.6x at 4; MKL's matrix-vector product wins for one stream).
 ONEDNN_MIN_STREAMS = 4
+
+
+def _onednn_steps() -> bool:
+    """Whether several streams' steps without a row stepper go through oneDNN's products: only where the
+    CPU has AVX-512. On the AVX2-only AMD EPYC of 2026-11-28, ``torch.*_cell`` (MKL's products) was faster:
+    ``python benchmarks/bench_generate.py`` samples 64 streams of the book's model at 0.75x its speed with
+    oneDNN's products; an ad-hoc run (not committed) gave 0.46-0.76x for 4-64 one-hot streams and
+    0.55-0.93x with an embedding. MKL's AVX-512 path is what it skips on AMD CPUs (``deeprnn.models.onednn``)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 STRATEGIES = ("greedy", "sample", "beam")
 UNK_POLICIES = ("error", "replace")
@@ -379,7 +389,7 @@ class _CellStepper(_ModelStepper):
             x.scatter_(1, tokens.view(B, 1), 1.0)  # (B, V), reused buffer
         if B >= ONEDNN_MIN_STREAMS and self._row_stepper(x):
             return self._step_rows(x)
-        if B >= ONEDNN_MIN_STREAMS and onednn.usable(x, self.out_weight_t):
+        if B >= ONEDNN_MIN_STREAMS and _onednn_steps() and onednn.usable(x, self.out_weight_t):
             return self._step_onednn(x)
         for l, weights in enumerate(self.layers):
             if self.lstm:
