@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.common import alternating_rounds, loadavg, machine, parse_sets, preset_step  # noqa: E402
+from benchmarks.common import (alternating_rounds, loadavg, machine, parse_sets, preset_step,  # noqa: E402
+                               refuse_unrunnable_precision)
 from deeprnn import regularize  # noqa: E402
 from deeprnn.cli import PRESETS  # noqa: E402
-from deeprnn.errors import ConfigError  # noqa: E402
-from deeprnn.train import TrainConfig, check_precision, resolve_precision  # noqa: E402
+from deeprnn.train import TrainConfig, resolve_precision  # noqa: E402
 
 VOCAB = 28
 
@@ -59,10 +59,7 @@ def main(argv=None) -> int:
     if args.rounds < 1 or args.steps < 1:
         p.error("--rounds and --steps must be >= 1")
     cfg = TrainConfig(**{**PRESETS[args.preset], **parse_sets(args.set)})
-    try:  # torch.nn.LSTM has no bf16 on a CPU without AVX-512: say so in one line, before any step
-        check_precision(cfg.precision, torch.device("cpu"), cfg.cell, cfg.impl, fix="use --set precision=auto")
-    except ConfigError as e:
-        p.error(str(e))
+    refuse_unrunnable_precision(p, cfg.precision, "cpu", cfg.cell, cfg.impl, fix="use --set precision=auto")
     times = measure(cfg, args.rounds, args.steps)
     for name, ms in times.items():
         print(f"{name:>9}: " + " ".join(f"{t:.1f}" for t in ms) + f" ms/step (best {min(ms):.1f})")

@@ -26,11 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
+from benchmarks.common import loadavg, machine, parse_sets, refuse_unrunnable_precision  # noqa: E402
 from deeprnn.checkpoint import load_checkpoint  # noqa: E402
 from deeprnn.cli import checkpoint_split_tokens  # noqa: E402
-from deeprnn.errors import ConfigError  # noqa: E402
-from deeprnn.train import TrainConfig, check_precision, evaluate_tokens, resolve_device, train  # noqa: E402
+from deeprnn.train import TrainConfig, evaluate_tokens, resolve_device, train  # noqa: E402
 
 TARGET = 0.02
 
@@ -59,10 +58,8 @@ def main(argv=None) -> int:
             parser.error(f"--set {key}=... is set by this script; use --steps/--seeds")
 
     base = dataclasses.replace(TrainConfig(), eval_every=args.steps, sample_every=0, patience=0, **overrides)
-    try:  # torch.nn.LSTM has no bf16 on a CPU without AVX-512: say so in one line, before any training
-        check_precision("bf16", resolve_device(base.device), base.cell, base.impl)
-    except ConfigError as e:
-        parser.error(str(e))
+    # torch.nn.LSTM has no bf16 on a CPU without AVX-512: say so in one line, before any training
+    refuse_unrunnable_precision(parser, "bf16", resolve_device(base.device), base.cell, base.impl)
     print(f"machine: {machine()}; load average {loadavg()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

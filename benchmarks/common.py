@@ -100,6 +100,19 @@ def parse_sets(items: list[str] | None) -> dict:
     return out
 
 
+def refuse_unrunnable_precision(parser, precision: str, device, cell: str, impl: str, fix: str | None = None):
+    """``parser.error`` (one line, exit 2) where ``deeprnn.train.check_precision`` says the model cannot run
+    in ``precision`` here (torch.nn.LSTM in bf16 on a CPU without AVX-512), before any step; ``fix``: what
+    to do instead (else check_precision's own advice)."""
+    from deeprnn.errors import ConfigError
+    from deeprnn.train import check_precision
+
+    try:
+        check_precision(precision, torch.device(device), cell, impl, **({} if fix is None else {"fix": fix}))
+    except ConfigError as e:
+        parser.error(str(e))
+
+
 def preset_step(cfg, vocab_size: int = 28):
     """One training step of ``cfg``'s model on the CPU, as a callable: forward, loss, backward and the
     recipe's optimiser (``build_optimizer``), under bf16 autocast where ``cfg.precision`` resolves to it;

@@ -20,15 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.common import fp32_ceiling, loadavg, machine  # noqa: E402
+from benchmarks.common import fp32_ceiling, loadavg, machine, refuse_unrunnable_precision  # noqa: E402
 from benchmarks.suite import BATCH, MFLOP, STEPS, ours_step  # noqa: E402
-from deeprnn.errors import ConfigError  # noqa: E402
-from deeprnn.train import check_precision  # noqa: E402
 
 PRODUCTS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
 WINDOWS = tuple(f"_{cell}Window{part}" for cell in ("LSTM", "GRU", "RNN") for part in ("", "Backward"))
@@ -44,10 +41,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rows < 1:
         parser.error("--steps and --rows must be >= 1")
-    try:  # torch.nn.LSTM has no bf16 on a CPU without AVX-512: say so in one line, before any step
-        check_precision(args.precision, torch.device("cpu"), args.cell, args.impl, fix="use --precision fp32")
-    except ConfigError as e:
-        parser.error(str(e))
+    refuse_unrunnable_precision(parser, args.precision, "cpu", args.cell, args.impl, fix="use --precision fp32")
 
     print(f"machine: {machine()}; load average {loadavg()}")
     step = ours_step(args.cell, args.impl, args.precision)

@@ -30,6 +30,7 @@ them one at a time, as the book does); the last prefix token is the first input 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import warnings
@@ -47,6 +48,7 @@ from deeprnn.models import native, onednn
 ONEDNN_MIN_STREAMS = 4
 
 
+@functools.cache  # asked at every step of several streams: the CPU does not change
 def _onednn_steps() -> bool:
     """Whether several streams' steps without a row stepper go through oneDNN's products: only where the
     CPU has AVX-512. On the AVX2-only AMD EPYC of 2026-11-28, ``torch.*_cell`` (MKL's products) was faster:
@@ -387,7 +389,7 @@ class _CellStepper(_ModelStepper):
                 self.one_hot = torch.zeros(B, self.vocab_size, dtype=self.dtype, device=self.device)
             x = self.one_hot.zero_()
             x.scatter_(1, tokens.view(B, 1), 1.0)  # (B, V), reused buffer
-        if B >= ONEDNN_MIN_STREAMS and self._row_stepper(x):
+        if B >= ONEDNN_MIN_STREAMS and self._row_stepper():
             return self._step_rows(x)
         if B >= ONEDNN_MIN_STREAMS and _onednn_steps() and onednn.usable(x, self.out_weight_t):
             return self._step_onednn(x)
@@ -399,14 +401,14 @@ class _CellStepper(_ModelStepper):
             x = self.h[l] + x if self.residual and l > 0 else self.h[l]  # (B, H)
         return torch.addmm(self.out_bias, x, self.out_weight_t)  # (B, V)
 
-    def _row_stepper(self, x: torch.Tensor):
+    def _row_stepper(self):
         """The C++ several-stream step (``RowStepper`` in ``csrc/windows.cpp``: every layer's weights packed
         once, each thread carrying its share of the streams through all layers in one call), or None: only
         for float32 CPU weights outside autocast, where the extension is built already (sampling never
         waits ~15 s for a build) and has a row product kernel (AVX-512 or AVX2) that is switched on."""
         if self.rows is None:
             self.rows = False
-            if (x.device.type == "cpu" and self.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            if (self.device.type == "cpu" and self.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
                     and all(w is None or w.dtype == torch.float32 for layer in self.layers for w in layer)
                     and native.ready()):
                 ext = native.load()

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from deeprnn.generate import _CellStepper
 from deeprnn.models import ModelConfig, build_model, native
 from deeprnn.models import scratch as S
 
@@ -88,6 +89,12 @@ CASES += [(c, s, torch.float32, lp, x_lp) for c, s, lp, x_lp in
 CASES += [(c, SHAPES[3], torch.float32, torch.float16, True) for c in CELLS]
 
 
+def _skip_without_row_kernel(ext, what: str) -> None:
+    """Skip where the extension has no row product kernel (it needs AVX-512, or AVX2 with FMA, and OpenMP)."""
+    if not ext.row_kernel_isa():
+        pytest.skip(f"the kernels were built without a row product kernel (AVX-512 or AVX2): no {what}")
+
+
 @pytest.fixture(params=["rows", "packed", "mm"])
 def products(ext, request):
     """The three ways the kernels run a window's products: float32 windows split by rows with the
@@ -98,7 +105,7 @@ def products(ext, request):
     ext.set_packed_products(mode != "mm")
     if mode == "rows" and not ext.row_products():
         ext.set_row_products(True)
-        pytest.skip("the kernels were built without a row product kernel (AVX-512 or AVX2): no row-split path")
+        _skip_without_row_kernel(ext, "row-split path")
     if mode == "packed" and not ext.packed_products():
         ext.set_row_products(True), ext.set_packed_products(True)
         pytest.skip("this torch build has no oneDNN prepacked linear: at::mm is the only path")
@@ -171,8 +178,7 @@ def test_zoneout_masks_are_checked(ext):
 def test_row_split_is_the_same_on_any_number_of_threads(ext, cell):
     """Split by rows, each row's numbers do not depend on how many shares the batch is cut into: forward
     and backward are bit-equal on 1 and 3 threads, except GRU's b_hn gradient, which is summed per share."""
-    if not ext.row_products():
-        pytest.skip("the kernels were built without a row product kernel (AVX-512 or AVX2): no row-split path")
+    _skip_without_row_kernel(ext, "row-split path")
     T, B, H = 4, 21, 40
     name, py_forward, _ = KERNELS[cell]
     args = _inputs(cell, T, B, H, torch.float32, None, False)
@@ -506,8 +512,7 @@ def test_training_a_scratch_model_loads_the_kernels_before_its_clock_starts(tmp_
 
 # -- the several-stream step of generation (RowStepper) -----------------------------------------------
 
-_CELL_FNS = {"lstm": torch.lstm_cell, "gru": torch.gru_cell, "rnn_tanh": torch.rnn_tanh_cell,
-             "rnn_relu": torch.rnn_relu_cell}
+_CELL_FNS = _CellStepper._CELLS  # cell -> torch.*_cell
 
 
 def _stepper_case(cell, B, H, inp, L, V=21, seed=0):
@@ -532,8 +537,7 @@ def test_row_stepper_equals_torch_cells(ext, cell, residual):
     layer and ``F.linear`` in float64 (with the residual sums of layers 2..L), to float32 rounding; the
     inputs are left as they were; 1 and 3 threads give the same bits. B = 19: row shares that end in a
     narrower block; H = 33 and V = 21: widths that end in a partly filled panel."""
-    if not ext.row_kernel_isa():
-        pytest.skip("the kernels were built without a row product kernel (AVX-512 or AVX2): no row stepper")
+    _skip_without_row_kernel(ext, "row stepper")
     B, H, inp, L = 19, 33, 10, 3
     layers, (w_out, b_out), x, h, c = _stepper_case(cell, B, H, inp, L)
     before = [t.clone() for t in (x, *h, *c)]
@@ -571,8 +575,7 @@ def test_row_stepper_equals_torch_cells(ext, cell, residual):
 
 def test_row_stepper_refuses_bad_calls(ext):
     """Wrong cells, shapes and dtypes raise torch's RuntimeError with the stepper's own message."""
-    if not ext.row_kernel_isa():
-        pytest.skip("the kernels were built without a row product kernel (AVX-512 or AVX2): no row stepper")
+    _skip_without_row_kernel(ext, "row stepper")
     layers, out, x, h, c = _stepper_case("lstm", 4, 8, 5, 2)
     with pytest.raises(RuntimeError, match="row stepper: unknown cell 'lstmx'"):
         ext.RowStepper("lstmx", *layers, False, *out)

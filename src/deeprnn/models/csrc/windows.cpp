@@ -1003,16 +1003,17 @@ class RowStepper {
     TORCH_CHECK(static_cast<int64_t>(h_in.size()) == L && static_cast<int64_t>(c_in.size()) == (lstm ? L : 0),
                 "row stepper: one h per layer, and one c per layer for the LSTM only");
     const Tensor x = x_in.contiguous();
+    const auto state = [&](const Tensor& t) {
+      TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == H && t.scalar_type() == at::kFloat &&
+                      t.device().is_cpu(),
+                  "row stepper: each state must be a float32 CPU (B, H) matrix");
+      return t.contiguous();
+    };
     std::vector<Tensor> h, c, out;
     out.push_back(at::empty({B, V_}, x.options()));
     for (int64_t l = 0; l < L; ++l) {
-      for (const Tensor* t : lstm ? std::vector<const Tensor*>{&h_in[l], &c_in[l]} : std::vector<const Tensor*>{&h_in[l]}) {
-        TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == H && t->scalar_type() == at::kFloat &&
-                        t->device().is_cpu(),
-                    "row stepper: each state must be a float32 CPU (B, H) matrix");
-      }
-      h.push_back(h_in[l].contiguous());
-      if (lstm) c.push_back(c_in[l].contiguous());
+      h.push_back(state(h_in[l]));
+      if (lstm) c.push_back(state(c_in[l]));
       out.push_back(at::empty({B, H}, x.options()));
     }
     for (int64_t l = 0; l < (lstm ? L : 0); ++l) out.push_back(at::empty({B, H}, x.options()));
