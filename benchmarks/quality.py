@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
-from deeprnn.cli import PRESETS  # noqa: E402
+from deeprnn.cli import PRESETS, preset_note  # noqa: E402
 from deeprnn.errors import DeepRNNError  # noqa: E402
 from deeprnn.train import TrainConfig, read_metrics, train  # noqa: E402
 
@@ -171,6 +171,9 @@ def main(argv=None) -> int:
         values["eval_every"] = args.eval_every
     print(f"preset {args.preset}, {args.minutes} min: "
           + json.dumps({k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}))
+    note = preset_note(args.preset, TrainConfig(**values))
+    if note:
+        print(note)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
         summary = run(values, run_dir=run_dir, log=print)

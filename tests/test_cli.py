@@ -186,6 +186,31 @@ def test_every_preset_is_a_valid_configuration(name):
     assert {k: values[k] for k in PRESETS[name]} == PRESETS[name]
 
 
+def test_a_bf16_tuned_preset_names_its_fp32_twin_where_bf16_is_emulated(monkeypatch, capsys, tmp_path):
+    """tm-cpu was tuned where bf16 is native. On a CPU without it (its "auto" is float32 there, several times
+    slower per step) a run of it says which preset is tuned for such a CPU; nowhere else."""
+    import deeprnn.train
+    from deeprnn.cli import FP32_TWINS, preset_note
+
+    note = ("note: tm-cpu was tuned on a CPU with native bfloat16 (AVX-512); this one has none, so it trains in "
+            "float32, several times slower per step; --preset tm-cpu-fp32 is tuned for such a CPU (docs/quality.md)")
+    cfg = TrainConfig(**{**PRESETS["tm-cpu"], "device": "cpu"})
+    monkeypatch.setattr(deeprnn.train, "native_bf16", lambda device: False)
+    assert preset_note("tm-cpu", cfg) == note
+    assert preset_note("tm-cpu", dataclasses.replace(cfg, precision="fp32")) is None  # asked for float32
+    assert preset_note("tm-cpu-fp32", TrainConfig(**{**PRESETS["tm-cpu-fp32"], "device": "cpu"})) is None
+    assert preset_note(None, cfg) is None
+    assert FP32_TWINS == {"tm-cpu": "tm-cpu-fp32"} and PRESETS["tm-cpu-fp32"]["precision"] == "fp32"
+    tiny = [a for a in TINY if a not in ("--precision", "fp32", "--quiet")]
+    assert main(["train", "--preset", "tm-cpu", *tiny, "--device", "cpu", "--run-dir", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == note
+    assert main(["train", "--preset", "tm-cpu", *tiny, "--precision", "fp32", "--device", "cpu",
+                 "--run-dir", str(tmp_path / "q")]) == 0
+    assert "note:" not in capsys.readouterr().out  # float32 asked for
+    monkeypatch.setattr(deeprnn.train, "native_bf16", lambda device: True)
+    assert preset_note("tm-cpu", cfg) is None
+
+
 def test_run_dir_mistakes_are_one_line(tmp_path, trained, capsys):
     """A file as --run-dir (it used to be a NotADirectoryError traceback), a folder that holds no run, and a
     run's checkpoint folder given to --resume: one line each, exit 2, nothing changed."""

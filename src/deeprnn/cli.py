@@ -69,6 +69,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                    schedule="constant", warmup_steps=50, ema_decay=0.998, ema_start=600, time_budget=10.0,
                    num_epochs=1000, eval_every=200, eval_batch_size=8, eval_num_steps=512, precision="auto",
                    sample_every=5),
+    # tm-cpu's twin for a CPU without native bf16 (an AVX2-only x86 CPU): there "auto" means float32, and
+    # tm-cpu's 3x512 scratch layers get ~750 steps in 10 minutes instead of ~3,500, under regularisation meant
+    # for 60 epochs (4.234 on a 2-core AVX2 EPYC). Two residual layers of torch.nn.LSTM (MKL's float32 LSTM, faster
+    # there than the scratch layers with zoneout) with weight-drop: ~1,200 steps, 19 epochs. Lighter dropout
+    # over-fits by then, heavier is behind throughout, 3x384 and a WSD decay gain nothing; a shorter weight
+    # average (EMA 0.995 instead of 0.998) is what helps: 3.919 -> 3.886 (docs/quality.md, "CPUs without
+    # native bf16").
+    "tm-cpu-fp32": dict(corpus=["timemachine"], normalization="d2l", val_fraction=0.1, test_fraction=0.0,
+                        cell="lstm", num_layers=2, residual=True, num_hiddens=512, impl="concise",
+                        input="embedding", embed_size=128, dropout=0.3, output_dropout=0.4, input_dropout=0.1,
+                        embed_dropout=0.05, locked_dropout=True, weight_drop=0.3, ar_alpha=2.0, tar_beta=1.0,
+                        variable_bptt=True, batch_size=32, num_steps=80, optimizer="adam", lr=1.2e-2, beta2=0.95,
+                        clip=0.25, schedule="constant", warmup_steps=50, ema_decay=0.995, ema_start=600,
+                        time_budget=10.0, num_epochs=1000, eval_every=100, eval_batch_size=8, eval_num_steps=512,
+                        precision="fp32", sample_every=5),
     # The War of the Worlds added to training; held out: the Time Machine's last 10% only. The Time Machine's
     # training text counts twice (the held-out text is its), 3 layers with residual connections. A constant
     # learning rate after the warm-up, averaged by the EMA: a cosine's annealing over-fitted sooner (3.535 -> 3.496).
@@ -111,6 +126,29 @@ PRESETS: dict[str, dict[str, Any]] = {
                             num_epochs=1000, eval_every=200, eval_batch_size=128, eval_num_steps=512,
                             precision="bf16", device="cuda", prefix="ROMEO:", sample_every=5),
 }
+
+# CPU presets tuned where bf16 is native (AVX-512), each with its twin tuned for a CPU without it, where their
+# precision "auto" means float32 and each step takes several times longer.
+FP32_TWINS = {"tm-cpu": "tm-cpu-fp32"}
+
+
+def preset_note(name: str | None, cfg) -> str | None:
+    """A line for a run of a preset tuned for native bf16 on a CPU without it, in float32 (``auto``): the preset
+    tuned for such a CPU. None elsewhere."""
+    from deeprnn.train import native_bf16, resolve_device
+
+    twin = FP32_TWINS.get(name or "")
+    if twin is None or cfg.precision != "auto":
+        return None
+    try:
+        device = resolve_device(cfg.device)
+    except ConfigError:  # train() says what is wrong with the device
+        return None
+    if device.type != "cpu" or native_bf16(device):
+        return None
+    return (f"note: {name} was tuned on a CPU with native bfloat16 (AVX-512); this one has none, so it trains in "
+            f"float32, several times slower per step; --preset {twin} is tuned for such a CPU (docs/quality.md)")
+
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "normalization": choices.NORMALIZATIONS,
@@ -324,6 +362,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = build_train_config(args)
         if args.init_from:
             _check_flags_against_parent(args)
+        note = preset_note(args.preset, cfg)
+        if note and not args.quiet and os.environ.get("RANK", "0") == "0":
+            print(note)
     progress = not args.quiet and sys.stderr.isatty()
     log = (lambda *_a, **_k: None) if args.quiet else print
     summary = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=progress, log=log,
