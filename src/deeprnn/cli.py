@@ -71,8 +71,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                    sample_every=5),
     # tm-cpu's twin for a CPU without native bf16 (an AVX2-only x86 CPU): there "auto" means float32, and
     # tm-cpu's 3x512 scratch layers get ~750 steps in 10 minutes instead of ~3,500, under regularisation meant
-    # for 60 epochs (4.234 on a 2-core AVX2 EPYC). Two residual layers of torch.nn.LSTM (MKL's float32 LSTM, faster
-    # there than the scratch layers with zoneout) with weight-drop: ~1,200 steps, 19 epochs. Lighter dropout
+    # for 60 epochs (4.234 on a 2-core AVX2 EPYC). Two residual layers of torch.nn.LSTM with weight-drop instead
+    # of three scratch layers with zoneout: ~1,200 steps, 19 epochs. Lighter dropout
     # over-fits by then, heavier is behind throughout, 3x384 and a WSD decay gain nothing; a shorter weight
     # average (EMA 0.995 instead of 0.998) is what helps: 3.919 -> 3.886 (docs/quality.md, "CPUs without
     # native bf16").
