@@ -37,6 +37,8 @@ namespace {
 using at::Tensor;
 using deeprnn::sigmoid;
 using deeprnn::tanh_via_sigmoid;
+using deeprnn::Cell;
+using deeprnn::gates_of;
 
 constexpr int64_t kLanes = 16;               // floats in one 64-byte line
 constexpr int64_t kBlockVectors = 8;          // columns per block: 8 x 16, held in 8 registers
@@ -177,18 +179,11 @@ class SpinBarrier {
   std::atomic<int> phase_{0};
 };
 
-enum class Cell { kLSTM, kGRU, kTanh, kReLU };
-
 Cell parse_cell(const std::string& name) {
-  if (name == "lstm") return Cell::kLSTM;
-  if (name == "gru") return Cell::kGRU;
-  if (name == "rnn_tanh") return Cell::kTanh;
-  if (name == "rnn_relu") return Cell::kReLU;
-  TORCH_CHECK(false, "greedy decoder: unknown cell ", name);
-  return Cell::kLSTM;  // not reached
+  const Cell cell = deeprnn::cell_named(name);
+  TORCH_CHECK(cell != Cell::kUnknown, "greedy decoder: unknown cell ", name);
+  return cell;
 }
-
-int gates_of(Cell cell) { return cell == Cell::kLSTM ? 4 : cell == Cell::kGRU ? 3 : 1; }
 
 class GreedyDecoder {
  public:
@@ -386,52 +381,14 @@ class GreedyDecoder {
     s.hh[l].accumulate(h_[p].get() + l * H_, gh);
     float* __restrict h = h_[q].get() + l * H_ + s.u0;
     float* __restrict x = x_[q].get() + l * H_ + s.u0;
-    cell_step(u, gi, gh, h_[p].get() + l * H_ + s.u0, c_.get() + l * H_ + s.u0, h);
+    float* c = c_.get() + l * H_ + s.u0;  // the LSTM's c, updated in place
+    deeprnn::cell_step(cell_, u, gi, gh, h_[p].get() + l * H_ + s.u0, c, c, h);
     if (residual_ && l > 0) {
       const float* __restrict below = in + s.u0;
       UNITS_INDEPENDENT
       for (int64_t j = 0; j < u; ++j) x[j] = h[j] + below[j];
     } else {
       std::memcpy(x, h, u * sizeof(float));
-    }
-  }
-
-  void cell_step(int64_t u, const float* __restrict gi, const float* __restrict gh, const float* __restrict h_prev,
-                 float* __restrict c, float* __restrict h) const {
-    switch (cell_) {
-      case Cell::kLSTM: {
-        UNITS_INDEPENDENT
-        for (int64_t j = 0; j < u; ++j) {
-          const float i = sigmoid(gi[j] + gh[j]);
-          const float f = sigmoid(gi[u + j] + gh[u + j]);
-          const float g = tanh_via_sigmoid(gi[2 * u + j] + gh[2 * u + j]);
-          const float o = sigmoid(gi[3 * u + j] + gh[3 * u + j]);
-          const float cn = f * c[j] + i * g;
-          c[j] = cn;
-          h[j] = o * tanh_via_sigmoid(cn);
-        }
-        break;
-      }
-      case Cell::kGRU: {
-        UNITS_INDEPENDENT
-        for (int64_t j = 0; j < u; ++j) {
-          const float r = sigmoid(gi[j] + gh[j]);
-          const float z = sigmoid(gi[u + j] + gh[u + j]);
-          const float n = tanh_via_sigmoid(gi[2 * u + j] + r * gh[2 * u + j]);
-          h[j] = n + z * (h_prev[j] - n);
-        }
-        break;
-      }
-      case Cell::kTanh: {
-        UNITS_INDEPENDENT
-        for (int64_t j = 0; j < u; ++j) h[j] = tanh_via_sigmoid(gi[j] + gh[j]);
-        break;
-      }
-      case Cell::kReLU: {
-        UNITS_INDEPENDENT
-        for (int64_t j = 0; j < u; ++j) h[j] = std::max(gi[j] + gh[j], 0.0f);
-        break;
-      }
     }
   }
 

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 // The inner loops over units write arrays that never overlap what they read at another unit; saying
 // so spares the compiler run-time overlap checks, which it gives up on past ~10 pointers (the LSTM
@@ -62,6 +63,63 @@ inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 template <typename T>
 inline T tanh_via_sigmoid(T x) {
   return sigmoid(x * 2) * 2 - 1;
+}
+
+enum class Cell { kLSTM, kGRU, kTanh, kReLU, kUnknown };
+
+// The cell of torch.nn's name for it ("lstm", "gru", "rnn_tanh", "rnn_relu"), kUnknown for any other.
+inline Cell cell_named(const std::string& name) {
+  if (name == "lstm") return Cell::kLSTM;
+  if (name == "gru") return Cell::kGRU;
+  if (name == "rnn_tanh") return Cell::kTanh;
+  if (name == "rnn_relu") return Cell::kReLU;
+  return Cell::kUnknown;
+}
+
+inline int gates_of(Cell cell) { return cell == Cell::kLSTM ? 4 : cell == Cell::kGRU ? 3 : 1; }
+
+// One step's pointwise pass of a cell over u units, as torch.lstm_cell / gru_cell / rnn_*_cell compute it:
+// gi = x W_ih^T + b_ih and gh = h_prev W_hh^T + b_hh, gate blocks of u (i, f, g, o; r, z, n). Writes the new
+// h, and for the LSTM the new c from c_prev (c may be c_prev: each unit reads its own before writing it).
+inline void cell_step(Cell cell, int64_t u, const float* __restrict gi, const float* __restrict gh,
+                      const float* __restrict h_prev, const float* c_prev, float* c, float* __restrict h) {
+  switch (cell) {
+    case Cell::kLSTM: {
+      UNITS_INDEPENDENT
+      for (int64_t j = 0; j < u; ++j) {
+        const float i = sigmoid(gi[j] + gh[j]);
+        const float f = sigmoid(gi[u + j] + gh[u + j]);
+        const float g = tanh_via_sigmoid(gi[2 * u + j] + gh[2 * u + j]);
+        const float o = sigmoid(gi[3 * u + j] + gh[3 * u + j]);
+        const float cn = f * c_prev[j] + i * g;
+        c[j] = cn;
+        h[j] = o * tanh_via_sigmoid(cn);
+      }
+      break;
+    }
+    case Cell::kGRU: {  // r multiplies only W_hn h + b_hn
+      UNITS_INDEPENDENT
+      for (int64_t j = 0; j < u; ++j) {
+        const float r = sigmoid(gi[j] + gh[j]);
+        const float z = sigmoid(gi[u + j] + gh[u + j]);
+        const float n = tanh_via_sigmoid(gi[2 * u + j] + r * gh[2 * u + j]);
+        h[j] = n + z * (h_prev[j] - n);
+      }
+      break;
+    }
+    case Cell::kTanh: {
+      UNITS_INDEPENDENT
+      for (int64_t j = 0; j < u; ++j) h[j] = tanh_via_sigmoid(gi[j] + gh[j]);
+      break;
+    }
+    case Cell::kReLU: {
+      UNITS_INDEPENDENT
+      for (int64_t j = 0; j < u; ++j) h[j] = std::max(gi[j] + gh[j], 0.0f);
+      break;
+    }
+    case Cell::kUnknown:
+      break;
+  }
 }
 
 }  // namespace deeprnn

@@ -949,9 +949,9 @@ std::vector<Tensor> rnn_backward(const Tensor& W, const Tensor& hs, const Tensor
 // weights are packed once per generation (RowProduct) and each of torch's threads carries its share of
 // the rows through every layer: its rows' two products, the cell's pointwise pass, the residual sum, with
 // no barrier between layers (rows are independent) and one parallel region per step, which ends with the
-// rows' logits. Same maths as torch.lstm_cell / gru_cell / rnn_tanh_cell / rnn_relu_cell, the residual
-// connections of layers 2..L and the output layer, with pointwise.h's sigmoid and tanh (about 1 ulp from
-// torch's). Only where a row kernel is compiled.
+// rows' logits. Same maths as torch.lstm_cell / gru_cell / rnn_tanh_cell / rnn_relu_cell (pointwise.h's
+// cell_step, which the greedy decoder runs too), the residual connections of layers 2..L and the output
+// layer. Only where a row kernel is compiled.
 class RowStepper {
  public:
   // w_ih[l]: (G*H, in_l), w_hh[l]: (G*H, H), out_weight: (V, H), torch.nn's layout; biases (G*H, V) or absent.
@@ -960,9 +960,9 @@ class RowStepper {
              bool residual, const Tensor& out_weight, const std::optional<Tensor>& out_bias)
       : residual_(residual) {
     TORCH_CHECK(kRowKernel, "row stepper: built without a row product kernel");
-    gates_ = cell == "lstm" ? 4 : cell == "gru" ? 3 : (cell == "rnn_tanh" || cell == "rnn_relu") ? 1 : 0;
-    TORCH_CHECK(gates_ > 0, "row stepper: unknown cell '", cell, "'");
-    relu_ = cell == "rnn_relu";
+    cell_ = deeprnn::cell_named(cell);
+    TORCH_CHECK(cell_ != deeprnn::Cell::kUnknown, "row stepper: unknown cell '", cell, "'");
+    gates_ = deeprnn::gates_of(cell_);
     const size_t L = w_ih.size();
     TORCH_CHECK(L > 0 && w_hh.size() == L && b_ih.size() == L && b_hh.size() == L,
                 "row stepper: one w_ih, w_hh, b_ih and b_hh per layer");
@@ -980,8 +980,6 @@ class RowStepper {
       hh_.emplace_back(w_hh[l].t());
       bih_.push_back(bias(b_ih[l], gates_ * H_));
       bhh_.push_back(bias(b_hh[l], gates_ * H_));
-      bsum_.emplace_back(gates_ * H_);
-      for (int64_t j = 0; j < gates_ * H_; ++j) bsum_[l][j] = bih_[l][j] + bhh_[l][j];
     }
     TORCH_CHECK(out_weight.dim() == 2 && out_weight.size(1) == H_ && out_weight.scalar_type() == at::kFloat &&
                     out_weight.device().is_cpu(),
@@ -1025,42 +1023,19 @@ class RowStepper {
         ih_[l].rows(xr, ldx, R, gi.data(), G);
         hh_[l].rows(ptr<float>(h[l]) + r0 * H, H, R, gh.data(), G);
         float* hn = ptr<float>(out[1 + l]) + r0 * H;
-        const float* bs = bsum_[l].data();  // b_ih + b_hh
+        const float* bi = bih_[l].data();
+        const float* bh = bhh_[l].data();
         for (int64_t r = 0; r < R; ++r) {
-          const float* a = gi.data() + r * G;
-          const float* b = gh.data() + r * G;
-          float* hr = hn + r * H;
-          if (lstm) {
-            const float* cp = ptr<float>(c[l]) + (r0 + r) * H;
-            float* cr = ptr<float>(out[1 + L + l]) + (r0 + r) * H;
-            UNITS_INDEPENDENT
-            for (int64_t j = 0; j < H; ++j) {
-              const float i = sigmoid(a[j] + b[j] + bs[j]);
-              const float f = sigmoid(a[H + j] + b[H + j] + bs[H + j]);
-              const float g = tanh_via_sigmoid(a[2 * H + j] + b[2 * H + j] + bs[2 * H + j]);
-              const float o = sigmoid(a[3 * H + j] + b[3 * H + j] + bs[3 * H + j]);
-              const float cn = f * cp[j] + i * g;
-              cr[j] = cn;
-              hr[j] = o * tanh_via_sigmoid(cn);
-            }
-          } else if (gates_ == 3) {
-            const float* hp = ptr<float>(h[l]) + (r0 + r) * H;
-            const float* bi = bih_[l].data() + 2 * H;  // n's biases apart: r multiplies only W_hn h + b_hn
-            const float* bh = bhh_[l].data() + 2 * H;
-            UNITS_INDEPENDENT
-            for (int64_t j = 0; j < H; ++j) {
-              const float rg = sigmoid(a[j] + b[j] + bs[j]);
-              const float z = sigmoid(a[H + j] + b[H + j] + bs[H + j]);
-              const float n = tanh_via_sigmoid(a[2 * H + j] + bi[j] + rg * (b[2 * H + j] + bh[j]));
-              hr[j] = n + z * (hp[j] - n);
-            }
-          } else {
-            UNITS_INDEPENDENT
-            for (int64_t j = 0; j < H; ++j) {
-              const float pre = a[j] + b[j] + bs[j];
-              hr[j] = relu_ ? std::max(pre, 0.f) : tanh_via_sigmoid(pre);
-            }
+          float* a = gi.data() + r * G;  // + b_ih, + b_hh: the gates as torch's cells take them
+          float* b = gh.data() + r * G;
+          UNITS_INDEPENDENT
+          for (int64_t j = 0; j < G; ++j) {
+            a[j] += bi[j];
+            b[j] += bh[j];
           }
+          const int64_t s = (r0 + r) * H;
+          deeprnn::cell_step(cell_, H, a, b, ptr<float>(h[l]) + s, lstm ? ptr<float>(c[l]) + s : nullptr,
+                             lstm ? ptr<float>(out[1 + L + l]) + s : nullptr, hn + r * H);
         }
         if (residual_ && l > 0) {  // the next layer's input (and the output): h + this layer's input
           for (int64_t r = 0; r < R; ++r) {
@@ -1090,11 +1065,12 @@ class RowStepper {
     return std::vector<float>(d.data_ptr<float>(), d.data_ptr<float>() + G);
   }
 
-  bool residual_, relu_ = false;
+  bool residual_;
+  deeprnn::Cell cell_ = deeprnn::Cell::kUnknown;
   int64_t gates_ = 0, H_ = 0, V_ = 0;
   std::vector<int64_t> inputs_;
   std::vector<RowProduct> ih_, hh_, out_;  // out_: the output layer's one product
-  std::vector<std::vector<float>> bih_, bhh_, bsum_;
+  std::vector<std::vector<float>> bih_, bhh_;
   std::vector<float> bout_;
 };
 
