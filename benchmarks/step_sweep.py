@@ -1,0 +1,153 @@
+"""Step-matched sweep: variants of a preset, each trained for a fixed number of optimiser steps, several at once.
+
+    python benchmarks/step_sweep.py --preset tm-cpu-fp32 --steps 1230 --seeds 0 1 2 --jobs 12 \\
+        --variant ema99 ema_decay=0.99 --variant wider num_hiddens=640 max_steps=790
+
+A recipe tuned for a wall-clock budget on a slow machine is limited by its optimiser steps, not by time.
+Given how many steps the slow machine fits in its budget (``--steps``; a variant that changes the cost of a
+step sets its own ``max_steps``), the curves do not depend on the machine that trains them, so a machine
+with many cores or a GPU can try many variants in parallel (``--jobs`` worker processes, one torch thread
+each) and the slow machine then only has to confirm the winner. Runs go seed by seed (every variant of seed
+0 first), so that a ``--deadline`` cuts whole seeds; the first variant is the baseline (``base``: the preset
+itself, unless a ``--variant base ...`` comes first). The table compares each variant with the baseline on
+the seeds both finished (paired: the same seed gives the same initial weights and the same data order).
+
+On CUDA the workers turn TF32 off (cuBLAS and cuDNN), so that float32 means what it means on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
+from deeprnn.cli import PRESETS  # noqa: E402
+
+
+def one_run(values: dict) -> dict:
+    """Train ``values`` in this (worker) process; its best held-out perplexity and how long it took."""
+    import torch
+
+    from benchmarks.quality import run
+
+    torch.set_num_threads(1)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        s = run(values, run_dir=Path(tmp) / "run")
+    best = min(s["curve"], key=lambda r: r[2])
+    return {"best_ppl": best[3], "best_step": best[1], "steps": s["steps"],
+            "final_ppl": s["curve"][-1][3], "wall_s": time.perf_counter() - t0}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="recipe from deeprnn.cli.PRESETS")
+    p.add_argument("--steps", type=int, required=True, help="optimiser steps per run (a variant's max_steps wins)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds, run in this order")
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                   help="a variant: a name, then TrainConfig fields to change (repeatable)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change every run (e.g. device=cpu)")
+    p.add_argument("--finalists", type=int, default=0, metavar="K",
+                   help="then run the baseline and the K variants that did best against it for --more-seeds")
+    p.add_argument("--more-seeds", type=int, nargs="*", default=[], metavar="SEED", help="seeds of the finalists")
+    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="runs at a time")
+    p.add_argument("--deadline", type=float, default=None, metavar="MINUTES",
+                   help="start no run after this many minutes (runs already started finish)")
+    args = p.parse_args(argv)
+
+    variants: dict[str, dict] = {}
+    for name, *sets in ([["base"]] if not args.variant or args.variant[0][0] != "base" else []) + args.variant:
+        if name in variants:
+            p.error(f"variant {name!r} is given twice; give each variant its own name")
+        variants[name] = parse_sets(sets)
+    common = parse_sets(args.set)
+    t0 = time.time()
+    results: dict[tuple[str, int], dict] = {}
+    print(f"step sweep of {args.preset}: {len(variants)} variants x seeds {args.seeds}, {args.steps} steps, "
+          f"{args.jobs} at a time; every run: {json.dumps(common)}", flush=True)
+    with cf.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        def sweep(names: list[str], seeds: list[int]) -> None:
+            futures = {}
+            for seed in seeds:
+                for name in names:
+                    values = {**PRESETS[args.preset], "time_budget": None, "max_steps": args.steps,
+                              "sample_every": 0, **common, **variants[name], "seed": seed}
+                    futures[pool.submit(one_run, values)] = (name, seed)
+            for fut in cf.as_completed(futures):
+                name, seed = futures[fut]
+                if args.deadline is not None and time.time() - t0 > args.deadline * 60:
+                    for f in futures:
+                        f.cancel()  # those not started yet
+                if fut.cancelled():
+                    continue
+                try:
+                    r = fut.result()
+                except Exception as err:  # noqa: BLE001 - one broken variant must not lose the others
+                    print(json.dumps({"variant": name, "seed": seed, "error": f"{type(err).__name__}: {err}"}),
+                          flush=True)
+                    continue
+                results[name, seed] = r
+                print(json.dumps({"variant": name, "seed": seed, **{
+                    k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}}), flush=True)
+
+        sweep(list(variants), args.seeds)
+        if args.finalists and args.more_seeds:
+            ranked = sorted((d, name) for name in list(variants)[1:]
+                            if (d := paired_change(results, name, list(variants)[0], args.seeds)) is not None)
+            finalists = [list(variants)[0]] + [name for _, name in ranked[:args.finalists]]
+            print(f"finalists for seeds {args.more_seeds}: {', '.join(finalists)}", flush=True)
+            sweep(finalists, args.more_seeds)
+    print(f"\n{len(results)} runs in {time.time() - t0:.0f} s; {machine()}; load average {loadavg()} at the end\n")
+    for line in summary_table(args.preset, variants, results, args.seeds + args.more_seeds, args.steps):
+        print(line)
+    return 0
+
+
+def paired_change(results: dict[tuple[str, int], dict], name: str, base: str, seeds: list[int]) -> float | None:
+    """Mean relative change of ``name``'s best perplexity from ``base``'s over the seeds both finished."""
+    paired = [s for s in seeds if (name, s) in results and (base, s) in results]
+    if not paired:
+        return None
+    return statistics.mean(results[name, s]["best_ppl"] / results[base, s]["best_ppl"] - 1 for s in paired)
+
+
+def summary_table(preset: str, variants: dict[str, dict], results: dict[tuple[str, int], dict],
+                  seeds: list[int], steps: int) -> list[str]:
+    """A Markdown table: each variant's mean best held-out perplexity, and its paired difference from the first."""
+    names = list(variants)
+    base = names[0]
+    lines = [f"| variant of `{preset}` | changes | steps | best held-out ppl (mean) | per seed | vs {base} (paired) |",
+             "| --- | --- | ---: | ---: | --- | ---: |"]
+    for name in names:
+        done = [s for s in seeds if (name, s) in results]
+        if not done:
+            lines.append(f"| {name} | {fmt_changes(variants[name])} | | (no run finished) | | |")
+            continue
+        ppls = [results[name, s]["best_ppl"] for s in done]
+        d = paired_change(results, name, base, seeds) if name != base else None
+        n = sum((base, s) in results for s in done)
+        vs = f"{100 * d:+.2f}% ({n})" if d is not None else ""
+        lines.append(f"| {name} | {fmt_changes(variants[name])} | {variants[name].get('max_steps', steps)} | "
+                     f"{statistics.mean(ppls):.3f} | {', '.join(f'{p:.3f}' for p in ppls)} | {vs} |")
+    return lines
+
+
+def fmt_changes(change: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in change.items()) or "(the preset)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
