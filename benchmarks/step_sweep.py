@@ -5,9 +5,10 @@
 
 A recipe tuned for a wall-clock budget on a slow machine is limited by its optimiser steps, not by time.
 Given how many steps the slow machine fits in its budget (``--steps``; a variant that changes the cost of a
-step sets its own ``max_steps``), the curves do not depend on the machine that trains them, so a machine
-with many cores or a GPU can try many variants in parallel (``--jobs`` worker processes, one torch thread
-each) and the slow machine then only has to confirm the winner. Runs go seed by seed (every variant of seed
+step sets its own ``max_steps``), what a run reaches depends on its steps, not on the machine that trains
+it, so a machine with many cores or a GPU can try many variants in parallel (``--jobs`` worker processes,
+one torch thread each) and the slow machine then only has to confirm the winner. (On another device the
+random streams differ: compare means over seeds with the slow machine's, not single seeds.) Runs go seed by seed (every variant of seed
 0 first), so that a ``--deadline`` cuts whole seeds; the first variant is the baseline (``base``: the preset
 itself, unless a ``--variant base ...`` comes first). The table compares each variant with the baseline on
 the seeds both finished (paired: the same seed gives the same initial weights and the same data order).
@@ -52,7 +53,7 @@ def one_run(values: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="step_sweep.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="recipe from deeprnn.cli.PRESETS")
     p.add_argument("--steps", type=int, required=True, help="optimiser steps per run (a variant's max_steps wins)")
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--more-seeds", type=int, nargs="*", default=[], metavar="SEED", help="seeds of the finalists")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="runs at a time")
     p.add_argument("--deadline", type=float, default=None, metavar="MINUTES",
-                   help="start no run after this many minutes (runs already started finish)")
+                   help="start no run after this many minutes, except the first --jobs of the sweep (runs "
+                        "already started finish)")
     args = p.parse_args(argv)
 
     variants: dict[str, dict] = {}
@@ -79,20 +81,23 @@ def main(argv=None) -> int:
     print(f"step sweep of {args.preset}: {len(variants)} variants x seeds {args.seeds}, {args.steps} steps, "
           f"{args.jobs} at a time; every run: {json.dumps(common)}", flush=True)
     with cf.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        def sweep(names: list[str], seeds: list[int]) -> None:
-            futures = {}
-            for seed in seeds:
-                for name in names:
+        def sweep(names: list[str], seeds: list[int], *, first_round: bool) -> None:
+            todo = [(name, seed) for seed in seeds for name in names]  # seed by seed
+            running: dict[cf.Future, tuple[str, int]] = {}
+
+            def start_next(first: bool = False) -> None:  # one more run, unless none is left or it is too late
+                if todo and (first or args.deadline is None or time.time() - t0 < args.deadline * 60):
+                    name, seed = todo.pop(0)
                     values = {**PRESETS[args.preset], "time_budget": None, "max_steps": args.steps,
                               "sample_every": 0, **common, **variants[name], "seed": seed}
-                    futures[pool.submit(one_run, values)] = (name, seed)
-            for fut in cf.as_completed(futures):
-                name, seed = futures[fut]
-                if args.deadline is not None and time.time() - t0 > args.deadline * 60:
-                    for f in futures:
-                        f.cancel()  # those not started yet
-                if fut.cancelled():
-                    continue
+                    running[pool.submit(one_run, values)] = (name, seed)
+
+            for _ in range(args.jobs):
+                start_next(first=first_round)
+            while running:
+                fut = next(cf.as_completed(running))
+                name, seed = running.pop(fut)
+                start_next()
                 try:
                     r = fut.result()
                 except Exception as err:  # noqa: BLE001 - one broken variant must not lose the others
@@ -103,13 +108,13 @@ def main(argv=None) -> int:
                 print(json.dumps({"variant": name, "seed": seed, **{
                     k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}}), flush=True)
 
-        sweep(list(variants), args.seeds)
+        sweep(list(variants), args.seeds, first_round=True)
         if args.finalists and args.more_seeds:
             ranked = sorted((d, name) for name in list(variants)[1:]
                             if (d := paired_change(results, name, list(variants)[0], args.seeds)) is not None)
             finalists = [list(variants)[0]] + [name for _, name in ranked[:args.finalists]]
             print(f"finalists for seeds {args.more_seeds}: {', '.join(finalists)}", flush=True)
-            sweep(finalists, args.more_seeds)
+            sweep(finalists, args.more_seeds, first_round=False)
     print(f"\n{len(results)} runs in {time.time() - t0:.0f} s; {machine()}; load average {loadavg()} at the end\n")
     for line in summary_table(args.preset, variants, results, args.seeds + args.more_seeds, args.steps):
         print(line)
@@ -139,7 +144,7 @@ def summary_table(preset: str, variants: dict[str, dict], results: dict[tuple[st
         ppls = [results[name, s]["best_ppl"] for s in done]
         d = paired_change(results, name, base, seeds) if name != base else None
         n = sum((base, s) in results for s in done)
-        vs = f"{100 * d:+.2f}% ({n})" if d is not None else ""
+        vs = f"{100 * d + 0.0:+.2f}% ({n})" if d is not None else ""  # + 0.0: no "-0.00%"
         lines.append(f"| {name} | {fmt_changes(variants[name])} | {variants[name].get('max_steps', steps)} | "
                      f"{statistics.mean(ppls):.3f} | {', '.join(f'{p:.3f}' for p in ppls)} | {vs} |")
     return lines

@@ -1,0 +1,72 @@
+"""``benchmarks/step_sweep.py``: variants of a preset for a fixed number of steps, in worker processes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.step_sweep import main, paired_change, summary_table
+
+TINY = ["--set", "num_layers=1", "num_hiddens=16", "embed_size=8", "batch_size=4", "num_steps=8",
+        "max_tokens=3000", "eval_every=3", "eval_batch_size=4", "eval_num_steps=64", "device=cpu"]
+
+
+def runs_of(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith('{"variant"')]
+
+
+def test_the_table_compares_each_variant_with_the_baseline_on_the_seeds_both_finished():
+    results = {("base", 0): {"best_ppl": 4.0}, ("base", 1): {"best_ppl": 4.1},
+               ("wide", 0): {"best_ppl": 3.96}, ("wide", 1): {"best_ppl": 4.141}, ("wide", 2): {"best_ppl": 3.0},
+               ("lr", 1): {"best_ppl": 4.0}}
+    variants = {"base": {}, "wide": {"num_hiddens": 640, "max_steps": 826}, "lr": {"lr": 0.02}, "gone": {"clip": 1}}
+    assert paired_change(results, "wide", "base", [0, 1, 2]) == pytest.approx(0.0)  # -1% and +1%; seed 2 unpaired
+    assert paired_change(results, "gone", "base", [0, 1]) is None
+    assert summary_table("tm-cpu-fp32", variants, results, [0, 1, 2], 1230) == [
+        "| variant of `tm-cpu-fp32` | changes | steps | best held-out ppl (mean) | per seed | vs base (paired) |",
+        "| --- | --- | ---: | ---: | --- | ---: |",
+        "| base | (the preset) | 1230 | 4.050 | 4.000, 4.100 |  |",
+        "| wide | num_hiddens=640 max_steps=826 | 826 | 3.700 | 3.960, 4.141, 3.000 | +0.00% (2) |",
+        "| lr | lr=0.02 | 1230 | 4.000 | 4.000 | -2.44% (1) |",
+        "| gone | clip=1 | | (no run finished) | | |",
+    ]
+
+
+def test_a_sweep_runs_every_variant_and_then_the_finalists_on_more_seeds(capsys):
+    # ema99 changes nothing within 6 steps (the preset's average starts at step 600), so it must reproduce the
+    # baseline exactly in another worker process; "bad" fails alone, with its error, and the sweep goes on.
+    assert main(["--preset", "tm-cpu-fp32", "--steps", "6", "--seeds", "0", "--jobs", "1", *TINY,
+                 "--variant", "ema99", "ema_decay=0.99", "--variant", "short", "max_steps=2",
+                 "--variant", "bad", "lr=-1", "--finalists", "1", "--more-seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    runs = {(r["variant"], r["seed"]): r for r in runs_of(out)}
+    assert set(runs) == {("base", 0), ("ema99", 0), ("short", 0), ("bad", 0), ("base", 1), ("ema99", 1)}
+    assert runs["bad", 0]["error"] == "ConfigError: lr must be > 0, got -1"
+    assert runs["ema99", 0]["best_ppl"] == runs["base", 0]["best_ppl"]
+    assert runs["ema99", 1]["best_ppl"] == runs["base", 1]["best_ppl"]
+    assert runs["base", 0]["best_ppl"] != runs["base", 1]["best_ppl"]
+    assert (runs["base", 0]["steps"], runs["short", 0]["steps"]) == (6, 2)
+    assert runs["short", 0]["best_ppl"] > runs["base", 0]["best_ppl"]  # 2 steps of Adam, not 6
+    assert "finalists for seeds [1]: base, ema99" in out
+    assert "| ema99 | ema_decay=0.99 | 6 |" in out and "| +0.00% (2) |" in out
+    assert "| bad | lr=-1 | | (no run finished) | | |" in out
+
+
+def test_a_deadline_starts_no_more_runs(capsys):
+    # One worker, and the deadline has passed when the first run ends: no other run starts.
+    variants = [arg for i in range(3) for arg in ("--variant", f"v{i}", f"clip={i + 1}")]
+    assert main(["--preset", "tm-cpu-fp32", "--steps", "2", "--seeds", "0", "--jobs", "1", "--deadline", "0",
+                 *TINY, *variants]) == 0
+    out = capsys.readouterr().out
+    assert [(r["variant"], r["seed"]) for r in runs_of(out)] == [("base", 0)]
+    assert "| v0 | clip=1 | | (no run finished) | | |" in out and "| v2 | clip=3 | | (no run finished) | | |" in out
+    assert "\n1 runs in " in out
+
+
+def test_two_variants_of_one_name_are_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "tm-cpu-fp32", "--steps", "2", "--variant", "a", "lr=0.1", "--variant", "a", "lr=0.2"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "step_sweep.py: error: variant 'a' is given twice; give each variant its own name")
