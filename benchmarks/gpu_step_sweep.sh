@@ -56,7 +56,8 @@ if [ -n "${QUICK:-}" ]; then
 fi
 
 {
-  echo "== $(date '+%F %H:%M:%S') bash benchmarks/gpu_step_sweep.sh (commit $(git rev-parse --short HEAD 2>/dev/null || echo ?))"
+  commit=$(git rev-parse --short HEAD 2> /dev/null || echo "?")  # on a lent device: the session's first commit
+  echo "== $(date '+%F %H:%M:%S') bash benchmarks/gpu_step_sweep.sh (commit $commit)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())'
 } | tee "$log"
@@ -64,7 +65,8 @@ mps=0
 if [ -z "${QUICK:-}" ] && command -v nvidia-cuda-mps-control > /dev/null; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  if nvidia-cuda-mps-control -d && timeout 60 "$PYTHON" -c 'import torch; torch.ones(1, device="cuda").sum().item()'; then
+  probe='import torch; torch.ones(1, device="cuda").sum().item()'
+  if nvidia-cuda-mps-control -d && timeout 60 "$PYTHON" -c "$probe"; then
     mps=1
   else
     echo quit | nvidia-cuda-mps-control 2> /dev/null

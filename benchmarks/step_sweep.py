@@ -7,11 +7,13 @@ A recipe tuned for a wall-clock budget on a slow machine is limited by its optim
 Given how many steps the slow machine fits in its budget (``--steps``; a variant that changes the cost of a
 step sets its own ``max_steps``), what a run reaches depends on its steps, not on the machine that trains
 it, so a machine with many cores or a GPU can try many variants in parallel (``--jobs`` worker processes,
-one torch thread each) and the slow machine then only has to confirm the winner. (On another device the
-random streams differ: compare means over seeds with the slow machine's, not single seeds.) Runs go seed by seed (every variant of seed
-0 first), so that a ``--deadline`` cuts whole seeds; the first variant is the baseline (``base``: the preset
-itself, unless a ``--variant base ...`` comes first). The table compares each variant with the baseline on
-the seeds both finished (paired: the same seed gives the same initial weights and the same data order).
+one torch thread each) and the slow machine then only has to confirm the winner. On another device the
+random streams differ: compare means over seeds with the slow machine's, not single seeds.
+
+Runs go seed by seed (every variant of seed 0 first), so that a ``--deadline`` cuts the last seeds, not the
+last variants. The first variant is the baseline (``base``: the preset itself, unless a ``--variant base ...``
+comes first). The table compares each variant with the baseline on the seeds both finished (paired: the same
+seed gives the same initial weights and the same data order).
 
 On CUDA the workers turn TF32 off (cuBLAS and cuDNN), so that float32 means what it means on a CPU.
 """
@@ -69,6 +71,10 @@ def main(argv=None) -> int:
                    help="start no run after this many minutes, except the first --jobs of the sweep (runs "
                         "already started finish)")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.jobs < 1:
+        p.error(f"--steps and --jobs must be >= 1, got {args.steps} and {args.jobs}")
+    if args.finalists and not args.more_seeds:
+        p.error("--finalists needs --more-seeds: the seeds to run the finalists on")
 
     variants: dict[str, dict] = {}
     for name, *sets in ([["base"]] if not args.variant or args.variant[0][0] != "base" else []) + args.variant:

@@ -64,9 +64,14 @@ def test_a_deadline_starts_no_more_runs(capsys):
     assert "\n1 runs in " in out
 
 
-def test_two_variants_of_one_name_are_refused(capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "2", "--variant", "a", "lr=0.1", "--variant", "a", "lr=0.2"],
+     "variant 'a' is given twice; give each variant its own name"),
+    (["--steps", "2", "--finalists", "2"], "--finalists needs --more-seeds: the seeds to run the finalists on"),
+    (["--steps", "0"], "--steps and --jobs must be >= 1, got 0 and 1"),
+])
+def test_bad_arguments_get_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["--preset", "tm-cpu-fp32", "--steps", "2", "--variant", "a", "lr=0.1", "--variant", "a", "lr=0.2"])
+        main(["--preset", "tm-cpu-fp32", "--jobs", "1", *args])
     assert exc.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        "step_sweep.py: error: variant 'a' is given twice; give each variant its own name")
+    assert capsys.readouterr().err.splitlines()[-1] == f"step_sweep.py: error: {message}"
