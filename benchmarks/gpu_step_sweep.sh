@@ -7,7 +7,8 @@
 # on the CPU itself, with `python benchmarks/quality.py --preset tm-cpu-fp32 --minutes 10 --threads 2 --set ...`.
 #   OUT=folder bash benchmarks/gpu_step_sweep.sh        # on a GPU machine; about 7 minutes on an H200
 #   QUICK=1 bash benchmarks/gpu_step_sweep.sh           # a dry run anywhere: tiny model, 30 steps
-# CUDA MPS is started where it can be, so that the workers' small kernels run side by side.
+# CUDA MPS is started where it can be, so that the workers' small kernels run side by side. The corpus comes from
+# $DEEPRNN_DATA_DIR, by default .devdata/ in the checkout (a copy of the data, ignored by .gitignore; carry it).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"
