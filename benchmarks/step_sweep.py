@@ -115,10 +115,11 @@ def main(argv=None) -> int:
                     k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}}), flush=True)
 
         sweep(list(variants), args.seeds, first_round=True)
-        if args.finalists and args.more_seeds:
-            ranked = sorted((d, name) for name in list(variants)[1:]
-                            if (d := paired_change(results, name, list(variants)[0], args.seeds)) is not None)
-            finalists = [list(variants)[0]] + [name for _, name in ranked[:args.finalists]]
+        if args.finalists:
+            base, *others = variants
+            ranked = sorted((d[0], name) for name in others
+                            if (d := paired_change(results, name, base, args.seeds)) is not None)
+            finalists = [base] + [name for _, name in ranked[:args.finalists]]
             print(f"finalists for seeds {args.more_seeds}: {', '.join(finalists)}", flush=True)
             sweep(finalists, args.more_seeds, first_round=False)
     print(f"\n{len(results)} runs in {time.time() - t0:.0f} s; {machine()}; load average {loadavg()} at the end\n")
@@ -127,12 +128,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def paired_change(results: dict[tuple[str, int], dict], name: str, base: str, seeds: list[int]) -> float | None:
-    """Mean relative change of ``name``'s best perplexity from ``base``'s over the seeds both finished."""
+def paired_change(results: dict[tuple[str, int], dict], name: str, base: str,
+                  seeds: list[int]) -> tuple[float, int] | None:
+    """Mean relative change of ``name``'s best perplexity from ``base``'s over the seeds both finished, and how
+    many seeds that is; None if there are none."""
     paired = [s for s in seeds if (name, s) in results and (base, s) in results]
     if not paired:
         return None
-    return statistics.mean(results[name, s]["best_ppl"] / results[base, s]["best_ppl"] - 1 for s in paired)
+    return statistics.mean(results[name, s]["best_ppl"] / results[base, s]["best_ppl"] - 1 for s in paired), len(paired)
 
 
 def summary_table(preset: str, variants: dict[str, dict], results: dict[tuple[str, int], dict],
@@ -149,8 +152,7 @@ def summary_table(preset: str, variants: dict[str, dict], results: dict[tuple[st
             continue
         ppls = [results[name, s]["best_ppl"] for s in done]
         d = paired_change(results, name, base, seeds) if name != base else None
-        n = sum((base, s) in results for s in done)
-        vs = f"{100 * d + 0.0:+.2f}% ({n})" if d is not None else ""  # + 0.0: no "-0.00%"
+        vs = f"{100 * d[0] + 0.0:+.2f}% ({d[1]})" if d is not None else ""  # + 0.0: no "-0.00%"
         lines.append(f"| {name} | {fmt_changes(variants[name])} | {variants[name].get('max_steps', steps)} | "
                      f"{statistics.mean(ppls):.3f} | {', '.join(f'{p:.3f}' for p in ppls)} | {vs} |")
     return lines

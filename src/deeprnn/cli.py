@@ -69,25 +69,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                    schedule="constant", warmup_steps=50, ema_decay=0.998, ema_start=600, time_budget=10.0,
                    num_epochs=1000, eval_every=200, eval_batch_size=8, eval_num_steps=512, precision="auto",
                    sample_every=5),
-    # tm-cpu's twin for a CPU without native bf16 (an AVX2-only x86 CPU): there "auto" means float32, and
-    # tm-cpu's 3x512 scratch layers get ~750 steps in 10 minutes instead of ~3,500, under regularisation meant
-    # for 60 epochs (4.234 on a 2-core AVX2 EPYC). Two residual layers of torch.nn.LSTM with weight-drop instead
-    # of three scratch layers with zoneout: ~1,200 steps, 19 epochs. Lighter dropout
-    # over-fits by then, heavier is behind throughout, 3x384 and a WSD decay gain nothing; a shorter weight
-    # average (EMA 0.995 instead of 0.998) is what helps: 3.919 -> 3.886 (docs/quality.md, "CPUs without
-    # native bf16"). Session 15 swept 30 variants on a GPU at the AVX2 machine's step counts (103 runs,
-    # benchmarks/step_sweep.py): none moved the mean by more than 0.7%; batch 24 (more, smaller steps) with
-    # partial shuffle was the best, -0.69% there, and on the AVX2 machine 3.887 / 3.886 / 3.897 / 3.912 with
-    # seeds 0-3, mean 3.896 against batch 32's 3.907.
-    "tm-cpu-fp32": dict(corpus=["timemachine"], normalization="d2l", val_fraction=0.1, test_fraction=0.0,
-                        cell="lstm", num_layers=2, residual=True, num_hiddens=512, impl="concise",
-                        input="embedding", embed_size=128, dropout=0.3, output_dropout=0.4, input_dropout=0.1,
-                        embed_dropout=0.05, locked_dropout=True, weight_drop=0.3, ar_alpha=2.0, tar_beta=1.0,
-                        variable_bptt=True, partial_shuffle=True, batch_size=24, num_steps=80, optimizer="adam",
-                        lr=1.2e-2, beta2=0.95, clip=0.25, schedule="constant", warmup_steps=50, ema_decay=0.995,
-                        ema_start=600,
-                        time_budget=10.0, num_epochs=1000, eval_every=100, eval_batch_size=8, eval_num_steps=512,
-                        precision="fp32", sample_every=5),
     # The War of the Worlds added to training; held out: the Time Machine's last 10% only. The Time Machine's
     # training text counts twice (the held-out text is its), 3 layers with residual connections. A constant
     # learning rate after the warm-up, averaged by the EMA: a cosine's annealing over-fitted sooner (3.535 -> 3.496).
@@ -119,19 +100,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                             warmup_steps=50, min_lr_ratio=0.02, ema_decay=0.995, ema_start=500, time_budget=10.0,
                             num_epochs=1000, eval_every=200, eval_batch_size=64, eval_num_steps=256,
                             precision="auto", prefix="ROMEO:", sample_every=5),
-    # shakespeare-cpu's twin for a CPU without native bf16: ~1,000 steps (3 epochs) in 10 minutes instead of ~4,200,
-    # so it under-fits rather than over-fits. Lighter dropout and weight-drop (0.1), twice the learning rate,
-    # held constant after the warm-up (the EMA averages): 1.4972 -> 1.4364 nats on a 2-core AVX2 EPYC (one seed;
-    # lr 1e-2 with beta2 0.95: 1.4457). Still above issue 11's 1.42 (docs/quality.md, "CPUs without native bf16").
-    "shakespeare-cpu-fp32": dict(corpus=["tinyshakespeare"], normalization="raw", val_fraction=0.1,
-                                 test_fraction=0.0, cell="lstm", num_layers=2, num_hiddens=512, impl="concise",
-                                 input="embedding", embed_size=128, dropout=0.1, output_dropout=0.1,
-                                 input_dropout=0.0, locked_dropout=True, weight_drop=0.1, ar_alpha=1.0, tar_beta=1.0,
-                                 variable_bptt=True, batch_size=32, num_steps=100, optimizer="adam", lr=6e-3,
-                                 clip=0.25, schedule="constant", warmup_steps=50, min_lr_ratio=0.02, ema_decay=0.995,
-                                 ema_start=500, time_budget=10.0, num_epochs=1000, eval_every=200,
-                                 eval_batch_size=64, eval_num_steps=256, precision="fp32", prefix="ROMEO:",
-                                 sample_every=5),
     # Tiny Shakespeare on one GPU (cuDNN LSTM, weight-drop through the fused call): 2.4 minutes of training,
     # measured on an H100 (docs/quality.md). Lighter dropout (0.25/0.3, weight-drop 0.3) over-fitted after 1 min.
     "shakespeare-gpu": dict(corpus=["tinyshakespeare"], normalization="raw", val_fraction=0.1, test_fraction=0.0,
@@ -143,6 +111,28 @@ PRESETS: dict[str, dict[str, Any]] = {
                             num_epochs=1000, eval_every=200, eval_batch_size=128, eval_num_steps=512,
                             precision="bf16", device="cuda", prefix="ROMEO:", sample_every=5),
 }
+
+# Twins of CPU presets for a CPU without native bf16 (AVX2-only x86): there "auto" means float32 and a step
+# takes several times longer, so each twin is its preset with what a few times fewer steps want changed.
+# tm-cpu's 3x512 scratch layers get ~750 steps in 10 minutes there instead of ~3,500, under regularisation meant
+# for 60 epochs (4.234 on a 2-core AVX2 EPYC). Two residual layers of torch.nn.LSTM with weight-drop instead
+# of three scratch layers with zoneout: ~1,200 steps, 19 epochs. Lighter dropout over-fits by then, heavier is
+# behind throughout, 3x384 and a WSD decay gain nothing; a shorter weight average (EMA 0.995 instead of 0.998)
+# is what helps: 3.919 -> 3.886 (docs/quality.md, "CPUs without native bf16"). Session 15 swept 30 variants on
+# a GPU at the AVX2 machine's step counts (103 runs, benchmarks/step_sweep.py): none moved the mean by more than
+# 0.7%; batch 24 (more, smaller steps) with partial shuffle was the best, -0.69% there, and on the AVX2 machine
+# 3.887 / 3.886 / 3.897 / 3.912 with seeds 0-3, mean 3.896 against batch 32's 3.907.
+PRESETS["tm-cpu-fp32"] = {**PRESETS["tm-cpu"], "num_layers": 2, "impl": "concise", "dropout": 0.3,
+                          "output_dropout": 0.4, "input_dropout": 0.1, "embed_dropout": 0.05, "zoneout_cell": 0.0,
+                          "zoneout_hidden": 0.0, "weight_drop": 0.3, "partial_shuffle": True, "batch_size": 24,
+                          "lr": 1.2e-2, "ema_decay": 0.995, "eval_every": 100, "precision": "fp32"}
+# shakespeare-cpu gets ~1,000 steps (3 epochs) there instead of ~4,200, so it under-fits rather than over-fits.
+# Lighter dropout and weight-drop (0.1), twice the learning rate, held constant after the warm-up (the EMA
+# averages): 1.4972 -> 1.4364 nats on a 2-core AVX2 EPYC (one seed; lr 1e-2 with beta2 0.95: 1.4457). Still
+# above issue 11's 1.42 (docs/quality.md, "CPUs without native bf16").
+PRESETS["shakespeare-cpu-fp32"] = {**PRESETS["shakespeare-cpu"], "dropout": 0.1, "output_dropout": 0.1,
+                                   "input_dropout": 0.0, "weight_drop": 0.1, "lr": 6e-3, "schedule": "constant",
+                                   "precision": "fp32"}
 
 # The CPU presets tuned where bf16 is native (AVX-512), each with its twin tuned for a CPU without it (None: no
 # twin yet), where their precision "auto" means float32 and each step takes several times longer.
