@@ -186,10 +186,34 @@ def test_every_preset_is_a_valid_configuration(name):
     assert {k: values[k] for k in PRESETS[name]} == PRESETS[name]
 
 
+# The logs docs/quality.md quotes for each CPU twin's figures (benchmarks/results/; each log's second line is the
+# configuration it trained). A changed preset no longer has those figures: measure it again.
+TWIN_LOGS = {
+    "tm-cpu-fp32": [f"quality-tm-cpu-fp32-b24-pshuffle-avx2-seed{seed}-2026-11-28.txt" for seed in range(4)],
+    "tm-wells-cpu-fp32": ["quality-exploration-avx2-2026-11-28/tm-wells-fp32-dropout0.1-wd0.1-2threads.txt"]
+                         + [f"quality-tm-wells-cpu-fp32-avx2-seed{seed}-2026-11-28.txt" for seed in (1, 2)],
+    "shakespeare-cpu-fp32": ["quality-exploration-avx2-2026-11-28/shakespeare-cpu-lr6e-3-constant-dropout0.1-wd0.1-"
+                             "2threads.txt"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TWIN_LOGS))
+def test_each_cpu_twin_is_the_configuration_its_quoted_runs_trained(name):
+    results = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "results")
+    for log in TWIN_LOGS[name]:
+        with open(os.path.join(results, log), encoding="utf-8") as f:
+            text = f.read()
+        line = text.splitlines()[1]
+        assert line.startswith("preset "), log
+        logged = json.loads(line.split(": ", 1)[1])
+        if logged["precision"] == "auto" and ", cpu, fp32 (auto); " in text:  # auto meant fp32 on that CPU
+            logged["precision"] = "fp32"
+        assert TrainConfig(**logged) == TrainConfig(**{**PRESETS[name], "seed": logged["seed"]}), log
+
+
 def test_a_bf16_tuned_preset_names_its_fp32_twin_where_bf16_is_emulated(monkeypatch, capsys, tmp_path):
     """tm-cpu was tuned where bf16 is native. On a CPU without it (its "auto" is float32 there, several times
-    slower per step) a run of it says which preset is tuned for such a CPU; nowhere else. tm-wells-cpu has no
-    twin yet: its note says what to expect instead."""
+    slower per step) a run of it says which preset is tuned for such a CPU; nowhere else."""
     import deeprnn.train
     from deeprnn.cli import FP32_TWINS, preset_note
 
@@ -201,14 +225,16 @@ def test_a_bf16_tuned_preset_names_its_fp32_twin_where_bf16_is_emulated(monkeypa
     assert preset_note("tm-cpu", dataclasses.replace(cfg, precision="fp32")) is None  # asked for float32
     assert preset_note("tm-cpu-fp32", TrainConfig(**{**PRESETS["tm-cpu-fp32"], "device": "cpu"})) is None
     assert preset_note(None, cfg) is None
-    assert FP32_TWINS == {"tm-cpu": "tm-cpu-fp32", "tm-wells-cpu": None, "shakespeare-cpu": "shakespeare-cpu-fp32"}
-    assert [PRESETS[twin]["precision"] for twin in ("tm-cpu-fp32", "shakespeare-cpu-fp32")] == ["fp32", "fp32"]
-    assert preset_note("shakespeare-cpu", TrainConfig(**{**PRESETS["shakespeare-cpu"], "device": "cpu"})) == (
-        note.replace("tm-cpu", "shakespeare-cpu"))
-    assert preset_note("tm-wells-cpu", TrainConfig(**{**PRESETS["tm-wells-cpu"], "device": "cpu"})) == (
-        "note: tm-wells-cpu was tuned on a CPU with native bfloat16 (AVX-512); this one has none, so it trains in "
-        "float32, several times slower per step; expect fewer steps and a worse result in its budget than "
-        "docs/quality.md reports")  # no twin yet: the note says what to expect instead
+    assert FP32_TWINS == {"tm-cpu": "tm-cpu-fp32", "tm-wells-cpu": "tm-wells-cpu-fp32",
+                          "shakespeare-cpu": "shakespeare-cpu-fp32"}
+    for parent, twin in FP32_TWINS.items():
+        assert PRESETS[twin]["precision"] == "fp32" and PRESETS[parent]["precision"] == "auto"
+        same = ("corpus", "heldout_from", "source_weights", "normalization", "val_fraction", "test_fraction",
+                "eval_batch_size", "eval_num_steps", "time_budget")  # the same text, split, scoring and budget
+        assert {k: PRESETS[twin].get(k) for k in same} == {k: PRESETS[parent].get(k) for k in same}
+        if parent != "tm-cpu":
+            assert preset_note(parent, TrainConfig(**{**PRESETS[parent], "device": "cpu"})) == (
+                note.replace("tm-cpu", parent))
     assert preset_note("shakespeare-gpu", TrainConfig(**PRESETS["shakespeare-gpu"])) is None
     tiny = [a for a in TINY if a not in ("--precision", "fp32", "--quiet")]
     assert main(["train", "--preset", "tm-cpu", *tiny, "--device", "cpu", "--run-dir", str(tmp_path / "r")]) == 0
