@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
 from deeprnn.cli import PRESETS, preset_note  # noqa: E402
 from deeprnn.errors import DeepRNNError  # noqa: E402
-from deeprnn.train import TrainConfig, read_metrics, train  # noqa: E402
+from deeprnn.train import TrainConfig, TrainingInterrupted, read_metrics, train  # noqa: E402
 
 
 def run(values: dict, *, run_dir: Path, log=None) -> dict:
@@ -176,7 +177,13 @@ def main(argv=None) -> int:
         print(note)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
-        summary = run(values, run_dir=run_dir, log=print)
+        try:
+            summary = run(values, run_dir=run_dir, log=print)
+        except TrainingInterrupted as e:  # the checkpoint is resumable only where --run-dir kept it
+            print(f"quality.py: {e}" if args.run_dir else
+                  f"quality.py: {signal.Signals(e.signum).name} received: stopped; the run was in a temporary "
+                  "directory, now removed (pass --run-dir DIR to keep a run that can be resumed)", file=sys.stderr)
+            return 128 + e.signum
         print_curve(summary)
         if args.dynamic_lr:
             print_dynamic(run_dir / "best", args.dynamic_lr, args.dynamic_decay)

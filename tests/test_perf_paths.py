@@ -166,6 +166,34 @@ def test_quality_script_bad_input_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"quality.py: error: no such file: '{missing}'; check the path"]
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_quality_script_interrupted_says_whether_the_run_can_be_resumed(monkeypatch, capsys, tmp_path, keep):
+    """SIGTERM during ``benchmarks/quality.py``: train() checkpoints and stops; without --run-dir the run was in a
+    temporary directory that is removed on the way out, so the line says so instead of naming a resume path
+    that no longer exists. Exit status 128 + the signal, as ``deeprnn train``."""
+    import signal
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import quality
+    from deeprnn.train import TrainingInterrupted
+
+    seen = []
+
+    def interrupted(cfg, **_):
+        seen.append(Path(cfg.run_dir))
+        seen[0].mkdir(parents=True)
+        raise TrainingInterrupted(signal.SIGTERM, seen[0])
+
+    monkeypatch.setattr(quality, "train", interrupted)
+    argv = ["--preset", "tiny", "--minutes", "1"] + (["--run-dir", str(tmp_path / "run")] if keep else [])
+    assert quality.main(argv) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.splitlines() == [
+        f"quality.py: SIGTERM received: checkpoint saved; resume with: deeprnn train --resume {tmp_path / 'run'}"
+        if keep else "quality.py: SIGTERM received: stopped; the run was in a temporary directory, now removed "
+                     "(pass --run-dir DIR to keep a run that can be resumed)"]
+    assert seen[0].exists() == keep
+
+
 def test_profile_step_lists_ops_and_the_products_share(capsys):
     """``benchmarks/profile_step.py`` on one step: the op table with the products' row, and the line that
     turns their share into a rate against the ceiling; bad counts are one argparse line, exit 2."""
