@@ -136,7 +136,8 @@ PRESETS["shakespeare-cpu-fp32"] = {**PRESETS["shakespeare-cpu"], "dropout": 0.1,
 
 # tm-wells-cpu's 3 layers get ~800 steps (3 epochs of the two texts) there: 3.809. With tm-cpu-fp32's model,
 # batch and EMA (~1,570 steps, 4.7 epochs) its dropout 0.3/0.4 under-fits (3.775); dropout 0.15 gives 3.586,
-# 0.05 stalls at 3.581 from step 1,400, 0.1/0.15/0.05 with weight-drop 0.1 gives 3.572 (one seed; docs/quality.md).
+# 0.05 stalls at 3.581 from step 1,400, 0.1/0.15/0.05 with weight-drop 0.1 gives 3.572 / 3.590 / 3.581 with seeds
+# 0-2, still 2.3% above issue 11's 3.5 (docs/quality.md, "tm-wells-cpu-fp32").
 PRESETS["tm-wells-cpu-fp32"] = {**PRESETS["tm-wells-cpu"], "num_layers": 2, "dropout": 0.1, "output_dropout": 0.15,
                                 "input_dropout": 0.05, "embed_dropout": 0.0, "weight_drop": 0.1,
                                 "partial_shuffle": True, "batch_size": 24, "beta2": 0.95, "ema_decay": 0.995,
