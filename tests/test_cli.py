@@ -192,9 +192,8 @@ TWIN_LOGS = {
     "tm-cpu-fp32": [f"quality-tm-cpu-fp32-b24-pshuffle-avx2-seed{seed}-2026-11-28.txt" for seed in range(4)],
     "tm-wells-cpu-fp32": ["quality-exploration-avx2-2026-11-28/tm-wells-fp32-dropout0.1-wd0.1-2threads.txt"]
                          + [f"quality-tm-wells-cpu-fp32-avx2-seed{seed}-2026-11-28.txt" for seed in (1, 2)],
-    "shakespeare-cpu-fp32": ["quality-exploration-avx2-2026-11-28/shakespeare-cpu-lr6e-3-constant-dropout0.1-wd0.1-"
-                             "2threads.txt"]
-                            + [f"quality-shakespeare-cpu-fp32-avx2-seed{seed}-2026-11-28.txt" for seed in (1, 2)],
+    "shakespeare-cpu-fp32": [f"quality-shakespeare-cpu-fp32-b24-pshuffle-avx2-seed{seed}-2026-11-28.txt"
+                             for seed in range(3)],
 }
 
 
