@@ -227,10 +227,10 @@ def test_a_bf16_tuned_preset_names_its_fp32_twin_where_bf16_is_emulated(monkeypa
     assert preset_note(None, cfg) is None
     assert FP32_TWINS == {"tm-cpu": "tm-cpu-fp32", "tm-wells-cpu": "tm-wells-cpu-fp32",
                           "shakespeare-cpu": "shakespeare-cpu-fp32"}
+    same = ("corpus", "heldout_from", "source_weights", "normalization", "val_fraction", "test_fraction",
+            "eval_batch_size", "eval_num_steps", "time_budget")  # a twin has its preset's text, split, scoring, budget
     for parent, twin in FP32_TWINS.items():
         assert PRESETS[twin]["precision"] == "fp32" and PRESETS[parent]["precision"] == "auto"
-        same = ("corpus", "heldout_from", "source_weights", "normalization", "val_fraction", "test_fraction",
-                "eval_batch_size", "eval_num_steps", "time_budget")  # the same text, split, scoring and budget
         assert {k: PRESETS[twin].get(k) for k in same} == {k: PRESETS[parent].get(k) for k in same}
         if parent != "tm-cpu":
             assert preset_note(parent, TrainConfig(**{**PRESETS[parent], "device": "cpu"})) == (
