@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import signal
+import shutil
 import statistics
 import sys
 import tempfile
@@ -175,18 +175,23 @@ def main(argv=None) -> int:
     note = preset_note(args.preset, TrainConfig(**values))
     if note:
         print(note)
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
-        try:
-            summary = run(values, run_dir=run_dir, log=print)
-        except TrainingInterrupted as e:  # the checkpoint is resumable only where --run-dir kept it
-            print(f"quality.py: {e}" if args.run_dir else
-                  f"quality.py: {signal.Signals(e.signum).name} received: stopped; the run was in a temporary "
-                  "directory, now removed (pass --run-dir DIR to keep a run that can be resumed)", file=sys.stderr)
-            return 128 + e.signum
+    # Without --run-dir the run lives in a temporary directory, removed on the way out, except after an
+    # interruption: then its checkpoint is kept, so the run can still be resumed and no work is lost.
+    tmp = None if args.run_dir else Path(tempfile.mkdtemp(prefix="deeprnn-quality-"))
+    run_dir = Path(args.run_dir) if args.run_dir else tmp / "run"
+    try:
+        summary = run(values, run_dir=run_dir, log=print)
         print_curve(summary)
         if args.dynamic_lr:
             print_dynamic(run_dir / "best", args.dynamic_lr, args.dynamic_decay)
+    except TrainingInterrupted as e:
+        print(f"quality.py: {e}" + ("" if tmp is None else " (kept in a temporary directory; pass --run-dir DIR "
+                                    "to choose where)"), file=sys.stderr)
+        tmp = None
+        return 128 + e.signum
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(f"machine: {machine()}; load average {loadavg()} at the end")
     return 0
 

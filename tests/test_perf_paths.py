@@ -167,16 +167,19 @@ def test_quality_script_bad_input_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_quality_script_interrupted_says_whether_the_run_can_be_resumed(monkeypatch, capsys, tmp_path, keep):
-    """SIGTERM during ``benchmarks/quality.py``: train() checkpoints and stops; without --run-dir the run was in a
-    temporary directory that is removed on the way out, so the line says so instead of naming a resume path
-    that no longer exists. Exit status 128 + the signal, as ``deeprnn train``."""
+def test_quality_script_interrupted_keeps_a_run_that_can_be_resumed(monkeypatch, capsys, tmp_path, keep):
+    """SIGTERM during ``benchmarks/quality.py``: train() checkpoints and stops, and the line names the run to
+    resume. Without --run-dir that run is in a temporary directory, which is kept (no work lost) and said to be
+    temporary. Exit status 128 + the signal, as ``deeprnn train``."""
     import signal
+    import tempfile
 
     sys.path.insert(0, str(ROOT))
     from benchmarks import quality
     from deeprnn.train import TrainingInterrupted
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     seen = []
 
     def interrupted(cfg, **_):
@@ -187,11 +190,30 @@ def test_quality_script_interrupted_says_whether_the_run_can_be_resumed(monkeypa
     monkeypatch.setattr(quality, "train", interrupted)
     argv = ["--preset", "tiny", "--minutes", "1"] + (["--run-dir", str(tmp_path / "run")] if keep else [])
     assert quality.main(argv) == 128 + signal.SIGTERM
+    resume = f"quality.py: SIGTERM received: checkpoint saved; resume with: deeprnn train --resume {seen[0]}"
     assert capsys.readouterr().err.splitlines() == [
-        f"quality.py: SIGTERM received: checkpoint saved; resume with: deeprnn train --resume {tmp_path / 'run'}"
-        if keep else "quality.py: SIGTERM received: stopped; the run was in a temporary directory, now removed "
-                     "(pass --run-dir DIR to keep a run that can be resumed)"]
-    assert seen[0].exists() == keep
+        resume if keep else resume + " (kept in a temporary directory; pass --run-dir DIR to choose where)"]
+    assert seen[0] == (tmp_path / "run" if keep else next((tmp_path / "tmp").glob("deeprnn-quality-*")) / "run")
+    assert seen[0].is_dir()
+
+
+def test_quality_script_removes_its_temporary_run_once_done_or_failed(monkeypatch, capsys, tmp_path):
+    """Without --run-dir a finished run's temporary directory is removed after the curve is printed, and so is
+    one whose training failed (nothing to resume)."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import quality
+    from deeprnn.errors import DeepRNNError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert quality.main(["--preset", "tiny", "--minutes", "1"]) == 0  # tiny stops after 5 steps
+    out = capsys.readouterr().out
+    assert "best held-out: loss " in out and "run dir " + str(tmp_path / "deeprnn-quality-") in out
+    assert list(tmp_path.glob("deeprnn-quality-*")) == []  # (torch keeps its own caches there)
+    with pytest.raises(DeepRNNError, match="^no such file: "):
+        quality.main(["--preset", "tiny", "--set", f"corpus=['{tmp_path / 'missing.txt'}']"])
+    assert list(tmp_path.glob("deeprnn-quality-*")) == []
 
 
 def test_profile_step_lists_ops_and_the_products_share(capsys):
