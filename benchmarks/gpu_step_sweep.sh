@@ -31,8 +31,11 @@ variants=(
   --variant T120 num_steps=120 max_steps=849 --variant l3h448 num_layers=3 num_hiddens=448 max_steps=1026
   --variant l1h768 num_layers=1 num_hiddens=768 max_steps=1349
 )
+# The base is tm-cpu-fp32 as session 15 swept it (batch 32, no partial shuffle); the preset took round 2's
+# winner since, so --set pins the old base (a variant's own values win over --set) and the rounds repeat.
+base=(--set batch_size=32 partial_shuffle=false)
 args=(--preset tm-cpu-fp32 --steps 1230 --seeds 0 1 --finalists 4 --more-seeds 2 3 4
-      --jobs "${JOBS:-14}" --deadline "${DEADLINE:-5.5}")
+      --jobs "${JOBS:-14}" --deadline "${DEADLINE:-5.5}" "${base[@]}")
 # Round 2: the round-1 changes that did best (partial shuffle, smaller batches or windows, beta2 0.99, clip 1,
 # AdamW, lr 0.016), combined, on five seeds each (40-step timings: batch 24x60 0.313 s, batch 16 0.279 s).
 if [ "${ROUND:-1}" = 2 ]; then
@@ -46,7 +49,8 @@ if [ "${ROUND:-1}" = 2 ]; then
     --variant b24T60_ps_b2_clip batch_size=24 num_steps=60 max_steps=1882 "${common[@]}"
     --variant b16_ps_b2_clip batch_size=16 max_steps=2150 "${common[@]}"
   )
-  args=(--preset tm-cpu-fp32 --steps 1230 --seeds 0 1 2 3 4 --jobs "${JOBS:-14}" --deadline "${DEADLINE:-3.6}")
+  args=(--preset tm-cpu-fp32 --steps 1230 --seeds 0 1 2 3 4 --jobs "${JOBS:-14}" --deadline "${DEADLINE:-3.6}"
+        "${base[@]}")
   log="$OUT/step-sweep-tm-cpu-fp32-round2-$(date +%Y-%m-%d).txt"
 fi
 if [ -n "${QUICK:-}" ]; then
