@@ -191,9 +191,9 @@ def test_every_preset_is_a_valid_configuration(name):
 TWIN_LOGS = {
     "tm-cpu-fp32": [f"quality-tm-cpu-fp32-b24-pshuffle-avx2-seed{seed}-2026-11-28.txt" for seed in range(4)],
     "tm-wells-cpu-fp32": ["quality-exploration-avx2-2026-11-28/tm-wells-fp32-dropout0.1-wd0.1-2threads.txt"]
-                         + [f"quality-tm-wells-cpu-fp32-avx2-seed{seed}-2026-11-28.txt" for seed in (1, 2)],
+                         + [f"quality-tm-wells-cpu-fp32-avx2-seed{seed}-2026-11-28.txt" for seed in (1, 2, 3)],
     "shakespeare-cpu-fp32": [f"quality-shakespeare-cpu-fp32-b24-pshuffle-avx2-seed{seed}-2026-11-28.txt"
-                             for seed in range(3)],
+                             for seed in range(4)],
 }
 
 
