@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -342,15 +343,85 @@ def _files(root):
                            "change: drop --preset (flags such as --max-steps still apply)"),
     (["--config", "c.toml"], "--resume continues the run in {run} with its own configuration, which --config would "
                              "not change: drop --config (flags such as --max-steps still apply)"),
+    (["--run-dir", "elsewhere"], "--resume continues the run in {run}, in place, and --run-dir names another "
+                                 "directory (elsewhere): drop --run-dir (to start a new run from its weights "
+                                 "instead, use --init-from)"),
 ])
 def test_resume_with_a_contradicting_flag_is_refused(trained, capsys, extra, message):
-    """--init-from, --overwrite, --dry-run, --preset and --config used to be ignored silently under --resume
-    (which then trained on)."""
+    """--init-from, --overwrite, --dry-run, --preset, --config and another --run-dir used to be ignored silently
+    under --resume (which then trained on, in place)."""
     before = _files(trained)
     argv = ["train", "--resume", str(trained), "--max-steps", "9", *[a.format(run=trained) for a in extra]]
     line = one_error_line(capsys, 2, argv)
     assert line == "deeprnn: error: " + message.format(run=trained)
     assert _files(trained) == before
+
+
+def test_resume_with_its_own_run_dir_is_allowed(trained, capsys):
+    """--run-dir naming the resumed run itself (another spelling of the same path) contradicts nothing."""
+    same = str(trained / ".." / trained.name)
+    line = one_error_line(capsys, 2, ["train", "--resume", str(trained), "--run-dir", same])
+    assert line.startswith(f"deeprnn: error: the run in {trained} is already at step ")
+
+
+@pytest.mark.parametrize("target", ["{run}", "{run}/best"])
+def test_fine_tuning_a_run_into_itself_is_refused(trained, capsys, target):
+    """--init-from RUN --run-dir RUN --overwrite used to delete the parent and leave a run whose lineage is
+    itself."""
+    before = _files(trained)
+    line = one_error_line(capsys, 2, ["train", "--init-from", target.format(run=trained), "--run-dir", str(trained),
+                                      "--overwrite", "--max-steps", "2"])
+    assert line == (f"deeprnn: error: --init-from {target.format(run=trained)} would fine-tune the run in {trained} "
+                    "into itself, replacing the weights it starts from: give --run-dir a new directory")
+    assert _files(trained) == before
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_can_be_started_again(tmp_path, capsys):
+    """A new run that died before its first checkpoint (a crash, a closed pipe) leaves config.json only:
+    --resume has nothing to continue, so the refusal says to --overwrite it, and that works."""
+    run = tmp_path / "r"
+    assert main(["train", *TINY, "--run-dir", str(run), "--max-steps", "1"]) == 0
+    for name in ("best", "last", "summary.json", "metrics.csv"):
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    capsys.readouterr()
+    line = one_error_line(capsys, 2, ["train", *TINY, "--run-dir", str(run), "--max-steps", "1"])
+    assert line == (f"deeprnn: error: run directory {run} holds a run that stopped before its first checkpoint; "
+                    "pass --overwrite to start it again, or choose another --run-dir")
+    assert main(["train", *TINY, "--run-dir", str(run), "--max-steps", "1", "--overwrite"]) == 0
+    assert (run / "best" / "checkpoint.json").is_file()
+
+
+def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    """An allocation that fails (here the CPU allocator's error, raised where the model is built) is one line
+    naming the flags that shrink the model, exit 1; the run directory is not created."""
+    import deeprnn.models
+
+    def no_memory(*_, **__):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 16000000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(deeprnn.models, "build_model", no_memory)
+    line = one_error_line(capsys, 1, ["train", *TINY, "--run-dir", str(tmp_path / "r")])
+    assert line == ("deeprnn: error: out of memory: the model or batch does not fit on this device; use a smaller "
+                    "--num-hiddens, --num-layers or --batch-size")
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setattr(deeprnn.models, "build_model", lambda *_, **__: 1 / 0)  # any other error still raises
+    with pytest.raises(ZeroDivisionError):
+        main(["train", *TINY, "--run-dir", str(tmp_path / "r")])
+
+
+def test_ctrl_c_while_starting_up_is_one_line(capsys, monkeypatch):
+    """Ctrl-C before a command's own handler is in place (while torch is imported) used to print the import's
+    traceback."""
+    import deeprnn.cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deeprnn.cli, "_main", interrupted)
+    assert main(["info", "x"]) == 130
+    assert capsys.readouterr().err == "deeprnn: interrupted\n"
 
 
 @pytest.mark.parametrize("nproc", ["0", "-1"])

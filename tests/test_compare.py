@@ -327,3 +327,15 @@ def test_cache_key_holds_what_precision_auto_means_here():
     auto = config_key(TrainConfig(precision="auto", device="cpu"))
     assert auto == config_key(TrainConfig(precision=here, device="cpu"))
     assert auto != config_key(TrainConfig(precision=other, device="cpu"))
+
+
+@pytest.mark.parametrize("flag", ["--cells", "--layers", "--hiddens", "--impl", "--seeds"])
+def test_an_empty_grid_axis_is_a_usage_error(tmp_path, capsys, flag):
+    """``--cells ""`` (or any empty axis) used to write an empty report and exit 0."""
+    with pytest.raises(SystemExit) as e:
+        main(["compare", flag, " , ", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"deeprnn compare: error: argument {flag}: expected at least one value (comma-separated), got ' , ' "
+        "(see deeprnn compare --help)")
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@ matches a hand-written two-window reference, and leaves the caller's model as it
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -138,6 +139,10 @@ def test_bad_settings_are_config_errors():
         dynamic_evaluate_tokens(m, x, lr=-1.0)
     with pytest.raises(ConfigError, match=r"^dynamic evaluation decay must be in \[0, 1\], got 1.5$"):
         dynamic_evaluate_tokens(m, x, lr=0.1, decay=1.5)
+    for lr in (float("inf"), 1e39):  # 1e39 used to fail converting to float32; inf scored nan
+        with pytest.raises(ConfigError, match=r"^dynamic evaluation learning rate must be <= 3e38 \(what float32 "
+                                              rf"weights can take\), got {re.escape(str(lr))}$"):
+            dynamic_evaluate_tokens(m, x, lr=lr)
 
 
 @pytest.fixture
@@ -162,6 +167,12 @@ def test_cli_dynamic_evaluation(trained, capsys):
                  "--dynamic-decay", "0.1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("valid (dynamic evaluation, sgd lr 0.5, decay 0.1): perplexity ")
+
+    assert main(["evaluate", str(trained), "--split", "valid", "--dynamic-decay", "0.1", "--dynamic-rule", "sgd"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ("deeprnn: warning: --dynamic-rule and --dynamic-decay apply only with --dynamic-lr; they are "
+                   "ignored\n")
+    assert out.startswith("valid: perplexity ")
 
     line = one_error_line(capsys, 2, ["evaluate", str(trained), "--dynamic-lr", "-1"])
     assert line == "deeprnn: error: dynamic evaluation learning rate must be >= 0, got -1.0"

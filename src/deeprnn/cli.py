@@ -398,6 +398,10 @@ def _check_train_flags(args: argparse.Namespace) -> None:
     """Flags that contradict each other are refused rather than one of them ignored."""
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (processes to launch), got {args.nproc}")
+    if args.init_from and getattr(args, "run_dir", None) is not None and os.path.abspath(args.run_dir) == \
+            os.path.abspath(_run_of(args.init_from)):
+        raise ConfigError(f"--init-from {args.init_from} would fine-tune the run in {args.run_dir} into itself, "
+                          "replacing the weights it starts from: give --run-dir a new directory")
     if not args.resume:
         return
     if args.init_from:
@@ -409,10 +413,25 @@ def _check_train_flags(args: argparse.Namespace) -> None:
     if args.dry_run:
         raise ConfigError(f"--dry-run starts a new tiny run and cannot continue the run in {args.resume}: drop "
                           "--dry-run, or drop --resume and give --run-dir a new directory")
+    run_dir = getattr(args, "run_dir", None)  # present only when given
+    if run_dir is not None and os.path.abspath(run_dir) != os.path.abspath(args.resume):
+        raise ConfigError(f"--resume continues the run in {args.resume}, in place, and --run-dir names another "
+                          f"directory ({run_dir}): drop --run-dir (to start a new run from its weights instead, "
+                          "use --init-from)")
     for flag, value in (("--preset", args.preset), ("--config", args.config)):
         if value:  # a resumed run takes its own configuration; only flags may change its budget
             raise ConfigError(f"--resume continues the run in {args.resume} with its own configuration, which "
                               f"{flag} would not change: drop {flag} (flags such as --max-steps still apply)")
+
+
+def _run_of(path: str) -> str:
+    """The run directory a run or checkpoint path belongs to (a checkpoint's parent, ``RUN/best`` -> ``RUN``)."""
+    from deeprnn.checkpoint import META_FILE
+
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    return str(p.parent if (p / META_FILE).is_file() else p)
 
 
 def _check_flags_against_parent(args: argparse.Namespace) -> None:
@@ -583,6 +602,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if tokens.numel() < 2:
         raise ConfigError(f"split {args.split!r} has {tokens.numel()} tokens; need at least 2 to score")
     dynamic = args.dynamic_lr is not None
+    given = {a.split("=", 1)[0] for a in getattr(args, "argv", None) or [] if a.startswith("--")}
+    unused = [flag for flag in ("--dynamic-rule", "--dynamic-decay") if flag in given and not dynamic]
+    if unused:
+        print(f"deeprnn: warning: {' and '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} only with "
+              f"--dynamic-lr; {'it is' if len(unused) == 1 else 'they are'} ignored", file=sys.stderr)
     batch_size = args.batch_size or (1 if dynamic else 64)
     num_steps = args.num_steps or (20 if dynamic else 128)
     for flag, value in (("--batch-size", args.batch_size), ("--num-steps", args.num_steps)):
@@ -819,7 +843,11 @@ def _output_failed(error: OSError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _main(argv)
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while starting up (importing torch), before _main's own handler
+        print("deeprnn: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A rank of a multi-process run has left its process group (cli._main's finally) and written
         # everything it writes (checkpoints are fsynced, metrics closed per row). Skip the interpreter's
@@ -829,6 +857,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(int(code or 0))
     return code
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed: ``MemoryError``, torch's (CUDA) ``OutOfMemoryError`` or its CPU
+    allocator's ``RuntimeError``."""
+    import torch
+
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
 def _main(argv: list[str] | None) -> int:
@@ -877,6 +914,10 @@ def _main(argv: list[str] | None) -> int:
     except Exception as e:
         from deeprnn import distributed
 
+        if _out_of_memory(e):
+            print("deeprnn: error: out of memory: the model or batch does not fit on this device; use a smaller "
+                  "--num-hiddens, --num-layers or --batch-size", file=sys.stderr)
+            return 1
         lost = distributed.peer_failure(e)  # another rank failed first and said why
         if lost is None:
             raise

@@ -675,6 +675,18 @@ def _csv_list(text: str, kind=str) -> list:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
 
 
+def _grid_list(kind=str):
+    """An argparse type for a grid axis: a comma-separated list with at least one value."""
+    def parse(text: str) -> list:
+        values = _csv_list(text, kind)
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one value (comma-separated), got {text!r}")
+        return values
+
+    parse.__name__ = f"list of {kind.__name__}"
+    return parse
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
     """``--set key=value`` pairs as typed TrainConfig overrides (lists: comma-separated; ``none``)."""
     from deeprnn.cli import _parse_bool, config_from_mapping
@@ -800,11 +812,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "with the same budget, cache each run by its config hash, and write OUT/report.md, results.csv, "
         "curves.png and speed.png. Presets reproduce the seed's exercises 2-4.")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a ready experiment (flags still win)")
-    p.add_argument("--cells", type=_csv_list, help="cells, comma-separated: rnn_tanh,rnn_relu,gru,lstm")
-    p.add_argument("--layers", type=lambda s: _csv_list(s, int), help="numbers of layers, comma-separated")
-    p.add_argument("--hiddens", type=lambda s: _csv_list(s, int), help="hidden sizes, comma-separated")
-    p.add_argument("--impl", type=_csv_list, help="implementations, comma-separated: concise,scratch")
-    p.add_argument("--seeds", type=lambda s: _csv_list(s, int), help="seeds, comma-separated (mean ± std)")
+    p.add_argument("--cells", type=_grid_list(), help="cells, comma-separated: rnn_tanh,rnn_relu,gru,lstm")
+    p.add_argument("--layers", type=_grid_list(int), help="numbers of layers, comma-separated")
+    p.add_argument("--hiddens", type=_grid_list(int), help="hidden sizes, comma-separated")
+    p.add_argument("--impl", type=_grid_list(), help="implementations, comma-separated: concise,scratch")
+    p.add_argument("--seeds", type=_grid_list(int), help="seeds, comma-separated (mean ± std)")
     p.add_argument("--corpus", action="append", metavar="[LABEL=]SRC[,SRC]",
                    help="a data variant: sources trained on together; repeat for several variants")
     p.add_argument("--heldout-from", type=_csv_list, metavar="SRC[,SRC]",

@@ -52,6 +52,9 @@ def dynamic_evaluate_tokens(
     """
     if not lr >= 0:
         raise ConfigError(f"dynamic evaluation learning rate must be >= 0, got {lr}")
+    if not lr <= 3e38:  # inf too: the update would overflow float32 weights
+        raise ConfigError(f"dynamic evaluation learning rate must be <= 3e38 (what float32 weights can take), "
+                          f"got {lr}")
     if not 0 <= decay <= 1:
         raise ConfigError(f"dynamic evaluation decay must be in [0, 1], got {decay}")
     device = torch.device(device)

@@ -170,6 +170,8 @@ class TrainConfig:
             allowed = (f"'{options[0]}' or '{options[1]}'" if len(options) == 2 else
                        "one of " + ", ".join(options))
             need(value in options, f"{name} must be {allowed}, got {value!r}")
+        need(not isinstance(self.seed, bool) and isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+             f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -603,6 +605,13 @@ def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool =
                 f"run directory {run_dir} is not empty and holds no deeprnn run; choose a new or empty --run-dir"
             )
         if not overwrite:
+            from deeprnn.checkpoint import META_FILE
+
+            if not any((run_dir / n / META_FILE).is_file() for n in CHECKPOINT_DIRS):  # nothing to resume
+                raise CheckpointError(
+                    f"run directory {run_dir} holds a run that stopped before its first checkpoint; pass "
+                    "--overwrite to start it again, or choose another --run-dir"
+                )
             raise CheckpointError(
                 f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it, "
                 "--overwrite to replace it, or choose another --run-dir"

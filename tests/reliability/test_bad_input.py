@@ -177,6 +177,10 @@ def test_unknown_names_in_the_library():
     ("--max-tokens", "-3", "max_tokens must be >= 2, got -3"),
     ("--eval-num-steps", "0", "eval_num_steps must be >= 1, got 0"),
     ("--val-fraction", "1.5", "val_fraction must be in [0, 1), got 1.5"),
+    ("--seed", "-1", "seed must be an integer in [0, 2**63), got -1"),
+    ("--seed", str(2**63), f"seed must be an integer in [0, 2**63), got {2**63}"),
+    ("--num-hiddens", "99999999999999999999", "num_hiddens must be <= 1,048,576, got 99,999,999,999,999,999,999"),
+    ("--forget-bias", "nan", "forget_bias must be a finite number, got nan"),
 ])
 def test_out_of_range_training_values(cli_error, tmp_path, flag, value, message):
     line = cli_error(["train", "--run-dir", str(tmp_path / "r"), flag, value])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from deeprnn.choices import CELLS, GRU_VARIANTS, IMPLS, INITS, INPUTS
@@ -9,6 +10,10 @@ from deeprnn.errors import ConfigError
 
 # Gate blocks stacked along the last axis of W_xh / W_hh, in torch.nn order.
 NUM_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+# Upper bounds that keep every weight's shape and element count in range (a width of 2**20 is already a
+# 4-terabyte LSTM layer; beyond them torch fails with an overflow, not a message).
+MAX_WIDTH = 2**20
+MAX_LAYERS = 1024
 
 
 @dataclass
@@ -59,8 +64,8 @@ class ModelConfig:
         """
         _check_int("vocab_size", self.vocab_size, 1)
         _check_choice("cell", self.cell, CELLS)
-        _check_int("num_layers", self.num_layers, 1)
-        _check_int("num_hiddens", self.num_hiddens, 1)
+        _check_int("num_layers", self.num_layers, 1, MAX_LAYERS)
+        _check_int("num_hiddens", self.num_hiddens, 1, MAX_WIDTH)
         _check_choice("impl", self.impl, IMPLS)
         _check_choice("input", self.input, INPUTS)
         if self.embed_size is not None:
@@ -69,7 +74,7 @@ class ModelConfig:
                     f"embed_size is only used with input='embedding' (input is {self.input!r}); "
                     "leave it None or set input='embedding'"
                 )
-            _check_int("embed_size", self.embed_size, 1)
+            _check_int("embed_size", self.embed_size, 1, MAX_WIDTH)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -85,8 +90,9 @@ class ModelConfig:
                     f"and num_hiddens={self.num_hiddens}; set embed_size={self.num_hiddens}"
                 )
         _check_choice("init", self.init, INITS)
-        if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)):
-            raise ConfigError(f"forget_bias must be a number, got {self.forget_bias!r}")
+        if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) or \
+                not math.isfinite(self.forget_bias):
+            raise ConfigError(f"forget_bias must be a finite number, got {self.forget_bias!r}")
         if self.forget_bias != 0 and self.cell != "lstm":
             raise ConfigError(
                 f"forget_bias only applies to cell='lstm' (cell is {self.cell!r}); set it to 0"
@@ -135,11 +141,13 @@ class ModelConfig:
         return self.dropout if self.output_dropout is None else self.output_dropout
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum:,}, got {value:,}")
 
 
 def _check_rate(name: str, value: object) -> None:
