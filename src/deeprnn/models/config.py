@@ -11,7 +11,7 @@ from deeprnn.errors import ConfigError
 # Gate blocks stacked along the last axis of W_xh / W_hh, in torch.nn order.
 NUM_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 # Upper bounds that keep every weight's shape and element count in range (a width of 2**20 is already a
-# 4-terabyte LSTM layer; beyond them torch fails with an overflow, not a message).
+# 16-terabyte LSTM layer; beyond them torch fails with an overflow, not a message).
 MAX_WIDTH = 2**20
 MAX_LAYERS = 1024
 
