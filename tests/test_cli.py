@@ -424,6 +424,21 @@ def test_ctrl_c_while_starting_up_is_one_line(capsys, monkeypatch):
     assert capsys.readouterr().err == "deeprnn: interrupted\n"
 
 
+def test_nproc_checks_the_configuration_before_launching(tmp_path, capsys, monkeypatch):
+    """``--nproc 2`` with a bad flag used to launch torchrun, whose ranks each printed the error before
+    torchrun's own traceback (exit 1): the configuration is now checked first, one line, exit 2."""
+    import deeprnn.cli
+
+    launched = []
+    monkeypatch.setattr(deeprnn.cli, "_launch_torchrun", lambda *a: launched.append(a) or 0)
+    line = one_error_line(capsys, 2, ["train", *TINY, "--nproc", "2", "--num-layers", "0",
+                                      "--run-dir", str(tmp_path / "r")])
+    assert line == "deeprnn: error: num_layers must be >= 1, got 0"
+    assert launched == [] and not (tmp_path / "r").exists()
+    argv = ["train", *TINY, "--nproc", "2", "--run-dir", str(tmp_path / "r")]
+    assert main(argv) == 0 and launched == [(2, argv)]  # a good configuration is launched as it was given
+
+
 @pytest.mark.parametrize("nproc", ["0", "-1"])
 def test_nproc_below_one_is_refused(tmp_path, capsys, nproc):
     """--nproc 0 and -1 used to train one process silently."""

@@ -366,8 +366,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from deeprnn.train import train
 
     _check_train_flags(args)
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_torchrun(args.nproc, getattr(args, "argv", None))
     if args.resume:
         from deeprnn.train import saved_train_config
 
@@ -380,6 +378,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = build_train_config(args)
         if args.init_from:
             _check_flags_against_parent(args)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # checked first: a bad flag is one line, not one per rank
+        return _launch_torchrun(args.nproc, getattr(args, "argv", None))
+    if not args.resume:
         note = preset_note(args.preset, cfg)
         if note and not args.quiet and os.environ.get("RANK", "0") == "0":
             print(note)
