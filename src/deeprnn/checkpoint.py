@@ -335,6 +335,9 @@ def load_checkpoint(run_or_ckpt: str | os.PathLike, map_location: str | torch.de
         vocab = Vocab.from_dict(meta["vocab"])
     except (KeyError, TypeError, ValueError, AttributeError, VocabError) as e:
         raise CheckpointError(f"{ckpt_dir / META_FILE} has an invalid model config or vocabulary: {e}") from None
+    if config.vocab_size != len(vocab):  # every consumer indexes one with the other's ids
+        raise CheckpointError(f"{ckpt_dir / META_FILE} has an invalid model config or vocabulary: the model predicts "
+                              f"{config.vocab_size} tokens but the vocabulary has {len(vocab)}")
     model = build_model(config)
     sd = load_tensors(ckpt_dir, MODEL_FILE, meta)
     try:

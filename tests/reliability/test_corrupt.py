@@ -150,6 +150,15 @@ def test_invalid_config_or_vocab_is_refused(ckpt, capsys, edit_meta, edit):
     refused(ckpt, capsys, r"has an invalid model config or vocabulary: ")
 
 
+def test_vocabulary_smaller_than_the_model_is_refused(ckpt, capsys, edit_meta):
+    """A valid vocabulary of another size than the output layer: ``evaluate`` used to score with it anyway."""
+    edit_meta(ckpt, lambda meta: meta["vocab"].update(idx_to_token=meta["vocab"]["idx_to_token"][:5]))
+    refused(ckpt, capsys, r"has an invalid model config or vocabulary: the model predicts \d+ tokens but the "
+                          r"vocabulary has 5$")
+    assert main(["evaluate", str(ckpt)]) == 2
+    assert "the vocabulary has 5" in capsys.readouterr().err
+
+
 def test_resume_from_weights_without_training_state(run, tmp_path, capsys):
     """An exported model (weights only) is not a run to resume: say to fine-tune from it instead."""
     src = load_checkpoint(run, prefer="last")
