@@ -411,17 +411,19 @@ def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
         main(["train", *TINY, "--run-dir", str(tmp_path / "r")])
 
 
-def test_ctrl_c_while_starting_up_is_one_line(capsys, monkeypatch):
-    """Ctrl-C before a command's own handler is in place (while torch is imported) used to print the import's
-    traceback."""
+@pytest.mark.parametrize("where", ["_main", "cmd_info"])
+def test_ctrl_c_while_starting_up_or_in_a_command_is_one_line(capsys, monkeypatch, where):
+    """Ctrl-C while torch was still being imported (before the command ran) used to print the import's
+    traceback; one handler, around everything, now says it in one line, there and inside a command."""
     import deeprnn.cli
 
-    def interrupted(argv):
+    def interrupted(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(deeprnn.cli, "_main", interrupted)
+    monkeypatch.setattr(deeprnn.cli, where, interrupted)
     assert main(["info", "x"]) == 130
     assert capsys.readouterr().err == "deeprnn: interrupted\n"
+    assert not isinstance(sys.stdout, deeprnn.cli._Stdout)  # _main put the stdout it wrapped back
 
 
 def test_nproc_checks_the_configuration_before_launching(tmp_path, capsys, monkeypatch):

@@ -130,15 +130,16 @@ PRESETS["tm-cpu-fp32"] = {**PRESETS["tm-cpu"], "num_layers": 2, "impl": "concise
 # Lighter dropout and weight-drop (0.1), twice the learning rate, held constant after the warm-up (the EMA
 # averages): 1.4972 -> 1.4364 nats on a 2-core AVX2 EPYC (seed 0; lr 1e-2 with beta2 0.95: 1.4457); seeds 1-2:
 # 1.4275, 1.4378, mean 1.4339. Batch 24 with partial shuffle (more, smaller steps, as tm-cpu-fp32): 1.4165 /
-# 1.4296 / 1.4242, mean 1.4234, still 0.2% above issue 11's 1.42 (docs/quality.md, "CPUs without native bf16").
+# 1.4296 / 1.4242 / 1.4502 with seeds 0-3, mean 1.4301, still 0.7% above issue 11's 1.42 (docs/quality.md, "CPUs
+# without native bf16").
 PRESETS["shakespeare-cpu-fp32"] = {**PRESETS["shakespeare-cpu"], "dropout": 0.1, "output_dropout": 0.1,
                                    "input_dropout": 0.0, "weight_drop": 0.1, "lr": 6e-3, "schedule": "constant",
                                    "batch_size": 24, "partial_shuffle": True, "precision": "fp32"}
 
 # tm-wells-cpu's 3 layers get ~800 steps (3 epochs of the two texts) there: 3.809. With tm-cpu-fp32's model,
 # batch and EMA (~1,570 steps, 4.7 epochs) its dropout 0.3/0.4 under-fits (3.775); dropout 0.15 gives 3.586,
-# 0.05 stalls at 3.581 from step 1,400, 0.1/0.15/0.05 with weight-drop 0.1 gives 3.572 / 3.590 / 3.581 with seeds
-# 0-2, still 2.3% above issue 11's 3.5 (docs/quality.md, "tm-wells-cpu-fp32").
+# 0.05 stalls at 3.581 from step 1,400, 0.1/0.15/0.05 with weight-drop 0.1 gives 3.572 / 3.590 / 3.581 / 3.585
+# with seeds 0-3, mean 3.582, still 2.3% above issue 11's 3.5 (docs/quality.md, "tm-wells-cpu-fp32").
 PRESETS["tm-wells-cpu-fp32"] = {**PRESETS["tm-wells-cpu"], "num_layers": 2, "dropout": 0.1, "output_dropout": 0.15,
                                 "input_dropout": 0.05, "embed_dropout": 0.0, "weight_drop": 0.1,
                                 "partial_shuffle": True, "batch_size": 24, "beta2": 0.95, "ema_decay": 0.995,
@@ -399,8 +400,8 @@ def _check_train_flags(args: argparse.Namespace) -> None:
     """Flags that contradict each other are refused rather than one of them ignored."""
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (processes to launch), got {args.nproc}")
-    if args.init_from and getattr(args, "run_dir", None) is not None and os.path.abspath(args.run_dir) == \
-            os.path.abspath(_run_of(args.init_from)):
+    run_dir = getattr(args, "run_dir", None)  # present only when given
+    if args.init_from and run_dir is not None and _same_dir(run_dir, _run_of(args.init_from)):
         raise ConfigError(f"--init-from {args.init_from} would fine-tune the run in {args.run_dir} into itself, "
                           "replacing the weights it starts from: give --run-dir a new directory")
     if not args.resume:
@@ -414,8 +415,7 @@ def _check_train_flags(args: argparse.Namespace) -> None:
     if args.dry_run:
         raise ConfigError(f"--dry-run starts a new tiny run and cannot continue the run in {args.resume}: drop "
                           "--dry-run, or drop --resume and give --run-dir a new directory")
-    run_dir = getattr(args, "run_dir", None)  # present only when given
-    if run_dir is not None and os.path.abspath(run_dir) != os.path.abspath(args.resume):
+    if run_dir is not None and not _same_dir(run_dir, args.resume):
         raise ConfigError(f"--resume continues the run in {args.resume}, in place, and --run-dir names another "
                           f"directory ({run_dir}): drop --run-dir (to start a new run from its weights instead, "
                           "use --init-from)")
@@ -425,14 +425,16 @@ def _check_train_flags(args: argparse.Namespace) -> None:
                               f"{flag} would not change: drop {flag} (flags such as --max-steps still apply)")
 
 
-def _run_of(path: str) -> str:
-    """The run directory a run or checkpoint path belongs to (a checkpoint's parent, ``RUN/best`` -> ``RUN``)."""
-    from deeprnn.checkpoint import META_FILE
+def _run_of(run_or_ckpt: str) -> Path:
+    """The directory a run or checkpoint path's checkpoint lives in (``RUN`` for ``RUN``, ``RUN/best`` or a file
+    in it)."""
+    from deeprnn.checkpoint import resolve_checkpoint
 
-    p = Path(path)
-    if p.is_file():
-        p = p.parent
-    return str(p.parent if (p / META_FILE).is_file() else p)
+    return resolve_checkpoint(run_or_ckpt).parent
+
+
+def _same_dir(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _check_flags_against_parent(args: argparse.Namespace) -> None:
@@ -557,9 +559,14 @@ _STRATEGY_FLAGS = {"--temperature": ("sample",), "--top-k": ("sample",), "--top-
                    "--seed": ("sample",), "--beam-width": ("beam",)}
 
 
+def _given_flags(argv: list[str]) -> set[str]:
+    """The long flags given in ``argv`` (``--flag`` and ``--flag=value`` alike)."""
+    return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
 def _ignored_generate_flags(strategy: str, argv: list[str]) -> list[str]:
     """The flags given in ``argv`` that ``strategy`` does not use, in the order of :data:`_STRATEGY_FLAGS`."""
-    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    given = _given_flags(argv)
     return [flag for flag, users in _STRATEGY_FLAGS.items() if flag in given and strategy not in users]
 
 
@@ -603,7 +610,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if tokens.numel() < 2:
         raise ConfigError(f"split {args.split!r} has {tokens.numel()} tokens; need at least 2 to score")
     dynamic = args.dynamic_lr is not None
-    given = {a.split("=", 1)[0] for a in getattr(args, "argv", None) or [] if a.startswith("--")}
+    given = _given_flags(getattr(args, "argv", None) or [])
     unused = [flag for flag in ("--dynamic-rule", "--dynamic-decay") if flag in given and not dynamic]
     if unused:
         print(f"deeprnn: warning: {' and '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} only with "
@@ -846,9 +853,9 @@ def _output_failed(error: OSError) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         code = _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C while starting up (importing torch), before _main's own handler
+    except KeyboardInterrupt:  # at any point outside training's own handler, also while torch is imported
         print("deeprnn: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        code = 128 + signal.SIGINT
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A rank of a multi-process run has left its process group (cli._main's finally) and written
         # everything it writes (checkpoints are fsynced, metrics closed per row). Skip the interpreter's
@@ -909,9 +916,6 @@ def _main(argv: list[str] | None) -> int:
     except DeepRNNError as e:
         print(f"deeprnn: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("deeprnn: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
     except Exception as e:
         from deeprnn import distributed
 

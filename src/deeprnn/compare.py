@@ -683,7 +683,6 @@ def _grid_list(kind=str):
             raise argparse.ArgumentTypeError(f"expected at least one value (comma-separated), got {text!r}")
         return values
 
-    parse.__name__ = f"list of {kind.__name__}"
     return parse
 
 

@@ -605,13 +605,15 @@ def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool =
                 f"run directory {run_dir} is not empty and holds no deeprnn run; choose a new or empty --run-dir"
             )
         if not overwrite:
-            from deeprnn.checkpoint import META_FILE
+            from deeprnn.checkpoint import resolve_checkpoint
 
-            if not any((run_dir / n / META_FILE).is_file() for n in CHECKPOINT_DIRS):  # nothing to resume
+            try:
+                resolve_checkpoint(run_dir)  # what --resume would continue from
+            except CheckpointError:
                 raise CheckpointError(
                     f"run directory {run_dir} holds a run that stopped before its first checkpoint; pass "
                     "--overwrite to start it again, or choose another --run-dir"
-                )
+                ) from None
             raise CheckpointError(
                 f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it, "
                 "--overwrite to replace it, or choose another --run-dir"
