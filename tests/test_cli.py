@@ -5,8 +5,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -439,6 +441,116 @@ def test_nproc_checks_the_configuration_before_launching(tmp_path, capsys, monke
     assert launched == [] and not (tmp_path / "r").exists()
     argv = ["train", *TINY, "--nproc", "2", "--run-dir", str(tmp_path / "r")]
     assert main(argv) == 0 and launched == [(2, argv)]  # a good configuration is launched as it was given
+
+
+def fake_torchrun(monkeypatch, outcome):
+    """Replace torchrun's agent with ``outcome(launch args, environment)``, which plays the ranks."""
+    import torch.distributed.run
+
+    seen = {}
+
+    def run(launch):
+        seen.update(args=launch, env=dict(os.environ), sigint=signal.getsignal(signal.SIGINT))
+        signal.signal(signal.SIGINT, lambda *_: None)  # as torchrun's agent does, never restoring it
+        outcome(os.environ)
+
+    monkeypatch.setattr(torch.distributed.run, "run", run)
+    return seen
+
+
+def rank_fails(rank: int, line: str, code: int, peer: bool = False):
+    """What rank ``rank`` of a launched run does on failure: ``cli._fail`` in its own process."""
+    import deeprnn.cli
+
+    def fail(env):
+        saved = os.environ.get("RANK")
+        os.environ["RANK"] = str(rank)
+        try:
+            assert deeprnn.cli._fail(line, code, peer=peer) == code
+        finally:
+            os.environ.pop("RANK") if saved is None else os.environ.__setitem__("RANK", saved)
+    return fail
+
+
+def child_failed(*exits: tuple[int, int]):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    return ChildFailedError("deeprnn", {rank: ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code,
+                                                             error_file="")
+                                        for rank, code in exits})
+
+
+NPROC_RUN = ["train", *TINY, "--nproc", "2"]
+
+
+@pytest.mark.parametrize("ranks, exits, expected", [
+    # rank 0's own error; rank 1 lost contact with it: the own error, rank 0's status
+    ([(0, "deeprnn: error: run directory r already exists", 2, False),
+      (1, "deeprnn: error: rank 1 lost contact with another rank (x); …", 1, True)],
+     [(0, 2), (1, 1)], ("deeprnn: error: run directory r already exists", 2)),
+    # the same error on both ranks: one line
+    ([(1, "deeprnn: error: the training split has 30 tokens", 2, False),
+      (0, "deeprnn: error: the training split has 30 tokens", 2, False)],
+     [(0, 2), (1, 2)], ("deeprnn: error: the training split has 30 tokens", 2)),
+    # rank 1 killed, rank 0 lost contact with it: the killed rank, as a shell reports a signal
+    ([(0, "deeprnn: error: rank 0 lost contact with another rank (y); …", 1, True)],
+     [(1, -9), (0, 1)], ("deeprnn: error: rank 1 was killed by SIGKILL", 137)),
+    # a rank interrupted (by its own SIGTERM): rank 0's resume line
+    ([(0, "deeprnn: SIGTERM received: checkpoint saved; resume with: deeprnn train --resume r", 143, False),
+      (1, "deeprnn: SIGTERM received: checkpoint saved; resume with: deeprnn train --resume r", 143, False)],
+     [(1, 143), (0, 143)],
+     ("deeprnn: SIGTERM received: checkpoint saved; resume with: deeprnn train --resume r", 143)),
+    # a rank that printed a traceback (a bug) leaves no line: its status only
+    ([], [(0, 1), (1, 1)], (None, 1)),
+])
+def test_nproc_failure_is_one_line_and_the_failing_ranks_status(monkeypatch, capsys, tmp_path, ranks, exits,
+                                                                 expected):
+    """torchrun's agent ended a failed run with ~40 lines of ``ChildFailedError`` traceback and exit 1 after
+    each rank's own line: the launcher now prints the one line that says what went wrong, with its status."""
+    def outcome(env):
+        for rank, line, code, peer in ranks:
+            rank_fails(rank, line, code, peer)(env)
+        raise child_failed(*exits)
+
+    seen = fake_torchrun(monkeypatch, outcome)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = signal.getsignal(signal.SIGINT)
+    line, code = expected
+    assert main([*NPROC_RUN, "--run-dir", str(tmp_path / "r")]) == code
+    assert capsys.readouterr().err == (f"{line}\n" if line else "")
+    assert signal.getsignal(signal.SIGINT) is before  # the agent's handler is gone again
+    assert "DEEPRNN_RANK_REPORTS" not in os.environ and "OMP_NUM_THREADS" not in os.environ
+    reports = Path(seen["env"]["DEEPRNN_RANK_REPORTS"])
+    assert not reports.exists()  # the ranks' reports went with the launch
+    # torchrun's arguments: this command without --nproc, each rank its share of the cores
+    import torch
+
+    assert seen["args"].nproc_per_node == "2" and seen["args"].standalone and seen["args"].module
+    assert seen["args"].training_script == "deeprnn"
+    assert seen["args"].training_script_args == ["train", *TINY, "--run-dir", str(tmp_path / "r")]
+    assert seen["env"]["OMP_NUM_THREADS"] == str(max(1, torch.get_num_threads() // 2))
+
+
+def test_nproc_keeps_the_users_thread_count_and_reports_an_interrupt(monkeypatch, capsys, tmp_path):
+    """Ctrl-C reaches torchrun's agent (SignalException): the ranks' resume line, or 'interrupted' if no rank
+    got to say anything."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    def interrupted(say: bool):
+        def outcome(env):
+            if say:
+                rank_fails(0, "deeprnn: SIGINT received: checkpoint saved; resume with: x", 130)(env)
+            raise SignalException("agent got signal 2", sigval=signal.SIGINT)
+        return outcome
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    seen = fake_torchrun(monkeypatch, interrupted(True))
+    assert main([*NPROC_RUN, "--run-dir", str(tmp_path / "r")]) == 130
+    assert capsys.readouterr().err == "deeprnn: SIGINT received: checkpoint saved; resume with: x\n"
+    assert seen["env"]["OMP_NUM_THREADS"] == "3" and os.environ["OMP_NUM_THREADS"] == "3"
+    fake_torchrun(monkeypatch, interrupted(False))
+    assert main([*NPROC_RUN, "--run-dir", str(tmp_path / "r")]) == 130
+    assert capsys.readouterr().err == "deeprnn: interrupted\n"
 
 
 @pytest.mark.parametrize("nproc", ["0", "-1"])

@@ -259,6 +259,34 @@ def test_bad_corpus_on_rank_1_stops_both_ranks(tmp_path):
     assert not (cwd1 / "run").exists()
 
 
+def nproc_launch(args: list[str], cwd: Path) -> subprocess.Popen:
+    return start([sys.executable, "-m", "deeprnn", "train", "--nproc", "2", "--quiet", *args], cwd, child_env())
+
+
+def test_nproc_failure_and_interrupt_are_one_line(tmp_path):
+    """Under ``--nproc`` torchrun's agent used to follow the ranks' lines with its ``ChildFailedError``
+    traceback (exit 1). A run directory that holds no run: rank 0's line alone, exit 2. Ctrl-C (to the
+    launcher, which passes it on): rank 0's resume line alone, exit 130, and the run resumes."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.csv").write_text("mine\n")
+    rc, _, err = finish(nproc_launch(flags({**BASE, **OPTIMIZERS["sgd"], "max_steps": 2, "run_dir": "bad"}),
+                                     tmp_path))[0]
+    assert (rc, err) == (2, "deeprnn: error: run directory bad is not empty and holds no deeprnn run; choose a "
+                            "new or empty --run-dir\n")
+
+    run = tmp_path / "run"
+    p = nproc_launch(flags({**BASE, **OPTIMIZERS["sgd"], "max_steps": 10**6, "run_dir": "run"}), tmp_path)
+    deadline = time.monotonic() + TIMEOUT
+    while not (run / "last" / "checkpoint.json").exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first checkpoint (step 6): both ranks are in the training loop
+    p.send_signal(signal.SIGINT)
+    rc, _, err = finish(p)[0]
+    assert (rc, err) == (130, "deeprnn: SIGINT received: checkpoint saved; resume with: deeprnn train --resume "
+                              "run\n")
+    assert load_checkpoint(run / "last").meta["position"]["step"] > 6  # saved on the way out, not step 6's
+
+
 def test_error_on_rank_0_only_stops_rank_1(tmp_path):
     """Rank 0 refuses a non-empty run directory that holds no run (rank 1 never checks it) after the DDP
     set-up."""

@@ -474,11 +474,24 @@ def _print_summary(summary: dict[str, Any], cfg) -> None:
 
 
 def _launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
-    import subprocess
+    """Run this command again under torchrun with ``nproc`` processes, this process being torchrun's agent.
+
+    A failure ends as one line and the failing rank's exit status, not as torchrun's ``ChildFailedError``
+    traceback: each rank writes the line it would print into a report directory (``_fail``) and the agent
+    prints the one that says what went wrong (the lowest rank's own error before any rank's "lost contact").
+    Ctrl-C reaches the agent, which passes it on to the ranks; they save a checkpoint and rank 0's resume
+    line is printed.
+    """
+    import logging
+    import tempfile
+
+    import torch
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    # drop --nproc N / --nproc=N
-    cleaned: list[str] = []
+    cleaned: list[str] = []  # argv without --nproc N / --nproc=N
     skip = False
     for a in argv:
         if skip:
@@ -490,9 +503,73 @@ def _launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
         if a.startswith("--nproc="):
             continue
         cleaned.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "deeprnn", *cleaned]
-    return subprocess.call(cmd)
+    launch = torchrun.parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "deeprnn", *cleaned])
+    muted = logging.root.manager.disable  # torchrun's agent logs a rank's failure as its own: the line is enough
+    logging.disable(logging.ERROR)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # torchrun replaces them
+    env = {_REPORT_DIR: None, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}  # to restore afterwards
+    if env["OMP_NUM_THREADS"] is None:  # each process its share of the cores (torchrun would give each 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, torch.get_num_threads() // nproc))
+    with tempfile.TemporaryDirectory(prefix="deeprnn-ranks-") as reports:
+        os.environ[_REPORT_DIR] = reports
+        try:
+            torchrun.run(launch)
+            return 0
+        except ChildFailedError as e:
+            code = e.get_first_failure()[1].exitcode
+            killed = sorted((rank, -f.exitcode) for rank, f in e.failures.items() if f.exitcode < 0)
+            stopped = (f"deeprnn: error: rank {killed[0][0]} was killed by {_signal_name(killed[0][1])}",
+                       128 + killed[0][1]) if killed else None
+        except SignalException as e:
+            code, stopped = 128 + e.sigval, ("deeprnn: interrupted", 128 + e.sigval)
+        finally:
+            for name, value in env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            logging.disable(muted)
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        own, peer = (_rank_report(Path(reports), kind) for kind in ("own", "peer"))
+    # A rank's own error says most; then a rank killed by a signal (it could not say so); then a lost peer.
+    # A rank that printed a traceback (a bug) leaves nothing here: its exit status alone.
+    line, code = own or stopped or peer or (None, code)
+    if line:
+        print(line, file=sys.stderr)
+    return code
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+_REPORT_DIR = "DEEPRNN_RANK_REPORTS"  # set by the --nproc launcher: where each rank leaves its failure line
+
+
+def _fail(line: str, code: int, *, peer: bool = False) -> int:
+    """Print a command's failure line to standard error and return its exit status. Under the ``--nproc``
+    launcher a rank leaves the line for the launcher instead, which prints one line for all ranks."""
+    reports = os.environ.get(_REPORT_DIR)
+    if reports is None or "RANK" not in os.environ:
+        print(line, file=sys.stderr)
+    else:
+        kind = "peer" if peer else "own"
+        Path(reports, f"{kind}.{int(os.environ['RANK']):06d}").write_text(f"{code}\n{line}", encoding="utf-8")
+    return code
+
+
+def _rank_report(reports: Path, kind: str) -> tuple[str, int] | None:
+    """The lowest rank's failure line of ``kind`` ("own", or "peer": it lost contact with another rank) and
+    its exit status, if any rank left one."""
+    found = sorted(reports.glob(f"{kind}.*"))
+    if not found:
+        return None
+    code, line = found[0].read_text(encoding="utf-8").split("\n", 1)
+    return line, int(code)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -846,8 +923,7 @@ def _output_failed(error: OSError) -> int:
         pass
     if isinstance(error, BrokenPipeError):
         return 141
-    print(f"deeprnn: error: cannot write the output: {error.strerror or error}", file=sys.stderr)
-    return 1
+    return _fail(f"deeprnn: error: cannot write the output: {error.strerror or error}", 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -911,23 +987,19 @@ def _main(argv: list[str] | None) -> int:
     except _OutputError as e:
         return _output_failed(e.args[0])
     except TrainingInterrupted as e:
-        print(f"deeprnn: {e}", file=sys.stderr)
-        return 128 + e.signum
+        return _fail(f"deeprnn: {e}", 128 + e.signum)
     except DeepRNNError as e:
-        print(f"deeprnn: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"deeprnn: error: {e}", 2)
     except Exception as e:
         from deeprnn import distributed
 
         if _out_of_memory(e):
-            print("deeprnn: error: out of memory: the model or batch does not fit on this device; use a smaller "
-                  "--num-hiddens, --num-layers or --batch-size", file=sys.stderr)
-            return 1
+            return _fail("deeprnn: error: out of memory: the model or batch does not fit on this device; use a "
+                         "smaller --num-hiddens, --num-layers or --batch-size", 1)
         lost = distributed.peer_failure(e)  # another rank failed first and said why
         if lost is None:
             raise
-        print(f"deeprnn: error: {lost}", file=sys.stderr)
-        return 1
+        return _fail(f"deeprnn: error: {lost}", 1, peer=True)
     finally:
         sys.stdout = stdout
         from deeprnn import distributed
