@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -35,7 +35,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from deeprnn import __version__
-from deeprnn.errors import CheckpointError
+from deeprnn.errors import CheckpointError, ConfigError
+from deeprnn.fields import check_types
 
 FORMAT = "deeprnn-checkpoint"
 FORMAT_VERSION = 1
@@ -294,8 +295,9 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
             f"checkpoint format version {version} is not supported by deeprnn {__version__} "
             f"(expects {FORMAT_VERSION}); use the deeprnn version that wrote it"
         )
-    expected = meta.pop(META_DIGEST, None)  # absent only in checkpoints from before it was added
-    if expected is not None and expected != _meta_digest(meta):
+    # Every checkpoint deeprnn wrote has one: a missing digest is damage too (a flipped bit in its key).
+    expected = meta.pop(META_DIGEST, None)
+    if expected != _meta_digest(meta):
         raise CheckpointError(
             f"{meta_path} is corrupt or was edited (SHA-256 mismatch); use another checkpoint, "
             "e.g. the run's last/ or best/"
@@ -305,7 +307,63 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
     if not (isinstance(files, dict) and isinstance(files.get(MODEL_FILE), str)
             and all(isinstance(v, str) for v in files.values())):
         raise CheckpointError(f"{meta_path} lacks the SHA-256 of its tensor files; it is corrupt or was edited")
+    for name, valid in _META_FIELDS.items():  # what the readers index into, checked once here
+        if name in meta and not valid(meta[name]):
+            raise CheckpointError(f"{meta_path} has an invalid {name!r} field ({_short(meta[name])}); it is corrupt "
+                                  "or was edited")
+    from deeprnn.models import ModelConfig
+    from deeprnn.train import TrainConfig
+
+    for name, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):  # their fields' types
+        try:
+            check_types(cls, meta.get(name, {}))
+        except ConfigError as e:
+            raise CheckpointError(f"{meta_path} has an invalid {name}: {e}; it is corrupt or was edited") from None
     return meta
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _record(**fields: Callable[[object], bool]) -> Callable[[object], bool]:
+    """A JSON object whose fields among these are valid (a reader that needs one checks it is there)."""
+    return lambda v: isinstance(v, dict) and all(ok(v[k]) for k, ok in fields.items() if k in v)
+
+
+def _values(valid: Callable[[object], bool]) -> Callable[[object], bool]:
+    """A JSON object whose every value is valid."""
+    return lambda v: isinstance(v, dict) and all(valid(x) for x in v.values())
+
+
+def _or_none(valid: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda v: v is None or valid(v)
+
+
+def _is(kind: type) -> Callable[[object], bool]:
+    return lambda v: isinstance(v, kind)
+
+
+# checkpoint.json's fields beyond the format's own (each optional: a weights-only export has few of them)
+_META_FIELDS: dict[str, Callable[[object], bool]] = {
+    "model_config": _is(dict), "vocab": _is(dict), "train_config": _is(dict), "optimizer": _is(dict),
+    "plateau": _record(best=_or_none(_number), bad=_count, scale=_number),
+    "metrics": _or_none(_values(_or_none(_number))), "finetune": _or_none(_is(dict)),
+    "parent": _or_none(_is(str)), "deeprnn_version": _or_none(_is(str)),
+    "position": _record(step=_count, epoch=_count, tokens=_count, train_time=_number),
+    "loader": _record(epoch=_count, batch=_count),
+    "best_val": _or_none(_number), "lr_scale": _number,
+    "bad_evals": _count, "evals_done": _count, "nan_rollbacks": _count,
+}
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load_tensors(ckpt_dir: Path, name: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -277,6 +277,7 @@ def load_toml(path: str) -> dict[str, Any]:
 
 def config_from_mapping(values: dict[str, Any], source: str):
     """Check keys and types of a mapping (config file) against TrainConfig."""
+    from deeprnn.fields import type_error
     from deeprnn.train import TrainConfig
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -286,31 +287,17 @@ def config_from_mapping(values: dict[str, Any], source: str):
         if name not in fields:
             raise ConfigError(f"{source}: unknown key {key!r}; see deeprnn train --help for the options")
         t = str(fields[name].type)
-        ok = {
-            "bool": isinstance(value, bool),
-            "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-            "str": isinstance(value, str),
-        }
-        base = t.split("|")[0].strip()
-        if value is None and "None" in t:
-            pass
-        elif base == "list[float]":
-            if not (isinstance(value, list)
-                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-                raise ConfigError(f"{source}: {key} must be a list of numbers, got {value!r}")
-            value = [float(v) for v in value]
-        elif base.startswith("list"):
-            if isinstance(value, str):
-                value = [value]
-            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise ConfigError(f"{source}: {key} must be a list of strings, got {value!r}")
-        elif not ok.get(base, True):
-            raise ConfigError(f"{source}: {key} must be of type {base}, got {type(value).__name__} {value!r}")
+        if t.startswith("list[str]") and isinstance(value, str):
+            value = [value]  # corpus = "a.txt"
+        problem = type_error(key, t, value)
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
         if name in CHOICES and value not in CHOICES[name]:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(CHOICES[name])}, got {value!r}")
-        if base == "float" and isinstance(value, int):
+        if t.startswith("float") and isinstance(value, int):
             value = float(value)
+        elif t.startswith("list[float]") and value is not None:
+            value = [float(v) for v in value]
         if name == "run_dir" and value is not None:
             _check_contained(value, key, source)
         out[name] = value
@@ -751,7 +738,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {
         "checkpoint": str(ck.path),
         "deeprnn_version": meta.get("deeprnn_version"),
-        "model": meta["model_config"],
+        "model": dataclasses.asdict(ck.model.config),  # with the defaults an older checkpoint left out
         "parameters": ck.model.num_params(),
         "vocab_size": len(ck.vocab),
         "token": ck.vocab.token,
@@ -893,11 +880,22 @@ class _Stdout:
 
     def __init__(self, stream):
         self._stream = stream
+        self._closed = False
 
     def write(self, text: str) -> int:
+        if self._closed:
+            return len(text)
         try:
             return self._stream.write(text)
         except OSError as e:
+            from deeprnn.train import request_stop
+
+            # A closed pipe while training (deeprnn train | head): stop as Ctrl-C would, saving a checkpoint,
+            # and drop the rest of the output. Elsewhere the command ends (cli._output_failed).
+            if isinstance(e, BrokenPipeError) and request_stop(signal.SIGPIPE):
+                self._closed = True
+                _stdout_to_devnull()
+                return len(text)
             raise _OutputError(e) from e
 
     def flush(self) -> None:
@@ -915,15 +913,19 @@ def _output_failed(error: OSError) -> int:
     as it would a shell tool; any other write error is one line and status 1. Either way standard output is
     pointed at /dev/null first, so that the interpreter's flush at exit cannot fail again (see the Python
     documentation's "Note on SIGPIPE")."""
+    _stdout_to_devnull()
+    if isinstance(error, BrokenPipeError):
+        return 141
+    return _fail(f"deeprnn: error: cannot write the output: {error.strerror or error}", 1)
+
+
+def _stdout_to_devnull() -> None:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    except (OSError, ValueError):  # not a file descriptor (a test harness's capture)
+    except (OSError, ValueError, AttributeError):  # not a file descriptor (a test harness's capture)
         pass
-    if isinstance(error, BrokenPipeError):
-        return 141
-    return _fail(f"deeprnn: error: cannot write the output: {error.strerror or error}", 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,9 @@ def _eval_counters(meta: dict, plateau: dict) -> tuple[float, int, int, dict]:
     return _loss_or_inf(meta["best_val"]), meta["bad_evals"], meta["evals_done"], plateau
 
 
+MAX_SAMPLE_TOKENS = 10_000  # num_preds: a sample printed at each evaluation and at the end, not a text to keep
+
+
 @dataclass
 class TrainConfig:
     """Every training option. The command line's flags map one to one onto these fields."""
@@ -172,6 +175,10 @@ class TrainConfig:
             need(value in options, f"{name} must be {allowed}, got {value!r}")
         need(not isinstance(self.seed, bool) and isinstance(self.seed, int) and 0 <= self.seed < 2**63,
              f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        from deeprnn.fields import check_types
+
+        # The ranges below compare numbers: types first, but for the fields whose own check takes any value.
+        check_types(TrainConfig, {k: v for k, v in vars(self).items() if k not in ("seed", "source_weights")})
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -204,6 +211,8 @@ class TrainConfig:
         need(self.eval_num_steps >= 1, f"eval_num_steps must be >= 1, got {self.eval_num_steps}")
         need(self.sample_every >= 0, f"sample_every must be >= 0, got {self.sample_every}")
         need(self.num_preds >= 0, f"num_preds must be >= 0, got {self.num_preds}")
+        need(self.num_preds <= MAX_SAMPLE_TOKENS, f"num_preds must be <= {MAX_SAMPLE_TOKENS:,} (the sample printed "
+             f"during training; deeprnn generate writes longer text), got {self.num_preds:,}")
         need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
         need(0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), got {self.test_fraction}")
         need(self.val_fraction + self.test_fraction < 1,
@@ -300,13 +309,15 @@ def check_resume_target(run_dir: Path) -> None:
 
 
 class TrainingInterrupted(DeepRNNError):
-    """Raised after SIGINT/SIGTERM once the current step finished and a checkpoint was written."""
+    """Raised after SIGINT/SIGTERM (or :func:`request_stop`) once the current step finished and a checkpoint
+    was written."""
 
     def __init__(self, signum: int, run_dir: Path):
         self.signum = signum
         self.run_dir = run_dir
-        name = signal.Signals(signum).name
-        super().__init__(f"{name} received: checkpoint saved; resume with: deeprnn train --resume {run_dir}")
+        # SIGPIPE: deeprnn ignores the signal (Python does) and stops when a write meets the closed pipe
+        why = "standard output was closed" if signum == signal.SIGPIPE else f"{signal.Signals(signum).name} received"
+        super().__init__(f"{why}: checkpoint saved; resume with: deeprnn train --resume {run_dir}")
 
 
 class NonFiniteLoss(DeepRNNError):
@@ -703,6 +714,8 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 class _SignalFlag:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
 
+    active: "_SignalFlag | None" = None  # the flag of the training loop now running, for request_stop
+
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
@@ -713,6 +726,7 @@ class _SignalFlag:
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handle)
+        _SignalFlag.active = self
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -721,8 +735,20 @@ class _SignalFlag:
         self.signum = signum
 
     def __exit__(self, *exc) -> None:
+        _SignalFlag.active = None
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def request_stop(signum: int) -> bool:
+    """Stop the training loop now running as if ``signum`` had arrived: after the current step it evaluates,
+    writes ``last/`` and raises :class:`TrainingInterrupted`. False when no training loop is running."""
+    flag = _SignalFlag.active
+    if flag is None:
+        return False
+    if flag.signum is None:
+        flag.signum = signum
+    return True
 
 
 RANK_SEED_STRIDE = 1_000_003
@@ -759,13 +785,20 @@ def _state_tensors(state) -> dict[str, torch.Tensor]:
     return {"carry.h": state.detach()}
 
 
-def _state_from_tensors(t: dict[str, torch.Tensor], device: torch.device):
+# What resuming reads from a checkpoint's position and loader records.
+RESUME_FIELDS = {"position": ("step", "epoch", "tokens", "train_time"), "loader": ("epoch", "batch")}
+
+
+def _state_from_tensors(t: dict[str, torch.Tensor], device: torch.device, shape: tuple[int, int, int], where: Path):
+    """The carried hidden state saved in a checkpoint, which must be ``shape`` = (L, B, H) for the run."""
     if "carry.h" not in t:
         return None
-    h = t["carry.h"].to(device)
-    if "carry.c" in t:
-        return (h, t["carry.c"].to(device))
-    return h
+    parts = [t[k] for k in ("carry.h", "carry.c") if k in t]
+    if any(tuple(p.shape) != shape for p in parts):
+        raise CheckpointError(f"{where} carries a hidden state of shape {tuple(parts[0].shape)} where the run needs "
+                              f"{shape} (layers, batch, hidden units); it is corrupt or was edited")
+    h, *c = (p.to(device) for p in parts)
+    return (h, c[0]) if c else h
 
 
 def train(
@@ -819,6 +852,11 @@ def train(
                 "rng.torch" not in resume_ckpt.train_tensors:
             raise CheckpointError(f"{resume_ckpt.path} holds weights but no training state to resume; "
                                   "fine-tune from it with --init-from instead")
+        missing = [f"{part}.{name}" for part, names in RESUME_FIELDS.items() for name in names
+                   if name not in resume_ckpt.meta[part]]  # read_meta checked the types of those present
+        if missing:
+            raise CheckpointError(f"{resume_ckpt.path / 'checkpoint.json'} lacks {', '.join(missing)}; it is corrupt "
+                                  "or was edited")
         saved = resume_ckpt.meta.get("train_config", {})
         if cfg.precision == "auto" and saved.get("precision") in PRECISIONS:
             cfg.precision = saved["precision"]  # what auto became when the run started
@@ -957,6 +995,7 @@ def train(
     plateau = {"best": math.inf, "bad": 0, "scale": 1.0}
     lr_scale, nan_rollbacks = 1.0, 0  # on_nan="rollback" halves lr_scale; both saved, so they survive resume
     state = None
+    carry_shape = (model.config.num_layers, cfg.batch_size, model.config.num_hiddens)  # (L, B, H), all ranks'
     if resume_ckpt is not None:
         meta = resume_ckpt.meta
         optimizer_from_flat(optimizer, resume_ckpt.train_tensors, meta["optimizer"])
@@ -965,7 +1004,8 @@ def train(
         best_val, bad_evals, evals_done, plateau = _eval_counters(meta, plateau)
         lr_scale, nan_rollbacks = meta.get("lr_scale", 1.0), meta.get("nan_rollbacks", 0)
         epoch, batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
-        state = dist.shard_batch(_state_from_tensors(resume_ckpt.train_tensors, device))  # saved global
+        state = dist.shard_batch(_state_from_tensors(resume_ckpt.train_tensors, device, carry_shape,
+                                                     resume_ckpt.path))  # saved global
         if averager is not None:
             averager.load_tensors(resume_ckpt.train_tensors)
         _restore_rng(resume_ckpt.train_tensors, dist.rank, device,
@@ -1062,7 +1102,7 @@ def train(
         step, tokens_seen = meta["position"]["step"], meta["position"]["tokens"]  # train_time keeps counting
         epoch, batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
         best_val, bad_evals, evals_done, plateau = _eval_counters(meta, plateau)
-        state = dist.shard_batch(_state_from_tensors(tensors, device))
+        state = dist.shard_batch(_state_from_tensors(tensors, device, carry_shape, run_dir / "last"))
         if averager is not None:
             averager.load_tensors(tensors)
         _restore_rng(tensors, dist.rank, device, cfg.seed + RANK_SEED_STRIDE * dist.rank + step)

@@ -157,6 +157,22 @@ def test_unknown_names_in_the_library():
                  strategy="nucleus")
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda: TrainConfig(lr="fast"), "lr must be of type float, got str 'fast'"),
+    (lambda: TrainConfig(batch_size=None), "batch_size must be of type int, got NoneType None"),
+    (lambda: TrainConfig(corpus="timemachine"), "corpus must be a list of strings, got 'timemachine'"),
+    (lambda: TrainConfig(ar_alpha=10**30), f"ar_alpha must be a number of magnitude < 2**63, got {10**30}"),
+    (lambda: ModelConfig(vocab_size=5, cell="gru", residual="yes"), "residual must be of type bool, got str 'yes'"),
+    (lambda: ModelConfig(vocab_size=5, cell="lstm", tie_weights="no"), "tie_weights must be of type bool, got str 'no'"),
+], ids=["str-for-float", "none-for-int", "str-for-list", "huge-int-for-float", "str-for-bool", "switch-checked-first"])
+def test_wrong_types_in_the_library(make, message):
+    """A wrong type used to fail later as a TypeError from a comparison, torch or the C++ kernels (a
+    ``tie_weights="no"`` counted as on and was refused for needing an embedding)."""
+    with pytest.raises(ConfigError) as err:
+        make().validate()
+    assert str(err.value) == message
+
+
 # --- out-of-range hyperparameters ------------------------------------------------------------------
 
 
@@ -174,6 +190,9 @@ def test_unknown_names_in_the_library():
     ("--num-epochs", "0", "num_epochs must be >= 1, got 0"),
     ("--max-steps", "0", "max_steps must be >= 1, got 0"),
     ("--num-preds", "-1", "num_preds must be >= 0, got -1"),
+    # a huge sample never finished at the end of training, before summary.json was written
+    ("--num-preds", "10001", "num_preds must be <= 10,000 (the sample printed during training; deeprnn generate "
+                             "writes longer text), got 10,001"),
     ("--max-tokens", "-3", "max_tokens must be >= 2, got -3"),
     ("--eval-num-steps", "0", "eval_num_steps must be >= 1, got 0"),
     ("--val-fraction", "1.5", "val_fraction must be in [0, 1), got 1.5"),

@@ -118,6 +118,15 @@ def test_any_single_bit_flip_is_caught(run, which, where, bit):
         assert ck.train_tensors.keys() == good.train_tensors.keys()
 
 
+def test_a_flipped_bit_in_the_digests_own_name_is_caught(ckpt, capsys):
+    """Found by the property test above: ``meta_sha256`` -> ``meta^sha256`` read as a checkpoint without a
+    digest, which was accepted as one from before digests (there is none) and loaded with a stray key."""
+    f = ckpt / "checkpoint.json"
+    flip_bit(f, f.read_bytes().index(b"meta_sha256") + 4, 0)  # '_' (0x5f) -> '^' (0x5e)
+    assert b"meta^sha256" in f.read_bytes()
+    refused(ckpt, capsys, CORRUPT)
+
+
 @pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 0, str(FORMAT_VERSION), None])
 def test_other_format_version_is_a_clear_error(ckpt, capsys, edit_meta, version):
     edit_meta(ckpt, lambda meta: meta.update(format_version=version))
@@ -148,6 +157,55 @@ def test_weights_for_another_config_are_refused(ckpt, capsys, edit_meta):
 def test_invalid_config_or_vocab_is_refused(ckpt, capsys, edit_meta, edit):
     edit_meta(ckpt, edit)
     refused(ckpt, capsys, r"has an invalid model config or vocabulary: ")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(parent=5), r"has an invalid 'parent' field \(5\)"),
+    (lambda m: m["position"].update(step="7"), r"has an invalid 'position' field \(\{.*\"step\": \"7\", .*…\)"),
+    (lambda m: m["loader"].update(batch=-1), r"has an invalid 'loader' field \(\{\"batch\": -1, \"epoch\": 0\}\)"),
+    (lambda m: m["metrics"].update(val_ppl="x"), r"has an invalid 'metrics' field \(\{\"elapsed_s\": .*…\)"),
+    (lambda m: m["plateau"].update(best=[]), r"has an invalid 'plateau' field \(\{\"bad\": 0, \"best\": \[\], \"scale\": 1.0\}\)"),
+    (lambda m: m.update(evals_done=True), r"has an invalid 'evals_done' field \(true\)"),
+    (lambda m: m["model_config"].update(residual="yes"),
+     r"has an invalid model_config: residual must be of type bool, got str 'yes'"),
+    (lambda m: m["train_config"].update(lr="fast"),
+     r"has an invalid train_config: lr must be of type float, got str 'fast'"),
+    (lambda m: m["train_config"].update(corpus=3), r"has an invalid train_config: corpus must be a list of strings, got 3"),
+    (lambda m: m["train_config"].update(ar_alpha=10**30),
+     r"has an invalid train_config: ar_alpha must be a number of magnitude < 2\*\*63, got 10{30}"),
+], ids=["parent", "position", "loader", "metrics", "plateau", "counter", "model-bool", "train-float", "train-list",
+        "train-huge"])
+def test_a_field_of_the_wrong_type_is_refused(ckpt, capsys, edit_meta, edit, message):
+    """A ``checkpoint.json`` edited and re-checksummed (or written by another tool) used to end in a
+    ``TypeError`` traceback in ``info``, ``evaluate`` or ``--resume``: read_meta now checks what they read."""
+    edit_meta(ckpt, edit)
+    refused(ckpt, capsys, rf"^{ckpt}/checkpoint.json {message}; it is corrupt or was edited$")
+    assert main(["info", str(ckpt)]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_resume_refuses_a_training_state_it_cannot_use(run, tmp_path, edit_meta, capsys):
+    """A position without its train_time, or a carried state for another batch size: one line, not a KeyError
+    or a shape error from inside the model."""
+    for name, edit, message in [
+        ("lacks", lambda m: m["position"].pop("train_time"), "{ck}/checkpoint.json lacks position.train_time"),
+        ("batch", lambda m: m["train_config"].update(batch_size=8),
+         "{ck} carries a hidden state of shape (1, 4, 16) where the run needs (1, 8, 16) (layers, batch, hidden "
+         "units)")]:
+        copy = Path(shutil.copytree(run, tmp_path / name))
+        edit_meta(copy / "last", edit)
+        capsys.readouterr()
+        assert main(["train", "--resume", str(copy), "--max-steps", "5", "--quiet"]) == 2
+        ck = copy / "last"
+        assert capsys.readouterr().err == f"deeprnn: error: {message.format(ck=ck)}; it is corrupt or was edited\n"
+
+
+def test_info_fills_in_the_model_fields_an_older_checkpoint_left_out(ckpt, capsys, edit_meta):
+    """``info`` read the model fields from the JSON itself (KeyError for one left out); it now shows the
+    model that was loaded, with the default for what is missing, as load_checkpoint builds it."""
+    edit_meta(ckpt, lambda meta: meta["model_config"].pop("impl"))
+    assert main(["info", str(ckpt)]) == 0
+    assert "\nmodel       concise lstm 1x16, input embedding, " in capsys.readouterr().out
 
 
 def test_vocabulary_smaller_than_the_model_is_refused(ckpt, capsys, edit_meta):

@@ -63,3 +63,24 @@ def test_sigint_and_sigterm_checkpoint_and_resume(tmp_path, small_corpus, flags,
         out = capsys.readouterr().out
         assert f"done (max_steps): {step + 3} steps" in out
         assert load_checkpoint(run, prefer="last").meta["position"]["step"] == step + 3
+
+
+def test_closed_output_pipe_stops_training_with_a_checkpoint(tmp_path, small_corpus, flags, child_env):
+    """``deeprnn train | head -3``: the closed pipe used to end training at its next line, exit 141, with no
+    resume hint and every step since the last evaluation lost. Now it stops as Ctrl-C does: the step in
+    progress finishes, ``last/`` is written, the resume line goes to stderr, and the status is 141."""
+    run = tmp_path / "run"
+    proc = start(run, small_corpus, flags, child_env)
+    try:
+        wait_for_training(proc)  # the evaluation at step 5 was printed: the loop is running
+        proc.stdout.close()  # head exits; the next evaluation line (step 10) meets the closed pipe
+        code, err = proc.wait(timeout=WAIT_S), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 141, err
+    assert [ln for ln in err.splitlines() if ln.strip()] == [
+        f"deeprnn: standard output was closed: checkpoint saved; resume with: deeprnn train --resume {run}"], err
+    ck = load_checkpoint(run, prefer="last")
+    step = ck.meta["position"]["step"]
+    assert step > 10 and ck.meta["metrics"]["step"] == step  # past the line that failed, evaluated and saved

@@ -97,7 +97,7 @@ class ConciseModel(LanguageModel):
         if cfg.forget_bias:
             with torch.no_grad():
                 for l in range(cfg.num_layers):
-                    getattr(self.rnn, f"bias_ih_l{l}")[H : 2 * H] += cfg.forget_bias
+                    getattr(self.rnn, f"bias_ih_l{l}")[H : 2 * H] += float(cfg.forget_bias)
 
 
 def _torch_rnn(cell: str, **kw) -> nn.Module:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from deeprnn.choices import CELLS, GRU_VARIANTS, IMPLS, INITS, INPUTS
 from deeprnn.errors import ConfigError
+from deeprnn.fields import check_types
 
 # Gate blocks stacked along the last axis of W_xh / W_hh, in torch.nn order.
 NUM_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
@@ -62,6 +64,8 @@ class ModelConfig:
 
         Returns ``self`` so that ``ModelConfig(...).validate()`` chains.
         """
+        # The switches first: the checks below test them for truth ("no" would count as on).
+        check_types(ModelConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.type == "bool"})
         _check_int("vocab_size", self.vocab_size, 1)
         _check_choice("cell", self.cell, CELLS)
         _check_int("num_layers", self.num_layers, 1, MAX_LAYERS)

@@ -380,7 +380,7 @@ class LSTMLayer(_ScratchLayer):
         if forget_bias:
             H = self.num_hiddens
             with torch.no_grad():
-                self.b_h[H : 2 * H] += forget_bias
+                self.b_h[H : 2 * H] += float(forget_bias)
 
 
 def _gru_forward(xproj, h0, W_hh, b_hn, lp):
