@@ -174,6 +174,13 @@ def test_cli_dynamic_evaluation(trained, capsys):
                    "ignored\n")
     assert out.startswith("valid: perplexity ")
 
+    # A finite but enormous step size: the score is nan (reported as is, null in JSON), and a warning says why.
+    assert main(["evaluate", str(trained), "--split", "valid", "--dynamic-lr", "1e30", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ("deeprnn: warning: dynamic evaluation diverged at --dynamic-lr 1e+30 (the updated weights gave a "
+                   "non-finite loss); use a smaller --dynamic-lr\n")
+    assert json.loads(out)["loss_nats"] is None
+
     line = one_error_line(capsys, 2, ["evaluate", str(trained), "--dynamic-lr", "-1"])
     assert line == "deeprnn: error: dynamic evaluation learning rate must be >= 0, got -1.0"
     line = one_error_line(capsys, 2, ["evaluate", str(trained), "--split", "valid", "--dynamic-lr", "1e-4",

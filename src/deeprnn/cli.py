@@ -699,6 +699,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         s, n = evaluate_tokens(ck.model, tokens, batch_size=batch_size, num_steps=num_steps, device=device,
                                precision=args.precision)
     loss = s / n
+    if dynamic and not loss < float("inf"):  # inf or nan: the updates blew the weights up; the score stands
+        print(f"deeprnn: warning: dynamic evaluation diverged at --dynamic-lr {args.dynamic_lr:g} (the updated "
+              "weights gave a non-finite loss); use a smaller --dynamic-lr", file=sys.stderr)
     unk = int((tokens == ck.vocab.unk).sum()) if isinstance(tokens, torch.Tensor) else 0
     result = {"checkpoint": str(ck.path), "split": args.split, "tokens": n, "loss_nats": loss,
               "perplexity": perplexity(loss), "bits_per_token": loss / LN2, "unknown_tokens": unk,
