@@ -396,13 +396,17 @@ def load_checkpoint(run_or_ckpt: str | os.PathLike, map_location: str | torch.de
     if config.vocab_size != len(vocab):  # every consumer indexes one with the other's ids
         raise CheckpointError(f"{ckpt_dir / META_FILE} has an invalid model config or vocabulary: the model predicts "
                               f"{config.vocab_size} tokens but the vocabulary has {len(vocab)}")
-    model = build_model(config)
     sd = load_tensors(ckpt_dir, MODEL_FILE, meta)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"weights in {ckpt_dir} do not fit the model config: {first}") from None
+    with torch.device("meta"):  # the declared model's shapes, before memory is spent on it (a forged config)
+        declared = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in sd.items()}
+    if declared != stored:
+        diff = next((f"{k}: {stored[k]} stored, {declared[k]} declared" for k in declared
+                     if k in stored and stored[k] != declared[k]), None) or \
+            f"tensors {sorted(declared.keys() ^ stored.keys())[:3]} in only one of the two"
+        raise CheckpointError(f"weights in {ckpt_dir} do not fit the model config: {diff}")
+    model = build_model(config)
+    model.load_state_dict(sd)
     model.to(map_location)
     train_tensors = load_tensors(ckpt_dir, STATE_FILE, meta) if STATE_FILE in meta["files"] else {}
     return Checkpoint(path=ckpt_dir, meta=meta, model=model, vocab=vocab, train_tensors=train_tensors)

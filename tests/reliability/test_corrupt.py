@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -146,6 +147,17 @@ def test_other_deeprnn_version_same_format_loads(ckpt, edit_meta, capsys):
 def test_weights_for_another_config_are_refused(ckpt, capsys, edit_meta):
     edit_meta(ckpt, lambda meta: meta["model_config"].update(num_hiddens=32))
     refused(ckpt, capsys, r"weights in .* do not fit the model config: ")
+
+
+@pytest.mark.parametrize("edit, diff", [
+    # some 16 TB of float32 weights declared: the model used to be built before its weights were compared
+    (lambda mc: mc.update(num_hiddens=1_000_000), "embedding.weight: (28, 16) stored, (28, 1000000) declared"),
+    (lambda mc: mc.update(num_layers=2), "tensors ['rnn.bias_hh_l1', 'rnn.bias_ih_l1', 'rnn.weight_hh_l1'] in only "
+                                         "one of the two"),
+])
+def test_declared_shapes_are_compared_before_the_model_is_built(ckpt, capsys, edit_meta, edit, diff):
+    edit_meta(ckpt, lambda meta: edit(meta["model_config"]))
+    refused(ckpt, capsys, rf"^weights in {ckpt} do not fit the model config: {re.escape(diff)}$")
 
 
 @pytest.mark.parametrize("edit", [
