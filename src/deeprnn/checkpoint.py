@@ -36,7 +36,7 @@ from safetensors.torch import save as st_save
 
 from deeprnn import __version__
 from deeprnn.errors import CheckpointError, ConfigError
-from deeprnn.fields import check_types
+from deeprnn.fields import check_types, is_number, shorten
 
 FORMAT = "deeprnn-checkpoint"
 FORMAT_VERSION = 1
@@ -309,8 +309,8 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path} lacks the SHA-256 of its tensor files; it is corrupt or was edited")
     for name, valid in _META_FIELDS.items():  # what the readers index into, checked once here
         if name in meta and not valid(meta[name]):
-            raise CheckpointError(f"{meta_path} has an invalid {name!r} field ({_short(meta[name])}); it is corrupt "
-                                  "or was edited")
+            raise CheckpointError(f"{meta_path} has an invalid {name!r} field ({shorten(json.dumps(meta[name]), 60)}); "
+                                  "it is corrupt or was edited")
     from deeprnn.models import ModelConfig
     from deeprnn.train import TrainConfig
 
@@ -324,10 +324,6 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
 
 def _count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _record(**fields: Callable[[object], bool]) -> Callable[[object], bool]:
@@ -351,19 +347,14 @@ def _is(kind: type) -> Callable[[object], bool]:
 # checkpoint.json's fields beyond the format's own (each optional: a weights-only export has few of them)
 _META_FIELDS: dict[str, Callable[[object], bool]] = {
     "model_config": _is(dict), "vocab": _is(dict), "train_config": _is(dict), "optimizer": _is(dict),
-    "plateau": _record(best=_or_none(_number), bad=_count, scale=_number),
-    "metrics": _or_none(_values(_or_none(_number))), "finetune": _or_none(_is(dict)),
+    "plateau": _record(best=_or_none(is_number), bad=_count, scale=is_number),
+    "metrics": _or_none(_values(_or_none(is_number))), "finetune": _or_none(_is(dict)),
     "parent": _or_none(_is(str)), "deeprnn_version": _or_none(_is(str)),
-    "position": _record(step=_count, epoch=_count, tokens=_count, train_time=_number),
+    "position": _record(step=_count, epoch=_count, tokens=_count, train_time=is_number),
     "loader": _record(epoch=_count, batch=_count),
-    "best_val": _or_none(_number), "lr_scale": _number,
+    "best_val": _or_none(is_number), "lr_scale": is_number,
     "bad_evals": _count, "evals_done": _count, "nan_rollbacks": _count,
 }
-
-
-def _short(value: object, limit: int = 60) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load_tensors(ckpt_dir: Path, name: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -15,17 +15,18 @@ from typing import Any, Callable
 from deeprnn.errors import ConfigError
 
 
-def _number(v: object) -> bool:
+def is_number(v: object) -> bool:
+    """An int or a float, not a bool (JSON's and TOML's numbers)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 _CHECKS: dict[str, Callable[[object], bool]] = {
     "bool": lambda v: isinstance(v, bool),
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": _number,  # an integer is a number too (a config file's lr = 2)
+    "float": is_number,  # an integer is a number too (a config file's lr = 2)
     "str": lambda v: isinstance(v, str),
     "list[str]": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
-    "list[float]": lambda v: isinstance(v, (list, tuple)) and all(_number(x) for x in v),
+    "list[float]": lambda v: isinstance(v, (list, tuple)) and all(is_number(x) for x in v),
 }
 _LISTS = {"list[str]": "a list of strings", "list[float]": "a list of numbers"}
 
@@ -37,11 +38,11 @@ def type_error(name: str, annotation: str, value: object) -> str | None:
     if (value is None and "None" in rest) or _CHECKS[base](value):
         if base == "float" and isinstance(value, int) and not -2**63 < value < 2**63:
             # torch takes a Python int as an int64 scalar and overflows; int fields have their own ranges
-            return f"{name} must be a number of magnitude < 2**63, got {_short(value)}"
+            return f"{name} must be a number of magnitude < 2**63, got {shorten(repr(value))}"
         return None
     if base in _LISTS:
-        return f"{name} must be {_LISTS[base]}, got {_short(value)}"
-    return f"{name} must be of type {base}, got {type(value).__name__} {_short(value)}"
+        return f"{name} must be {_LISTS[base]}, got {shorten(repr(value))}"
+    return f"{name} must be of type {base}, got {type(value).__name__} {shorten(repr(value))}"
 
 
 def check_types(cls: type, values: Mapping[str, Any], where: str = "") -> None:
@@ -54,6 +55,6 @@ def check_types(cls: type, values: Mapping[str, Any], where: str = "") -> None:
                 raise ConfigError(where + problem)
 
 
-def _short(value: object, limit: int = 80) -> str:
-    text = repr(value)
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis: a value quoted in a one-line message."""
     return text if len(text) <= limit else text[: limit - 1] + "…"

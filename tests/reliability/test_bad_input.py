@@ -163,7 +163,8 @@ def test_unknown_names_in_the_library():
     (lambda: TrainConfig(corpus="timemachine"), "corpus must be a list of strings, got 'timemachine'"),
     (lambda: TrainConfig(ar_alpha=10**30), f"ar_alpha must be a number of magnitude < 2**63, got {10**30}"),
     (lambda: ModelConfig(vocab_size=5, cell="gru", residual="yes"), "residual must be of type bool, got str 'yes'"),
-    (lambda: ModelConfig(vocab_size=5, cell="lstm", tie_weights="no"), "tie_weights must be of type bool, got str 'no'"),
+    (lambda: ModelConfig(vocab_size=5, cell="lstm", tie_weights="no"),
+     "tie_weights must be of type bool, got str 'no'"),
 ], ids=["str-for-float", "none-for-int", "str-for-list", "huge-int-for-float", "str-for-bool", "switch-checked-first"])
 def test_wrong_types_in_the_library(make, message):
     """A wrong type used to fail later as a TypeError from a comparison, torch or the C++ kernels (a
