@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from deeprnn.choices import NORMALIZATIONS, ON_NAN, OPTIMIZERS, PRECISIONS, SAMPLINGS, SCHEDULES, TOKENS
 from deeprnn.errors import CheckpointError, ConfigError, DeepRNNError, VocabError
+from deeprnn.fields import check_types
 from deeprnn.regularize import activation_penalty
 
 LN2 = math.log(2.0)
@@ -175,8 +176,6 @@ class TrainConfig:
             need(value in options, f"{name} must be {allowed}, got {value!r}")
         need(not isinstance(self.seed, bool) and isinstance(self.seed, int) and 0 <= self.seed < 2**63,
              f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        from deeprnn.fields import check_types
-
         # The ranges below compare numbers: types first, but for the fields whose own check takes any value.
         check_types(TrainConfig, {k: v for k, v in vars(self).items() if k not in ("seed", "source_weights")})
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
