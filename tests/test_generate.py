@@ -254,7 +254,16 @@ def test_filter_logits_sets():
     assert kept(top_k=10) == [[True] * 4] * 2
     assert kept(top_p=1e-9) == [[False, False, True, False], [False, False, True, False]]
     assert kept(top_p=1.0) == [[True] * 4] * 2
-    torch.testing.assert_close(filter_logits(logits, temperature=2.0), logits / 2)
+    torch.testing.assert_close(filter_logits(logits, temperature=2.0), (logits - logits.amax(1, keepdim=True)) / 2)
+
+
+def test_a_tiny_temperature_tends_to_greedy():
+    """``logits / 1e-300`` in float32 overflowed to inf and softmax gave NaN, which drew the last token of the
+    vocabulary every time (``timeqqqq…``): now the most likely tokens get all the probability, ties shared."""
+    logits = torch.tensor([[2.0, 1.0, 3.0, 0.0], [5.0, 0.0, 5.0, 1.0]])
+    for t in (1e-30, 1e-300, 5e-324):
+        probs = filter_logits(logits, temperature=t).softmax(-1)
+        assert probs.tolist() == [[0.0, 0.0, 1.0, 0.0], [0.5, 0.0, 0.5, 0.0]]
 
 
 # -- beam search ------------------------------------------------------------------------------

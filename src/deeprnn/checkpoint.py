@@ -260,11 +260,17 @@ def resolve_checkpoint(run_or_ckpt: str | os.PathLike, prefer: str = "best") -> 
     raise CheckpointError(f"{p} holds no deeprnn checkpoint (no {META_FILE} in it, nor in best/ or last/)")
 
 
-def _read_verified(path: Path, expected: str | None) -> bytes:
+def _read_file(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file missing: {path}") from None
+    except OSError as e:  # a directory in its place, a symlink loop, no permission
+        raise CheckpointError(f"cannot read checkpoint file {path}: {e.strerror or e}") from None
+
+
+def _read_verified(path: Path, expected: str | None) -> bytes:
+    data = _read_file(path)
     if expected is not None and _sha256(data) != expected:
         raise CheckpointError(
             f"checkpoint file {path} is corrupt (SHA-256 mismatch); use another checkpoint, "
@@ -276,10 +282,7 @@ def _read_verified(path: Path, expected: str | None) -> bytes:
 def read_meta(ckpt_dir: Path) -> dict[str, Any]:
     """Read and check ``checkpoint.json`` of a checkpoint directory."""
     meta_path = ckpt_dir / META_FILE
-    try:
-        raw = meta_path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file missing: {meta_path}") from None
+    raw = _read_file(meta_path)
     try:
         meta = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -622,10 +622,19 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
                   top_p: float | None = None) -> torch.Tensor:
     """Scaled logits (B, V) with tokens outside the top-k / top-p sets at ``-inf`` (a new float tensor).
 
+    With a temperature other than 1 each row is first shifted so that its largest logit is 0 (softmax is
+    unchanged), and the temperature is taken as at least float32's smallest normal number: a tiny temperature
+    then tends to greedy (the most likely tokens, ties shared) instead of overflowing to ``inf`` and a NaN
+    distribution that always drew the last token.
+
     top-p keeps, per row, the most likely tokens until their probability reaches ``top_p`` (always at
     least the most likely one); it applies after top-k, on the renormalised distribution.
     """
-    logits = logits.float() / temperature if temperature != 1.0 else logits.float().clone()
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
+    else:
+        logits = logits.clone()
     V = logits.shape[-1]
     if top_k is not None and top_k < V:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)

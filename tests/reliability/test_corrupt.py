@@ -92,6 +92,22 @@ def test_missing_file_is_refused(ckpt, capsys, name):
         refused(ckpt, capsys, "checkpoint file missing: .*" + name.replace(".", r"\."))
 
 
+@pytest.mark.parametrize("name, kind", [("checkpoint.json", "directory"), ("model.safetensors", "directory"),
+                                        ("model.safetensors", "symlink-loop")])
+def test_a_file_that_cannot_be_read_is_refused(ckpt, capsys, name, kind):
+    """A directory or a symlink loop where a checkpoint file should be: an IsADirectoryError or OSError
+    traceback in generate, info and serve's model scan before; now one line naming the file."""
+    (ckpt / name).unlink()
+    if kind == "directory":
+        (ckpt / name).mkdir()
+    else:
+        (ckpt / "a").symlink_to(ckpt / "b")
+        (ckpt / "b").symlink_to(ckpt / "a")
+        (ckpt / name).symlink_to(ckpt / "a")
+    why = "Is a directory" if kind == "directory" else "Too many levels of symbolic links"
+    refused(ckpt, capsys, rf"^cannot read checkpoint file {ckpt / name}: {why}$")
+
+
 @pytest.mark.parametrize("body", [b"[]", b"{}", b'{"format": "deeprnn-checkpoint"}', b"null", b"\xff\xfe"])
 def test_json_that_is_not_a_checkpoint(ckpt, capsys, body):
     (ckpt / "checkpoint.json").write_bytes(body)
