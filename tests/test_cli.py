@@ -160,7 +160,7 @@ def test_source_weights_from_file_and_flag(tmp_path, capsys):
     assert line == ("deeprnn: error: source_weights has 2 values but the corpus has 1 sources (timemachine); "
                     "give one weight per source, in that order")
     line = one_error_line(capsys, 2, ["train", "--source-weights", "0", "--run-dir", str(tmp_path / "r2")])
-    assert line == "deeprnn: error: source_weights must be a list of numbers > 0 (one per source), got [0.0]"
+    assert line == "deeprnn: error: source_weights must be a list of numbers in (0, 1,000] (one per source), got [0.0]"
 
 
 def test_corpora_lists_names(capsys):

@@ -385,8 +385,9 @@ def test_train_weights_repeat_each_sources_training_text_only(tmp_path):
     with pytest.raises(ConfigError, match=r"^source_weights has 1 values but the corpus has 2 sources \(.*a\.txt, "
                                           r".*b\.txt\); give one weight per source, in that order$"):
         corpus.split(train_weights=[2])
-    with pytest.raises(ConfigError, match=r"^source weights must be > 0, got -1$"):
-        corpus.split(train_weights=[1, -1])
+    for w in (-1, 1e30):
+        with pytest.raises(ConfigError, match=rf"^source weights must be in \(0, 1,000\], got {re.escape(f'{w:g}')}$"):
+            corpus.split(train_weights=[1, w])
 
 
 def test_repeat_tokens():

@@ -296,10 +296,11 @@ def test_source_weights_repeat_a_sources_training_text(tmp_path):
     train(cfg, progress=False, log=lines.append)
     # Time Machine: 170,580 chars, 96% trains: 163,756, 5% of it is 8,188; b: 1,720 chars, all training, x3.
     assert any("train 13,348 / valid 3,412 / test 3,412" in line for line in lines), lines[0]
-    with pytest.raises(ConfigError, match=r"^source_weights must be a list of numbers > 0 \(one per source\), got \[0\]$"):
+    with pytest.raises(ConfigError,
+                       match=r"^source_weights must be a list of numbers in \(0, 1,000\] \(one per source\), got \[0\]$"):
         tiny(tmp_path, source_weights=[0]).validate()
-    for bad in (2, [True]):  # a bare number, a bool
-        with pytest.raises(ConfigError, match=r"^source_weights must be a list of numbers > 0"):
+    for bad in (2, [True], [1e30], [float("inf")]):  # a bare number, a bool, 1e30 overflowed a repeat count
+        with pytest.raises(ConfigError, match=r"^source_weights must be a list of numbers in \(0, 1,000\]"):
             tiny(tmp_path, source_weights=bad).validate()
 
 

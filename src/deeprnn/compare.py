@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from deeprnn.corpus import MAX_SOURCE_WEIGHT
 from deeprnn.errors import ConfigError
 
 # Held-out files of a weighted variant are split (≈0, valid, test): this leaves int(n * 2e-9) = 0
@@ -232,9 +233,9 @@ def materialise_weighted(cfg, weights, dest: Path):
     from deeprnn.corpus import build_corpus, repeat_tokens
 
     if isinstance(weights, dict):
-        bad = [w for w in weights.values() if not (math.isfinite(w) and w > 0)]
+        bad = [w for w in weights.values() if not _weight_ok(w)]
         if bad:
-            raise ConfigError(f"weights must be > 0, got {bad[0]}")
+            raise ConfigError(f"weights must be in (0, {MAX_SOURCE_WEIGHT:,}], got {bad[0]}")
     corpus = build_corpus(cfg.corpus, token=cfg.token, normalization=cfg.normalization,
                           data_dir=cfg.data_dir, encoding=cfg.encoding)
     fr = split_fractions(cfg)
@@ -736,9 +737,14 @@ def parse_weights(text: str | None) -> dict[str, float] | str | None:
             out[name] = float(w)
         except ValueError:
             name = ""
-        if not sep or not name or not (math.isfinite(out[name]) and out[name] > 0):
-            raise ConfigError(f"weights must be 'balance' or SOURCE=W,... with W > 0, got {part!r}")
+        if not sep or not name or not _weight_ok(out[name]):
+            raise ConfigError(f"weights must be 'balance' or SOURCE=W,... with 0 < W <= {MAX_SOURCE_WEIGHT:,}, "
+                              f"got {part!r}")
     return out
+
+
+def _weight_ok(w: float) -> bool:
+    return 0 < w <= MAX_SOURCE_WEIGHT
 
 
 def parse_variant(text: str) -> DataVariant:

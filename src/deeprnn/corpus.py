@@ -920,9 +920,9 @@ class Corpus:
             names = ", ".join(name for name, _, _ in self.spans)
             raise ConfigError(f"source_weights has {len(weights)} values but the corpus has {len(self.spans)} "
                               f"sources ({names}); give one weight per source, in that order")
-        bad = [w for w in weights if not (math.isfinite(w) and w > 0)]
+        bad = [w for w in weights if not 0 < w <= MAX_SOURCE_WEIGHT]
         if bad:
-            raise ConfigError(f"source weights must be > 0, got {bad[0]:g}")
+            raise ConfigError(f"source weights must be in (0, {MAX_SOURCE_WEIGHT:,}], got {bad[0]:g}")
         return weights
 
     def _train_range_per_source(self, train: list[tuple[str, int, int]]) -> list[tuple[int, int]]:
@@ -932,6 +932,10 @@ class Corpus:
             inside = [(a, b) for _, a, b in train if start <= a and b <= end]
             out.append(inside[0] if inside else (start, start))
         return out
+
+
+# A source's training text repeated more often than this is a typo, not a recipe (1e30 overflowed the repeat).
+MAX_SOURCE_WEIGHT = 1000
 
 
 def repeat_tokens(ids: torch.Tensor, weight: float) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from deeprnn.choices import NORMALIZATIONS, ON_NAN, OPTIMIZERS, PRECISIONS, SAMPLINGS, SCHEDULES, TOKENS
+from deeprnn.corpus import MAX_SOURCE_WEIGHT
 from deeprnn.errors import CheckpointError, ConfigError, DeepRNNError, VocabError
 from deeprnn.fields import check_types
 from deeprnn.regularize import activation_penalty
@@ -221,9 +222,10 @@ class TrainConfig:
         need(bool(self.corpus), "corpus must name at least one corpus, file or directory")
         need(self.source_weights is None or (
             isinstance(self.source_weights, (list, tuple)) and all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= MAX_SOURCE_WEIGHT
                 for w in self.source_weights)),
-             f"source_weights must be a list of numbers > 0 (one per source), got {self.source_weights}")
+             f"source_weights must be a list of numbers in (0, {MAX_SOURCE_WEIGHT:,}] (one per source), got "
+             f"{self.source_weights}")
         from deeprnn.models import ModelConfig  # the model fields too, before any text is read
 
         ModelConfig(vocab_size=1, **self.model_fields()).validate()
