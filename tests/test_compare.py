@@ -341,3 +341,29 @@ def test_an_empty_grid_axis_is_a_usage_error(tmp_path, capsys, flag):
         f"deeprnn compare: error: argument {flag}: expected at least one value (comma-separated), got ' , ' "
         "(see deeprnn compare --help)")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value, repeated", [("--seeds", "0,1,0", "0"), ("--cells", "gru,gru", "gru"),
+                                                   ("--layers", "2, 2", "2")])
+def test_a_value_given_twice_on_a_grid_axis_is_a_usage_error(tmp_path, capsys, flag, value, repeated):
+    """``--seeds 0,0`` trained one run and counted it twice: "seeds 2", ± 0.000."""
+    with pytest.raises(SystemExit) as e:
+        main(["compare", flag, value, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"deeprnn compare: error: argument {flag}: {repeated} is given twice in {value!r}; give each value once "
+        "(see deeprnn compare --help)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    # two data sets averaged into one row
+    (["--corpus", "a=timemachine", "--corpus", "a=timemachine,war-of-the-worlds"],
+     "--corpus label 'a' names two variants; give each its own LABEL="),
+    (["--target-ppl", "nan"], "--target-ppl must be a number > 1 (a perplexity is at least 1), got nan"),
+    (["--target-ppl", "-5"], "--target-ppl must be a number > 1 (a perplexity is at least 1), got -5.0"),
+])
+def test_a_grid_that_would_mislead_is_refused(tmp_path, capsys, argv, message):
+    assert main(["compare", *argv, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"deeprnn: error: {message}\n"
+    assert not (tmp_path / "out").exists()

@@ -682,6 +682,9 @@ def _grid_list(kind=str):
         values = _csv_list(text, kind)
         if not values:
             raise argparse.ArgumentTypeError(f"expected at least one value (comma-separated), got {text!r}")
+        repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if repeated is not None:  # --seeds 0,0 counted one run twice in the mean ± std
+            raise argparse.ArgumentTypeError(f"{repeated} is given twice in {text!r}; give each value once")
         return values
 
     return parse
@@ -773,6 +776,10 @@ def spec_from_args(args: argparse.Namespace) -> GridSpec:
             setattr(spec, attr, getattr(args, flag))
     if args.corpus:
         spec.data = [parse_variant(c) for c in args.corpus]
+        labels = [v.label for v in spec.data]
+        repeated = next((x for i, x in enumerate(labels) if x in labels[:i]), None)
+        if repeated is not None:  # their runs were averaged into one row
+            raise ConfigError(f"--corpus label {repeated!r} names two variants; give each its own LABEL=")
     if args.heldout_from is not None:
         for v in spec.data:
             v.heldout_from = args.heldout_from
@@ -788,6 +795,8 @@ def spec_from_args(args: argparse.Namespace) -> GridSpec:
             if len(v.corpus) > 1 and (weights == "balance" or set(weights) & set(v.corpus)):
                 v.weights = weights
     if args.target_ppl is not None:
+        if not (math.isfinite(args.target_ppl) and args.target_ppl > 1):
+            raise ConfigError(f"--target-ppl must be a number > 1 (a perplexity is at least 1), got {args.target_ppl}")
         spec.target_ppl = args.target_ppl
     spec.base.update(parse_set(args.set or []))
     if args.minutes is not None:
