@@ -260,8 +260,35 @@ def test_out_or_runs_dir_that_is_a_file_is_one_line(tmp_path, tiny_text, capsys)
     line = _one_error_line(capsys, [*grid, "--out", str(out), "--runs-dir", str(afile)])
     assert line == f"deeprnn: error: --runs-dir {afile} is a file, not a directory; choose another --runs-dir"
     line = _one_error_line(capsys, [*grid, "--out", str(afile / "sub")])
-    assert line == f"deeprnn: error: cannot create --out {afile / 'sub'}: Not a directory; choose another --out"
+    assert line == f"deeprnn: error: cannot write into --out {afile / 'sub'}: Not a directory; choose another --out"
     assert afile.read_text() == "x" and not out.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_out_that_cannot_be_written_is_one_line_before_training(tmp_path, tiny_text, capsys):
+    """A directory that exists but takes no files (/proc/self here; a read-only folder for most users):
+    the whole grid used to train, then end in a FileNotFoundError/PermissionError traceback."""
+    grid = ["compare", "--cells", "lstm", "--hiddens", "8", "--layers", "1", "--epochs", "1",
+            "--corpus", f"tiny={tiny_text}", *_set_flags(TINY_SET), "--runs-dir", str(tmp_path / "runs")]
+    line = _one_error_line(capsys, [*grid, "--out", "/proc/self"])
+    assert line == "deeprnn: error: cannot write into --out /proc/self: No such file or directory; choose another --out"
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("kind", ["latin-1", "directory"])
+def test_notes_that_cannot_be_read_are_one_line_before_training(tmp_path, tiny_text, capsys, kind):
+    """``OUT/notes.md`` (hand-written notes appended to the report) that is not UTF-8, or is a directory: a
+    UnicodeDecodeError / IsADirectoryError traceback after training, with results.csv already rewritten."""
+    out = tmp_path / "report"
+    out.mkdir()
+    notes = out / "notes.md"
+    notes.write_bytes("café\n".encode("latin-1")) if kind == "latin-1" else notes.mkdir()
+    grid = ["compare", "--cells", "lstm", "--hiddens", "8", "--layers", "1", "--epochs", "1",
+            "--corpus", f"tiny={tiny_text}", *_set_flags(TINY_SET), "--out", str(out)]
+    why = "not UTF-8 text" if kind == "latin-1" else "Is a directory"
+    assert _one_error_line(capsys, grid) == (f"deeprnn: error: {notes} cannot be read for the report's Notes section "
+                                             f"({why}); fix or move it, or choose another --out")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md"]
 
 
 @pytest.mark.parametrize("name", ["report.md", "results.csv", "curves.png", "speed.png"])

@@ -32,6 +32,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -548,10 +549,14 @@ def _is_own_report_file(path: Path) -> bool:
     return text.startswith(_RESULTS_HEAD) if path.name == "results.csv" else _REPORT_TAIL in text
 
 
+NOTES_FILE = "notes.md"  # hand-written findings in --out, appended to report.md
+
+
 def prepare_output(out: Path, runs: Path) -> None:
     """Create the report and runs directories, or raise :class:`ConfigError` (one line) when one is a file or
-    cannot be created, or when the report directory holds a file of a report's name that deeprnn did not
-    write (a report replaces only its own files)."""
+    cannot be created or written into, when the report directory holds a file of a report's name that
+    deeprnn did not write (a report replaces only its own files), or a ``notes.md`` that cannot be read: all
+    before any training, not when the report is written at the end."""
     for path, flag in ((out, "--out"), (runs, "--runs-dir")):
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{flag} {path} is a file, not a directory; choose another {flag}")
@@ -559,11 +564,21 @@ def prepare_output(out: Path, runs: Path) -> None:
         if (out / name).exists() and not _is_own_report_file(out / name):
             raise ConfigError(f"{out / name} was not written by deeprnn compare and would be replaced; "
                               "move it away or choose another --out")
+    notes = out / NOTES_FILE
+    if notes.exists():
+        try:
+            notes.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text"
+            raise ConfigError(f"{notes} cannot be read for the report's Notes section ({why}); fix or move it, "
+                              "or choose another --out") from None
     for path, flag in ((out, "--out"), (runs, "--runs-dir")):
         try:
             path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):  # writable now, not only after the whole grid has trained
+                pass
         except OSError as e:
-            raise ConfigError(f"cannot create {flag} {path}: {e.strerror or e}; choose another {flag}") from None
+            raise ConfigError(f"cannot write into {flag} {path}: {e.strerror or e}; choose another {flag}") from None
 
 
 def write_report(out: Path, spec: GridSpec, records: list[dict[str, Any]], *, command: str = "",
@@ -623,9 +638,9 @@ def write_report(out: Path, spec: GridSpec, records: list[dict[str, Any]], *, co
     if others:
         parts += [f"Corpora: *The Time Machine* is bundled; {', '.join(others)} "
                   "come from `$DEEPRNN_DATA_DIR` (downloaded there when missing unless `DEEPRNN_OFFLINE=1`).", ""]
-    notes = out / "notes.md"
-    if notes.exists():  # hand-written findings survive regenerating the report
-        parts += ["## Notes", "", notes.read_text().strip(), ""]
+    notes = out / NOTES_FILE
+    if notes.exists():  # hand-written findings survive regenerating the report (prepare_output read it)
+        parts += ["## Notes", "", notes.read_text(encoding="utf-8").strip(), ""]
     parts += [_REPORT_TAIL, ""]
     (out / "report.md").write_text("\n".join(parts))
     return table
