@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -237,6 +238,32 @@ def test_per_source_eval_refuses_trained_on_text(tmp_path, tiny_text, capsys):
     assert float(r[f"valid_ppl[{tiny_text}]"]) > 1 and r[f"valid_ppl[{other}]"] == ""
     assert "n/a (trained on)" in (out / "report.md").read_text()
     capsys.readouterr()
+
+
+def test_a_damaged_cache_entry_is_trained_or_scored_again(tmp_path, tiny_text, capsys):
+    """compare.json cut short (a kill mid-write), a summary.json that is not an object, an eval.json cut short:
+    each used to stop the next compare with a JSONDecodeError/AttributeError traceback. The run is trained
+    again (the eval scored again); the intact runs still come from the cache."""
+    out = tmp_path / "r"
+    argv = ["compare", "--cells", "gru", "--layers", "1,2", "--hiddens", "8", "--corpus", f"tiny={tiny_text}",
+            "--eval-on", str(tiny_text), "--epochs", "1", "--out", str(out), *_set_flags(TINY_SET)]
+    assert main(argv) == 0
+    runs = sorted(p for p in (out / "runs").iterdir())
+    assert len(runs) == 2 and all((r / "eval.json").exists() for r in runs)
+    before = (out / "results.csv").read_text()
+    for path, cut in ((runs[0] / "compare.json", lambda t: t[: len(t) // 2]),
+                      (runs[0] / "summary.json", lambda t: "[1, 2]")):
+        path.write_text(cut(path.read_text()))
+        capsys.readouterr()
+        assert main(argv) == 0
+        assert "1 trained, 1 from the cache" in capsys.readouterr().out
+        assert json.loads(path.read_text())  # written whole again
+    evals = runs[1] / "eval.json"
+    evals.write_text(evals.read_text()[:10])
+    assert main(argv) == 0
+    assert "0 trained, 2 from the cache" in capsys.readouterr().out
+    assert json.loads(evals.read_text())[str(tiny_text)]["ppl"] > 1  # scored again
+    assert (out / "results.csv").read_text().count("\n") == before.count("\n")
 
 
 def _one_error_line(capsys, argv) -> str:

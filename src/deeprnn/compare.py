@@ -43,6 +43,7 @@ import torch
 
 from deeprnn.corpus import MAX_SOURCE_WEIGHT
 from deeprnn.errors import ConfigError
+from deeprnn.files import write_text_atomic
 
 # Held-out files of a weighted variant are split (≈0, valid, test): this leaves int(n * 2e-9) = 0
 # tokens to training for any text shorter than 5e8 tokens, so no held-out token is ever trained on.
@@ -315,8 +316,7 @@ def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl
     from deeprnn.train import json_safe, read_metrics, train
 
     run_dir = runs_dir / point.key
-    done = (run_dir / "summary.json").exists() and (run_dir / "compare.json").exists()
-    cached = done and not rerun
+    cached = is_cached(run_dir) and not rerun
     if not cached:
         cfg = dataclasses.replace(point.cfg, run_dir=str(run_dir))
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -326,24 +326,22 @@ def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl
                 "variant": dataclasses.asdict(point.variant), "config": dataclasses.asdict(point.cfg),
                 "wall_s": None, "finished": None}
         # Written first: it marks the folder as a run's (deeprnn.train.holds_run) before data/ goes in.
-        (run_dir / "compare.json").write_text(json.dumps(info, indent=1) + "\n")
+        write_text_atomic(run_dir / "compare.json", json.dumps(info, indent=1) + "\n")
         if point.variant.weights:
             cfg = materialise_weighted(cfg, point.variant.weights, run_dir / "data")
         t0 = time.perf_counter()
         train(cfg, overwrite=True, progress=False, log=train_log or (lambda *_a, **_k: None))
         info.update(wall_s=time.perf_counter() - t0, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-        (run_dir / "compare.json").write_text(json.dumps(info, indent=1) + "\n")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    info = json.loads((run_dir / "compare.json").read_text())
+        write_text_atomic(run_dir / "compare.json", json.dumps(info, indent=1) + "\n")
+    summary, info = _json_object(run_dir / "summary.json"), _json_object(run_dir / "compare.json")
 
-    evals: dict[str, Any] = {}
     eval_path = run_dir / "eval.json"
-    if eval_path.exists():
-        evals = json.loads(eval_path.read_text())
+    evals = {k: v for k, v in (_json_object(eval_path) or {}).items()  # a damaged cache is scored again
+             if isinstance(v, dict) and {"ppl", "bpc"} <= v.keys()}
     missing = [s for s in eval_on if s not in evals]
     if missing:
         evals.update(per_source_eval(run_dir, point.cfg, point.variant, missing))
-        eval_path.write_text(json.dumps(json_safe(evals), indent=1) + "\n")
+        write_text_atomic(eval_path, json.dumps(json_safe(evals), indent=1) + "\n")
 
     last = summary.get("last") or {}
     cfg = point.cfg
@@ -367,6 +365,21 @@ def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl
         rec[f"valid_ppl[{src}]"] = e["ppl"] if e else None
         rec[f"valid_bpc[{src}]"] = e["bpc"] if e else None
     return rec
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object read from ``path``; None when it is missing or damaged (cut short by a kill, edited)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def is_cached(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run of a grid point: its summary.json and compare.json, readable.
+    A damaged one is trained again rather than stopping the grid with a traceback."""
+    return _json_object(run_dir / "summary.json") is not None and _json_object(run_dir / "compare.json") is not None
 
 
 def _num(v) -> float | None:
@@ -671,7 +684,7 @@ def run_compare(spec: GridSpec, out: str | os.PathLike, *, runs_dir: str | os.Pa
     machine = machine_summary()
     records = []
     for i, p in enumerate(points, 1):
-        cached = (runs / p.key / "summary.json").exists() and (runs / p.key / "compare.json").exists() and not rerun
+        cached = is_cached(runs / p.key) and not rerun
         log(f"[{i}/{len(points)}] {p.label} seed {p.seed}: {'cached' if cached else 'training'} ({runs / p.key})")
         rec = run_point(p, runs, eval_on=spec.eval_on, target_ppl=spec.target_ppl, rerun=rerun,
                         train_log=train_log)

@@ -36,6 +36,7 @@ from deeprnn.choices import NORMALIZATIONS, ON_NAN, OPTIMIZERS, PRECISIONS, SAMP
 from deeprnn.corpus import MAX_SOURCE_WEIGHT
 from deeprnn.errors import CheckpointError, ConfigError, DeepRNNError, VocabError
 from deeprnn.fields import check_types
+from deeprnn.files import write_text_atomic
 from deeprnn.regularize import activation_penalty
 
 LN2 = math.log(2.0)
@@ -1346,5 +1347,5 @@ def train(
                     summary["sample"] = quiet_sample(eval_model, vocab, cfg.prefix, cfg.num_preds, device)
                 except DeepRNNError as e:
                     log(f"no sample: {e}")
-        (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, default=str) + "\n")
+        write_text_atomic(run_dir / "summary.json", json.dumps(json_safe(summary), indent=1, default=str) + "\n")
     return summary
