@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -264,6 +265,40 @@ def test_a_damaged_cache_entry_is_trained_or_scored_again(tmp_path, tiny_text, c
     assert "0 trained, 2 from the cache" in capsys.readouterr().out
     assert json.loads(evals.read_text())[str(tiny_text)]["ppl"] > 1  # scored again
     assert (out / "results.csv").read_text().count("\n") == before.count("\n")
+
+
+def test_an_interrupted_run_continues_when_the_compare_command_is_run_again(tmp_path, tiny_text):
+    """Ctrl-C during compare used to print ``resume with: deeprnn train --resume RUNS/<key>`` while the same
+    compare command, run again, trained that run from step 0. Now the hint names the compare command, and
+    it resumes the run from its checkpoint; the wall time adds both sessions."""
+    from deeprnn.train import TrainingInterrupted, request_stop
+
+    spec = compare.GridSpec(cells=["gru"], layers=[1], hiddens=[8],
+                            data=[compare.DataVariant("tiny", [str(tiny_text)])],
+                            base=compare.parse_set([*TINY_SET, "max_steps=8", "eval_every=2"]))
+    out = tmp_path / "r"
+
+    def ctrl_c_at_step_4(line: str) -> None:
+        if line.startswith("epoch") and " step 4:" in line:
+            request_stop(signal.SIGINT)  # as the SIGINT handler does
+
+    with pytest.raises(TrainingInterrupted) as err:
+        compare.run_compare(spec, out, log=lambda *_: None, train_log=ctrl_c_at_step_4)
+    (run,) = (out / "runs").iterdir()
+    assert str(err.value) == "SIGINT received: checkpoint saved; resume with: the same deeprnn compare command"
+    info = json.loads((run / "compare.json").read_text())
+    assert info["interrupted"] is True and info["wall_s_so_far"] > 0 and info["wall_s"] is None
+    assert [r["step"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["2", "4", "5"]
+
+    said = []
+    result = compare.run_compare(spec, out, log=said.append)
+    assert said[0] == f"[1/1] gru 1x8 concise seed 0: continuing ({run})"
+    assert result["trained"] == 1
+    assert [r["step"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["2", "4", "5", "6", "8"]  # resumed
+    done = json.loads((run / "compare.json").read_text())
+    assert "interrupted" not in done and "wall_s_so_far" not in done
+    assert done["wall_s"] > info["wall_s_so_far"]
+    assert result["records"][0]["steps"] == 8
 
 
 def _one_error_line(capsys, argv) -> str:

@@ -530,3 +530,23 @@ def test_resume_keeps_the_precision_auto_chose(tmp_path, monkeypatch):
                     progress=False, log=lambda *_: None)
     assert summary["steps"] == 4
     assert load_checkpoint(tmp_path / "run" / "last").meta["train_config"]["precision"] == "bf16"
+
+
+def test_a_stop_request_on_the_final_step_finishes_the_run(tmp_path):
+    """Ctrl-C that lands on a run's last step used to save a checkpoint and say 'resume with …', and that
+    resume then refused: 'already at step 4, at or past max_steps 4: nothing to train'. Now the run finishes
+    (test score, summary.json) as if the signal had come a moment later; one step earlier it stops as before."""
+    import signal
+
+    from deeprnn.train import TrainingInterrupted, request_stop
+
+    def stop_after(step):
+        return lambda line: request_stop(signal.SIGINT) if f" step {step}:" in line else None
+
+    summary = train(tiny(tmp_path, max_steps=4, eval_every=1), progress=False, log=stop_after(3))
+    assert (summary["steps"], summary["stop_reason"]) == (4, "max_steps") and "test_ppl" in summary
+    assert (tmp_path / "run" / "summary.json").exists()
+    with pytest.raises(TrainingInterrupted):
+        train(tiny(tmp_path, max_steps=4, eval_every=1, run_dir=str(tmp_path / "early")), progress=False,
+              log=stop_after(2))
+    assert [r["step"] for r in rows(tmp_path / "early")] == ["1", "2", "3"]

@@ -313,25 +313,36 @@ def per_source_eval(run_dir: Path, cfg, variant: DataVariant, sources: list[str]
 def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl: float | None,
               rerun: bool = False, train_log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train ``point`` unless ``runs_dir/<key>/summary.json`` exists; return its record."""
-    from deeprnn.train import json_safe, read_metrics, train
+    from deeprnn.train import TrainingInterrupted, json_safe, read_metrics, train
 
     run_dir = runs_dir / point.key
     cached = is_cached(run_dir) and not rerun
     if not cached:
         cfg = dataclasses.replace(point.cfg, run_dir=str(run_dir))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("summary.json", "eval.json"):
-            (run_dir / stale).unlink(missing_ok=True)
-        info = {"label": point.label, "seed": point.seed, "key": point.key,
-                "variant": dataclasses.asdict(point.variant), "config": dataclasses.asdict(point.cfg),
-                "wall_s": None, "finished": None}
-        # Written first: it marks the folder as a run's (deeprnn.train.holds_run) before data/ goes in.
-        write_text_atomic(run_dir / "compare.json", json.dumps(info, indent=1) + "\n")
+        # A run of this point that was interrupted (Ctrl-C, SIGTERM, a closed pipe) continues where it stopped.
+        info = None if rerun else _interrupted(run_dir)
+        if info is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in ("summary.json", "eval.json"):
+                (run_dir / stale).unlink(missing_ok=True)
+            info = {"label": point.label, "seed": point.seed, "key": point.key,
+                    "variant": dataclasses.asdict(point.variant), "config": dataclasses.asdict(point.cfg),
+                    "wall_s": None, "finished": None}
+            # Written first: it marks the folder as a run's (deeprnn.train.holds_run) before data/ goes in.
+            write_text_atomic(run_dir / "compare.json", json.dumps(info, indent=1) + "\n")
         if point.variant.weights:
             cfg = materialise_weighted(cfg, point.variant.weights, run_dir / "data")
         t0 = time.perf_counter()
-        train(cfg, overwrite=True, progress=False, log=train_log or (lambda *_a, **_k: None))
-        info.update(wall_s=time.perf_counter() - t0, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        try:
+            train(cfg, resume=bool(info.get("interrupted")), overwrite=not info.get("interrupted"), progress=False,
+                  log=train_log or (lambda *_a, **_k: None))
+        except TrainingInterrupted as e:  # wall time so far kept; the same compare command continues the run
+            info.update(interrupted=True, wall_s_so_far=(info.get("wall_s_so_far") or 0) + time.perf_counter() - t0)
+            write_text_atomic(run_dir / "compare.json", json.dumps(info, indent=1) + "\n")
+            raise TrainingInterrupted(e.signum, e.run_dir, resume_with="the same deeprnn compare command") from None
+        info.update(wall_s=(info.pop("wall_s_so_far", None) or 0) + time.perf_counter() - t0,
+                    finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        info.pop("interrupted", None)
         write_text_atomic(run_dir / "compare.json", json.dumps(info, indent=1) + "\n")
     summary, info = _json_object(run_dir / "summary.json"), _json_object(run_dir / "compare.json")
 
@@ -374,6 +385,14 @@ def _json_object(path: Path) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def _interrupted(run_dir: Path) -> dict[str, Any] | None:
+    """The compare.json of a run of this point that stopped with a checkpoint to resume, else None."""
+    info = _json_object(run_dir / "compare.json")
+    if info and info.get("interrupted") and (run_dir / "last" / "checkpoint.json").exists():
+        return info
+    return None
 
 
 def is_cached(run_dir: Path) -> bool:
@@ -685,7 +704,8 @@ def run_compare(spec: GridSpec, out: str | os.PathLike, *, runs_dir: str | os.Pa
     records = []
     for i, p in enumerate(points, 1):
         cached = is_cached(runs / p.key) and not rerun
-        log(f"[{i}/{len(points)}] {p.label} seed {p.seed}: {'cached' if cached else 'training'} ({runs / p.key})")
+        state = "cached" if cached else "continuing" if not rerun and _interrupted(runs / p.key) else "training"
+        log(f"[{i}/{len(points)}] {p.label} seed {p.seed}: {state} ({runs / p.key})")
         rec = run_point(p, runs, eval_on=spec.eval_on, target_ppl=spec.target_ppl, rerun=rerun,
                         train_log=train_log)
         records.append(rec)

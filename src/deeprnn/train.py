@@ -314,12 +314,13 @@ class TrainingInterrupted(DeepRNNError):
     """Raised after SIGINT/SIGTERM (or :func:`request_stop`) once the current step finished and a checkpoint
     was written."""
 
-    def __init__(self, signum: int, run_dir: Path):
+    def __init__(self, signum: int, run_dir: Path, resume_with: str | None = None):
         self.signum = signum
         self.run_dir = run_dir
         # SIGPIPE: deeprnn ignores the signal (Python does) and stops when a write meets the closed pipe
         why = "standard output was closed" if signum == signal.SIGPIPE else f"{signal.Signals(signum).name} received"
-        super().__init__(f"{why}: checkpoint saved; resume with: deeprnn train --resume {run_dir}")
+        resume_with = resume_with or f"deeprnn train --resume {run_dir}"
+        super().__init__(f"{why}: checkpoint saved; resume with: {resume_with}")
 
 
 class NonFiniteLoss(DeepRNNError):
@@ -1281,8 +1282,8 @@ def train(
                     if (cfg.eval_every and step % cfg.eval_every == 0) or at_end or over_time or interrupted or paused:
                         if do_eval():
                             stop_reason, done = "early stopping", True
-                    if interrupted:
-                        raise TrainingInterrupted(flag.signum or signal.SIGTERM, run_dir)
+                    if interrupted and not (done or at_end or over_time):  # at its end a run finishes instead:
+                        raise TrainingInterrupted(flag.signum or signal.SIGTERM, run_dir)  # nothing to resume
                     if rolled_back:
                         break  # restart the loader at the restored position
                     if at_end:
