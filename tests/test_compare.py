@@ -446,6 +446,20 @@ def test_a_value_given_twice_on_a_grid_axis_is_a_usage_error(tmp_path, capsys, f
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["--eval-on", "timemachin"], "unknown corpus 'timemachin'; known corpora: "),
+    (["--corpus", "a=timemachine,nothere.txt"], "no such file: 'nothere.txt'; check the path"),
+    (["--heldout-from", "nothere/"], "no such file: 'nothere'; check the path"),
+])
+def test_a_source_that_names_nothing_is_refused_before_training(tmp_path, capsys, argv, message):
+    """A typo in --eval-on used to surface after the first run had trained; in --corpus after compare.json
+    marked a run folder."""
+    assert main(["compare", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"deeprnn: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
     # two data sets averaged into one row
     (["--corpus", "a=timemachine", "--corpus", "a=timemachine,war-of-the-worlds"],
      "--corpus label 'a' names two variants; give each its own LABEL="),

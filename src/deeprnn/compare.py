@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from deeprnn.corpus import MAX_SOURCE_WEIGHT
+from deeprnn.corpus import MAX_SOURCE_WEIGHT, check_sources
 from deeprnn.errors import ConfigError
 from deeprnn.files import write_text_atomic
 
@@ -699,6 +699,9 @@ def run_compare(spec: GridSpec, out: str | os.PathLike, *, runs_dir: str | os.Pa
     out = Path(out)
     runs = Path(runs_dir) if runs_dir is not None else out / "runs"
     points = expand_grid(spec)
+    for sources in [*(v.corpus for v in spec.data), *(v.heldout_from for v in spec.data if v.heldout_from),
+                    *([spec.eval_on] if spec.eval_on else [])]:
+        check_sources(sources)  # a typo is one line now, not after a run (or the whole grid) has trained
     prepare_output(out, runs)
     machine = machine_summary()
     records = []

@@ -487,6 +487,15 @@ def _read_sources(specs, data_dir, encoding, strip_boilerplate: bool, stream_lar
     return sources
 
 
+def check_sources(specs) -> None:
+    """Raise the :class:`CorpusError` that reading ``specs`` would raise for a source that names nothing (an
+    unknown corpus name, a missing path, a directory without ``.txt`` files), without reading any text: a
+    command checks this before work that takes long (``compare`` before its first run)."""
+    for _, path in _source_items(specs):
+        if path is not None and not path.exists():
+            raise _read_error(path, FileNotFoundError())
+
+
 def load_sources(specs, data_dir=None, encoding: str | None = None, strip_boilerplate: bool = True) -> list[Source]:
     """Read each spec — a named corpus, a file path or a directory of ``.txt`` files (each file one
     source, in sorted order) — into a :class:`Source`. Raises :class:`CorpusError`."""
