@@ -915,6 +915,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    for flag, value in (("--out", args.out), ("--runs-dir", args.runs_dir)):
+        if value is not None and not value.strip():  # "" used to mean the default directory, silently
+            raise ConfigError(f"{flag} is empty; name a directory, or drop {flag} for the default")
     out = Path(args.out or f"reports/{args.preset or 'compare'}")
     command = "deeprnn " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else ""
     result = run_compare(spec, out, runs_dir=args.runs_dir, rerun=args.rerun, command=command,
