@@ -137,6 +137,9 @@ def test_unk_replace_feeds_unknown_characters_as_unk(app, ckpt):
     ({"prefix": "a" * 2001}, "prefix"),
     ({"prefix": None}, "prefix"),
     ({"colour": "red"}, "colour"),
+    ({"num_preds": True}, "num_preds"),  # were read as 1 and 10 (lax coercion)
+    ({"num_preds": "10"}, "num_preds"),
+    ({"seed": 1.0}, "seed"),
     ({"strategy": "beam", "beam_width": 4, "num_samples": 5}, "num_samples"),
 ])
 def test_validation_errors_are_422_naming_the_field(app, patch, field):
@@ -149,6 +152,12 @@ def test_validation_errors_are_422_naming_the_field(app, patch, field):
         data = r.json()
         assert data["detail"].startswith(field), data
         assert [e["field"] for e in data["errors"]] == [field]
+
+
+def test_an_integer_is_a_valid_temperature(app):
+    """Strict types refuse a string or a bool for a number, not a JSON integer where a float is expected."""
+    r = post(app, {"prefix": PREFIX, "num_preds": 3, "strategy": "sample", "temperature": 1, "top_p": 1, "seed": 0})
+    assert r.status_code == 200, r.text
 
 
 def test_several_errors_are_all_reported(app):

@@ -274,7 +274,7 @@ class GenerationPool:
 class GenerateRequest(BaseModel):
     """Body of ``POST /api/generate``; the fields are :func:`deeprnn.generate.generate`'s arguments."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "10" or true is not a number of tokens
 
     prefix: str = Field(min_length=1, max_length=MAX_PREFIX, description="text the continuation starts from")
     num_preds: int = Field(100, ge=0, le=MAX_PREDS, description="tokens (characters) to generate")
