@@ -170,6 +170,19 @@ def test_corpora_lists_names(capsys):
         assert name in out
 
 
+def test_corpora_says_cached_only_for_a_file(tmp_path, capsys):
+    """A directory of the corpus file's name in the cache directory was reported "cached", and training then
+    said the corpus was not there."""
+    from deeprnn.corpus import NAMED_CORPORA
+
+    (tmp_path / NAMED_CORPORA["tinyshakespeare"].filename).mkdir()
+    (tmp_path / NAMED_CORPORA["war-of-the-worlds"].filename).write_text("text")
+    assert main(["corpora", "--data-dir", str(tmp_path)]) == 0
+    status = {ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert (status["tinyshakespeare"], status["war-of-the-worlds"], status["timemachine"]) == (
+        "not", "cached", "bundled")
+
+
 def test_python_dash_m_entry_point(tmp_path):
     env = {**os.environ, "MPLBACKEND": "Agg"}
     r = subprocess.run([sys.executable, "-m", "deeprnn", "train", "--dry-run", "--run-dir", str(tmp_path / "r")],

@@ -301,6 +301,18 @@ def test_an_interrupted_run_continues_when_the_compare_command_is_run_again(tmp_
     assert result["records"][0]["steps"] == 8
 
 
+def test_a_file_where_a_run_goes_is_one_line(tmp_path, tiny_text, capsys):
+    argv = ["compare", "--cells", "gru", "--layers", "1", "--hiddens", "8", "--corpus", f"tiny={tiny_text}",
+            "--epochs", "1", "--out", str(tmp_path / "r"), *_set_flags(TINY_SET)]
+    (point,) = compare.expand_grid(compare.spec_from_args(build_parser().parse_args(argv)))
+    (tmp_path / "r" / "runs").mkdir(parents=True)
+    (tmp_path / "r" / "runs" / point.key).write_text("mine")
+    line = _one_error_line(capsys, argv)
+    assert line == (f"deeprnn: error: {tmp_path / 'r' / 'runs' / point.key} is a file where compare keeps this run; "
+                    "move it away")
+    assert (tmp_path / "r" / "runs" / point.key).read_text() == "mine"
+
+
 def _one_error_line(capsys, argv) -> str:
     code = main(argv)
     out, err = capsys.readouterr()

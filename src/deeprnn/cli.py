@@ -727,7 +727,7 @@ def cmd_corpora(args: argparse.Namespace) -> int:
     print(f"cache directory: {root} (set DEEPRNN_DATA_DIR or --data-dir to change)")
     for name, info in NAMED_CORPORA.items():
         where = "bundled with deeprnn" if getattr(info, "bundled", False) else (
-            "cached" if (root / info.filename).exists() else "not downloaded yet")
+            "cached" if (root / info.filename).is_file() else "not downloaded yet")
         print(f"  {name:<20} {where:<22} {info.url}")
     return 0
 

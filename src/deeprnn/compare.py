@@ -322,6 +322,8 @@ def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl
         # A run of this point that was interrupted (Ctrl-C, SIGTERM, a closed pipe) continues where it stopped.
         info = None if rerun else _interrupted(run_dir)
         if info is None:
+            if run_dir.exists() and not run_dir.is_dir():  # mkdir's FileExistsError was a traceback
+                raise ConfigError(f"{run_dir} is a file where compare keeps this run; move it away")
             run_dir.mkdir(parents=True, exist_ok=True)
             for stale in ("summary.json", "eval.json"):
                 (run_dir / stale).unlink(missing_ok=True)
