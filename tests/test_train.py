@@ -533,9 +533,10 @@ def test_resume_keeps_the_precision_auto_chose(tmp_path, monkeypatch):
 
 
 def test_a_stop_request_on_the_final_step_finishes_the_run(tmp_path):
-    """Ctrl-C that lands on a run's last step used to save a checkpoint and say 'resume with …', and that
-    resume then refused: 'already at step 4, at or past max_steps 4: nothing to train'. Now the run finishes
-    (test score, summary.json) as if the signal had come a moment later; one step earlier it stops as before."""
+    """Ctrl-C that lands on a run's last step (of max_steps, or of its last epoch) used to save a checkpoint and
+    say 'resume with …', and that resume then refused: 'already at step 4, at or past max_steps 4: nothing to
+    train'. Now the run finishes (test score, summary.json) as if the signal had come a moment later; one step
+    earlier it stops as before."""
     import signal
 
     from deeprnn.train import TrainingInterrupted, request_stop
@@ -550,3 +551,9 @@ def test_a_stop_request_on_the_final_step_finishes_the_run(tmp_path):
         train(tiny(tmp_path, max_steps=4, eval_every=1, run_dir=str(tmp_path / "early")), progress=False,
               log=stop_after(2))
     assert [r["step"] for r in rows(tmp_path / "early")] == ["1", "2", "3"]
+    # An epoch budget: a request on the last batch of the last epoch finishes the run too.
+    n = train(tiny(tmp_path, num_epochs=1, run_dir=str(tmp_path / "whole")), progress=False,
+              log=lambda *_: None)["steps"]
+    summary = train(tiny(tmp_path, num_epochs=1, eval_every=1, run_dir=str(tmp_path / "epoch")), progress=False,
+                    log=stop_after(n - 1))
+    assert (summary["steps"], summary["stop_reason"], summary["epochs"]) == (n, "epochs", 1)

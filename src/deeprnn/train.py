@@ -792,6 +792,12 @@ def _state_tensors(state) -> dict[str, torch.Tensor]:
 RESUME_FIELDS = {"position": ("step", "epoch", "tokens", "train_time"), "loader": ("epoch", "batch")}
 
 
+def _batches_in_epoch(loader, epoch: int) -> int:
+    """Batches in ``epoch``: ``len(loader)``, or as many as the epoch's drawn windows for variable-length ones."""
+    lengths = getattr(loader, "window_lengths", None)
+    return len(lengths(epoch)[1]) if lengths is not None else len(loader)
+
+
 def _state_from_tensors(t: dict[str, torch.Tensor], device: torch.device, shape: tuple[int, int, int], where: Path):
     """The carried hidden state saved in a checkpoint, which must be ``shape`` = (L, B, H) for the run."""
     if "carry.h" not in t:
@@ -938,11 +944,8 @@ def train(
                         sizes=f" ({cut}the corpus has {corpus.tokens.numel()})")
     if resume_ckpt is not None:  # a last/ saved after an epoch's last batch has trained that epoch too
         at = resume_ckpt.meta["loader"]
-        # Variable-length windows: an epoch has as many batches as its drawn windows, not len(loader).
-        lengths = getattr(loader, "window_lengths", None)
-        in_epoch = len(lengths(at["epoch"])[1]) if lengths is not None else len(loader)
         check_budget_left(cfg, run_dir, step=resume_ckpt.meta["position"]["step"],
-                          epochs=at["epoch"] + (at["batch"] >= in_epoch))
+                          epochs=at["epoch"] + (at["batch"] >= _batches_in_epoch(loader, at["epoch"])))
     if cfg.min_freq > 0 and len(vocab) == 1:
         raise ConfigError(f"vocabulary has only <unk> after --min-freq {cfg.min_freq} (no token occurs that "
                           "often); lower --min-freq")
@@ -1221,6 +1224,7 @@ def train(
             while not done:
                 rolled_back = False
                 loader.load_state_dict({"epoch": epoch, "batch": batch_in_epoch})
+                in_last_epoch = _batches_in_epoch(loader, epoch) if epoch == cfg.num_epochs - 1 else None
                 for X, Y in loader:
                     t0 = time.perf_counter()
                     X, Y = X.to(device, non_blocking=True), Y.to(device, non_blocking=True)
@@ -1282,8 +1286,9 @@ def train(
                     if (cfg.eval_every and step % cfg.eval_every == 0) or at_end or over_time or interrupted or paused:
                         if do_eval():
                             stop_reason, done = "early stopping", True
-                    if interrupted and not (done or at_end or over_time):  # at its end a run finishes instead:
-                        raise TrainingInterrupted(flag.signum or signal.SIGTERM, run_dir)  # nothing to resume
+                    last_batch = in_last_epoch is not None and batch_in_epoch >= in_last_epoch
+                    if interrupted and not (done or at_end or over_time or last_batch):  # at its end a run
+                        raise TrainingInterrupted(flag.signum or signal.SIGTERM, run_dir)  # finishes: no resume
                     if rolled_back:
                         break  # restart the loader at the restored position
                     if at_end:
