@@ -287,6 +287,23 @@ def test_nproc_failure_and_interrupt_are_one_line(tmp_path):
     assert load_checkpoint(run / "last").meta["position"]["step"] > 6  # saved on the way out, not step 6's
 
 
+def test_ctrl_c_on_one_rank_stops_both_and_rank_0_says_how_to_resume(tmp_path):
+    """Ranks started by hand (as under the user's own torchrun): SIGINT to rank 1 alone stops both at the same
+    step with a checkpoint; the resume line comes once, from rank 0 (each rank printed it before)."""
+    args = flags({**BASE, **OPTIMIZERS["sgd"], "max_steps": 10**6, "run_dir": "run"})
+    procs = start_ranks(args, tmp_path)
+    deadline = time.monotonic() + TIMEOUT
+    while not (tmp_path / "run" / "last" / "checkpoint.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first checkpoint (step 6): both ranks are in the training loop
+    procs[1].send_signal(signal.SIGINT)
+    (rc0, _, err0), (rc1, _, err1) = finish(*procs)
+    # rank 0 names the signal rank 1 got (it said SIGTERM, exit 143, before)
+    assert (rc0, err0) == (130, "deeprnn: SIGINT received: checkpoint saved; resume with: deeprnn train --resume "
+                                "run\n")
+    assert (rc1, err1) == (130, "")
+    assert load_checkpoint(tmp_path / "run" / "last").meta["position"]["step"] > 6
+
+
 def test_error_on_rank_0_only_stops_rank_1(tmp_path):
     """Rank 0 refuses a non-empty run directory that holds no run (rank 1 never checks it) after the DDP
     set-up."""

@@ -992,6 +992,8 @@ def _main(argv: list[str] | None) -> int:
     except _OutputError as e:
         return _output_failed(e.args[0])
     except TrainingInterrupted as e:
+        if os.environ.get("RANK", "0") != "0" and _REPORT_DIR not in os.environ:
+            return 128 + e.signum  # every rank stopped at the same step; rank 0 says how to resume
         return _fail(f"deeprnn: {e}", 128 + e.signum)
     except DeepRNNError as e:
         return _fail(f"deeprnn: error: {e}", 2)

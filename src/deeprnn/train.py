@@ -1287,8 +1287,10 @@ def train(
                         if do_eval():
                             stop_reason, done = "early stopping", True
                     last_batch = in_last_epoch is not None and batch_in_epoch >= in_last_epoch
-                    if interrupted and not (done or at_end or over_time or last_batch):  # at its end a run
-                        raise TrainingInterrupted(flag.signum or signal.SIGTERM, run_dir)  # finishes: no resume
+                    # At its end a run finishes instead: a resume would have nothing left to train. Every rank
+                    # names a signal that some rank received (SIGINT sent to rank 1 alone), as rank 0 reports it.
+                    if interrupted and not (done or at_end or over_time or last_batch):
+                        raise TrainingInterrupted(min(s for s in dist.gather_objects(flag.signum) if s), run_dir)
                     if rolled_back:
                         break  # restart the loader at the restored position
                     if at_end:
