@@ -316,11 +316,12 @@ def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl
     from deeprnn.train import TrainingInterrupted, json_safe, read_metrics, train
 
     run_dir = runs_dir / point.key
-    cached = is_cached(run_dir) and not rerun
+    state = point_state(run_dir, rerun)
+    cached = state == "cached"
     if not cached:
         cfg = dataclasses.replace(point.cfg, run_dir=str(run_dir))
         # A run of this point that was interrupted (Ctrl-C, SIGTERM, a closed pipe) continues where it stopped.
-        info = None if rerun else _interrupted(run_dir)
+        info = _json_object(run_dir / "compare.json") if state == "continuing" else None
         if info is None:
             if run_dir.exists() and not run_dir.is_dir():  # mkdir's FileExistsError was a traceback
                 raise ConfigError(f"{run_dir} is a file where compare keeps this run; move it away")
@@ -389,18 +390,18 @@ def _json_object(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _interrupted(run_dir: Path) -> dict[str, Any] | None:
-    """The compare.json of a run of this point that stopped with a checkpoint to resume, else None."""
+def point_state(run_dir: Path, rerun: bool = False) -> str:
+    """What a grid point's run directory calls for: "cached" (its summary.json and compare.json readable: a
+    damaged one is trained again rather than stopping the grid with a traceback), "continuing" (a run that
+    stopped with a checkpoint to resume) or "training"; ``rerun`` trains every point from the start."""
+    if rerun:
+        return "training"
     info = _json_object(run_dir / "compare.json")
+    if info is not None and _json_object(run_dir / "summary.json") is not None:
+        return "cached"
     if info and info.get("interrupted") and (run_dir / "last" / "checkpoint.json").exists():
-        return info
-    return None
-
-
-def is_cached(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a finished run of a grid point: its summary.json and compare.json, readable.
-    A damaged one is trained again rather than stopping the grid with a traceback."""
-    return _json_object(run_dir / "summary.json") is not None and _json_object(run_dir / "compare.json") is not None
+        return "continuing"
+    return "training"
 
 
 def _num(v) -> float | None:
@@ -708,9 +709,7 @@ def run_compare(spec: GridSpec, out: str | os.PathLike, *, runs_dir: str | os.Pa
     machine = machine_summary()
     records = []
     for i, p in enumerate(points, 1):
-        cached = is_cached(runs / p.key) and not rerun
-        state = "cached" if cached else "continuing" if not rerun and _interrupted(runs / p.key) else "training"
-        log(f"[{i}/{len(points)}] {p.label} seed {p.seed}: {state} ({runs / p.key})")
+        log(f"[{i}/{len(points)}] {p.label} seed {p.seed}: {point_state(runs / p.key, rerun)} ({runs / p.key})")
         rec = run_point(p, runs, eval_on=spec.eval_on, target_ppl=spec.target_ppl, rerun=rerun,
                         train_log=train_log)
         records.append(rec)
@@ -729,13 +728,18 @@ def _csv_list(text: str, kind=str) -> list:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
 
 
+def _first_repeat(values: list) -> Any:
+    """The first value that occurs earlier in ``values`` too, else None."""
+    return next((v for i, v in enumerate(values) if v in values[:i]), None)
+
+
 def _grid_list(kind=str):
     """An argparse type for a grid axis: a comma-separated list with at least one value."""
     def parse(text: str) -> list:
         values = _csv_list(text, kind)
         if not values:
             raise argparse.ArgumentTypeError(f"expected at least one value (comma-separated), got {text!r}")
-        repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        repeated = _first_repeat(values)
         if repeated is not None:  # --seeds 0,0 counted one run twice in the mean ± std
             raise argparse.ArgumentTypeError(f"{repeated} is given twice in {text!r}; give each value once")
         return values
@@ -829,8 +833,7 @@ def spec_from_args(args: argparse.Namespace) -> GridSpec:
             setattr(spec, attr, getattr(args, flag))
     if args.corpus:
         spec.data = [parse_variant(c) for c in args.corpus]
-        labels = [v.label for v in spec.data]
-        repeated = next((x for i, x in enumerate(labels) if x in labels[:i]), None)
+        repeated = _first_repeat([v.label for v in spec.data])
         if repeated is not None:  # their runs were averaged into one row
             raise ConfigError(f"--corpus label {repeated!r} names two variants; give each its own LABEL=")
     if args.heldout_from is not None:

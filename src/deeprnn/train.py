@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from deeprnn.choices import NORMALIZATIONS, ON_NAN, OPTIMIZERS, PRECISIONS, SAMPLINGS, SCHEDULES, TOKENS
 from deeprnn.corpus import MAX_SOURCE_WEIGHT
 from deeprnn.errors import CheckpointError, ConfigError, DeepRNNError, VocabError
-from deeprnn.fields import check_types
+from deeprnn.fields import check_types, is_number
 from deeprnn.files import write_text_atomic
 from deeprnn.regularize import activation_penalty
 
@@ -222,9 +222,8 @@ class TrainConfig:
         need(self.min_freq >= 0, f"min_freq must be >= 0, got {self.min_freq}")
         need(bool(self.corpus), "corpus must name at least one corpus, file or directory")
         need(self.source_weights is None or (
-            isinstance(self.source_weights, (list, tuple)) and all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= MAX_SOURCE_WEIGHT
-                for w in self.source_weights)),
+            isinstance(self.source_weights, (list, tuple))
+            and all(is_number(w) and 0 < w <= MAX_SOURCE_WEIGHT for w in self.source_weights)),
              f"source_weights must be a list of numbers in (0, {MAX_SOURCE_WEIGHT:,}] (one per source), got "
              f"{self.source_weights}")
         from deeprnn.models import ModelConfig  # the model fields too, before any text is read
