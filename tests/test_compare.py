@@ -202,6 +202,9 @@ def test_weighted_text_keeps_heldout_out_of_training(tmp_path, shared_data):
     balanced = compare.materialise_weighted(cfg, "balance", tmp_path / "bal")
     sizes = [Path(c).stat().st_size for c in balanced.corpus if c.endswith(".train.txt")]
     assert abs(sizes[0] - sizes[1]) <= 2
+    with pytest.raises(ConfigError) as err:  # 1e30 overflowed torch's repeat count
+        compare.materialise_weighted(cfg, {str(a): 1e30}, tmp_path / "huge")
+    assert str(err.value) == "weights must be in (0, 1,000], got 1e+30" and not (tmp_path / "huge").exists()
 
 
 def test_authors_preset_scores_every_source(tmp_path, capsys):
