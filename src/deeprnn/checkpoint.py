@@ -239,6 +239,8 @@ def resolve_checkpoint(run_or_ckpt: str | os.PathLike, prefer: str = "best") -> 
     """
     p = Path(run_or_ckpt)
     if not p.exists():
+        if p.is_symlink():
+            raise CheckpointError(f"{p} is a symbolic link to nothing (or a loop of links); point it at a run")
         raise CheckpointError(f"no such run or checkpoint: {p}")
     if p.is_file() and p.name in (META_FILE, MODEL_FILE, STATE_FILE):
         p = p.parent
@@ -247,17 +249,22 @@ def resolve_checkpoint(run_or_ckpt: str | os.PathLike, prefer: str = "best") -> 
             f"{p} is a file, not a deeprnn checkpoint directory (expected a run directory or a "
             f"directory holding {META_FILE})"
         )
-    if (p / META_FILE).exists():
+    if _present(p / META_FILE):
         return p
     order = ["best", "last"] if prefer == "best" else ["last", "best"]
     for name in order:
         cand = p / name
-        if (cand / META_FILE).exists():
+        if _present(cand / META_FILE):
             return cand
         old = p / f".{name}.old"
-        if (old / META_FILE).exists():  # crashed between the two renames of a save
+        if _present(old / META_FILE):  # crashed between the two renames of a save
             return old
     raise CheckpointError(f"{p} holds no deeprnn checkpoint (no {META_FILE} in it, nor in best/ or last/)")
+
+
+def _present(path: Path) -> bool:
+    """Whether ``path`` is there, counting a link that leads nowhere, so that reading it names the fault."""
+    return path.exists() or path.is_symlink()
 
 
 def _read_file(path: Path) -> bytes:

@@ -93,7 +93,7 @@ def test_missing_file_is_refused(ckpt, capsys, name):
 
 
 @pytest.mark.parametrize("name, kind", [("checkpoint.json", "directory"), ("model.safetensors", "directory"),
-                                        ("model.safetensors", "symlink-loop")])
+                                        ("model.safetensors", "symlink-loop"), ("checkpoint.json", "symlink-loop")])
 def test_a_file_that_cannot_be_read_is_refused(ckpt, capsys, name, kind):
     """A directory or a symlink loop where a checkpoint file should be: an IsADirectoryError or OSError
     traceback in generate, info and serve's model scan before; now one line naming the file."""
@@ -106,6 +106,18 @@ def test_a_file_that_cannot_be_read_is_refused(ckpt, capsys, name, kind):
         (ckpt / name).symlink_to(ckpt / "a")
     why = "Is a directory" if kind == "directory" else "Too many levels of symbolic links"
     refused(ckpt, capsys, rf"^cannot read checkpoint file {ckpt / name}: {why}$")
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_a_run_path_that_is_a_broken_link_is_refused(tmp_path, capsys, kind):
+    """A link that leads nowhere where the run should be: "no such run" hid that the path is there."""
+    link = tmp_path / "run"
+    if kind == "dangling":
+        link.symlink_to(tmp_path / "gone")
+    else:
+        link.symlink_to(tmp_path / "other")
+        (tmp_path / "other").symlink_to(link)
+    refused(link, capsys, rf"^{link} is a symbolic link to nothing \(or a loop of links\); point it at a run$")
 
 
 @pytest.mark.parametrize("body", [b"[]", b"{}", b'{"format": "deeprnn-checkpoint"}', b"null", b"\xff\xfe"])
