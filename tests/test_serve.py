@@ -173,6 +173,34 @@ def test_invalid_json_is_422(app):
     assert r.json()["detail"].startswith("body is not valid JSON")
 
 
+EXAMPLE = '{"prefix": "time traveller", "num_preds": 100}'
+
+
+@pytest.mark.parametrize("body, content_type, status, message", [
+    (b'{"prefix": "\xff"}', "application/json", 400,
+     f"body is not valid JSON (it must be UTF-8 text holding one object, e.g. {EXAMPLE})"),
+    (b"", "application/json", 422, f"body is empty; send a JSON object, e.g. {EXAMPLE}"),
+    (b'{"prefix": "time"}', "text/plain", 422,
+     "body was not sent as JSON; send it with the header Content-Type: application/json"),
+    (b"[1]", "application/json", 422, f"body must be a JSON object, e.g. {EXAMPLE}; got an array"),
+    (b'"x"', "application/json", 422, f"body must be a JSON object, e.g. {EXAMPLE}; got a string"),
+    (b"null", "application/json", 422, f"body must be a JSON object, e.g. {EXAMPLE}; got null"),
+    (b"3", "application/json", 422, f"body must be a JSON object, e.g. {EXAMPLE}; got a number"),
+])
+def test_a_body_that_is_not_a_json_object_is_named(app, body, content_type, status, message):
+    """A body that is not UTF-8 got FastAPI's bare "There was an error parsing the body"; an empty one
+    "body: Field required"; text/plain or an array "Input should be a valid dictionary or object…"."""
+    r = call(app, "POST", "/api/generate", content=body, headers={"content-type": content_type})
+    assert r.status_code == status
+    assert r.json() == {"detail": message, "errors": [{"field": "body", "message": message}]}
+
+
+def test_other_http_errors_keep_their_words(app):
+    assert call(app, "GET", "/no-such-page").json() == {"detail": "Not Found"}
+    r = call(app, "GET", "/api/generate")
+    assert (r.status_code, r.json()) == (405, {"detail": "Method Not Allowed"})
+
+
 def test_prefix_outside_the_vocabulary_is_reported(app):
     r = post(app, {"prefix": "The Time Machine!", "num_preds": 10})
     assert r.status_code == 422

@@ -32,9 +32,11 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.exceptions import HTTPException  # what FastAPI raises for a body it cannot parse
 
 from deeprnn import __version__
 from deeprnn.checkpoint import load_checkpoint, resolve_checkpoint
@@ -322,6 +324,27 @@ def _error(status: int, message: str, field_name: str | None = None, **extra) ->
     return JSONResponse({"detail": message, "errors": errors}, status_code=status)
 
 
+EXAMPLE_BODY = '{"prefix": "time traveller", "num_preds": 100}'
+# What FastAPI says when the body is not UTF-8 (or cannot be decoded as JSON for another reason
+# than a syntax error, which is a RequestValidationError).
+FASTAPI_PARSE_ERROR = "There was an error parsing the body"
+UNPARSABLE_BODY = f"body is not valid JSON (it must be UTF-8 text holding one object, e.g. {EXAMPLE_BODY})"
+
+
+def _body_message(err: dict) -> str | None:
+    """Our words for an error about the body as a whole: missing, not JSON, or JSON but not an object."""
+    kind, value = err.get("type"), err.get("input")
+    if kind == "missing":
+        return f"body is empty; send a JSON object, e.g. {EXAMPLE_BODY}"
+    if kind == "model_attributes_type":
+        if isinstance(value, bytes):  # sent without a JSON content type, so never parsed
+            return "body was not sent as JSON; send it with the header Content-Type: application/json"
+        got = "null" if value is None else {list: "an array", str: "a string", bool: "a boolean"}.get(
+            type(value), "a number")
+        return f"body must be a JSON object, e.g. {EXAMPLE_BODY}; got {got}"
+    return None
+
+
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
     """422 whose ``detail`` is one line naming the field(s), and ``errors`` one entry per problem."""
     errors = []
@@ -331,6 +354,8 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
         msg = err.get("msg", "invalid value")
         if err.get("type") == "json_invalid":
             name, msg = "body", f"body is not valid JSON ({err.get('ctx', {}).get('error', msg)})"
+        elif name == "" and _body_message(err):
+            name, msg = "body", _body_message(err)
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if err.get("type") == "extra_forbidden":
@@ -468,6 +493,12 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_request: Request, exc: RequestValidationError):
         return _validation_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _on_http_error(request: Request, exc: HTTPException):
+        if exc.status_code == 400 and exc.detail == FASTAPI_PARSE_ERROR:
+            return _error(400, UNPARSABLE_BODY, "body")
+        return await http_exception_handler(request, exc)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
