@@ -481,6 +481,11 @@ def test_a_source_that_names_nothing_is_refused_before_training(tmp_path, capsys
     (["--target-ppl", "nan"], "--target-ppl must be a number > 1 (a perplexity is at least 1), got nan"),
     (["--target-ppl", "-5"], "--target-ppl must be a number > 1 (a perplexity is at least 1), got -5.0"),
     (["--runs-dir", " "], "--runs-dir is empty; name a directory, or drop --runs-dir for the default"),
+    # found only once compare.json had marked a run folder, before
+    (["--set", "encoding=nope"], "unknown encoding 'nope'; pass a Python codec name such as utf-8 or cp1252 to "
+                                 "--encoding"),
+    (["--set", "encoding=rot13"], "unknown encoding 'rot13'; pass a Python codec name such as utf-8 or cp1252 to "
+                                  "--encoding"),
 ])
 def test_a_grid_that_would_mislead_is_refused(tmp_path, capsys, argv, message):
     assert main(["compare", *argv, "--out", str(tmp_path / "out")]) == 2

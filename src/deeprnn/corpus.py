@@ -203,10 +203,20 @@ def _binary_error(what: str, forced: bool) -> CorpusError:
     )
 
 
+def unknown_encoding_message(encoding: str) -> str:
+    return f"unknown encoding {encoding!r}; pass a Python codec name such as utf-8 or cp1252 to --encoding"
+
+
 def _unknown_encoding_error(encoding: str) -> CorpusError:
-    return CorpusError(
-        f"unknown encoding {encoding!r}; pass a Python codec name such as utf-8 or cp1252 to --encoding"
-    )
+    return CorpusError(unknown_encoding_message(encoding))
+
+
+def known_encoding(encoding: str) -> bool:
+    """Whether ``encoding`` names a text codec (bytes.decode's check: not an unknown name, not rot13)."""
+    try:
+        return getattr(codecs.lookup(encoding), "_is_text_encoding", True)
+    except LookupError:
+        return False
 
 
 def _undecodable_error(what: str, encoding: str, byte: int, offset: int) -> CorpusError:
@@ -709,11 +719,8 @@ def _scan_file(name: str, path: Path, encoding: str | None, strip_boilerplate: b
                 raise _not_utf8_error(what, err.byte, err.offset) from None
             codec, scan = "cp1252", _scan(path, "cp1252", strip_bom=False)
     else:
-        try:  # bytes.decode's check: an unknown codec, or one that is not a text encoding (rot13)
-            if not getattr(codecs.lookup(encoding), "_is_text_encoding", True):
-                raise LookupError(encoding)
-        except LookupError:
-            raise _unknown_encoding_error(encoding) from None
+        if not known_encoding(encoding):
+            raise _unknown_encoding_error(encoding)
         try:
             codec, scan = encoding, _scan(path, encoding, strip_bom=True)
         except _DecodeFailure as err:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from deeprnn.choices import NORMALIZATIONS, ON_NAN, OPTIMIZERS, PRECISIONS, SAMPLINGS, SCHEDULES, TOKENS
-from deeprnn.corpus import MAX_SOURCE_WEIGHT
+from deeprnn.corpus import MAX_SOURCE_WEIGHT, known_encoding, unknown_encoding_message
 from deeprnn.errors import CheckpointError, ConfigError, DeepRNNError, VocabError
 from deeprnn.fields import check_types, is_number
 from deeprnn.files import write_text_atomic
@@ -180,6 +180,7 @@ class TrainConfig:
              f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         # The ranges below compare numbers: types first, but for the fields whose own check takes any value.
         check_types(TrainConfig, {k: v for k, v in vars(self).items() if k not in ("seed", "source_weights")})
+        need(self.encoding is None or known_encoding(self.encoding), unknown_encoding_message(self.encoding))
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
