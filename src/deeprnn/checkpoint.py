@@ -355,13 +355,18 @@ def _is(kind: type) -> Callable[[object], bool]:
 
 
 # checkpoint.json's fields beyond the format's own (each optional: a weights-only export has few of them)
+# The records a resume reads, each field with its check (train.resume requires every one of them).
+RESUME_RECORDS: dict[str, dict[str, Callable[[object], bool]]] = {
+    "position": {"step": _count, "epoch": _count, "tokens": _count, "train_time": is_number},
+    "loader": {"epoch": _count, "batch": _count},
+}
+
 _META_FIELDS: dict[str, Callable[[object], bool]] = {
     "model_config": _is(dict), "vocab": _is(dict), "train_config": _is(dict), "optimizer": _is(dict),
     "plateau": _record(best=_or_none(is_number), bad=_count, scale=is_number),
     "metrics": _or_none(_values(_or_none(is_number))), "finetune": _or_none(_is(dict)),
     "parent": _or_none(_is(str)), "deeprnn_version": _or_none(_is(str)),
-    "position": _record(step=_count, epoch=_count, tokens=_count, train_time=is_number),
-    "loader": _record(epoch=_count, batch=_count),
+    **{name: _record(**fields) for name, fields in RESUME_RECORDS.items()},
     "best_val": _or_none(is_number), "lr_scale": is_number,
     "bad_evals": _count, "evals_done": _count, "nan_rollbacks": _count,
 }

@@ -788,10 +788,6 @@ def _state_tensors(state) -> dict[str, torch.Tensor]:
     return {"carry.h": state.detach()}
 
 
-# What resuming reads from a checkpoint's position and loader records.
-RESUME_FIELDS = {"position": ("step", "epoch", "tokens", "train_time"), "loader": ("epoch", "batch")}
-
-
 def _batches_in_epoch(loader, epoch: int) -> int:
     """Batches in ``epoch``: ``len(loader)``, or as many as the epoch's drawn windows for variable-length ones."""
     lengths = getattr(loader, "window_lengths", None)
@@ -834,7 +830,8 @@ def train(
     from deeprnn import distributed as dist_util
     from deeprnn.allocator import keep_freed_memory
     from deeprnn.batching import BatchLoader
-    from deeprnn.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+    from deeprnn.checkpoint import (RESUME_RECORDS, load_checkpoint, optimizer_from_flat, optimizer_to_flat,
+                                    save_checkpoint)
     from deeprnn.corpus import absolute_spec, build_corpus
     from deeprnn.models import ModelConfig, build_model, detach_state
 
@@ -861,7 +858,7 @@ def train(
                 "rng.torch" not in resume_ckpt.train_tensors:
             raise CheckpointError(f"{resume_ckpt.path} holds weights but no training state to resume; "
                                   "fine-tune from it with --init-from instead")
-        missing = [f"{part}.{name}" for part, names in RESUME_FIELDS.items() for name in names
+        missing = [f"{part}.{name}" for part, names in RESUME_RECORDS.items() for name in names
                    if name not in resume_ckpt.meta[part]]  # read_meta checked the types of those present
         if missing:
             raise CheckpointError(f"{resume_ckpt.path / 'checkpoint.json'} lacks {', '.join(missing)}; it is corrupt "
