@@ -338,6 +338,26 @@ def test_resume_past_the_budget_is_refused(tmp_path):
         train(vcfg, resume=True, progress=False, log=lambda *_: None)
 
 
+def test_resume_past_the_time_budget_is_refused(tmp_path):
+    """A run stopped by --time-budget, resumed with the same budget, used to train one more step, score the test
+    split again and rewrite summary.json, with no word that the budget was spent."""
+    cfg = tiny(tmp_path, time_budget=0.0005)  # 30 ms: a few steps
+    done = train(cfg, progress=False, log=lambda *_: None)
+    assert done["stop_reason"] == "time budget"
+    run = tmp_path / "run"
+    trained = json.loads((run / "last" / "checkpoint.json").read_text())["position"]["train_time"]
+    minutes = f"{trained / 60:.4g}"
+    before = _tree(run)
+    with pytest.raises(ConfigError) as e:
+        train(cfg, resume=True, progress=False, log=lambda *_: None)
+    assert str(e.value) == (f"the run in {run} has already trained {minutes} minutes, at or past time_budget 0.0005: "
+                            f"nothing to train; resume with --time-budget above {minutes} to train on")
+    assert _tree(run) == before
+    more = train(dataclasses.replace(cfg, time_budget=trained / 60 + 0.0005), resume=True, progress=False,
+                 log=lambda *_: None)
+    assert more["stop_reason"] == "time budget" and more["steps"] > done["steps"]
+
+
 def test_a_run_names_its_files_by_absolute_path_and_resumes_from_anywhere(tmp_path, monkeypatch, shared_data):
     """--corpus wotw.txt in w/ is stored as w's absolute path (named corpora stay names), so the run resumes from
     the parent directory, with the file spelled w/wotw.txt or not at all, exactly as an uninterrupted run."""

@@ -274,13 +274,20 @@ def _relative_elsewhere(spec: str) -> bool:
     return spec not in NAMED_CORPORA and not os.path.isabs(path) and not os.path.exists(path)
 
 
-def check_budget_left(cfg: TrainConfig, run_dir: Path, *, step: int, epochs: int | None = None) -> None:
-    """Refuse to resume a run that has already used up its budget: ``step`` steps taken (``max_steps``), or
-    ``epochs`` whole epochs trained (``num_epochs``; None: not known yet). There is nothing to train, and
-    carrying on would only score the test split again and rewrite the summary."""
+def check_budget_left(cfg: TrainConfig, run_dir: Path, *, step: int, train_time: float = 0.0,
+                      epochs: int | None = None) -> None:
+    """Refuse to resume a run that has already used up its budget: ``step`` steps taken (``max_steps``),
+    ``train_time`` seconds trained (``time_budget``, in minutes), or ``epochs`` whole epochs trained
+    (``num_epochs``; None: not known yet). There is nothing to train, and carrying on would only take one
+    more step, score the test split again and rewrite the summary."""
     if cfg.max_steps is not None and step >= cfg.max_steps:
         raise ConfigError(f"the run in {run_dir} is already at step {step}, at or past max_steps {cfg.max_steps}: "
                           f"nothing to train; resume with --max-steps above {step} to train on")
+    if cfg.time_budget is not None and train_time >= cfg.time_budget * 60:
+        minutes = f"{train_time / 60:.4g}"
+        raise ConfigError(f"the run in {run_dir} has already trained {minutes} minutes, at or past time_budget "
+                          f"{cfg.time_budget:g}: nothing to train; resume with --time-budget above {minutes} to "
+                          "train on")
     if epochs is not None and epochs >= cfg.num_epochs:
         raise ConfigError(f"the run in {run_dir} has already trained {epochs} epochs, at or past num_epochs "
                           f"{cfg.num_epochs}: nothing to train; resume with --num-epochs above {epochs} to train on")
@@ -870,7 +877,8 @@ def train(
         for name in SOURCE_FIELDS:  # the same sources: keep the names the run's spans and heldout_from use
             if name in saved:
                 setattr(cfg, name, saved[name])
-        check_budget_left(cfg, run_dir, step=resume_ckpt.meta["position"]["step"])  # before any text is read
+        position = resume_ckpt.meta["position"]  # checked before any text is read
+        check_budget_left(cfg, run_dir, step=position["step"], train_time=position["train_time"])
 
     device = resolve_device(cfg.device) if dist.device is None else dist.device
     auto_precision = cfg.precision == "auto"
