@@ -691,13 +691,16 @@ def test_ignored_option_warning_comes_before_the_text_and_never_with_an_error(tr
     assert line == "deeprnn: error: num_preds must be >= 0, got -1"
 
 
-def test_evaluating_a_split_too_short_to_score_is_one_line(trained, tmp_path, capsys):
-    """A corpus whose validation split has fewer than 2 tokens cannot be scored: one line, not a division
-    by zero."""
+@pytest.mark.parametrize("text, split, n, others", [("time traveller", "valid", 1, "test, all"),
+                                                     ("ab", "all", 2, "valid, test")])
+def test_evaluating_a_split_too_short_to_score_is_one_line(trained, tmp_path, capsys, text, split, n, others):
+    """A split of fewer than 3 tokens cannot be scored: one line, not a division by zero (2 tokens got
+    through the old check, "at least 2", and divided by zero)."""
     short = tmp_path / "short.txt"
-    short.write_text("time traveller")  # 14 characters: the 5% validation split is one of them
-    line = one_error_line(capsys, 2, ["evaluate", str(trained), "--corpus", str(short), "--split", "valid"])
-    assert line == "deeprnn: error: split 'valid' has 1 tokens; need at least 2 to score"
+    short.write_text(text)  # "time traveller": the 5% validation split is one of its 14 characters
+    line = one_error_line(capsys, 2, ["evaluate", str(trained), "--corpus", str(short), "--split", split])
+    assert line == (f"deeprnn: error: split {split!r} has {n} tokens; need at least 3 to score: use another --split "
+                    f"({others}) or more text")
 
 
 @pytest.mark.parametrize("name", sorted(CHOICES))

@@ -190,6 +190,14 @@ def test_no_validation_text_is_refused_before_anything_is_written(tmp_path):
     assert str(e.value) == ("the validation split has 2 tokens (--val-fraction 0.002); it needs at least 3: "
                             "raise --val-fraction or use more text")
     assert not (tmp_path / "run").exists()
+    # A test split too short to score failed with a ZeroDivisionError after the whole run had trained, leaving
+    # no summary.json and a run that refused to resume ("at or past max_steps").
+    with pytest.raises(ConfigError) as e:
+        train(tiny(tmp_path, corpus=[str(f)], max_tokens=None, test_fraction=0.002, max_steps=2), progress=False,
+              log=lambda *_: None)
+    assert str(e.value) == ("the test split has 2 tokens (--test-fraction 0.002); it needs at least 3 to be scored: "
+                            "raise --test-fraction, use more text, or --test-fraction 0 for none")
+    assert not (tmp_path / "run").exists()
 
 
 def test_min_freq_that_leaves_only_unk_is_refused(tmp_path):

@@ -663,7 +663,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from deeprnn.checkpoint import load_checkpoint
-    from deeprnn.train import LN2, check_precision, evaluate_tokens, json_safe, perplexity, resolve_device
+    from deeprnn.train import (LN2, MIN_HELDOUT_TOKENS, check_precision, evaluate_tokens, json_safe, perplexity,
+                               resolve_device)
 
     device = resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, map_location=device)
@@ -671,8 +672,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     fix="use --precision fp32 (the default) or auto")
     tokens = checkpoint_split_tokens(ck, args.split, corpus=args.corpus, data_dir=args.data_dir,
                                      encoding=args.encoding)
-    if tokens.numel() < 2:
-        raise ConfigError(f"split {args.split!r} has {tokens.numel()} tokens; need at least 2 to score")
+    if tokens.numel() < MIN_HELDOUT_TOKENS:
+        others = ", ".join(x for x in ("valid", "test", "all") if x != args.split)
+        raise ConfigError(f"split {args.split!r} has {tokens.numel()} tokens; need at least {MIN_HELDOUT_TOKENS} to "
+                          f"score: use another --split ({others}) or more text")
     dynamic = args.dynamic_lr is not None
     given = _given_flags(getattr(args, "argv", None) or [])
     unused = [flag for flag in ("--dynamic-rule", "--dynamic-decay") if flag in given and not dynamic]

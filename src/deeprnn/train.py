@@ -493,11 +493,16 @@ def precision_note(device: torch.device, precision: str, impl: str) -> str | Non
             "loss scaling (the rest of the step is bfloat16); --precision fp32 keeps them in float32")
 
 
+# The fewest tokens a held-out split needs to be scored (heldout_streams).
+MIN_HELDOUT_TOKENS = 3
+
+
 def heldout_streams(tokens: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``tokens`` cut into ``batch_size`` contiguous streams (fewer for a short text): inputs and next-token
-    targets, each ``(B, L)``, every prediction after a stream's first token scored once. None below 3 tokens."""
+    targets, each ``(B, L)``, every prediction after a stream's first token scored once. None below
+    ``MIN_HELDOUT_TOKENS``."""
     n = tokens.numel()
-    if n <= 2:
+    if n < MIN_HELDOUT_TOKENS:
         return None
     B = max(1, min(batch_size, (n - 1) // 2))
     L = (n - 1) // B
@@ -961,7 +966,13 @@ def train(
             "--val-fraction 0 leaves no validation text; training needs some to keep the best checkpoint: "
             "use e.g. --val-fraction 0.05" if cfg.val_fraction == 0 else
             f"the validation split has {splits.valid.numel()} tokens (--val-fraction {cfg.val_fraction:g}); "
-            "it needs at least 3: raise --val-fraction or use more text")
+            f"it needs at least {MIN_HELDOUT_TOKENS}: raise --val-fraction or use more text")
+    # A test split asked for but too short to score would fail only after the whole run has trained.
+    if cfg.test_fraction > 0 and heldout_streams(splits.test, cfg.eval_batch_size) is None:
+        raise ConfigError(
+            f"the test split has {splits.test.numel()} tokens (--test-fraction {cfg.test_fraction:g}); it needs at "
+            f"least {MIN_HELDOUT_TOKENS} to be scored: raise --test-fraction, use more text, or --test-fraction 0 "
+            "for none")
 
     if resume_ckpt is not None:
         model = resume_ckpt.model
@@ -1338,7 +1349,7 @@ def train(
         dist.broadcast_module(eval_model)
     else:
         eval_model = model
-    if splits.test.numel() > 1:
+    if heldout_streams(splits.test, cfg.eval_batch_size) is not None:
         s, c = evaluate_tokens(eval_model, splits.test, batch_size=cfg.eval_batch_size,
                                num_steps=cfg.eval_num_steps, device=device, precision=cfg.precision,
                                rank=dist.rank, world_size=dist.world_size)
