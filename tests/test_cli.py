@@ -715,3 +715,13 @@ def test_offered_choices_are_what_the_config_accepts(name):
     message = str(err.value)
     assert message.startswith(f"{name} must be ") and message.endswith("'bogus'")
     assert all(value in message for value in CHOICES[name]), message
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu"])
+def test_a_device_torch_parses_but_deeprnn_cannot_use_is_one_line(tmp_path, capsys, device):
+    """``--device meta`` passed the check and failed in autocast with a traceback, leaving a config.json that
+    made the next attempt say the run "stopped before its first checkpoint"."""
+    run = tmp_path / "run"
+    line = one_error_line(capsys, 2, ["train", *TINY, "--run-dir", str(run), "--device", device])
+    assert line == f"deeprnn: error: device must be auto, cpu, cuda, cuda:N or mps, got {device!r}"
+    assert not run.exists()

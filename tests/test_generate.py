@@ -378,6 +378,18 @@ def test_device_other_than_the_models_is_refused(vocab):
         generate(tiny_model(vocab), vocab, PREFIX, 5, device="meta")
 
 
+def test_cpu_0_is_the_models_cpu_and_cuda_without_cuda_is_refused(vocab):
+    """``cpu:0`` was refused as another device than the model's ``cpu``; ``cuda`` on a machine without it was
+    torch's ``AssertionError: Torch not compiled with CUDA enabled``."""
+    model = tiny_model(vocab)
+    assert generate(model, vocab, PREFIX, 5, device="cpu:0") == generate(model, vocab, PREFIX, 5)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError) as e:
+        generate(model, vocab, PREFIX, 5, device="cuda")
+    assert str(e.value) == "device is cuda but CUDA is not available; leave device=None to use the model's"
+
+
 # -- argument validation ------------------------------------------------------------------------
 
 

@@ -516,6 +516,9 @@ def _serve_error(capsys, argv) -> tuple[int, str]:
     ("cuda", "device 'cuda' requested but CUDA is not available; use --device cpu or auto"),
     ("mps", "device 'mps' requested but MPS is not available; use --device cpu or auto"),
     ("foo", "device must be auto, cpu, cuda, cuda:N or mps, got 'foo'"),
+    # torch parses these, and they failed later: xpu at start-up, meta in autocast (a traceback each)
+    ("xpu", "device must be auto, cpu, cuda, cuda:N or mps, got 'xpu'"),
+    ("meta", "device must be auto, cpu, cuda, cuda:N or mps, got 'meta'"),
 ])
 def test_cli_unavailable_device_is_one_line(run_dir, no_server, capsys, device, message):
     """The check train, generate and evaluate make (serve used to end in a torch traceback)."""

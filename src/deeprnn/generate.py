@@ -262,6 +262,10 @@ def _resolve_device(model: nn.Module, device) -> torch.device:
     if device is None:
         return model_dev
     dev = torch.device(device)
+    if dev.type == "cpu":
+        dev = torch.device("cpu")  # cpu:0 names the same device
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device is {dev} but CUDA is not available; leave device=None to use the model's")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if param is not None and dev != model_dev:

@@ -362,7 +362,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):  # torch also parses meta, xpu, hpu, …
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if dev.type == "cpu":
+        return torch.device("cpu")  # cpu:0 is the same device, and compares unequal to the model's "cpu"
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
