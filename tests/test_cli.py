@@ -148,6 +148,19 @@ def test_config_file(tmp_path, capsys):
     bad.write_text('source_weights = ["two", 1]\n')
     line = one_error_line(capsys, 2, ["train", "--config", str(bad)])
     assert line == f"deeprnn: error: {bad}: source_weights must be a list of numbers, got ['two', 1]"
+    # "train" that is not a table was an AttributeError traceback; keys beside [train] were silently ignored
+    for text, problem in [("train = 5\n", "'train' must be a table ([train]), got int 5"),
+                          ('train = "x"\n', "'train' must be a table ([train]), got str 'x'"),
+                          ("[[train]]\nnum_layers = 1\n", "'train' must be a table ([train]), got list "
+                                                            "[{'num_layers': 1}]"),
+                          ("num_hiddens = 8\n[train]\nnum_layers = 1\n",
+                           "'num_hiddens' is outside the [train] table, where it would be ignored; put every option "
+                           "under [train], or all of them at the top level"),
+                          ('[train]\nnum_layers = 1\n[model]\ncell = "gru"\n',
+                           "'model' is outside the [train] table, where it would be ignored; put every option "
+                           "under [train], or all of them at the top level")]:
+        bad.write_text(text)
+        assert one_error_line(capsys, 2, ["train", "--config", str(bad)]) == f"deeprnn: error: {bad}: {problem}"
 
 
 def test_source_weights_from_file_and_flag(tmp_path, capsys):

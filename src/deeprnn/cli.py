@@ -272,7 +272,15 @@ def load_toml(path: str) -> dict[str, Any]:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
-    return data.get("train", data)
+    if "train" not in data:
+        return data  # the options at the top level
+    table, outside = data["train"], [key for key in data if key != "train"]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{p}: 'train' must be a table ([train]), got {type(table).__name__} {table!r}")
+    if outside:  # they used to be ignored without a word: a [model] table, or keys above [train]
+        raise ConfigError(f"{p}: {outside[0]!r} is outside the [train] table, where it would be ignored; put every "
+                          "option under [train], or all of them at the top level")
+    return table
 
 
 def config_from_mapping(values: dict[str, Any], source: str):
