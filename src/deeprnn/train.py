@@ -615,12 +615,49 @@ def holds_run(run_dir: Path) -> bool:
     return any(_is_own(run_dir / n) for n in ("config.json", "summary.json", "compare.json", *CHECKPOINT_DIRS))
 
 
-def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) -> Path:
+LOCK_FILE = ".deeprnn.lock"  # in a run directory: held by the process that trains it (run_lock)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``run_dir``'s lock while the block runs: a second process that would train the same run (a
+    ``--resume`` or ``--overwrite`` of a run still training) gets a CheckpointError naming the first one's pid.
+
+    The lock is the operating system's (``flock``; ``msvcrt`` on Windows, through ``filelock``), so a process
+    that dies, even by SIGKILL, holds none. The file stays, as removing a lock file races with the next
+    process that opens it."""
+    from filelock import FileLock, Timeout
+
+    path = run_dir / LOCK_FILE
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            pid = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            pid = ""
+        who = f" (pid {pid})" if pid.isdigit() else ""
+        raise CheckpointError(f"run directory {run_dir} is in use by another deeprnn process{who}; wait for it to "
+                              "finish, or stop it, and try again") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot write to run directory {run_dir}: {e.strerror or e}; check its "
+                              "permissions or choose another --run-dir") from None
+    try:
+        path.write_text(str(os.getpid()), encoding="ascii")
+        yield
+    finally:
+        lock.release()
+
+
+def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
+                    held: contextlib.ExitStack | None = None) -> Path:
     """Create the run directory, refusing to clobber an existing run unless asked.
 
     A non-empty directory that holds no deeprnn run (:func:`holds_run`) is refused even with
     ``overwrite``; with ``overwrite`` a run's own files (:data:`RUN_FILES`, :data:`CHECKPOINT_DIRS`) are
-    removed, after checking that each one is deeprnn's; anything else in the directory stays.
+    removed, after checking that each one is deeprnn's; anything else in the directory stays. With ``held``,
+    the directory's lock (:func:`run_lock`) is taken into it, before anything is removed.
     """
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / default_run_name(cfg)
     if run_dir.exists() and not run_dir.is_dir():
@@ -629,7 +666,8 @@ def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool =
         if not run_dir.is_dir():
             raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
+    locked = False
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         if not holds_run(run_dir):
             raise CheckpointError(
                 f"run directory {run_dir} is not empty and holds no deeprnn run; choose a new or empty --run-dir"
@@ -652,6 +690,9 @@ def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool =
 
         from deeprnn.checkpoint import FILES
 
+        if held is not None:  # a run still training is not removed under it
+            held.enter_context(run_lock(run_dir))
+            locked = True
         # Only remove what a run writes, and only once every such name is known to be deeprnn's.
         present = [run_dir / n for n in (*RUN_FILES, *CHECKPOINT_DIRS) if (run_dir / n).exists()]
         for p in present:
@@ -670,6 +711,8 @@ def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool =
     except OSError as e:
         raise CheckpointError(f"cannot create run directory {run_dir}: {e.strerror or e}; "
                               "choose another --run-dir") from None
+    if held is not None and not locked:
+        held.enter_context(run_lock(run_dir))
     return run_dir
 
 
@@ -840,9 +883,29 @@ def train(
     off (same losses as an uninterrupted run); ``cfg`` must equal the run's own config except for
     budget and reporting fields (:data:`RESUME_MAY_CHANGE`). ``stop_after_steps`` pauses the run
     after that many steps in total (an evaluation and ``last/`` checkpoint are written), as an
-    interruption would, without changing the schedule. Raises :class:`DeepRNNError` subclasses on bad
+    interruption would, without changing the schedule. One process trains a run at a time: the run
+    directory is locked (:func:`run_lock`) while it trains. Raises :class:`DeepRNNError` subclasses on bad
     input, :class:`TrainingInterrupted` after SIGINT/SIGTERM (checkpoint written).
     """
+    with contextlib.ExitStack() as held:  # the run directory's lock, released however training ends
+        return _train(cfg, held, resume=resume, overwrite=overwrite, progress=progress, log=log, init_from=init_from,
+                      extend_vocab=extend_vocab, freeze_layers=freeze_layers, stop_after_steps=stop_after_steps)
+
+
+def _train(
+    cfg: TrainConfig,
+    held: contextlib.ExitStack,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    init_from: str | None,
+    extend_vocab: bool,
+    freeze_layers: int,
+    stop_after_steps: int | None,
+) -> dict[str, Any]:
+    """:func:`train`, with ``held`` to keep the run directory's lock in until it returns."""
     from deeprnn import distributed as dist_util
     from deeprnn.allocator import keep_freed_memory
     from deeprnn.batching import BatchLoader
@@ -867,8 +930,11 @@ def train(
         if run_dir is None:
             raise ConfigError("resume needs a run directory (--resume RUN_DIR)")
         if not run_dir.is_dir():
-            raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
+            raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist" if not run_dir.exists()
+                                  else f"cannot resume: {run_dir} is a file; --resume takes the run directory")
         check_resume_target(run_dir)
+        if is_main:
+            held.enter_context(run_lock(run_dir))  # before reading the checkpoint another process may be writing
         resume_ckpt = load_checkpoint(run_dir, prefer="last")
         if not {"position", "loader", "optimizer"} <= resume_ckpt.meta.keys() or \
                 "rng.torch" not in resume_ckpt.train_tensors:
@@ -1038,7 +1104,7 @@ def train(
                      cfg.seed + RANK_SEED_STRIDE * dist.rank + step)
         log(f"resuming {run_dir} at step {step} (epoch {epoch})")
     else:
-        run_dir = prepare_run_dir(cfg, overwrite=overwrite) if is_main else Path(cfg.run_dir or "runs/_")
+        run_dir = prepare_run_dir(cfg, overwrite=overwrite, held=held) if is_main else Path(cfg.run_dir or "runs/_")
         cfg.run_dir = str(run_dir)
         if is_main:
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
