@@ -384,9 +384,40 @@ def load_tensors(ckpt_dir: Path, name: str, meta: dict[str, Any]) -> dict[str, t
         raise CheckpointError(f"checkpoint file {ckpt_dir / name} cannot be read: {e}") from None
 
 
+READ_ATTEMPTS = 3  # load_checkpoint's reads of a checkpoint that a running training keeps replacing
+
+
+def _meta_seen(run_or_ckpt: str | os.PathLike, prefer: str) -> tuple[Path, bytes] | None:
+    """Which checkpoint ``run_or_ckpt`` names now, and its ``checkpoint.json``: what a save replaces."""
+    try:
+        ckpt_dir = resolve_checkpoint(run_or_ckpt, prefer=prefer)
+        return ckpt_dir, (ckpt_dir / META_FILE).read_bytes()
+    except (CheckpointError, OSError):
+        return None
+
+
 def load_checkpoint(run_or_ckpt: str | os.PathLike, map_location: str | torch.device = "cpu",
                     prefer: str = "best") -> Checkpoint:
-    """Load a checkpoint (or a run's best/last) onto ``map_location``; never unpickles."""
+    """Load a checkpoint (or a run's best/last) onto ``map_location``; never unpickles.
+
+    A run still training replaces ``best/`` and ``last/`` whole. A save that lands between the reads of
+    ``checkpoint.json`` and of the tensors it vouches for would read as damage (a digest mismatch, a file
+    missing): when ``checkpoint.json`` has changed since, the checkpoint is read again, up to
+    :data:`READ_ATTEMPTS` times in all."""
+    for _ in range(READ_ATTEMPTS):
+        seen = _meta_seen(run_or_ckpt, prefer)
+        try:
+            return _load_checkpoint(run_or_ckpt, map_location, prefer)
+        except CheckpointError:
+            now = _meta_seen(run_or_ckpt, prefer)
+            if now == seen:  # the same checkpoint as before the read: the fault is in it
+                raise
+    where = now[0] if now else Path(run_or_ckpt)
+    raise CheckpointError(f"{where} changed each time it was read (is a run still training into it?); try again, "
+                          "or read it once the run stops")
+
+
+def _load_checkpoint(run_or_ckpt: str | os.PathLike, map_location: str | torch.device, prefer: str) -> Checkpoint:
     from deeprnn.errors import VocabError
     from deeprnn.models import ModelConfig, build_model
     from deeprnn.vocab import Vocab

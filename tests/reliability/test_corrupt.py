@@ -4,6 +4,7 @@ a crash and never silently wrong weights."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -307,3 +308,50 @@ def test_saving_over_a_checkpoint_keeps_a_users_files_in_it(ckpt):
     assert (ckpt / "notes.txt").read_text() == "lr 2 was too high\n" and not trash.exists()
     assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint.json", "model.safetensors", "notes.txt", "plots",
                                                       "train_state.safetensors"]
+
+
+def _other_checkpoint(ckpt: Path, dest: Path, edit_meta, shift: float) -> Path:
+    """A well-formed checkpoint like ``ckpt`` with other weights: what the next save of a training run writes."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    other = Path(shutil.copytree(ckpt, dest))
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v + shift for k, v in weights.items()}, other / "model.safetensors")
+    digest = hashlib.sha256((other / "model.safetensors").read_bytes()).hexdigest()
+    edit_meta(other, lambda m: m["files"].update({"model.safetensors": digest}))
+    return other
+
+
+@pytest.mark.parametrize("saves", [1, 3])
+def test_a_checkpoint_replaced_while_it_is_read_is_read_again(ckpt, tmp_path, monkeypatch, edit_meta, saves):
+    """``generate`` or ``info`` of a run still training: a save between the reads of checkpoint.json and of the
+    tensors read as "corrupt (SHA-256 mismatch)", 6 times in 7 in a real race, and a user might delete a good
+    checkpoint for it. Now a checkpoint.json that changed meanwhile means read again (3 reads in all)."""
+    from deeprnn import checkpoint as ck
+
+    nexts = [_other_checkpoint(ckpt, tmp_path / f"save{i}", edit_meta, shift=i + 1) for i in range(saves)]
+    real = ck.load_tensors
+
+    def a_save_lands(ckpt_dir, name, meta):
+        if nexts and name == "model.safetensors":  # as training does: a new directory renamed into place
+            shutil.rmtree(ckpt)
+            shutil.copytree(nexts.pop(0), ckpt)
+        return real(ckpt_dir, name, meta)
+
+    monkeypatch.setattr(ck, "load_tensors", a_save_lands)
+    if saves == 1:
+        loaded = load_checkpoint(ckpt)  # the second read: the new checkpoint, whole
+        assert loaded.meta["files"]["model.safetensors"] == json.loads(
+            (tmp_path / "save0" / "checkpoint.json").read_text())["files"]["model.safetensors"]
+    else:
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(ckpt)
+        assert str(e.value) == (f"{ckpt} changed each time it was read (is a run still training into it?); try "
+                                "again, or read it once the run stops")
+    # Real damage (nothing changes between the reads) is still reported at once, as it is.
+    monkeypatch.setattr(ck, "load_tensors", real)
+    flip_bit(ckpt / "model.safetensors", 200)
+    with pytest.raises(CheckpointError, match=r"^checkpoint file .*model\.safetensors is corrupt \(SHA-256 mismatch\)"):
+        load_checkpoint(ckpt)
