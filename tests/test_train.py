@@ -623,3 +623,45 @@ def test_a_run_being_trained_is_locked_against_a_second_process(tmp_path):
         holder.wait()
     assert train(dataclasses.replace(cfg, max_steps=6), resume=True, progress=False, log=lambda *_: None)["steps"] == 6
     assert [r["step"] for r in rows(run)] == ["4", "6"]
+
+
+def test_a_row_written_just_before_a_kill_is_not_written_twice(tmp_path):
+    """A process killed between writing an evaluation's row to metrics.csv and saving last/ left that row, and
+    the resumed run wrote its step again (5 kill -9s gave a duplicate step 11). Resume drops rows past its
+    checkpoint, byte for byte the rest."""
+    cfg = tiny(tmp_path, max_steps=4, eval_every=2)
+    train(cfg, progress=False, log=lambda *_: None)
+    csv_path = tmp_path / "run" / "metrics.csv"
+    kept = csv_path.read_bytes()
+    orphan = kept.splitlines(keepends=True)[-1].replace(b"4,", b"6,", 1)  # the row of a step 6 never saved
+    csv_path.write_bytes(kept + orphan)
+    train(dataclasses.replace(cfg, max_steps=6), resume=True, progress=False, log=lambda *_: None)
+    assert [r["step"] for r in rows(tmp_path / "run")] == ["2", "4", "6"]
+    assert csv_path.read_bytes().startswith(kept) and csv_path.read_bytes().count(b"\n") == 4
+
+
+def test_a_curve_that_cannot_be_drawn_is_one_warning_and_training_goes_on(tmp_path):
+    """An edited metrics.csv header (re-saved from a spreadsheet) was a KeyError at every evaluation of every
+    resume; a directory in curve.png's place an IsADirectoryError that left curve.tmp.png."""
+    cfg = tiny(tmp_path, max_steps=2, eval_every=2)
+    train(cfg, progress=False, log=lambda *_: None)
+    run = tmp_path / "run"
+    text = (run / "metrics.csv").read_text()
+    (run / "metrics.csv").write_text("Step;Epoch" + text[text.index("\n"):])
+    lines = []
+    summary = train(dataclasses.replace(cfg, max_steps=4), resume=True, progress=False, log=lines.append)
+    assert summary["steps"] == 4
+    assert [line for line in lines if "warning" in line] == [
+        f"warning: cannot draw {run / 'curve.png'} (KeyError: 'epoch'); training goes on, and {run / 'metrics.csv'} "
+        "has the numbers"]
+    edited = (run / "metrics.csv").read_text()
+    (run / "metrics.csv").write_text(text[:text.index("\n")] + edited[edited.index("\n"):])  # the header mended
+    (run / "curve.png").unlink()
+    (run / "curve.png").mkdir()
+    lines.clear()
+    fresh = tiny(tmp_path, max_steps=6, eval_every=2)
+    assert train(fresh, resume=True, progress=False, log=lines.append)["steps"] == 6
+    assert [line for line in lines if "warning" in line] == [
+        f"warning: cannot draw {run / 'curve.png'} (Is a directory); training goes on, and {run / 'metrics.csv'} "
+        "has the numbers"]
+    assert not (run / "curve.tmp.png").exists()

@@ -750,9 +750,14 @@ def write_plot(metrics_csv: Path, out_png: Path, title: str = "") -> None:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out_png)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
 
 
 def _finite_text(text: str) -> bool:
@@ -760,6 +765,23 @@ def _finite_text(text: str) -> bool:
         return math.isfinite(float(text))
     except ValueError:
         return False
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop the rows of ``metrics.csv`` past ``step``, the step of the checkpoint a run resumes from: a process
+    killed between writing an evaluation's row and saving ``last/`` leaves a row that the resumed run writes
+    again. Every other byte stays. Returns the number of rows dropped."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            header, *rows = f.read().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError, ValueError):  # none yet, or not ours to edit
+        return 0
+    if not header.startswith("step,"):
+        return 0
+    keep = [row for row in rows if not (row.split(",", 1)[0].isdigit() and int(row.split(",", 1)[0]) > step)]
+    if len(keep) < len(rows):
+        write_text_atomic(path, header + "".join(keep), newline="")
+    return len(rows) - len(keep)
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
@@ -1102,6 +1124,8 @@ def _train(
             averager.load_tensors(resume_ckpt.train_tensors)
         _restore_rng(resume_ckpt.train_tensors, dist.rank, device,
                      cfg.seed + RANK_SEED_STRIDE * dist.rank + step)
+        if is_main:
+            trim_metrics(run_dir / "metrics.csv", step)
         log(f"resuming {run_dir} at step {step} (epoch {epoch})")
     else:
         run_dir = prepare_run_dir(cfg, overwrite=overwrite, held=held) if is_main else Path(cfg.run_dir or "runs/_")
@@ -1294,13 +1318,26 @@ def _train(
         save("last", row)
         if is_main and time.perf_counter() - last_plot[0] > PLOT_EVERY_S:
             # Drawing costs ~0.2-1 s: refreshed at most every PLOT_EVERY_S seconds, and at the end.
-            write_plot(metrics_csv, run_dir / "curve.png", title=f"{cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}")
+            draw_curve()
             last_plot[0] = time.perf_counter()
         interval_loss = torch.zeros((), dtype=torch.float64, device=device)
         interval_count, interval_tokens, interval_time = 0, 0, 0.0
         return bool(cfg.patience and bad_evals >= cfg.patience)
 
     last_plot = [-math.inf]
+    plot_failed: list[str] = []
+
+    def draw_curve() -> None:
+        """curve.png from metrics.csv. It is only a picture: a failure (an edited metrics.csv, a directory in
+        curve.png's place) is one warning, said once, and training goes on."""
+        try:
+            write_plot(metrics_csv, run_dir / "curve.png", title=f"{cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}")
+        except Exception as e:  # noqa: BLE001 - matplotlib and csv raise many kinds; none may stop training
+            if not plot_failed:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+                plot_failed.append(reason)
+                log(f"warning: cannot draw {run_dir / 'curve.png'} ({reason}); training goes on, and "
+                    f"{metrics_csv} has the numbers")
 
     try:
         with _SignalFlag() as flag:
@@ -1400,7 +1437,7 @@ def _train(
             pbar.close()
 
     if is_main and metrics_csv.exists():
-        write_plot(metrics_csv, run_dir / "curve.png", title=f"{cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}")
+        draw_curve()
     # Final: score the test split once, with the best checkpoint.
     summary: dict[str, Any] = {"run_dir": str(run_dir), "stop_reason": stop_reason, "steps": step,
                                "epochs": round(epoch + batch_in_epoch / steps_per_epoch, 3), "train_time_s": round(train_time, 3),
