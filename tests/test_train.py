@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deeprnn.checkpoint import load_checkpoint
-from deeprnn.errors import CheckpointError, ConfigError, CorpusError
+from deeprnn.errors import CheckpointError, ConfigError, CorpusError, DeepRNNError
 from deeprnn.train import TrainConfig, build_optimizer, evaluate_tokens, sequence_loss, train
 
 
@@ -665,3 +665,30 @@ def test_a_curve_that_cannot_be_drawn_is_one_warning_and_training_goes_on(tmp_pa
         f"warning: cannot draw {run / 'curve.png'} (Is a directory); training goes on, and {run / 'metrics.csv'} "
         "has the numbers"]
     assert not (run / "curve.tmp.png").exists()
+
+
+def test_resume_on_a_changed_corpus_is_refused(tmp_path, shared_data):
+    """A corpus file edited between a run and its resume was accepted when its vocabulary came out the same:
+    the splits moved (epochs went backwards in metrics.csv, the test split grew from 48 to 128 tokens), best/
+    was picked on other text, and the resume was no longer exact. Checkpoints now record the token stream."""
+    text = (shared_data / "timemachine.txt").read_text(encoding="utf-8")[:6000]
+    f = tmp_path / "book.txt"
+    f.write_text(text, encoding="utf-8")
+    cfg = tiny(tmp_path, corpus=[str(f)], max_tokens=None, max_steps=2)
+    train(cfg, progress=False, log=lambda *_: None)
+    run = tmp_path / "run"
+    before = _tree(run)
+    more = dataclasses.replace(cfg, max_steps=4)
+    # The text's one "j" made a space: a letter fewer; five "x" of 16 made "j"s: the order of frequency.
+    for changed, how in [(text * 3, "5,626 tokens then, 16,878 now"),
+                         (text.replace("time", "mite"), "the same 5,626 tokens, but not the same text"),
+                         (text.replace("j", " ").replace("J", " "), "tokens gone 'j'"),
+                         (text.replace("x", "j", 5), "the same 28 tokens in another order of frequency")]:
+        f.write_text(changed, encoding="utf-8")
+        with pytest.raises(DeepRNNError) as e:
+            train(more, resume=True, progress=False, log=lambda *_: None)
+        assert str(e.value) == (f"the corpus has changed since the run in {run} started ({how}); resume with the "
+                                "text the run was trained on, or start a new run")
+        assert _tree(run) == before
+    f.write_text(text, encoding="utf-8")
+    assert train(more, resume=True, progress=False, log=lambda *_: None)["steps"] == 4

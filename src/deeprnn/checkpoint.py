@@ -367,6 +367,7 @@ _META_FIELDS: dict[str, Callable[[object], bool]] = {
     "metrics": _or_none(_values(_or_none(is_number))), "finetune": _or_none(_is(dict)),
     "parent": _or_none(_is(str)), "deeprnn_version": _or_none(_is(str)),
     **{name: _record(**fields) for name, fields in RESUME_RECORDS.items()},
+    "data": lambda v: _record(tokens=_count, sha256=_is(str))(v) and {"tokens", "sha256"} <= v.keys(),
     "best_val": _or_none(is_number), "lr_scale": is_number,
     "bad_evals": _count, "evals_done": _count, "nan_rollbacks": _count,
 }

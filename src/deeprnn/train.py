@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from deeprnn.choices import NORMALIZATIONS, ON_NAN, OPTIMIZERS, PRECISIONS, SAMPLINGS, SCHEDULES, TOKENS
 from deeprnn.corpus import MAX_SOURCE_WEIGHT, known_encoding, unknown_encoding_message
-from deeprnn.errors import CheckpointError, ConfigError, DeepRNNError, VocabError
+from deeprnn.errors import CheckpointError, ConfigError, CorpusError, DeepRNNError, VocabError
 from deeprnn.fields import check_types, is_number
 from deeprnn.files import write_text_atomic
 from deeprnn.regularize import activation_penalty
@@ -272,6 +272,30 @@ def _relative_elsewhere(spec: str) -> bool:
 
     path = os.path.expanduser(spec)
     return spec not in NAMED_CORPORA and not os.path.isabs(path) and not os.path.exists(path)
+
+
+def corpus_record(tokens: torch.Tensor) -> dict[str, Any]:
+    """The token stream a run trains and scores on, as its checkpoints record it: count and SHA-256 of the ids."""
+    import hashlib
+
+    ids = tokens.contiguous().cpu().numpy()
+    digest = hashlib.sha256(str(ids.dtype).encode() + b":" + ids.tobytes()).hexdigest()
+    return {"tokens": int(tokens.numel()), "sha256": digest}
+
+
+def _first_few(tokens: list[str], n: int = 3) -> str:
+    return ", ".join(map(repr, tokens[:n])) + (", …" if len(tokens) > n else "")
+
+
+def check_same_corpus(saved: dict[str, Any] | None, now: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume on text other than the run's own: the splits, best/ and the "exact resume" would all
+    silently change. Checkpoints written before the record existed (``saved`` None) are not checked."""
+    if saved is None or saved == now:
+        return
+    how = (f"{saved['tokens']:,} tokens then, {now['tokens']:,} now" if saved["tokens"] != now["tokens"] else
+           f"the same {now['tokens']:,} tokens, but not the same text")
+    raise CorpusError(f"the corpus has changed since the run in {run_dir} started ({how}); resume with the text "
+                      "the run was trained on, or start a new run")
 
 
 def check_budget_left(cfg: TrainConfig, run_dir: Path, *, step: int, train_time: float = 0.0,
@@ -990,9 +1014,13 @@ def _train(
         corpus = build_corpus(cfg.corpus, vocab=None, **build)
         if corpus.vocab.idx_to_token != vocab.idx_to_token:
             if resume_ckpt.meta.get("parent") is None:
-                raise VocabError(f"the corpus' vocabulary ({len(corpus.vocab)} tokens) differs from the "
-                                 f"checkpoint's ({len(vocab)}) in {run_dir}; resume with the text the run was "
-                                 "trained on")
+                new = sorted(set(corpus.vocab.idx_to_token) - set(vocab.idx_to_token))
+                gone = sorted(set(vocab.idx_to_token) - set(corpus.vocab.idx_to_token))
+                how = "; ".join([f"new tokens {_first_few(new)}"] * bool(new) +
+                                [f"tokens gone {_first_few(gone)}"] * bool(gone)) \
+                    or f"the same {len(vocab)} tokens in another order of frequency"
+                raise VocabError(f"the corpus has changed since the run in {run_dir} started ({how}); resume with "
+                                 "the text the run was trained on, or start a new run")
             corpus = build_corpus(cfg.corpus, vocab=vocab, **build)  # fine-tuned: the parent's vocabulary
     elif init_from is not None:
         from deeprnn.finetune import count_unknown, extended_vocab, grow_model, missing_tokens
@@ -1024,6 +1052,9 @@ def _train(
     else:
         corpus = build_corpus(cfg.corpus, vocab=None, **build)
     vocab = corpus.vocab
+    data_record = corpus_record(corpus.tokens)
+    if resume_ckpt is not None:
+        check_same_corpus(resume_ckpt.meta.get("data"), data_record, run_dir)
     splits = corpus.split((1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction),
                           heldout_from=cfg.heldout_from, train_weights=cfg.source_weights)
     train_tokens = splits.train
@@ -1177,6 +1208,7 @@ def _train(
             "position": {"step": step, "epoch": epoch, "tokens": tokens_seen, "train_time": train_time},
             "loader": {"epoch": epoch, "batch": batch_in_epoch},
             "optimizer": opt_meta,
+            "data": data_record,  # what resume checks the text against
             # no evaluation yet: best_val is inf, written as null (JSON has no Infinity); _loss_or_inf reads it
             "best_val": json_safe(best_val), "bad_evals": bad_evals, "evals_done": evals_done,
             "plateau": json_safe(plateau),

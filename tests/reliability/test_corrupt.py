@@ -208,6 +208,7 @@ def test_invalid_config_or_vocab_is_refused(ckpt, capsys, edit_meta, edit):
     (lambda m: m["plateau"].update(best=[]),
      r"has an invalid 'plateau' field \(\{\"bad\": 0, \"best\": \[\], \"scale\": 1.0\}\)"),
     (lambda m: m.update(evals_done=True), r"has an invalid 'evals_done' field \(true\)"),
+    (lambda m: m["data"].pop("sha256"), r"has an invalid 'data' field \(\{\"tokens\": \d+\}\)"),
     (lambda m: m["model_config"].update(residual="yes"),
      r"has an invalid model_config: residual must be of type bool, got str 'yes'"),
     (lambda m: m["train_config"].update(lr="fast"),
@@ -216,7 +217,7 @@ def test_invalid_config_or_vocab_is_refused(ckpt, capsys, edit_meta, edit):
      r"has an invalid train_config: corpus must be a list of strings, got 3"),
     (lambda m: m["train_config"].update(ar_alpha=10**30),
      r"has an invalid train_config: ar_alpha must be a number of magnitude < 2\*\*63, got 10{30}"),
-], ids=["parent", "position", "loader", "metrics", "plateau", "counter", "model-bool", "train-float", "train-list",
+], ids=["parent", "position", "loader", "metrics", "plateau", "counter", "data", "model-bool", "train-float", "train-list",
         "train-huge"])
 def test_a_field_of_the_wrong_type_is_refused(ckpt, capsys, edit_meta, edit, message):
     """A ``checkpoint.json`` edited and re-checksummed (or written by another tool) used to end in a
