@@ -181,7 +181,7 @@ def _check_args(*, prefix, num_preds, strategy, temperature, top_k, top_p, num_s
     """Raise ``ConfigError`` for the first bad argument, in signature order; messages start with its name."""
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
-    if not isinstance(prefix, str) or not prefix.strip():
+    if not isinstance(prefix, str) or not prefix:  # " " is a character like any other; a word model checks words
         raise ConfigError(f"prefix must be a non-empty string (it seeds the model's state), got {prefix!r}")
     if not _is_int(num_preds):
         raise ConfigError(f"num_preds must be an integer >= 0, got {num_preds!r}")
@@ -231,6 +231,9 @@ def encode_prefix(vocab, prefix: str, *, unk: str = "error") -> list[int]:
     """
     word = getattr(vocab, "token", "char") == "word"
     toks = prefix.split() if word else list(prefix)
+    if not toks:
+        raise ConfigError(f"prefix must hold at least one word for a word-level model (it seeds the model's state), "
+                          f"got {prefix!r}")
     known = vocab.token_to_idx
     missing = list(dict.fromkeys(t for t in toks if t not in known))
     if missing:

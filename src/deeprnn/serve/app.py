@@ -35,7 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException  # what FastAPI raises for a body it cannot parse
 
 from deeprnn import __version__
@@ -290,13 +290,6 @@ class GenerateRequest(BaseModel):
     model: str | None = Field(None, description="model id from /api/models (default: the first)")
     unk: Literal["error", "replace"] = Field("error", description="prefix tokens outside the vocabulary")
     stream: bool = Field(False, description="answer with server-sent events as the text is produced")
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must contain a non-space character (it seeds the model's state)")
-        return v
 
     @model_validator(mode="after")
     def _beam_samples(self) -> "GenerateRequest":
@@ -553,6 +546,9 @@ def create_app(
         entry = registry.get(req.model)
         if entry is None:
             return _unknown_model(req.model)
+        if entry.vocab.token == "word" and not req.prefix.split():  # " " is a character, but no word
+            return _error(422, "prefix must hold at least one word for a word-level model (it seeds the model's "
+                               "state)", "prefix")
         if req.unk == "error":
             missing = _missing_tokens(entry.vocab, req.prefix)
             if missing:
