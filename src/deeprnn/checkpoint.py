@@ -425,6 +425,13 @@ def _load_checkpoint(run_or_ckpt: str | os.PathLike, map_location: str | torch.d
 
     ckpt_dir = resolve_checkpoint(run_or_ckpt, prefer=prefer)
     meta = read_meta(ckpt_dir)
+    lacking = [name for name in ("model_config", "vocab") if name not in meta]
+    if lacking:
+        raise CheckpointError(f"{ckpt_dir / META_FILE} lacks {' and '.join(lacking)}; it is corrupt or was edited")
+    unknown = sorted(meta["model_config"].keys() - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:  # a field that may change what the model computes: never dropped silently
+        raise CheckpointError(f"{ckpt_dir / META_FILE} has a model_config field this deeprnn ({__version__}) does not "
+                              f"know, {unknown[0]!r}; it was written by a newer deeprnn (upgrade) or edited")
     try:
         config = ModelConfig(**meta["model_config"])
         config.validate()

@@ -189,15 +189,21 @@ def test_declared_shapes_are_compared_before_the_model_is_built(ckpt, capsys, ed
     refused(ckpt, capsys, rf"^weights in {ckpt} do not fit the model config: {re.escape(diff)}$")
 
 
-@pytest.mark.parametrize("edit", [
-    lambda meta: meta["model_config"].update(cell="transformer"),
-    lambda meta: meta["model_config"].update(wormholes=3),
-    lambda meta: meta.update(vocab={"idx_to_token": ["a", "a"]}),
-    lambda meta: meta.pop("model_config"),
-], ids=["bad-cell", "unknown-field", "bad-vocab", "no-config"])
-def test_invalid_config_or_vocab_is_refused(ckpt, capsys, edit_meta, edit):
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta: meta["model_config"].update(cell="transformer"),
+     "has an invalid model config or vocabulary: cell must be one of rnn_tanh, rnn_relu, gru, lstm; got 'transformer'"),
+    # these two said "…: ModelConfig.__init__() got an unexpected keyword argument 'wormholes'" and "…: 'model_config'"
+    (lambda meta: meta["model_config"].update(wormholes=3),
+     f"has a model_config field this deeprnn ({__version__}) does not know, 'wormholes'; it was written by a newer "
+     "deeprnn (upgrade) or edited"),
+    (lambda meta: meta.pop("model_config"), "lacks model_config; it is corrupt or was edited"),
+    (lambda meta: meta.update(vocab={"idx_to_token": ["a", "a"]}),
+     "has an invalid model config or vocabulary: not a deeprnn vocabulary (bad or missing field 'format'); save it "
+     "with Vocab.save"),
+], ids=["bad-cell", "unknown-field", "no-config", "bad-vocab"])
+def test_invalid_config_or_vocab_is_refused(ckpt, capsys, edit_meta, edit, message):
     edit_meta(ckpt, edit)
-    refused(ckpt, capsys, r"has an invalid model config or vocabulary: ")
+    refused(ckpt, capsys, f"^{re.escape(str(ckpt / 'checkpoint.json'))} {re.escape(message)}$")
 
 
 @pytest.mark.parametrize("edit, message", [
