@@ -414,9 +414,12 @@ def test_given_vocab_is_used(tmp_path):
     assert corpus.tokens.tolist() == [vocab[ch] for ch in "the zebra"]
 
 
-def test_corpus_module_never_needs_shared_data():
-    # The product reads The Time Machine from the package, not from ../shared.
+def test_corpus_module_never_needs_shared_data(tmp_path, monkeypatch):
+    """The product reads The Time Machine from the package, not from ../shared: with an empty data directory
+    the whole book is there."""
     assert Path(str(importlib.resources.files("deeprnn") / "data" / "timemachine.txt")).is_file()
+    monkeypatch.setenv("DEEPRNN_DATA_DIR", str(tmp_path))
+    assert len(build_corpus("timemachine").tokens) == 170580
 
 
 # --- large files: streamed in chunks, the same corpus as read whole ----------------------------------

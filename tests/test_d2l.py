@@ -162,8 +162,9 @@ def test_seq_data_loader_draws_a_new_offset_each_epoch():
     random.seed(3)
     expected = list(book_seq_data_iter_sequential(train_iter.corpus, 4, 10))
     expected2 = list(book_seq_data_iter_sequential(train_iter.corpus, 4, 10))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, expected))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(second, expected2))
+    as_lists = lambda batches: [(X.tolist(), Y.tolist()) for X, Y in batches]  # noqa: E731
+    assert as_lists(first) == as_lists(expected) and as_lists(second) == as_lists(expected2)
+    assert len(first) == len(second) == 24 and as_lists(first) != as_lists(second)  # offsets 3, then 9
     rand_iter, _ = d2l.load_data_time_machine(4, 10, use_random_iter=True, max_tokens=1000)
     assert rand_iter.data_iter_fn is d2l.seq_data_iter_random
 

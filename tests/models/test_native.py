@@ -268,6 +268,7 @@ def test_window_functions_native_equals_python(ext, monkeypatch, cell, shape, dt
     assert served == [True], "the autograd function did not take the C++ path"
     monkeypatch.setenv(native.ENV, "0")
     ref = _run_window(cell, args)
+    assert served == [True, False], "the reference did not take the Python loops"
     _assert_lists_close(ours, ref, _tol(dtype, lp), lp)
 
 
@@ -327,6 +328,7 @@ def test_model_under_bf16_autocast_native_equals_python(ext, monkeypatch, cell):
     assert served == [True, True], "both layers' windows should take the C++ path"
     monkeypatch.setenv(native.ENV, "0")
     ref = run()
+    assert served == [True, True, False, False], "the reference did not take the Python loops"
     for a, b in zip(ours, ref):
         assert_close(a, b, atol=3e-2, rtol=3e-2)
         assert (a - b).abs().mean() <= 2e-3 * b.abs().mean() + 1e-6

@@ -128,7 +128,7 @@ def test_huge_but_finite_losses_do_not_crash_the_summary(tiny_cfg):
     losses of ~1e7 nats; 1e22 and above reached NaN by step 2 on an AVX2-only CPU (but not on an AVX-512 one)."""
     summary = train(tiny_cfg(optimizer="sgd", lr=1e8, clip=0, max_steps=2, schedule="constant"),
                     progress=False, log=lambda *_: None)
-    assert summary["steps"] == 2 and summary["test_ppl"] >= 1
+    assert summary["steps"] == 2 and summary["test_ppl"] == math.inf and summary["test_loss"] > 710
 
 
 def _strict_json(text: str):
