@@ -5,6 +5,8 @@ import dataclasses
 import json
 import math
 import signal
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -270,7 +272,7 @@ def test_a_damaged_cache_entry_is_trained_or_scored_again(tmp_path, tiny_text, c
     assert (out / "results.csv").read_text().count("\n") == before.count("\n")
 
 
-def test_an_interrupted_run_continues_when_the_compare_command_is_run_again(tmp_path, tiny_text):
+def test_an_interrupted_run_continues_when_the_compare_command_is_run_again(tmp_path, tiny_text, monkeypatch):
     """Ctrl-C during compare used to print ``resume with: deeprnn train --resume RUNS/<key>`` while the same
     compare command, run again, trained that run from step 0. Now the hint names the compare command, and
     it resumes the run from its checkpoint; the wall time adds both sessions."""
@@ -285,12 +287,15 @@ def test_an_interrupted_run_continues_when_the_compare_command_is_run_again(tmp_
         if line.startswith("epoch") and " step 4:" in line:
             request_stop(signal.SIGINT)  # as the SIGINT handler does
 
+    clock = iter([10.0, 13.5, 100.0, 102.0])  # compare's wall clock: 3.5 s to the interrupt, then 2 s more
+    monkeypatch.setattr(compare, "time", types.SimpleNamespace(perf_counter=lambda: next(clock),
+                                                               strftime=time.strftime))
     with pytest.raises(TrainingInterrupted) as err:
         compare.run_compare(spec, out, log=lambda *_: None, train_log=ctrl_c_at_step_4)
     (run,) = (out / "runs").iterdir()
     assert str(err.value) == "SIGINT received: checkpoint saved; resume with: the same deeprnn compare command"
     info = json.loads((run / "compare.json").read_text())
-    assert info["interrupted"] is True and info["wall_s_so_far"] > 0 and info["wall_s"] is None
+    assert info["interrupted"] is True and info["wall_s_so_far"] == 3.5 and info["wall_s"] is None
     assert [r["step"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["2", "4", "5"]
 
     said = []
@@ -300,7 +305,7 @@ def test_an_interrupted_run_continues_when_the_compare_command_is_run_again(tmp_
     assert [r["step"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["2", "4", "5", "6", "8"]  # resumed
     done = json.loads((run / "compare.json").read_text())
     assert "interrupted" not in done and "wall_s_so_far" not in done
-    assert done["wall_s"] > info["wall_s_so_far"]
+    assert done["wall_s"] == 5.5  # both sessions
     assert result["records"][0]["steps"] == 8
 
 
