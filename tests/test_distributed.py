@@ -37,7 +37,7 @@ BASE = dict(corpus=["timemachine"], num_layers=2, num_hiddens=16, batch_size=8, 
 # SGD with a small clip so the global-norm clipping (after DDP's gradient average) is active.
 OPTIMIZERS = {"sgd": dict(cell="gru", optimizer="sgd", lr=1.0, clip=0.1),
               "adam": dict(cell="lstm", optimizer="adam", lr=1e-2, clip=1.0)}
-RUN_FILES = {"config.json", "metrics.csv", "curve.png", "summary.json",
+RUN_FILES = {"config.json", "metrics.csv", "curve.png", "summary.json", ".deeprnn.lock",  # rank 0's lock
              *(f"{c}/{f}" for c in ("best", "last")
                for f in ("checkpoint.json", "model.safetensors", "train_state.safetensors"))}
 
