@@ -86,7 +86,8 @@ def test_evaluate_reads_the_runs_file_in_the_runs_encoding(tmp_path, capsys):
     assert main(argv) == 0
     capsys.readouterr()
     assert main(["evaluate", str(run), "--split", "valid", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["tokens"] > 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["tokens"], result["unknown_tokens"]) == (128, 0)
 
 
 def test_resume_continues_and_extends_budget(trained, capsys):
@@ -97,29 +98,33 @@ def test_resume_continues_and_extends_budget(trained, capsys):
 
 def test_errors_are_one_line(tmp_path, trained, capsys):
     line = one_error_line(capsys, 2, ["train", *TINY, "--run-dir", str(trained)])
-    assert line.startswith("deeprnn: error: run directory") and "--overwrite" in line
+    assert line == (f"deeprnn: error: run directory {trained} already exists; pass --resume {trained} to continue it, "
+                    "--overwrite to replace it, or choose another --run-dir")
 
     line = one_error_line(capsys, 2, ["generate", str(tmp_path / "missing")])
     assert line == f"deeprnn: error: no such run or checkpoint: {tmp_path / 'missing'}"
 
     line = one_error_line(capsys, 2, ["train", "--corpus", str(tmp_path / "nope.txt"), "--run-dir",
                                       str(tmp_path / "r2")])
-    assert line.startswith("deeprnn: error:") and "nope.txt" in line
+    assert line == f"deeprnn: error: no such file: {str(tmp_path / 'nope.txt')!r}; check the path"
 
     line = one_error_line(capsys, 2, ["generate", str(trained), "--prefix", "Time Traveller!"])
-    assert line.startswith("deeprnn: error: prefix has characters not in the vocabulary")
+    assert line == ("deeprnn: error: prefix has characters not in the vocabulary: 'T', '!'; use --unk replace to map "
+                    "them to <unk>")
 
     line = one_error_line(capsys, 2, ["train", *TINY, "--lr", "-1", "--run-dir", str(tmp_path / "r3")])
     assert line == "deeprnn: error: lr must be > 0, got -1.0"
 
     line = one_error_line(capsys, 2, ["train", "--resume", str(trained), "--num-hiddens", "32"])
-    assert "num_hiddens differs from the run" in line
+    assert line == (f"deeprnn: error: num_hiddens differs from the run in {trained} (16 there, 32 now); resume without "
+                    "changing it, or start a new run")
 
     small = tmp_path / "small.txt"
     small.write_text("abc def " * 5)
     line = one_error_line(capsys, 2, ["train", "--corpus", str(small), "--run-dir", str(tmp_path / "r4"),
                                       "--quiet"])
-    assert "need at least" in line
+    assert line == ("deeprnn: error: the training split has 35 tokens (the corpus has 39) but batch_size=32 and "
+                    "num_steps=64 need at least 2112 (batch_size*num_steps + num_steps); use more text or smaller sizes")
 
 
 def test_usage_errors_are_one_line(capsys):
@@ -394,7 +399,8 @@ def test_resume_with_its_own_run_dir_is_allowed(trained, capsys):
     """--run-dir naming the resumed run itself (another spelling of the same path) contradicts nothing."""
     same = str(trained / ".." / trained.name)
     line = one_error_line(capsys, 2, ["train", "--resume", str(trained), "--run-dir", same])
-    assert line.startswith(f"deeprnn: error: the run in {trained} is already at step ")
+    assert line == (f"deeprnn: error: the run in {trained} is already at step 6, at or past max_steps 6: nothing to "
+                    "train; resume with --max-steps above 6 to train on")
 
 
 @pytest.mark.parametrize("target", ["{run}", "{run}/best"])
