@@ -450,6 +450,27 @@ def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
         main(["train", *TINY, "--run-dir", str(tmp_path / "r")])
 
 
+def test_out_of_memory_in_generate_names_generates_flags(trained, capsys, monkeypatch):
+    """``generate --num-samples 100000000`` was told to use a smaller --batch-size, a flag generate lacks."""
+    import deeprnn.generate
+
+    def no_memory(*_, **__):
+        raise MemoryError()
+
+    monkeypatch.setattr(deeprnn.generate, "generate", no_memory)
+    line = one_error_line(capsys, 1, ["generate", str(trained), "--num-samples", "100000000"])
+    assert line == ("deeprnn: error: out of memory: the batch of samples does not fit on this device; ask for fewer "
+                    "--num-samples, or a smaller --beam-width")
+
+
+def test_an_empty_run_dir_is_refused(tmp_path, capsys, monkeypatch):
+    """``--run-dir ""`` trained into runs/<name> without a word; compare refuses an empty --out the same way."""
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(capsys, 2, ["train", *TINY, "--run-dir", " "])
+    assert line == "deeprnn: error: run_dir is empty; name a directory, or drop --run-dir for the default (runs/<name>)"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("where", ["_main", "cmd_info"])
 def test_ctrl_c_while_starting_up_or_in_a_command_is_one_line(capsys, monkeypatch, where):
     """Ctrl-C while torch was still being imported (before the command ran) used to print the import's

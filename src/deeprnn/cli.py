@@ -943,6 +943,16 @@ def _stdout_to_devnull() -> None:
         pass
 
 
+# What does not fit in memory, and the flags that shrink it, by command.
+OUT_OF_MEMORY = {
+    "train": ("the model or batch", "use a smaller --num-hiddens, --num-layers or --batch-size"),
+    "compare": ("the model or batch", "use smaller --hiddens or --layers, or --set batch_size=N with a smaller N"),
+    "evaluate": ("the model or batch", "use a smaller --batch-size or --num-steps"),
+    "generate": ("the batch of samples", "ask for fewer --num-samples, or a smaller --beam-width"),
+    "serve": ("a model", "serve fewer or smaller models"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         code = _main(argv)
@@ -1013,8 +1023,8 @@ def _main(argv: list[str] | None) -> int:
         from deeprnn import distributed
 
         if _out_of_memory(e):
-            return _fail("deeprnn: error: out of memory: the model or batch does not fit on this device; use a "
-                         "smaller --num-hiddens, --num-layers or --batch-size", 1)
+            what, fix = OUT_OF_MEMORY.get(args.command, OUT_OF_MEMORY["train"])
+            return _fail(f"deeprnn: error: out of memory: {what} does not fit on this device; {fix}", 1)
         lost = distributed.peer_failure(e)  # another rank failed first and said why
         if lost is None:
             raise

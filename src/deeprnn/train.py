@@ -181,6 +181,8 @@ class TrainConfig:
         # The ranges below compare numbers: types first, but for the fields whose own check takes any value.
         check_types(TrainConfig, {k: v for k, v in vars(self).items() if k not in ("seed", "source_weights")})
         need(self.encoding is None or known_encoding(self.encoding), unknown_encoding_message(self.encoding))
+        need(self.run_dir is None or self.run_dir.strip() != "",
+             "run_dir is empty; name a directory, or drop --run-dir for the default (runs/<name>)")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
