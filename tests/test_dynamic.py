@@ -189,3 +189,19 @@ def test_cli_dynamic_evaluation(trained, capsys):
                     "got 2000; pass a smaller --num-steps or --dynamic-rule sgd")
     line = one_error_line(capsys, 2, ["evaluate", str(trained), "--num-steps", "-3"])
     assert line == "deeprnn: error: --num-steps must be >= 1, got -3"
+
+
+def test_rms_rule_says_why_it_needs_the_runs_training_text(tmp_path, capsys):
+    """The rms rule reads the run's own training text, even with --corpus: once that file had moved the line was
+    a bare "no such file: …", about a file the command never named."""
+    book = tmp_path / "book.txt"
+    book.write_text("the time traveller for so it will be convenient to speak of him " * 40)
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--corpus", str(book), "--max-tokens", "2000", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other.txt"
+    book.rename(other)
+    line = one_error_line(capsys, 2, ["evaluate", str(run), "--corpus", str(other), "--dynamic-lr", "1e-3"])
+    assert line == (f"deeprnn: error: --dynamic-rule rms reads the run's training text for its gradient statistics: "
+                    f"no such file: {str(book)!r}; check the path; restore it, or use --dynamic-rule sgd")
+    assert main(["evaluate", str(run), "--corpus", str(other), "--dynamic-lr", "1e-3", "--dynamic-rule", "sgd"]) == 0

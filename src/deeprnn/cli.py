@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from deeprnn import __version__, choices
-from deeprnn.errors import ConfigError, DeepRNNError
+from deeprnn.errors import ConfigError, CorpusError, DeepRNNError
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The book's exact experiment (section 9.3): first 10,000 characters, one-hot 2x256 LSTM, SGD lr 2,
@@ -700,7 +700,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         ms = None
         if args.dynamic_rule == "rms":  # the statistics come from the training text, never the scored text
-            train_text = checkpoint_split_tokens(ck, "train", data_dir=args.data_dir, encoding=args.encoding)
+            try:
+                train_text = checkpoint_split_tokens(ck, "train", data_dir=args.data_dir, encoding=args.encoding)
+            except CorpusError as e:  # the run's own text, not --corpus: say why it is read at all
+                raise CorpusError(f"--dynamic-rule rms reads the run's training text for its gradient statistics: "
+                                  f"{e}; restore it, or use --dynamic-rule sgd") from None
             ms = gradient_mean_square(ck.model, train_text, num_steps=num_steps, device=device,
                                       precision=args.precision)
         s, n = dynamic_evaluate_tokens(ck.model, tokens, lr=args.dynamic_lr, decay=args.dynamic_decay,
