@@ -302,7 +302,7 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
-            f"checkpoint format version {version} is not supported by deeprnn {__version__} "
+            f"{meta_path}: checkpoint format version {version} is not supported by deeprnn {__version__} "
             f"(expects {FORMAT_VERSION}); use the deeprnn version that wrote it"
         )
     # Every checkpoint deeprnn wrote has one: a missing digest is damage too (a flipped bit in its key).

@@ -77,11 +77,14 @@ def test_damaged_file_is_refused(ckpt, capsys, name, damage):
         flip_bit(f, size - 2, 0)
     else:
         f.write_bytes(os.urandom(size))
-    if name == "checkpoint.json":
-        match = CORRUPT + "|is not a deeprnn checkpoint"
-    else:
-        match = CORRUPT
-    refused(ckpt, capsys, match)
+    path = re.escape(str(f))
+    if name != "checkpoint.json":
+        message = rf"checkpoint file {path} is corrupt \(SHA-256 mismatch\); use another checkpoint, e\.g\. the run's "
+    elif damage == "flip-header":  # inside a string: still JSON, but not what the digest vouched for
+        message = rf"{path} is corrupt or was edited \(SHA-256 mismatch\); use another checkpoint, e\.g\. the run's "
+    else:  # cut short, random bytes, or its closing brace turned to "|"
+        message = rf"{path} is not a deeprnn checkpoint \(not valid JSON\); it may be corrupt or a file from another "
+    refused(ckpt, capsys, "^" + message)
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -124,7 +127,13 @@ def test_a_run_path_that_is_a_broken_link_is_refused(tmp_path, capsys, kind):
 @pytest.mark.parametrize("body", [b"[]", b"{}", b'{"format": "deeprnn-checkpoint"}', b"null", b"\xff\xfe"])
 def test_json_that_is_not_a_checkpoint(ckpt, capsys, body):
     (ckpt / "checkpoint.json").write_bytes(body)
-    refused(ckpt, capsys, "is not a deeprnn checkpoint|format version None is not supported")
+    path = re.escape(str(ckpt / "checkpoint.json"))
+    refused(ckpt, capsys, {b"[]": rf"^{path} is not a deeprnn checkpoint \(format field missing\)$",
+                           b"{}": rf"^{path} is not a deeprnn checkpoint \(format field missing\)$",
+                           b"null": rf"^{path} is not a deeprnn checkpoint \(format field missing\)$",
+                           b'{"format": "deeprnn-checkpoint"}': rf"^{path}: checkpoint format version None is not "
+                                                                 "supported",
+                           b"\xff\xfe": rf"^{path} is not a deeprnn checkpoint \(not valid JSON\)"}[body])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -160,7 +169,8 @@ def test_a_flipped_bit_in_the_digests_own_name_is_caught(ckpt, capsys):
 @pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 0, str(FORMAT_VERSION), None])
 def test_other_format_version_is_a_clear_error(ckpt, capsys, edit_meta, version):
     edit_meta(ckpt, lambda meta: meta.update(format_version=version))
-    refused(ckpt, capsys, rf"^checkpoint format version {version} is not supported by deeprnn {__version__} "
+    refused(ckpt, capsys, rf"^{re.escape(str(ckpt / 'checkpoint.json'))}: checkpoint format version {version} is "
+                          rf"not supported by deeprnn {__version__} "
                           rf"\(expects {FORMAT_VERSION}\); use the deeprnn version that wrote it$")
 
 
