@@ -781,7 +781,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             else:
                 raw[name] = value
         except (ValueError, argparse.ArgumentTypeError):
-            raise ConfigError(f"{name} must be of type {base}, got {value!r}") from None
+            raise ConfigError(f"--set: {name} must be of type {base}, got {value!r}") from None
     return config_from_mapping(raw, "--set")
 
 
