@@ -202,7 +202,8 @@ def test_download_local_files_and_failures(monkeypatch, shared_data, tmp_path):
     with pytest.raises(CorpusError, match=r"downloads are off.*DATA_HUB\['gone'\]") as err:
         d2l.download("gone", cache_dir=str(tmp_path))
     assert "\n" not in str(err.value)
-    with pytest.raises(CorpusError, match="not in d2l.DATA_HUB"):
+    with pytest.raises(CorpusError, match=r"^'never-registered' is not in d2l\.DATA_HUB; register it first: "
+                                          r"d2l\.DATA_HUB\['never-registered'\] = \(url, sha1\)$"):
         d2l.download("never-registered")
 
 
@@ -211,8 +212,10 @@ def test_read_time_machine_reads_windows_1252(shared_data):
     expected = book_lines(war, encoding="cp1252")
     assert d2l.read_time_machine(war) == expected  # detected: the file is not UTF-8
     assert d2l.read_time_machine(str(war), encoding="cp1252") == expected
-    with pytest.raises(CorpusError, match="cannot decode"):
+    with pytest.raises(CorpusError) as err:
         d2l.read_time_machine(war, encoding="utf-8")
+    assert str(err.value) == (f"cannot decode {war} as utf-8 (byte 0x91 at offset 805); check the file's encoding and "
+                              "pass the right one with --encoding")
 
 
 # --- training pieces against the book's formulas ------------------------------------------------------

@@ -122,7 +122,7 @@ def test_freeze_layers(parent, tmp_path):
 
 
 def test_finetune_flags_need_init_from(tmp_path):
-    with pytest.raises(ConfigError, match="need --init-from"):
+    with pytest.raises(ConfigError, match=r"^--extend-vocab and --freeze-layers need --init-from RUN_OR_CHECKPOINT$"):
         train(tiny(tmp_path / "x"), extend_vocab=True, **QUIET)
 
 

@@ -104,10 +104,20 @@ def test_a_lone_pickle_file_is_refused(tmp_path, hostile, marker, cli_error, nam
     f = tmp_path / "download" / name
     f.parent.mkdir()
     f.write_bytes(hostile["torch.save"])
-    with pytest.raises(CheckpointError):
+    message = {
+        "model.pt": f"{f} is a file, not a deeprnn checkpoint directory (expected a run directory or a directory "
+                    "holding checkpoint.json)",
+        "best.ckpt": f"{f} is a file, not a deeprnn checkpoint directory (expected a run directory or a directory "
+                     "holding checkpoint.json)",
+        "model.safetensors": f"{f.parent} holds no deeprnn checkpoint (no checkpoint.json in it, nor in best/ or last/)",
+        "checkpoint.json": f"{f} is not a deeprnn checkpoint (not valid JSON); it may be corrupt or a file from another "
+                           "program (pickles are never loaded)",
+    }[name]
+    with pytest.raises(CheckpointError) as err:
         load_checkpoint(f)
+    assert str(err.value) == message
     for line in cli_refuses(cli_error, f):
-        assert line.startswith("deeprnn: error: ")
+        assert line == f"deeprnn: error: {message}"
     assert not marker.exists()
 
 
