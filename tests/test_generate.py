@@ -378,6 +378,17 @@ def test_device_other_than_the_models_is_refused(vocab):
         generate(tiny_model(vocab), vocab, PREFIX, 5, device="meta")
 
 
+def test_a_model_or_vocab_of_the_wrong_kind_is_a_config_error(vocab):
+    """``generate(model, None, …)`` and the two swapped were AttributeErrors from deep inside."""
+    model = tiny_model(vocab)
+    with pytest.raises(ConfigError) as err:
+        generate(model, None, PREFIX, 5)
+    assert str(err.value) == "vocab must be a deeprnn Vocab (a checkpoint's .vocab), got NoneType"
+    with pytest.raises(ConfigError) as err:
+        generate(vocab, model, PREFIX, 5)
+    assert str(err.value) == "model must be a torch.nn.Module (a checkpoint's .model), got Vocab"
+
+
 def test_cpu_0_is_the_models_cpu_and_cuda_without_cuda_is_refused(vocab):
     """``cpu:0`` was refused as another device than the model's ``cpu``; ``cuda`` on a machine without it was
     torch's ``AssertionError: Torch not compiled with CUDA enabled``."""

@@ -122,6 +122,10 @@ def generate(
         unk=unk,
         on_text=on_text,
     )
+    if not isinstance(model, nn.Module):  # generate(vocab, model, …): the two swapped, or a checkpoint passed whole
+        raise ConfigError(f"model must be a torch.nn.Module (a checkpoint's .model), got {type(model).__name__}")
+    if not (hasattr(vocab, "token_to_idx") and hasattr(vocab, "idx_to_token")):
+        raise ConfigError(f"vocab must be a deeprnn Vocab (a checkpoint's .vocab), got {type(vocab).__name__}")
     ids = encode_prefix(vocab, prefix, unk=unk)
     dev = _resolve_device(model, device)
     _check_vocab_size(getattr(getattr(model, "config", None), "vocab_size", None), vocab)
