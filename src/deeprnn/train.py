@@ -670,7 +670,8 @@ def run_lock(run_dir: Path):
         raise CheckpointError(f"cannot write to run directory {run_dir}: {e.strerror or e}; check its "
                               "permissions or choose another --run-dir") from None
     try:
-        path.write_text(str(os.getpid()), encoding="ascii")
+        with contextlib.suppress(OSError):  # only for the message; Windows may refuse a write to a locked file
+            path.write_text(str(os.getpid()), encoding="ascii")
         yield
     finally:
         lock.release()
