@@ -770,3 +770,14 @@ def test_a_device_torch_parses_but_deeprnn_cannot_use_is_one_line(tmp_path, caps
     line = one_error_line(capsys, 2, ["train", *TINY, "--run-dir", str(run), "--device", device])
     assert line == f"deeprnn: error: device must be auto, cpu, cuda, cuda:N or mps, got {device!r}"
     assert not run.exists()
+
+
+@pytest.mark.parametrize("flag, what", [("--resume", "the run directory"), ("--init-from", "a run or checkpoint"),
+                                        ("--config", "a .toml file")])
+def test_an_empty_path_flag_is_refused(tmp_path, capsys, monkeypatch, flag, what):
+    """``--resume ""`` (an unset shell variable) trained the whole default job into runs/<name>; ``--config ""``
+    was ignored; ``--init-from ""`` said ". holds no deeprnn checkpoint"."""
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(capsys, 2, ["train", *TINY, flag, ""])
+    assert line == f"deeprnn: error: {flag} is empty; name {what}, or drop {flag}"
+    assert list(tmp_path.iterdir()) == []

@@ -354,7 +354,7 @@ def test_resume_past_the_time_budget_is_refused(tmp_path):
     assert done["stop_reason"] == "time budget"
     run = tmp_path / "run"
     trained = json.loads((run / "last" / "checkpoint.json").read_text())["position"]["train_time"]
-    minutes = f"{trained / 60:.4g}"
+    minutes = f"{math.ceil(trained / 60 * 1e4) / 1e4:g}"
     before = _tree(run)
     with pytest.raises(ConfigError) as e:
         train(cfg, resume=True, progress=False, log=lambda *_: None)
@@ -692,3 +692,35 @@ def test_resume_on_a_changed_corpus_is_refused(tmp_path, shared_data):
         assert _tree(run) == before
     f.write_text(text, encoding="utf-8")
     assert train(more, resume=True, progress=False, log=lambda *_: None)["steps"] == 4
+
+
+def test_a_run_from_before_the_test_split_check_still_resumes(tmp_path, monkeypatch):
+    """Runs started before a too-short test split was refused (it has 2 tokens here) resume as they trained,
+    without a test score: the refusal's advice, another --test-fraction, is one a resume cannot take."""
+    import deeprnn.train as train_module
+
+    f = tmp_path / "short.txt"
+    f.write_text("the time machine by h g wells " * 20)  # 600 characters: the test split gets 2
+    cfg = tiny(tmp_path, corpus=[str(f)], max_tokens=None, test_fraction=0.002, max_steps=2)
+    monkeypatch.setattr(train_module, "MIN_HELDOUT_TOKENS", 2)  # as the check stood before
+    train(cfg, progress=False, log=lambda *_: None)
+    monkeypatch.undo()
+    summary = train(dataclasses.replace(cfg, max_steps=4), resume=True, progress=False, log=lambda *_: None)
+    assert summary["steps"] == 4 and "test_ppl" not in summary
+
+
+def test_a_filesystem_without_locks_trains_unlocked_with_one_warning(tmp_path, monkeypatch):
+    """filelock 3 raises NotImplementedError where the filesystem has no flock: that was a traceback for every
+    run; now one RuntimeWarning and the run trains, as it did before the lock."""
+    import filelock
+
+    def no_flock(self, *args, **kwargs):
+        raise NotImplementedError("FileSystem does not appear to support flock")
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", no_flock)
+    with pytest.warns(RuntimeWarning) as caught:
+        summary = train(tiny(tmp_path, max_steps=2), progress=False, log=lambda *_: None)
+    assert summary["steps"] == 2
+    assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
+        f"deeprnn: {tmp_path / 'run'} is on a filesystem without file locks; nothing stops a second process from "
+        "training this run at the same time"]

@@ -395,6 +395,12 @@ def _check_train_flags(args: argparse.Namespace) -> None:
     """Flags that contradict each other are refused rather than one of them ignored."""
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (processes to launch), got {args.nproc}")
+    for flag, what in (("resume", "the run directory"), ("init_from", "a run or checkpoint"),
+                       ("config", "a .toml file")):
+        value = getattr(args, flag, None)
+        if value is not None and not value.strip():  # an unset shell variable: it was taken for "not given"
+            name = "--" + flag.replace("_", "-")
+            raise ConfigError(f"{name} is empty; name {what}, or drop {name}")
     run_dir = getattr(args, "run_dir", None)  # present only when given
     if args.init_from and run_dir is not None and _same_dir(run_dir, _run_of(args.init_from)):
         raise ConfigError(f"--init-from {args.init_from} would fine-tune the run in {args.run_dir} into itself, "

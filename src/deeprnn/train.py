@@ -281,8 +281,9 @@ def corpus_record(tokens: torch.Tensor) -> dict[str, Any]:
     import hashlib
 
     ids = tokens.contiguous().cpu().numpy()
-    digest = hashlib.sha256(str(ids.dtype).encode() + b":" + ids.tobytes()).hexdigest()
-    return {"tokens": int(tokens.numel()), "sha256": digest}
+    digest = hashlib.sha256(str(ids.dtype).encode() + b":")
+    digest.update(memoryview(ids).cast("B"))  # no copy of the stream
+    return {"tokens": int(tokens.numel()), "sha256": digest.hexdigest()}
 
 
 def _first_few(tokens: list[str], n: int = 3) -> str:
@@ -310,7 +311,7 @@ def check_budget_left(cfg: TrainConfig, run_dir: Path, *, step: int, train_time:
         raise ConfigError(f"the run in {run_dir} is already at step {step}, at or past max_steps {cfg.max_steps}: "
                           f"nothing to train; resume with --max-steps above {step} to train on")
     if cfg.time_budget is not None and train_time >= cfg.time_budget * 60:
-        minutes = f"{train_time / 60:.4g}"
+        minutes = f"{math.ceil(train_time / 60 * 1e4) / 1e4:g}"  # rounded up: "above" it is enough
         raise ConfigError(f"the run in {run_dir} has already trained {minutes} minutes, at or past time_budget "
                           f"{cfg.time_budget:g}: nothing to train; resume with --time-budget above {minutes} to "
                           "train on")
@@ -642,38 +643,51 @@ def holds_run(run_dir: Path) -> bool:
 
 
 LOCK_FILE = ".deeprnn.lock"  # in a run directory: held by the process that trains it (run_lock)
+PID_FILE = ".deeprnn.pid"  # beside it while the lock is held: which process holds it, for the message
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path):
+def run_lock(run_dir: Path, *, resume: bool = False):
     """Hold ``run_dir``'s lock while the block runs: a second process that would train the same run (a
     ``--resume`` or ``--overwrite`` of a run still training) gets a CheckpointError naming the first one's pid.
 
     The lock is the operating system's (``flock``; ``msvcrt`` on Windows, through ``filelock``), so a process
-    that dies, even by SIGKILL, holds none. The file stays, as removing a lock file races with the next
-    process that opens it."""
+    that dies, even by SIGKILL, holds none. The lock file stays, as removing a lock file races with the next
+    process that opens it; the pid goes in a file of its own (filelock 3 empties the lock file on every try,
+    and filelock 4's fallback for filesystems without ``flock`` keeps its own record there), removed on
+    release. Where the filesystem cannot lock at all, one warning, and the run trains unlocked, as before."""
+    import warnings
+
     from filelock import FileLock, Timeout
 
-    path = run_dir / LOCK_FILE
-    lock = FileLock(path, timeout=0)
+    lock = FileLock(run_dir / LOCK_FILE, timeout=0)
     try:
-        lock.acquire()
+        with warnings.catch_warnings():  # filelock 4 on a filesystem without flock: its soft lock, quietly
+            warnings.simplefilter("ignore", UserWarning)
+            lock.acquire()
     except Timeout:
         try:
-            pid = path.read_text(encoding="ascii").strip()
+            pid = (run_dir / PID_FILE).read_text(encoding="ascii").strip()
         except (OSError, UnicodeDecodeError):
             pid = ""
         who = f" (pid {pid})" if pid.isdigit() else ""
         raise CheckpointError(f"run directory {run_dir} is in use by another deeprnn process{who}; wait for it to "
                               "finish, or stop it, and try again") from None
+    except NotImplementedError:  # filelock 3 on a filesystem without flock
+        warnings.warn(f"deeprnn: {run_dir} is on a filesystem without file locks; nothing stops a second process "
+                      "from training this run at the same time", RuntimeWarning, stacklevel=3)
+        yield
+        return
     except OSError as e:
-        raise CheckpointError(f"cannot write to run directory {run_dir}: {e.strerror or e}; check its "
-                              "permissions or choose another --run-dir") from None
+        fix = "check its permissions" if resume else "check its permissions or choose another --run-dir"
+        raise CheckpointError(f"cannot write to run directory {run_dir}: {e.strerror or e}; {fix}") from None
     try:
-        with contextlib.suppress(OSError):  # only for the message; Windows may refuse a write to a locked file
-            path.write_text(str(os.getpid()), encoding="ascii")
+        with contextlib.suppress(OSError):  # only for the message
+            (run_dir / PID_FILE).write_text(str(os.getpid()), encoding="ascii")
         yield
     finally:
+        with contextlib.suppress(OSError):
+            (run_dir / PID_FILE).unlink(missing_ok=True)
         lock.release()
 
 
@@ -694,7 +708,7 @@ def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool =
             raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
         return run_dir
     locked = False
-    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+    if run_dir.exists() and any(p.name not in (LOCK_FILE, PID_FILE) for p in run_dir.iterdir()):
         if not holds_run(run_dir):
             raise CheckpointError(
                 f"run directory {run_dir} is not empty and holds no deeprnn run; choose a new or empty --run-dir"
@@ -982,8 +996,8 @@ def _train(
             raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist" if not run_dir.exists()
                                   else f"cannot resume: {run_dir} is a file; --resume takes the run directory")
         check_resume_target(run_dir)
-        if is_main:
-            held.enter_context(run_lock(run_dir))  # before reading the checkpoint another process may be writing
+        if is_main:  # locked before reading a checkpoint that another process may be writing
+            held.enter_context(run_lock(run_dir, resume=True))
         resume_ckpt = load_checkpoint(run_dir, prefer="last")
         if not {"position", "loader", "optimizer"} <= resume_ckpt.meta.keys() or \
                 "rng.torch" not in resume_ckpt.train_tensors:
@@ -1094,7 +1108,8 @@ def _train(
             f"the validation split has {splits.valid.numel()} tokens (--val-fraction {cfg.val_fraction:g}); "
             f"it needs at least {MIN_HELDOUT_TOKENS}: raise --val-fraction or use more text")
     # A test split asked for but too short to score would fail only after the whole run has trained.
-    if cfg.test_fraction > 0 and heldout_streams(splits.test, cfg.eval_batch_size) is None:
+    # (Runs that started before this check resume as they trained: without a test score.)
+    if resume_ckpt is None and cfg.test_fraction > 0 and heldout_streams(splits.test, cfg.eval_batch_size) is None:
         raise ConfigError(
             f"the test split has {splits.test.numel()} tokens (--test-fraction {cfg.test_fraction:g}); it needs at "
             f"least {MIN_HELDOUT_TOKENS} to be scored: raise --test-fraction, use more text, or --test-fraction 0 "
