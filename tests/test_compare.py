@@ -426,7 +426,7 @@ def test_set_reads_booleans_strictly():
     assert parse_set(["residual=yes", "tie_weights=0"]) == {"residual": True, "tie_weights": False}
     with pytest.raises(ConfigError) as err:
         parse_set(["residual=maybe"])
-    assert str(err.value) == "residual must be of type bool, got 'maybe'"
+    assert str(err.value) == "--set: residual must be of type bool, got 'maybe'"
 
 
 def test_cache_key_holds_what_precision_auto_means_here():
