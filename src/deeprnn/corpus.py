@@ -453,6 +453,8 @@ def _source_items(specs) -> Iterator[tuple[str, Path | None]]:
             if not files:
                 raise CorpusError(f"directory {str(spec)!r} has no .txt files; put the texts there as .txt files")
             yield from ((str(p), p) for p in files)
+        elif path.is_char_device() or path.is_block_device():  # /dev/zero: read until memory runs out
+            raise CorpusError(f"{str(spec)!r} is a device, not a text file; pass a file, or save the text to one")
         elif path.exists() or not isinstance(spec, str) or _looks_like_path(spec):
             yield str(spec), path
         else:

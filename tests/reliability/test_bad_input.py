@@ -393,3 +393,10 @@ def test_resume_compares_a_field_the_run_predates_with_its_default(tiny_cfg, edi
                               "resume without changing it, or start a new run")
     summary = train(tiny_cfg(max_steps=4, eval_every=2), resume=True, progress=False, log=lambda *_: None)
     assert summary["steps"] == 4
+
+
+def test_a_device_is_not_a_corpus(tmp_path, cli_error, flags):
+    """``--corpus /dev/zero`` read until memory ran out, and was then told to shrink the model."""
+    line = cli_error(train_argv("/dev/zero", tmp_path, flags))
+    assert line == "deeprnn: error: '/dev/zero' is a device, not a text file; pass a file, or save the text to one"
+    assert not (tmp_path / "run").exists()
