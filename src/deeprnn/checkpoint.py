@@ -336,9 +336,11 @@ def _count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _record(**fields: Callable[[object], bool]) -> Callable[[object], bool]:
-    """A JSON object whose fields among these are valid (a reader that needs one checks it is there)."""
-    return lambda v: isinstance(v, dict) and all(ok(v[k]) for k, ok in fields.items() if k in v)
+def _record(*, whole: bool = False, **fields: Callable[[object], bool]) -> Callable[[object], bool]:
+    """A JSON object whose fields among these are valid; with ``whole``, every one of them is there (else a
+    reader that needs one checks it is there)."""
+    return lambda v: (isinstance(v, dict) and all(ok(v[k]) for k, ok in fields.items() if k in v)
+                      and (not whole or fields.keys() <= v.keys()))
 
 
 def _values(valid: Callable[[object], bool]) -> Callable[[object], bool]:
@@ -354,20 +356,20 @@ def _is(kind: type) -> Callable[[object], bool]:
     return lambda v: isinstance(v, kind)
 
 
-# checkpoint.json's fields beyond the format's own (each optional: a weights-only export has few of them)
 # The records a resume reads, each field with its check (train.resume requires every one of them).
 RESUME_RECORDS: dict[str, dict[str, Callable[[object], bool]]] = {
     "position": {"step": _count, "epoch": _count, "tokens": _count, "train_time": is_number},
     "loader": {"epoch": _count, "batch": _count},
 }
 
+# checkpoint.json's fields beyond the format's own (each optional: a weights-only export has few of them)
 _META_FIELDS: dict[str, Callable[[object], bool]] = {
     "model_config": _is(dict), "vocab": _is(dict), "train_config": _is(dict), "optimizer": _is(dict),
     "plateau": _record(best=_or_none(is_number), bad=_count, scale=is_number),
     "metrics": _or_none(_values(_or_none(is_number))), "finetune": _or_none(_is(dict)),
     "parent": _or_none(_is(str)), "deeprnn_version": _or_none(_is(str)),
     **{name: _record(**fields) for name, fields in RESUME_RECORDS.items()},
-    "data": lambda v: _record(tokens=_count, sha256=_is(str))(v) and {"tokens", "sha256"} <= v.keys(),
+    "data": _record(whole=True, tokens=_count, sha256=_is(str)),  # compared whole on resume
     "best_val": _or_none(is_number), "lr_scale": is_number,
     "bad_evals": _count, "evals_done": _count, "nan_rollbacks": _count,
 }
@@ -405,15 +407,16 @@ def load_checkpoint(run_or_ckpt: str | os.PathLike, map_location: str | torch.de
     ``checkpoint.json`` and of the tensors it vouches for would read as damage (a digest mismatch, a file
     missing): when ``checkpoint.json`` has changed since, the checkpoint is read again, up to
     :data:`READ_ATTEMPTS` times in all."""
+    seen = _meta_seen(run_or_ckpt, prefer)
     for _ in range(READ_ATTEMPTS):
-        seen = _meta_seen(run_or_ckpt, prefer)
         try:
             return _load_checkpoint(run_or_ckpt, map_location, prefer)
         except CheckpointError:
             now = _meta_seen(run_or_ckpt, prefer)
             if now == seen:  # the same checkpoint as before the read: the fault is in it
                 raise
-    where = now[0] if now else Path(run_or_ckpt)
+            seen = now  # what the next read will find, unless another save lands
+    where = seen[0] if seen else Path(run_or_ckpt)
     raise CheckpointError(f"{where} changed each time it was read (is a run still training into it?); try again, "
                           "or read it once the run stops")
 

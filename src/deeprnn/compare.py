@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from deeprnn.corpus import MAX_SOURCE_WEIGHT, check_sources
+from deeprnn.corpus import MAX_SOURCE_WEIGHT, check_sources, valid_source_weight
 from deeprnn.errors import ConfigError
 from deeprnn.files import write_text_atomic
 
@@ -235,7 +235,7 @@ def materialise_weighted(cfg, weights, dest: Path):
     from deeprnn.corpus import build_corpus, repeat_tokens
 
     if isinstance(weights, dict):
-        bad = [w for w in weights.values() if not _weight_ok(w)]
+        bad = [w for w in weights.values() if not valid_source_weight(w)]
         if bad:
             raise ConfigError(f"weights must be in (0, {MAX_SOURCE_WEIGHT:,}], got {bad[0]}")
     corpus = build_corpus(cfg.corpus, token=cfg.token, normalization=cfg.normalization,
@@ -797,14 +797,10 @@ def parse_weights(text: str | None) -> dict[str, float] | str | None:
             out[name] = float(w)
         except ValueError:
             name = ""
-        if not sep or not name or not _weight_ok(out[name]):
+        if not sep or not name or not valid_source_weight(out[name]):
             raise ConfigError(f"weights must be 'balance' or SOURCE=W,... with 0 < W <= {MAX_SOURCE_WEIGHT:,}, "
                               f"got {part!r}")
     return out
-
-
-def _weight_ok(w: float) -> bool:
-    return 0 < w <= MAX_SOURCE_WEIGHT
 
 
 def parse_variant(text: str) -> DataVariant:

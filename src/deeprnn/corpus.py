@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from deeprnn.errors import ConfigError, CorpusError
+from deeprnn.fields import is_number
 from deeprnn.vocab import TOKEN_KINDS, Vocab, split_words
 
 
@@ -938,7 +939,7 @@ class Corpus:
             names = ", ".join(name for name, _, _ in self.spans)
             raise ConfigError(f"source_weights has {len(weights)} values but the corpus has {len(self.spans)} "
                               f"sources ({names}); give one weight per source, in that order")
-        bad = [w for w in weights if not 0 < w <= MAX_SOURCE_WEIGHT]
+        bad = [w for w in weights if not valid_source_weight(w)]
         if bad:
             raise ConfigError(f"source weights must be in (0, {MAX_SOURCE_WEIGHT:,}], got {bad[0]:g}")
         return weights
@@ -954,6 +955,11 @@ class Corpus:
 
 # A source's training text repeated more often than this is a typo, not a recipe (1e30 overflowed the repeat).
 MAX_SOURCE_WEIGHT = 1000
+
+
+def valid_source_weight(w: object) -> bool:
+    """A number in (0, MAX_SOURCE_WEIGHT]: what train, compare and Corpus.split accept as a source's weight."""
+    return is_number(w) and 0 < w <= MAX_SOURCE_WEIGHT
 
 
 def repeat_tokens(ids: torch.Tensor, weight: float) -> torch.Tensor:

@@ -233,26 +233,39 @@ def encode_prefix(vocab, prefix: str, *, unk: str = "error") -> list[int]:
     with a ``UserWarning`` (``unk="replace"``). Nothing is lowercased: with the book's ``d2l``
     normalisation the vocabulary holds lowercase letters only, and the message says so.
     """
-    word = getattr(vocab, "token", "char") == "word"
-    toks = prefix.split() if word else list(prefix)
+    toks = prefix_tokens(vocab, prefix)
+    missing = unknown_tokens(vocab, toks)
+    if missing:
+        if unk == "error":
+            raise VocabError(f"{unknown_prefix_message(vocab, missing)}; use --unk replace to map them to <unk>")
+        kind = "words" if getattr(vocab, "token", "char") == "word" else "characters"
+        listed = ", ".join(repr(t) for t in missing)
+        warnings.warn(f"prefix {kind} not in the vocabulary were fed as <unk>: {listed}", UserWarning, stacklevel=3)
+    return vocab[toks]
+
+
+def prefix_tokens(vocab, prefix: str) -> list[str]:
+    """The tokens of ``prefix``: its characters, or its whitespace-split words for a word vocabulary (at least one:
+    a prefix of spaces seeds a character model, but holds no word)."""
+    toks = prefix.split() if getattr(vocab, "token", "char") == "word" else list(prefix)
     if not toks:
         raise ConfigError(f"prefix must hold at least one word for a word-level model (it seeds the model's state), "
                           f"got {prefix!r}")
+    return toks
+
+
+def unknown_tokens(vocab, toks: list[str]) -> list[str]:
+    """The distinct tokens of ``toks`` outside the vocabulary, in order of first appearance."""
     known = vocab.token_to_idx
-    missing = list(dict.fromkeys(t for t in toks if t not in known))
-    if missing:
-        kind = "words" if word else "characters"
-        listed = ", ".join(repr(t) for t in missing)
-        if unk == "error":
-            hint = ""
-            if all(t.lower() in known for t in missing):
-                hint = " (the vocabulary is lowercase: lowercase the prefix)"
-            raise VocabError(
-                f"prefix has {kind} not in the vocabulary: {listed}{hint}; "
-                "use --unk replace to map them to <unk>"
-            )
-        warnings.warn(f"prefix {kind} not in the vocabulary were fed as <unk>: {listed}", UserWarning, stacklevel=3)
-    return vocab[toks]
+    return list(dict.fromkeys(t for t in toks if t not in known))
+
+
+def unknown_prefix_message(vocab, missing: list[str]) -> str:
+    """``prefix has characters not in the vocabulary: 'T', '!'`` (with a hint when lowercase would do)."""
+    kind = "words" if getattr(vocab, "token", "char") == "word" else "characters"
+    hint = (" (the vocabulary is lowercase: lowercase the prefix)"
+            if all(t.lower() in vocab.token_to_idx for t in missing) else "")
+    return f"prefix has {kind} not in the vocabulary: {', '.join(repr(t) for t in missing)}{hint}"
 
 
 def _check_vocab_size(model_vocab_size: int | None, vocab) -> None:

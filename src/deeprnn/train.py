@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from deeprnn.choices import NORMALIZATIONS, ON_NAN, OPTIMIZERS, PRECISIONS, SAMPLINGS, SCHEDULES, TOKENS
-from deeprnn.corpus import MAX_SOURCE_WEIGHT, known_encoding, unknown_encoding_message
+from deeprnn.corpus import MAX_SOURCE_WEIGHT, known_encoding, unknown_encoding_message, valid_source_weight
 from deeprnn.errors import CheckpointError, ConfigError, CorpusError, DeepRNNError, VocabError
-from deeprnn.fields import check_types, is_number
+from deeprnn.fields import check_types
 from deeprnn.files import write_text_atomic
 from deeprnn.regularize import activation_penalty
 
@@ -226,7 +226,7 @@ class TrainConfig:
         need(bool(self.corpus), "corpus must name at least one corpus, file or directory")
         need(self.source_weights is None or (
             isinstance(self.source_weights, (list, tuple))
-            and all(is_number(w) and 0 < w <= MAX_SOURCE_WEIGHT for w in self.source_weights)),
+            and all(valid_source_weight(w) for w in self.source_weights)),
              f"source_weights must be a list of numbers in (0, {MAX_SOURCE_WEIGHT:,}] (one per source), got "
              f"{self.source_weights}")
         from deeprnn.models import ModelConfig  # the model fields too, before any text is read
@@ -290,6 +290,12 @@ def _first_few(tokens: list[str], n: int = 3) -> str:
     return ", ".join(map(repr, tokens[:n])) + (", …" if len(tokens) > n else "")
 
 
+def corpus_changed(run_dir: Path, how: str) -> str:
+    """The message for a resume on text other than the run's own; ``how`` says what changed."""
+    return (f"the corpus has changed since the run in {run_dir} started ({how}); resume with the text the run was "
+            "trained on, or start a new run")
+
+
 def check_same_corpus(saved: dict[str, Any] | None, now: dict[str, Any], run_dir: Path) -> None:
     """Refuse to resume on text other than the run's own: the splits, best/ and the "exact resume" would all
     silently change. Checkpoints written before the record existed (``saved`` None) are not checked."""
@@ -297,8 +303,7 @@ def check_same_corpus(saved: dict[str, Any] | None, now: dict[str, Any], run_dir
         return
     how = (f"{saved['tokens']:,} tokens then, {now['tokens']:,} now" if saved["tokens"] != now["tokens"] else
            f"the same {now['tokens']:,} tokens, but not the same text")
-    raise CorpusError(f"the corpus has changed since the run in {run_dir} started ({how}); resume with the text "
-                      "the run was trained on, or start a new run")
+    raise CorpusError(corpus_changed(run_dir, how))
 
 
 def check_budget_left(cfg: TrainConfig, run_dir: Path, *, step: int, train_time: float = 0.0,
@@ -819,7 +824,8 @@ def trim_metrics(path: Path, step: int) -> int:
         return 0
     if not header.startswith("step,"):
         return 0
-    keep = [row for row in rows if not (row.split(",", 1)[0].isdigit() and int(row.split(",", 1)[0]) > step)]
+    steps = [row.split(",", 1)[0] for row in rows]
+    keep = [row for row, first in zip(rows, steps) if not (first.isdigit() and int(first) > step)]
     if len(keep) < len(rows):
         write_text_atomic(path, header + "".join(keep), newline="")
     return len(rows) - len(keep)
@@ -1036,8 +1042,7 @@ def _train(
                 how = "; ".join([f"new tokens {_first_few(new)}"] * bool(new) +
                                 [f"tokens gone {_first_few(gone)}"] * bool(gone)) \
                     or f"the same {len(vocab)} tokens in another order of frequency"
-                raise VocabError(f"the corpus has changed since the run in {run_dir} started ({how}); resume with "
-                                 "the text the run was trained on, or start a new run")
+                raise VocabError(corpus_changed(run_dir, how))
             corpus = build_corpus(cfg.corpus, vocab=vocab, **build)  # fine-tuned: the parent's vocabulary
     elif init_from is not None:
         from deeprnn.finetune import count_unknown, extended_vocab, grow_model, missing_tokens

@@ -361,11 +361,6 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
 
-def _missing_tokens(vocab, prefix: str) -> list[str]:
-    toks = prefix.split() if getattr(vocab, "token", "char") == "word" else list(prefix)
-    known = vocab.token_to_idx
-    return list(dict.fromkeys(t for t in toks if t not in known))
-
 
 def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
@@ -546,18 +541,13 @@ def create_app(
         entry = registry.get(req.model)
         if entry is None:
             return _unknown_model(req.model)
-        if entry.vocab.token == "word" and not req.prefix.split():  # " " is a character, but no word
-            return _error(422, "prefix must hold at least one word for a word-level model (it seeds the model's "
-                               "state)", "prefix")
-        if req.unk == "error":
-            missing = _missing_tokens(entry.vocab, req.prefix)
-            if missing:
-                kind = "words" if entry.vocab.token == "word" else "characters"
-                hint = " (the vocabulary is lowercase: lowercase the prefix)" \
-                    if all(t.lower() in entry.vocab.token_to_idx for t in missing) else ""
-                listed = ", ".join(repr(t) for t in missing)
-                return _error(422, f"prefix has {kind} not in the vocabulary: {listed}{hint}", "prefix",
-                              invalid=missing)
+        try:
+            toks = _gen.prefix_tokens(entry.vocab, req.prefix)  # " " is a character, but no word
+        except ConfigError as e:
+            return _error(422, str(e), "prefix")
+        missing = _gen.unknown_tokens(entry.vocab, toks) if req.unk == "error" else []
+        if missing:
+            return _error(422, _gen.unknown_prefix_message(entry.vocab, missing), "prefix", invalid=missing)
         seed = req.seed
         if seed is None and req.strategy == "sample":
             seed = secrets.randbits(63)  # returned, so any sample can be reproduced
