@@ -724,3 +724,23 @@ def test_a_filesystem_without_locks_trains_unlocked_with_one_warning(tmp_path, m
     assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
         f"deeprnn: {tmp_path / 'run'} is on a filesystem without file locks; nothing stops a second process from "
         "training this run at the same time"]
+
+
+@pytest.mark.parametrize("resume, fix", [(False, "check its permissions or choose another --run-dir"),
+                                         (True, "check its permissions")])
+def test_a_run_directory_that_cannot_be_locked_is_one_line(tmp_path, monkeypatch, resume, fix):
+    """The lock file cannot be created (no write permission): one line; a resume is not told to pick another
+    --run-dir, which it refuses."""
+    import filelock
+
+    cfg = tiny(tmp_path, max_steps=2)
+    if resume:
+        train(cfg, progress=False, log=lambda *_: None)
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", denied)
+    with pytest.raises(CheckpointError) as e:
+        train(dataclasses.replace(cfg, max_steps=4), resume=resume, progress=False, log=lambda *_: None)
+    assert str(e.value) == f"cannot write to run directory {tmp_path / 'run'}: Permission denied; {fix}"
