@@ -192,3 +192,57 @@ def test_reset_parameters_is_seeded():
     torch.manual_seed(5)
     b = build_model(cfg).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("impl", ["scratch", "concise"])
+def test_forward_refuses_a_state_that_begin_state_would_not_give(impl):
+    """A wrong state is one line naming the shapes; the scratch model used to take some silently."""
+    lstm = build_model(ModelConfig(**BASE, impl=impl))
+    gru = build_model(ModelConfig(**{**BASE, "cell": "gru"}, impl=impl))
+    X = torch.zeros(3, 4, dtype=torch.long)
+    h, c = lstm.begin_state(3)
+    want_lstm = ("state must be (h, c), each of shape (2, 3, 5) (num_layers, batch, num_hiddens) for X of batch 3, "
+                 "as begin_state(3) gives; got ")
+    want_gru = ("state must be a tensor of shape (2, 3, 5) (num_layers, batch, num_hiddens) for X of batch 3, "
+                "as begin_state(3) gives; got ")
+    for model, state, got in [
+        (lstm, lstm.begin_state(4), "a tuple of 2: shape (2, 4, 5), shape (2, 4, 5)"),
+        (lstm, (h[:1], c[:1]), "a tuple of 2: shape (1, 3, 5), shape (1, 3, 5)"),
+        (lstm, h, "a tensor of shape (2, 3, 5)"),  # scratch ran this as if h were (h, c)
+        (lstm, h[0], "a tensor of shape (3, 5)"),
+        (lstm, (h, c, h), "a tuple of 3: shape (2, 3, 5), shape (2, 3, 5), shape (2, 3, 5)"),
+        (lstm, (h, None), "a tuple of 2: shape (2, 3, 5), NoneType"),
+        (gru, gru.begin_state(4), "a tensor of shape (2, 4, 5)"),
+        (gru, h[0], "a tensor of shape (3, 5)"),  # scratch broadcast this over the layers
+        (gru, (h, c), "a tuple of 2: shape (2, 3, 5), shape (2, 3, 5)"),
+        (gru, [h], "a list of 1: shape (2, 3, 5)"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            model(X, state)
+        assert str(err.value) == (want_lstm if model is lstm else want_gru) + got
+    logits, (h2, c2) = lstm(X, [h, c])  # a list of two is accepted like the tuple
+    assert logits.shape == (4, 3, 7) and h2.shape == c2.shape == (2, 3, 5)
+
+
+@pytest.mark.parametrize("impl", ["scratch", "concise"])
+def test_forward_refuses_tokens_that_are_not_a_batch_of_indices(impl):
+    model = build_model(ModelConfig(**BASE, impl=impl))
+    want = "X must be a (batch, num_steps) tensor of integer token indices, got "
+    for X, got in [
+        (torch.zeros(4, dtype=torch.long), "a tensor of shape (4,) and dtype torch.int64"),
+        (torch.zeros(2, 4, 1, dtype=torch.long), "a tensor of shape (2, 4, 1) and dtype torch.int64"),
+        (torch.zeros(2, 4), "a tensor of shape (2, 4) and dtype torch.float32"),
+        (torch.zeros(2, 4, dtype=torch.bool), "a tensor of shape (2, 4) and dtype torch.bool"),
+        ([[0, 1]], "list"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            model(X)
+        assert str(err.value) == want + got
+    for bad in (7, -1):
+        X = torch.zeros(2, 4, dtype=torch.long)
+        X[1, 2] = bad
+        with pytest.raises(ConfigError) as err:
+            model(X)
+        assert str(err.value) == f"X holds token index {bad}, outside this model's vocabulary of 7 (indices 0..6)"
+    logits, _ = model(torch.full((2, 4), 6, dtype=torch.int32))  # other integer dtypes are taken as int64
+    assert logits.shape == (4, 2, 7)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deeprnn.errors import ConfigError
 from deeprnn.models import onednn
 from deeprnn.models.config import ModelConfig
 from deeprnn.regularize import dropout, one_hot_dropout_scale, token_keep_scale
@@ -91,17 +92,61 @@ class LanguageModel(nn.Module):
 
     # -- the interface ---------------------------------------------------------------------------
     def forward(self, X: torch.Tensor, state: State | None = None, *, return_hidden: bool = False):
-        """``X`` (B, T) long token indices -> (logits (T, B, V), final state).
+        """``X`` (B, T) integer token indices -> (logits (T, B, V), final state).
 
         ``state`` defaults to zeros (``begin_state``); it is ``(L, B, H)`` or, for LSTM, ``(h, c)``.
         ``return_hidden=True`` adds a third value, the top layer's outputs (T, B, H) before the output
-        dropout (what AR/TAR penalise).
+        dropout (what AR/TAR penalise). Raises ConfigError, naming the shapes, for an ``X`` that is not
+        (B, T) indices in the vocabulary or a ``state`` that ``begin_state(B)`` would not give.
         """
+        self._check_tokens(X)
+        X = X if X.dtype == torch.long else X.long()  # one_hot and the kernels take int64
         if state is None:
             state = self.begin_state(X.shape[0], device=X.device)
+        else:
+            self._check_state(state, X.shape[0])
         Y, state = self._recur(X, state)  # (T, B, H)
         logits = self.output(self._dropout(Y, self.config.out_dropout))  # (T, B, V)
         return (logits, state, Y) if return_hidden else (logits, state)
+
+    def _check_tokens(self, X) -> None:
+        """Raise ConfigError unless ``X`` is a (B, T) integer tensor of indices below vocab_size.
+
+        The range is checked on the CPU only, where it costs microseconds; on a GPU it would wait
+        for the device at every window.
+        """
+        if not isinstance(X, torch.Tensor) or X.dim() != 2 or X.dtype.is_floating_point \
+                or X.dtype.is_complex or X.dtype == torch.bool:
+            got = (f"a tensor of shape {tuple(X.shape)} and dtype {X.dtype}" if isinstance(X, torch.Tensor)
+                   else type(X).__name__)
+            raise ConfigError(f"X must be a (batch, num_steps) tensor of integer token indices, got {got}")
+        if X.device.type == "cpu" and X.numel():
+            low, high = torch.aminmax(X)
+            if low < 0 or high >= self.config.vocab_size:
+                bad = int(low) if low < 0 else int(high)
+                raise ConfigError(f"X holds token index {bad}, outside this model's vocabulary of "
+                                 f"{self.config.vocab_size} (indices 0..{self.config.vocab_size - 1})")
+
+    def _check_state(self, state, batch_size: int) -> None:
+        """Raise ConfigError unless ``state`` has the structure and shapes ``begin_state`` gives."""
+        shape = (self.config.num_layers, batch_size, self.config.num_hiddens)
+        lstm = self.config.cell == "lstm"
+
+        def describe(s):
+            if isinstance(s, torch.Tensor):
+                return f"a tensor of shape {tuple(s.shape)}"
+            if isinstance(s, (tuple, list)):
+                return f"a {type(s).__name__} of {len(s)}: " + ", ".join(
+                    f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in s)
+            return type(s).__name__
+
+        parts = state if lstm and isinstance(state, (tuple, list)) and len(state) == 2 else (state,)
+        if all(isinstance(t, torch.Tensor) and tuple(t.shape) == shape for t in parts) and \
+                (isinstance(state, (tuple, list)) == lstm):
+            return
+        want = (f"(h, c), each of shape {shape}" if lstm else f"a tensor of shape {shape}")
+        raise ConfigError(f"state must be {want} (num_layers, batch, num_hiddens) for X of batch "
+                         f"{batch_size}, as begin_state({batch_size}) gives; got {describe(state)}")
 
     def begin_state(self, batch_size: int, device=None, dtype=None) -> State:
         """Zero state with torch.nn shapes: ``(L, B, H)``, or ``(h, c)`` of that shape for LSTM.
