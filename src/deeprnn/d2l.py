@@ -7,8 +7,13 @@ defaults (``load_data_time_machine(..., max_tokens=10000)``), the same batches f
 differs is underneath: the data comes from the bundled, checksum-verified Time Machine (no network
 needed), text files in Windows-1252 are read, and ``train_ch8`` runs the book's algorithm (SGD,
 clipping at θ = 1, state re-initialised or detached, a perplexity print every 10 epochs) with less
-Python overhead, and for ``RNNModel`` wrapping ``nn.RNN`` on the CPU through deeprnn's scratch
-kernel (a hand-written backward sweep), which outruns torch's per-step autograd there.
+Python overhead, giving the same weights to the bit as the book's loop for the same seeds; except
+for ``RNNModel`` wrapping ``nn.RNN`` on the CPU, which trains through deeprnn's scratch kernel (a
+hand-written backward sweep, which outruns torch's per-step autograd there), equal to torch's path
+only to float rounding.
+
+Covered: the names the RNN sections use (8.2-8.6, 9.1-9.4). Others of the book's package (8.1's
+``load_array``, 9.5-9.8's machine translation) raise an AttributeError that says so.
 
 Quarantine: this module imports the core; the core never imports it. Names follow the book, so
 some shadow what a reader might expect from Python (``tensor``, ``size``, ``reshape``, ...).
@@ -43,12 +48,17 @@ from deeprnn.models.convert import state_dict_to_scratch
 
 
 def __getattr__(name: str):
-    """``d2l.plt`` is ``matplotlib.pyplot``, imported on first use (it picks a GUI backend)."""
+    """``d2l.plt`` is ``matplotlib.pyplot``, imported on first use (it picks a GUI backend). Another name
+    of the book's package is an AttributeError that says what this module covers."""
     if name == "plt":
         from matplotlib import pyplot
 
         return pyplot
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}: it covers the book's RNN language-model "
+                         "sections (8.2-8.6, 9.1-9.4); for the others use the book's own package "
+                         "(pip install d2l==0.17.6)")
 
 
 def _in_notebook() -> bool:
@@ -240,11 +250,15 @@ class Accumulator:
 
 def sgd(params, lr, batch_size):
     """Minibatch stochastic gradient descent (section 3.2): ``param -= lr * grad / batch_size``,
-    then the gradients are zeroed. One fused update over all parameters instead of a Python loop."""
+    then the gradients are zeroed. The book's arithmetic in the book's order (``lr * grad``, then
+    ``/ batch_size``), so the result is the same to the bit, as fused updates over all parameters
+    instead of a Python loop."""
     with torch.no_grad():
         params = [p for p in params if p.grad is not None]
         grads = [p.grad for p in params]
-        torch._foreach_add_(params, grads, alpha=-lr / batch_size)
+        steps = torch._foreach_mul(grads, lr)
+        torch._foreach_div_(steps, batch_size)
+        torch._foreach_sub_(params, steps)
         torch._foreach_zero_(grads)
 
 
@@ -563,11 +577,14 @@ def _params(net):
 
 def grad_clipping(net, theta):
     """Rescale the gradients so that their global L2 norm is at most ``theta`` (section 8.5):
-    when the norm exceeds ``theta`` every gradient is multiplied by ``theta / norm``."""
+    when the norm exceeds ``theta`` every gradient is multiplied by ``theta / norm``.
+
+    The norm is summed as the book sums it (``sqrt`` of the sum over parameters of ``sum(grad ** 2)``):
+    a fused norm rounds differently, and over a few hundred epochs that changes the text printed."""
     grads = [p.grad for p in _params(net) if p.grad is not None]
     if not grads:
         return
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    norm = torch.sqrt(sum(torch.sum(g ** 2) for g in grads))
     if grads[0].device.type == "cpu":
         if norm > theta:
             torch._foreach_mul_(grads, theta / norm)
