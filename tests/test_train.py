@@ -744,3 +744,16 @@ def test_a_run_directory_that_cannot_be_locked_is_one_line(tmp_path, monkeypatch
     with pytest.raises(CheckpointError) as e:
         train(dataclasses.replace(cfg, max_steps=4), resume=resume, progress=False, log=lambda *_: None)
     assert str(e.value) == f"cannot write to run directory {tmp_path / 'run'}: Permission denied; {fix}"
+
+
+def test_train_takes_a_trainconfig_and_paths_as_pathlib(tmp_path):
+    """``train({...})`` was an AttributeError; ``TrainConfig(run_dir=Path(...))`` was refused as not a str."""
+    with pytest.raises(ConfigError) as err:
+        train({"max_steps": 1})
+    assert str(err.value) == "train() needs a TrainConfig, got dict; build one with TrainConfig(**options)"
+    text = tmp_path / "t.txt"
+    text.write_text("the time machine " * 40)
+    cfg = TrainConfig(corpus=[text], run_dir=tmp_path / "run", data_dir=tmp_path)
+    assert (cfg.corpus, cfg.run_dir, cfg.data_dir) == ([str(text)], str(tmp_path / "run"), str(tmp_path))
+    cfg.validate()
+    assert dataclasses.replace(cfg, run_dir=tmp_path / "other").run_dir == str(tmp_path / "other")

@@ -155,6 +155,9 @@ def save_checkpoint(
     Raises :class:`CheckpointError` (the previous checkpoint intact) when the disk is full or
     the directory cannot be written.
     """
+    if len(vocab) != model.config.vocab_size:  # load_checkpoint would refuse what this wrote
+        raise CheckpointError(f"cannot save {path}: the model predicts {model.config.vocab_size} tokens but the "
+                              f"vocabulary has {len(vocab)}; save the vocabulary the model was built for")
     path = Path(path)
     parent = path.parent
     model_sd = _unshared({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
@@ -401,7 +404,8 @@ def _meta_seen(run_or_ckpt: str | os.PathLike, prefer: str) -> tuple[Path, bytes
 
 def load_checkpoint(run_or_ckpt: str | os.PathLike, map_location: str | torch.device = "cpu",
                     prefer: str = "best") -> Checkpoint:
-    """Load a checkpoint (or a run's best/last) onto ``map_location``; never unpickles.
+    """Load a checkpoint (or a run's best/last) onto ``map_location``; never unpickles. The model comes back in
+    eval mode (dropout off); call ``.train()`` on it to train it.
 
     A run still training replaces ``best/`` and ``last/`` whole. A save that lands between the reads of
     ``checkpoint.json`` and of the tensors it vouches for would read as damage (a digest mismatch, a file
@@ -456,5 +460,6 @@ def _load_checkpoint(run_or_ckpt: str | os.PathLike, map_location: str | torch.d
     model = build_model(config)
     model.load_state_dict(sd)
     model.to(map_location)
+    model.eval()  # for inference, as loaded models are: dropout off (training calls .train() itself)
     train_tensors = load_tensors(ckpt_dir, STATE_FILE, meta) if STATE_FILE in meta["files"] else {}
     return Checkpoint(path=ckpt_dir, meta=meta, model=model, vocab=vocab, train_tensors=train_tensors)

@@ -41,7 +41,7 @@ from torch import nn
 from deeprnn import batching, corpus
 from deeprnn import vocab as _vocab
 from deeprnn.errors import CorpusError
-from deeprnn.models import ModelConfig, ScratchModel, detach_state
+from deeprnn.models import LanguageModel, ModelConfig, ScratchModel, detach_state
 from deeprnn.models.convert import state_dict_to_scratch
 
 # --- plotting (sections 2.4 and 3.6) ---------------------------------------------------------------
@@ -553,6 +553,9 @@ def _scratch_engine(net, device):
 def predict_ch8(prefix, num_preds, net, vocab, device):
     """Generate ``num_preds`` characters after ``prefix`` greedily; the result includes the prefix
     (section 8.5). The prefix warms the state up one token at a time, as in the book."""
+    if isinstance(net, LanguageModel):  # deeprnn's own contract: (B, T) in, (T, B, V) logits out
+        raise TypeError("predict_ch8 takes the book's models (RNNModel, RNNModelScratch); generate from a deeprnn "
+                        "model with deeprnn.generate.generate(model, vocab, prefix, num_preds)")
     with torch.no_grad():
         state = net.begin_state(batch_size=1, device=device)
         outputs = [vocab[prefix[0]]]

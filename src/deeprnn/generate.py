@@ -122,6 +122,9 @@ def generate(
         unk=unk,
         on_text=on_text,
     )
+    if type(model).__module__ == "deeprnn.d2l":  # the book's contract: begin_state(device, batch_size), (T*B, V)
+        raise ConfigError(f"model is the book's {type(model).__name__}; generate from it with d2l.predict_ch8(prefix, "
+                          "num_preds, net, vocab, device), or pass a deeprnn model (a checkpoint's .model)")
     if not isinstance(model, nn.Module):  # generate(vocab, model, …): the two swapped, or a checkpoint passed whole
         raise ConfigError(f"model must be a torch.nn.Module (a checkpoint's .model), got {type(model).__name__}")
     if not (hasattr(vocab, "token_to_idx") and hasattr(vocab, "idx_to_token")):
@@ -180,6 +183,9 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+MAX_STREAMS = 4_096  # samples or beams generated at once (serve allows far fewer)
+
+
 def _check_args(*, prefix, num_preds, strategy, temperature, top_k, top_p, num_samples, beam_width,
                 seed, unk, on_text) -> None:
     """Raise ``ConfigError`` for the first bad argument, in signature order; messages start with its name."""
@@ -209,10 +215,14 @@ def _check_args(*, prefix, num_preds, strategy, temperature, top_k, top_p, num_s
         raise ConfigError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
+    if num_samples > MAX_STREAMS:
+        raise ConfigError(f"num_samples must be <= {MAX_STREAMS:,} (the streams run at once), got {num_samples:,}")
     if not _is_int(beam_width):
         raise ConfigError(f"beam_width must be an integer >= 1, got {beam_width!r}")
     if beam_width < 1:
         raise ConfigError(f"beam_width must be >= 1, got {beam_width}")
+    if beam_width > MAX_STREAMS:  # 100,000 beams of a word model ran for minutes and took gigabytes, silently
+        raise ConfigError(f"beam_width must be <= {MAX_STREAMS:,} (each beam is a stream), got {beam_width:,}")
     if strategy == "beam" and num_samples > beam_width:
         raise ConfigError(
             f"num_samples must be <= beam_width for beam search, got num_samples={num_samples} "

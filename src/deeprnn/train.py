@@ -158,6 +158,17 @@ class TrainConfig:
     run_dir: str | None = None  # where config, metrics, plot and checkpoints go (default runs/<name>)
     on_nan: str = "stop"  # stop | rollback (restore last checkpoint, halve lr)
 
+    def __post_init__(self) -> None:
+        # A pathlib.Path is the natural thing to pass from Python for a path field (run_dir, a corpus file):
+        # kept as the str that config.json and the checkpoints record.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, os.PathLike) and f.type.startswith("str"):
+                setattr(self, f.name, os.fspath(value))
+            elif isinstance(value, (list, tuple)) and f.type.startswith("list[str]") \
+                    and any(isinstance(v, os.PathLike) for v in value):
+                setattr(self, f.name, [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value])
+
     def model_fields(self) -> dict[str, Any]:
         """The ModelConfig fields (all but vocab_size, which comes from the data), read off this config."""
         from deeprnn.models.config import ModelConfig  # torch-free
@@ -956,6 +967,9 @@ def train(
     directory is locked (:func:`run_lock`) while it trains. Raises :class:`DeepRNNError` subclasses on bad
     input, :class:`TrainingInterrupted` after SIGINT/SIGTERM (checkpoint written).
     """
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"train() needs a TrainConfig, got {type(cfg).__name__}; build one with "
+                          "TrainConfig(**options)")
     with contextlib.ExitStack() as held:  # the run directory's lock, released however training ends
         return _train(cfg, held, resume=resume, overwrite=overwrite, progress=progress, log=log, init_from=init_from,
                       extend_vocab=extend_vocab, freeze_layers=freeze_layers, stop_after_steps=stop_after_steps)

@@ -246,3 +246,43 @@ def test_forward_refuses_tokens_that_are_not_a_batch_of_indices(impl):
         assert str(err.value) == f"X holds token index {bad}, outside this model's vocabulary of 7 (indices 0..6)"
     logits, _ = model(torch.full((2, 4), 6, dtype=torch.int32))  # other integer dtypes are taken as int64
     assert logits.shape == (4, 2, 7)
+
+
+@pytest.mark.parametrize("impl", ["scratch", "concise"])
+def test_forward_refuses_a_state_of_another_dtype_and_an_empty_window(impl):
+    """A float64 or integer state was cast silently by the scratch model and an oneDNN error in the concise one;
+    an empty window was a reshape error in one and a result in the other."""
+    model = build_model(ModelConfig(**BASE, impl=impl))
+    X = torch.zeros(3, 4, dtype=torch.long)
+    for state, got in [(model.begin_state(3, dtype=torch.float64), "torch.float64"),
+                       (tuple(s.long() for s in model.begin_state(3)), "torch.int64")]:
+        with pytest.raises(ConfigError) as err:
+            model(X, state)
+        assert str(err.value) == (f"state must be torch.float32 on cpu, like the model's parameters; got {got} on cpu: "
+                                  "use begin_state(3) or move it with .to()")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=impl == "scratch"):  # a carried state may be bf16 there
+        if impl == "scratch":
+            model(X, tuple(s.bfloat16() for s in model.begin_state(3)))
+    for shape in [(3, 0), (0, 4)]:
+        with pytest.raises(ConfigError) as err:
+            model(torch.zeros(shape, dtype=torch.long))
+        assert str(err.value) == f"X must hold at least one row and one step, got shape {shape}"
+    for bad in (-1, "3", True, 2.0):
+        with pytest.raises(ConfigError) as err:
+            model.begin_state(bad)
+        assert str(err.value) == f"batch_size must be an integer >= 0, got {bad!r}"
+    assert model.begin_state(torch.tensor(2))[0].shape == (2, 2, 5)  # an integer tensor is an integer
+
+
+def test_conversion_of_a_model_that_is_already_converted_is_one_line():
+    from deeprnn.models import concise_to_scratch, scratch_to_concise
+
+    scratch = build_model(ModelConfig(**BASE, impl="scratch"))
+    concise = scratch_to_concise(scratch)
+    with pytest.raises(ConfigError) as err:  # was KeyError 'layers.0.b_h'
+        scratch_to_concise(concise)
+    assert str(err.value) == ("scratch_to_concise takes a ScratchModel, got a model with impl='concise'; it is "
+                              "already what you asked for")
+    with pytest.raises(ConfigError) as err:
+        concise_to_scratch(torch.nn.Linear(2, 2))
+    assert str(err.value) == "concise_to_scratch takes a ConciseModel, got Linear"

@@ -268,6 +268,9 @@ def checkpoint(tmp_path_factory):
     (["--num-preds", "-1"], "num_preds must be >= 0, got -1"),
     (["--num-samples", "0"], "num_samples must be >= 1, got 0"),
     (["--beam-width", "0", "--strategy", "beam"], "beam_width must be >= 1, got 0"),
+    (["--beam-width", "100000", "--strategy", "beam"],
+     "beam_width must be <= 4,096 (each beam is a stream), got 100,000"),  # minutes and gigabytes, silently
+    (["--num-samples", "5000"], "num_samples must be <= 4,096 (the streams run at once), got 5,000"),
     (["--prefix", ""], "prefix must be a non-empty string (it seeds the model's state), got ''"),
 ])
 def test_out_of_range_generation_values(checkpoint, cli_error, args, message):
@@ -400,3 +403,48 @@ def test_a_device_is_not_a_corpus(tmp_path, cli_error, flags):
     line = cli_error(train_argv("/dev/zero", tmp_path, flags))
     assert line == "deeprnn: error: '/dev/zero' is a device, not a text file; pass a file, or save the text to one"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_whose_vocabulary_does_not_fit_its_model_is_not_saved(tmp_path):
+    """save_checkpoint wrote it, and load_checkpoint then refused it."""
+    from deeprnn.errors import CheckpointError
+
+    model = build_model(ModelConfig(vocab_size=28, cell="gru", num_hiddens=8))
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint(tmp_path / "ck", model=model, vocab=Vocab("abc"), meta={})
+    assert str(err.value) == (f"cannot save {tmp_path / 'ck'}: the model predicts 28 tokens but the vocabulary has "
+                              f"{len(Vocab('abc'))}; save the vocabulary the model was built for")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_loaded_model_is_in_eval_mode(checkpoint, tmp_path):
+    """Two forwards of a loaded model differed by dropout; training and generation set their own modes."""
+    from deeprnn.checkpoint import load_checkpoint
+
+    vocab = Vocab("the time traveller")
+    model = build_model(ModelConfig(vocab_size=len(vocab), cell="lstm", num_layers=2, num_hiddens=8, dropout=0.5))
+    save_checkpoint(tmp_path / "ck", model=model, vocab=vocab, meta={})
+    ck = load_checkpoint(tmp_path / "ck")
+    assert not ck.model.training
+    X = torch.zeros(2, 5, dtype=torch.long)
+    assert torch.equal(ck.model(X)[0], ck.model(X)[0])
+
+
+def test_each_api_says_which_models_it_takes():
+    """deeprnn's generate with the book's RNNModel was a TypeError about begin_state's arguments; the book's
+    predict_ch8 with a deeprnn model was a reshape error."""
+    from torch import nn
+
+    from deeprnn import d2l
+
+    vocab = Vocab("the time traveller")
+    book_net = d2l.RNNModel(nn.LSTM(len(vocab), 8), len(vocab))
+    with pytest.raises(ConfigError) as err:
+        generate(book_net, vocab, "the", 5)
+    assert str(err.value) == ("model is the book's RNNModel; generate from it with d2l.predict_ch8(prefix, num_preds, "
+                              "net, vocab, device), or pass a deeprnn model (a checkpoint's .model)")
+    ours = build_model(ModelConfig(vocab_size=len(vocab), cell="lstm", num_hiddens=8))
+    with pytest.raises(TypeError) as err:
+        d2l.predict_ch8("the", 5, ours, vocab, "cpu")
+    assert str(err.value) == ("predict_ch8 takes the book's models (RNNModel, RNNModelScratch); generate from a deeprnn "
+                              "model with deeprnn.generate.generate(model, vocab, prefix, num_preds)")

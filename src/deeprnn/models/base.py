@@ -13,6 +13,7 @@ top layer only.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,13 @@ def torch_bias_(b: torch.Tensor, num_hiddens: int) -> None:
         b.uniform_(-bound, bound)
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch before 2.4 took no device type
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 class LanguageModel(nn.Module):
     """Input layer, ``num_layers`` recurrent layers, dropout, output layer on the top layer.
 
@@ -110,7 +118,7 @@ class LanguageModel(nn.Module):
         return (logits, state, Y) if return_hidden else (logits, state)
 
     def _check_tokens(self, X) -> None:
-        """Raise ConfigError unless ``X`` is a (B, T) integer tensor of indices below vocab_size.
+        """Raise ConfigError unless ``X`` is a non-empty (B, T) integer tensor of indices below vocab_size.
 
         The range is checked on the CPU only, where it costs microseconds; on a GPU it would wait
         for the device at every window.
@@ -120,15 +128,18 @@ class LanguageModel(nn.Module):
             got = (f"a tensor of shape {tuple(X.shape)} and dtype {X.dtype}" if isinstance(X, torch.Tensor)
                    else type(X).__name__)
             raise ConfigError(f"X must be a (batch, num_steps) tensor of integer token indices, got {got}")
-        if X.device.type == "cpu" and X.numel():
+        if not X.numel():
+            raise ConfigError(f"X must hold at least one row and one step, got shape {tuple(X.shape)}")
+        if X.device.type == "cpu":
             low, high = torch.aminmax(X)
             if low < 0 or high >= self.config.vocab_size:
                 bad = int(low) if low < 0 else int(high)
                 raise ConfigError(f"X holds token index {bad}, outside this model's vocabulary of "
-                                 f"{self.config.vocab_size} (indices 0..{self.config.vocab_size - 1})")
+                                  f"{self.config.vocab_size} (indices 0..{self.config.vocab_size - 1})")
 
     def _check_state(self, state, batch_size: int) -> None:
-        """Raise ConfigError unless ``state`` has the structure and shapes ``begin_state`` gives."""
+        """Raise ConfigError unless ``state`` has the structure, shapes, device and dtype ``begin_state`` gives
+        (under autocast, any floating dtype: a carried state may be in the autocast dtype, which casts it)."""
         shape = (self.config.num_layers, batch_size, self.config.num_hiddens)
         lstm = self.config.cell == "lstm"
 
@@ -141,20 +152,31 @@ class LanguageModel(nn.Module):
             return type(s).__name__
 
         parts = state if lstm and isinstance(state, (tuple, list)) and len(state) == 2 else (state,)
-        if all(isinstance(t, torch.Tensor) and tuple(t.shape) == shape for t in parts) and \
-                (isinstance(state, (tuple, list)) == lstm):
-            return
-        want = (f"(h, c), each of shape {shape}" if lstm else f"a tensor of shape {shape}")
-        raise ConfigError(f"state must be {want} (num_layers, batch, num_hiddens) for X of batch "
-                         f"{batch_size}, as begin_state({batch_size}) gives; got {describe(state)}")
+        if not (all(isinstance(t, torch.Tensor) and tuple(t.shape) == shape for t in parts)
+                and isinstance(state, (tuple, list)) == lstm):
+            want = (f"(h, c), each of shape {shape}" if lstm else f"a tensor of shape {shape}")
+            raise ConfigError(f"state must be {want} (num_layers, batch, num_hiddens) for X of batch "
+                              f"{batch_size}, as begin_state({batch_size}) gives; got {describe(state)}")
+        p = self.output.weight
+        for t in parts:
+            same_dtype = t.dtype == p.dtype or (t.is_floating_point() and _autocast_on(p.device.type))
+            if t.device != p.device or not same_dtype:
+                raise ConfigError(f"state must be {p.dtype} on {p.device}, like the model's parameters; got "
+                                  f"{t.dtype} on {t.device}: use begin_state({batch_size}) or move it with .to()")
 
     def begin_state(self, batch_size: int, device=None, dtype=None) -> State:
         """Zero state with torch.nn shapes: ``(L, B, H)``, or ``(h, c)`` of that shape for LSTM.
 
         ``device``/``dtype`` default to those of the model's parameters.
         """
+        try:
+            size = operator.index(batch_size)  # an int, numpy's or a 0-d integer tensor's
+        except TypeError:
+            size = -1
+        if isinstance(batch_size, bool) or size < 0:
+            raise ConfigError(f"batch_size must be an integer >= 0, got {batch_size!r}")
         p = self.output.weight
-        shape = (self.config.num_layers, batch_size, self.config.num_hiddens)
+        shape = (self.config.num_layers, size, self.config.num_hiddens)
         kw = dict(device=p.device if device is None else device, dtype=p.dtype if dtype is None else dtype)
         if self.config.cell == "lstm":
             return torch.zeros(shape, **kw), torch.zeros(shape, **kw)

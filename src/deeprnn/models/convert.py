@@ -82,13 +82,23 @@ def _like(source: LanguageModel, cls: type, impl: str, sd: StateDict) -> Languag
     return model
 
 
+def _check_impl(model, cls: type, name: str) -> None:
+    if not isinstance(model, cls):
+        impl = getattr(getattr(model, "config", None), "impl", None)
+        got = f"a model with impl={impl!r}" if impl else type(model).__name__
+        raise ConfigError(f"{name} takes a {cls.__name__}, got {got}"
+                          + ("; it is already what you asked for" if impl and name.endswith(impl) else ""))
+
+
 def scratch_to_concise(model: ScratchModel) -> ConciseModel:
     """A new ``ConciseModel`` computing the same function as ``model`` (same device, dtype, mode)."""
+    _check_impl(model, ScratchModel, "scratch_to_concise")
     sd = state_dict_to_concise(model.state_dict(), model.config)
     return _like(model, ConciseModel, "concise", sd)
 
 
 def concise_to_scratch(model: ConciseModel) -> ScratchModel:
     """A new ``ScratchModel`` computing the same function as ``model`` (same device, dtype, mode)."""
+    _check_impl(model, ConciseModel, "concise_to_scratch")
     sd = state_dict_to_scratch(model.state_dict(), model.config)
     return _like(model, ScratchModel, "scratch", sd)
