@@ -1,10 +1,14 @@
 """deeprnn compare: grid report, run cache, the data experiments' held-out spans, per-source scores."""
 
+import argparse
 import csv
 import dataclasses
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
 import time
 import types
 from pathlib import Path
@@ -493,8 +497,108 @@ def test_a_source_that_names_nothing_is_refused_before_training(tmp_path, capsys
                                  "--encoding"),
     (["--set", "encoding=rot13"], "unknown encoding 'rot13'; pass a Python codec name such as utf-8 or cp1252 to "
                                   "--encoding"),
+    # a preset's one-minute budget silently replaced these
+    (["--preset", "gru-vs-lstm", "--set", "time_budget=0.05"],
+     "time_budget is a grid axis or compare option; use --minutes instead of --set"),
+    (["--set", "num_epochs=1"], "num_epochs is a grid axis or compare option; use --epochs instead of --set"),
+    # found when the point started, after the points before it had trained
+    (["--corpus", "both=timemachine,war-of-the-worlds", "--corpus", "tm=timemachine", "--heldout-from",
+      "war-of-the-worlds"],
+     "--heldout-from war-of-the-worlds: variant 'tm' trains on none of these (timemachine), so it would have no "
+     "held-out text; name a source of every variant, or compare these variants separately"),
+    (["--corpus", "both=timemachine,war-of-the-worlds", "--corpus", "tm=timemachine", "--set", "source_weights=2,1"],
+     "--set source_weights has 2 values but variant 'tm' has 1 sources (timemachine); give one weight per source, "
+     "in order, or weight sources by name with --weights SRC=W"),
+    (["--corpus", "both=timemachine,war-of-the-worlds", "--set", "source_weights=2,1", "--weights",
+      "timemachine=3"], "--set source_weights and --weights both weight the training text; use one of them"),
+    (["--heldout-from", ""], "--heldout-from is empty; name the sources that give validation/test text, or drop it "
+                             "to hold out part of every source"),
+    # ignored, or two identical columns
+    (["--weights", "balance"], "--weights balance weights the sources of a multi-source --corpus variant, and no "
+                               "variant has several sources; drop --weights or give a variant SRC,SRC"),
+    (["--eval-on", "timemachine,timemachine"], "--eval-on names 'timemachine' twice; give each source once"),
+    (["--minutes", "inf"], "minutes must be a finite number > 0, got inf"),
 ])
 def test_a_grid_that_would_mislead_is_refused(tmp_path, capsys, argv, message):
     assert main(["compare", *argv, "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"deeprnn: error: {message}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cache_key_holds_the_text_of_corpus_files_not_their_path(tmp_path, monkeypatch):
+    """Two folders each with a text.txt of other text, sharing a --runs-dir, shared one run: the second report
+    showed the first text's numbers as its own. So did a corpus file edited in place."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d, text in ((one, "the time machine " * 50), (two, "the war of the worlds " * 50)):
+        d.mkdir()
+        (d / "text.txt").write_text(text)
+
+    def key(cwd, corpus="text.txt"):
+        monkeypatch.chdir(cwd)
+        return compare.expand_grid(compare.GridSpec(data=[compare.DataVariant("t", [corpus])]))[0].key
+
+    assert key(one) != key(two)
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "text.txt").write_bytes((one / "text.txt").read_bytes())
+    assert key(tmp_path / "copy") == key(one) == key(tmp_path, "one/text.txt")  # the same text, wherever it lies
+    before = key(one)
+    (one / "text.txt").write_text("edited " * 50)
+    assert key(one) != before
+    assert key(tmp_path, "one") != key(tmp_path, "two")  # a directory of .txt files: by their names and bytes
+    assert compare.source_identity("timemachine") == "timemachine"  # a named corpus: its checksum-verified name
+    assert compare.source_identity(str(tmp_path / "missing.txt")) == str(tmp_path / "missing.txt")
+
+
+def test_heldout_from_holds_out_what_each_variant_has_and_the_report_says_so(tmp_path):
+    """--heldout-from A,B with a variant of A alone holds out A; the two variants are then scored on different
+    held-out text, so the report names no most accurate configuration (it used to, comparing the two)."""
+    spec = compare.GridSpec(data=[compare.DataVariant("tm", ["timemachine"]),
+                                  compare.DataVariant("both", compare.WELLS)])
+    for v in spec.data:
+        v.heldout_from = list(compare.WELLS)
+    assert [compare.held_sources(v) for v in spec.data] == [["timemachine"], compare.WELLS]
+    records = [{"label": v.label, "data": v.label, "cell": "lstm", "layers": 1, "hiddens": 8, "impl": "concise",
+                "seed": 0, "key": v.label, "best_val_ppl": ppl, "best_val_bpc": 2.0, "final_val_ppl": ppl,
+                "final_val_bpc": 2.0, "test_ppl": ppl, "test_bpc": 2.0, "train_ppl": ppl, "tokens": 100.0,
+                "tokens_per_s": 1000.0, "train_time_s": 1.0, "wall_s": 1.0, "steps": 3, "epochs": 1.0,
+                "target_ppl": None, "time_to_target_s": None, "stop_reason": "max_steps", "cached": False,
+                "run_dir": str(tmp_path), "parameters": 10}
+               for v, ppl in zip(spec.data, (5.0, 4.0))]
+    compare.write_report(tmp_path / "out", spec, records)
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "they compare across rows only where those sources agree" in report
+    assert "Lowest held-out perplexity" not in report
+
+
+def test_the_report_is_utf8_whatever_the_locale(tmp_path, shared_data):
+    """Under a locale that is not UTF-8 the report's '±' was a UnicodeEncodeError after the whole grid had
+    trained, leaving an empty report.md that every later run refused as not compare's own."""
+    script = f"""
+from pathlib import Path
+from deeprnn import compare
+spec = compare.GridSpec(seeds=[0, 1], base={{"token": "word"}})
+recs = [dict(label="lstm 2x256 concise", data="timemachine", cell="lstm", layers=2, hiddens=256, impl="concise",
+             seed=s, key=str(s), best_val_ppl=5.0 + s, best_val_bpc=2.0, final_val_ppl=5.0, final_val_bpc=2.0,
+             test_ppl=5.0, test_bpc=2.0, train_ppl=4.0, tokens=100.0, tokens_per_s=1000.0, train_time_s=1.0,
+             wall_s=1.0, steps=3, epochs=1.0, target_ppl=None, time_to_target_s=None, stop_reason="max_steps",
+             cached=False, run_dir=".", parameters=10) for s in (0, 1)]
+compare.write_report(Path({str(tmp_path / "out")!r}), spec, recs)
+"""
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "ascii"}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "| 5.500 ± 0.707 |" in report and "bpc = bits per word = log2 of perplexity." in report
+    assert compare._is_own_report_file(tmp_path / "out" / "report.md")
+    assert (tmp_path / "out" / "results.csv").read_text(encoding="utf-8").startswith(compare._RESULTS_HEAD)
+
+
+def test_a_changed_preset_says_so_above_its_description(tmp_path):
+    args = argparse.Namespace(preset="gru-vs-lstm", cells=["lstm"], layers=[1], hiddens=[16], impl=None, seeds=None,
+                              eval_on=None, corpus=None, heldout_from=None, weights=None, target_ppl=None, set=None,
+                              minutes=None, epochs=None)
+    spec = compare.spec_from_args(args)
+    assert spec.description.startswith("*Changed from the preset `gru-vs-lstm`:* `--cells lstm --layers 1 --hiddens "
+                                       "16`; the description below is the preset's.\n\nWhich cell is more accurate")
+    args.cells = args.layers = args.hiddens = None
+    assert compare.spec_from_args(args).description == compare.PRESETS["gru-vs-lstm"]["description"]

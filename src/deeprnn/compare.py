@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -41,7 +43,7 @@ from typing import Any
 
 import torch
 
-from deeprnn.corpus import MAX_SOURCE_WEIGHT, check_sources, valid_source_weight
+from deeprnn.corpus import MAX_SOURCE_WEIGHT, NAMED_CORPORA, check_sources, source_names, valid_source_weight
 from deeprnn.errors import ConfigError
 from deeprnn.files import write_text_atomic
 
@@ -167,9 +169,66 @@ def _norm_heldout(corpus: list[str], heldout_from: list[str] | None) -> list[str
     return list(heldout_from)
 
 
+def held_sources(variant: DataVariant) -> list[str]:
+    """The sources that give ``variant`` its validation and test text: those of ``--heldout-from`` that it
+    trains on (``--heldout-from A,B`` with a variant of A alone holds out A), or all of them without it.
+    Raises ConfigError when it trains on none of them: it would have no held-out text."""
+    names = source_names(variant.corpus)
+    if variant.heldout_from is None:
+        return names
+    held = [s for s in variant.heldout_from if s in names]
+    if not held:
+        raise ConfigError(f"--heldout-from {','.join(variant.heldout_from)}: variant {variant.label!r} trains on "
+                          f"none of these ({', '.join(names)}), so it would have no held-out text; name a source of "
+                          "every variant, or compare these variants separately")
+    return held
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    """SHA-256 of a file's bytes (cached while its modification time and size stay the same)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digest(path: Path) -> str:
+    st = path.stat()
+    return _file_digest(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+def source_identity(spec: str) -> str:
+    """What a corpus spec reads, for a cache key: a named corpus is its name (its text is checksum-verified);
+    a file is the SHA-256 of its bytes, a directory that of its ``.txt`` files' names and bytes. So a run is
+    reused for the same text wherever it lies, and never for other text behind the same path (an edited
+    file, or ``text.txt`` in another folder). A path that cannot be read stays as given (training says why)."""
+    if spec in NAMED_CORPORA:
+        return spec
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt" and p.is_file()):
+                h.update(f.name.encode("utf-8", "surrogateescape") + b"\0" + _digest(f).encode() + b"\0")
+            return "dir:sha256:" + h.hexdigest()
+        if path.is_file():
+            return "file:sha256:" + _digest(path)
+    except OSError:
+        pass
+    return spec
+
+
 def config_key(cfg, weights: dict[str, float] | str | None = None) -> str:
-    """Cache key of a run: a hash of every TrainConfig field that shapes the result, and the weights."""
+    """Cache key of a run: a hash of every TrainConfig field that shapes the result, the text its corpus
+    files hold (:func:`source_identity`), and the weights."""
     d = dataclasses.asdict(cfg)
+    identity = {spec: source_identity(spec) for spec in [*d["corpus"], *(d.get("heldout_from") or [])]}
+    if any(identity[k] != k for k in identity):  # named corpora only: the key is as it always was
+        d["corpus"] = [identity[x] for x in d["corpus"]]
+        if d.get("heldout_from"):
+            d["heldout_from"] = [identity[x] for x in d["heldout_from"]]
     if d.get("precision") == "auto":  # what auto means on this machine: a bf16 run is not reused as fp32
         from deeprnn.train import resolve_device, resolve_precision
 
@@ -187,6 +246,18 @@ def expand_grid(spec: GridSpec) -> list[RunPoint]:
 
     points = []
     multi = len(spec.data) > 1
+    held = {v.label: held_sources(v) if v.heldout_from is not None else None for v in spec.data}
+    weights = spec.base.get("source_weights")
+    for variant in spec.data:
+        if weights is not None:  # checked for every variant before the first one trains
+            if variant.weights:
+                raise ConfigError("--set source_weights and --weights both weight the training text; use one of "
+                                  "them")
+            names = source_names(variant.corpus)
+            if len(weights) != len(names):
+                raise ConfigError(f"--set source_weights has {len(weights)} values but variant {variant.label!r} "
+                                  f"has {len(names)} sources ({', '.join(names)}); give one weight per source, in "
+                                  "order, or weight sources by name with --weights SRC=W")
     for variant in spec.data:
         for cell in spec.cells:
             for layers in spec.layers:
@@ -198,7 +269,7 @@ def expand_grid(spec: GridSpec) -> list[RunPoint]:
                         for seed in spec.seeds:
                             cfg = TrainConfig(**{
                                 **spec.base, "corpus": list(variant.corpus),
-                                "heldout_from": _norm_heldout(variant.corpus, variant.heldout_from),
+                                "heldout_from": _norm_heldout(variant.corpus, held[variant.label]),
                                 "cell": cell, "num_layers": layers, "num_hiddens": hiddens, "impl": impl,
                                 "seed": seed})
                             cfg.validate()
@@ -625,11 +696,12 @@ def write_report(out: Path, spec: GridSpec, records: list[dict[str, Any]], *, co
     header, rows = aggregate(records, spec.eval_on, spec.target_ppl)
     table = markdown_table(header, rows)
     fields = list(records[0]) if records else []
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in records:
-            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    rows_csv = io.StringIO(newline="")
+    w = csv.DictWriter(rows_csv, fieldnames=fields)
+    w.writeheader()
+    for r in records:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    write_text_atomic(out / "results.csv", rows_csv.getvalue(), newline="")  # UTF-8, whatever the locale
     plot_curves(records, out / "curves.png", spec.target_ppl)
     plot_speed(records, out / "speed.png")
     budget = []
@@ -641,6 +713,7 @@ def write_report(out: Path, spec: GridSpec, records: list[dict[str, Any]], *, co
         budget.append(f"{spec.base.get('num_epochs', 'default')} epochs per run")
     shown = {k: v for k, v in spec.base.items() if not (k == "num_epochs" and spec.base.get("time_budget"))}
     base_text = ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+    unit = "word" if spec.base.get("token") == "word" else "character"
     parts = [f"# {spec.title}", ""]
     if spec.description:
         parts += [spec.description, ""]
@@ -648,7 +721,7 @@ def write_report(out: Path, spec: GridSpec, records: list[dict[str, Any]], *, co
         f"Budget: {'; '.join(budget)}; seed{'s' if len(spec.seeds) > 1 else ''} "
         f"{', '.join(str(s) for s in spec.seeds)}. "
         "Held-out = the validation split (best = the best evaluation, final = the last one); test = the "
-        "test split scored once with the best checkpoint. bpc = bits per character = log2 of perplexity.",
+        f"test split scored once with the best checkpoint. bpc = bits per {unit} = log2 of perplexity.",
         "",
     ]
     if command:
@@ -659,7 +732,7 @@ def write_report(out: Path, spec: GridSpec, records: list[dict[str, Any]], *, co
     if spec.eval_on:
         parts += ["`valid ppl <source>`: the best checkpoint on that source's own validation span (5 % of it, "
                   "never trained on); *n/a (trained on)*: the run trained on the whole source.", ""]
-    held = {frozenset(v.heldout_from or v.corpus) for v in spec.data}
+    held = {frozenset(held_sources(v)) for v in spec.data}
     if len(held) > 1:
         parts += ["`held-out ppl` and `test ppl` score each run on its own sources' held-out text; they compare "
                   "across rows only where those sources agree.", ""]
@@ -677,7 +750,7 @@ def write_report(out: Path, spec: GridSpec, records: list[dict[str, Any]], *, co
     if notes.exists():  # hand-written findings survive regenerating the report (prepare_output read it)
         parts += ["## Notes", "", notes.read_text(encoding="utf-8").strip(), ""]
     parts += [_REPORT_TAIL, ""]
-    (out / "report.md").write_text("\n".join(parts))
+    write_text_atomic(out / "report.md", "\n".join(parts))  # UTF-8, whatever the locale; never cut short
     return table
 
 
@@ -701,10 +774,10 @@ def run_compare(spec: GridSpec, out: str | os.PathLike, *, runs_dir: str | os.Pa
     before training anything when ``out`` or ``runs_dir`` cannot be used (see :func:`prepare_output`)."""
     out = Path(out)
     runs = Path(runs_dir) if runs_dir is not None else out / "runs"
-    points = expand_grid(spec)
     for sources in [*(v.corpus for v in spec.data), *(v.heldout_from for v in spec.data if v.heldout_from),
                     *([spec.eval_on] if spec.eval_on else [])]:
         check_sources(sources)  # a typo is one line now, not after a run (or the whole grid) has trained
+    points = expand_grid(spec)  # every point's options checked too, before the first one trains
     prepare_output(out, runs)
     machine = machine_summary()
     records = []
@@ -754,7 +827,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
     types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
     grid = {"cell": "--cells", "num_layers": "--layers", "num_hiddens": "--hiddens", "impl": "--impl",
-            "seed": "--seeds", "corpus": "--corpus", "heldout_from": "--heldout-from", "run_dir": "--runs-dir"}
+            "seed": "--seeds", "corpus": "--corpus", "heldout_from": "--heldout-from", "run_dir": "--runs-dir",
+            "time_budget": "--minutes", "num_epochs": "--epochs"}  # a preset's budget silently won over these
     raw: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -823,11 +897,20 @@ def spec_from_args(args: argparse.Namespace) -> GridSpec:
     spec = GridSpec(**preset, base=base)
     if not args.preset:
         spec.title = "deeprnn compare"
+    changed = []  # what the command changes of a preset's grid, said above its description in the report
     for attr, flag in (("cells", "cells"), ("layers", "layers"), ("hiddens", "hiddens"), ("impls", "impl"),
                        ("seeds", "seeds"), ("eval_on", "eval_on")):
         if getattr(args, flag) is not None:
             setattr(spec, attr, getattr(args, flag))
+            changed.append(f"--{flag.replace('_', '-')} {','.join(map(str, getattr(args, flag)))}")
+    repeated = _first_repeat(spec.eval_on)
+    if repeated is not None:  # two identical columns
+        raise ConfigError(f"--eval-on names {repeated!r} twice; give each source once")
+    if args.heldout_from is not None and not args.heldout_from:
+        raise ConfigError("--heldout-from is empty; name the sources that give validation/test text, or drop it "
+                          "to hold out part of every source")
     if args.corpus:
+        changed += [f"--corpus {c}" for c in args.corpus]
         spec.data = [parse_variant(c) for c in args.corpus]
         repeated = _first_repeat([v.label for v in spec.data])
         if repeated is not None:  # their runs were averaged into one row
@@ -836,6 +919,9 @@ def spec_from_args(args: argparse.Namespace) -> GridSpec:
         for v in spec.data:
             v.heldout_from = args.heldout_from
     weights = parse_weights(args.weights)
+    if weights == "balance" and not any(len(v.corpus) > 1 for v in spec.data):
+        raise ConfigError("--weights balance weights the sources of a multi-source --corpus variant, and no "
+                          "variant has several sources; drop --weights or give a variant SRC,SRC")
     if isinstance(weights, dict):
         known = {src for v in spec.data if len(v.corpus) > 1 for src in v.corpus}
         unknown = sorted(set(weights) - known)
@@ -858,9 +944,12 @@ def spec_from_args(args: argparse.Namespace) -> GridSpec:
         spec.base.pop("time_budget", None)
     elif minutes is not None:
         if not (math.isfinite(minutes) and minutes > 0):
-            raise ConfigError(f"minutes must be > 0, got {minutes}")
+            raise ConfigError(f"minutes must be a finite number > 0, got {minutes}")
         # the wall clock is the budget: epochs only bound it from above
         spec.base.update(time_budget=float(minutes), num_epochs=10**6)
+    if args.preset and changed:
+        spec.description = (f"*Changed from the preset `{args.preset}`:* `{' '.join(changed)}`; the description "
+                            "below is the preset's." + (f"\n\n{spec.description}" if spec.description else ""))
     for c in spec.cells:
         if c not in ("rnn_tanh", "rnn_relu", "gru", "lstm"):
             raise ConfigError(f"cells must be among rnn_tanh, rnn_relu, gru, lstm, got {c!r}")
@@ -898,7 +987,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target-ppl", type=float, help="report the training time to reach this held-out perplexity")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a fixed TrainConfig override for every run, e.g. --set lr=0.001 --set dropout=0 "
-                   "(any `deeprnn train` option, underscores or dashes; lists comma-separated)")
+                   "(a `deeprnn train` option, underscores or dashes; lists comma-separated; the grid axes and the "
+                   "budget have flags of their own, and fine-tuning's --init-from, --extend-vocab and "
+                   "--freeze-layers are not available)")
     p.add_argument("--out", help="report directory (default: reports/<preset> or reports/compare)")
     p.add_argument("--runs-dir", help="where runs are trained and cached (default: OUT/runs); share it between "
                    "reports to reuse runs")

@@ -509,6 +509,14 @@ def check_sources(specs) -> None:
             raise _read_error(path, FileNotFoundError())
 
 
+def source_names(specs) -> list[str]:
+    """The names the sources of ``specs`` go by in a corpus's spans (what ``heldout_from`` and
+    ``source_weights`` refer to), without reading any text: a named corpus's name, a file as given, each
+    ``.txt`` file of a directory. Raises what :func:`check_sources` raises for a spec that names nothing."""
+    check_sources(specs)
+    return [name for name, _ in _source_items(specs)]
+
+
 def load_sources(specs, data_dir=None, encoding: str | None = None, strip_boilerplate: bool = True) -> list[Source]:
     """Read each spec — a named corpus, a file path or a directory of ``.txt`` files (each file one
     source, in sorted order) — into a :class:`Source`. Raises :class:`CorpusError`."""
