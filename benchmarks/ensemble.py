@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from deeprnn.checkpoint import load_checkpoint  # noqa: E402
 from deeprnn.cli import checkpoint_split_tokens  # noqa: E402
-from deeprnn.errors import DeepRNNError  # noqa: E402
+from deeprnn.errors import ConfigError, DeepRNNError  # noqa: E402
 from deeprnn.train import heldout_streams, heldout_windows  # noqa: E402
 
 
@@ -38,7 +38,11 @@ def token_log_probs(model, streams_x, streams_y, num_steps: int, precision: str)
 
 def ensemble_perplexities(runs: list[str], split: str = "valid", batch_size: int | None = None,
                           num_steps: int | None = None) -> tuple[list[float], float, int]:
-    """Each run's perplexity, the ensemble's, and the number of tokens scored."""
+    """Each run's perplexity, the ensemble's, and the number of tokens scored. ``batch_size`` and
+    ``num_steps`` default to the first run's evaluation settings; ConfigError if either is below 1."""
+    for name, value in (("batch_size", batch_size), ("num_steps", num_steps)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
     cks = [load_checkpoint(r) for r in runs]
     tokens = checkpoint_split_tokens(cks[0], split)
     for r, ck in zip(runs[1:], cks[1:]):
@@ -47,10 +51,10 @@ def ensemble_perplexities(runs: list[str], split: str = "valid", batch_size: int
         if not torch.equal(checkpoint_split_tokens(ck, split), tokens):
             raise DeepRNNError(f"{r}'s {split} split differs from {runs[0]}'s; an ensemble scores one text")
     cfg = cks[0].train_config
-    streams = heldout_streams(tokens, batch_size or cfg.get("eval_batch_size") or 64)
+    streams = heldout_streams(tokens, batch_size if batch_size is not None else cfg.get("eval_batch_size") or 64)
     if streams is None:
         raise DeepRNNError(f"the {split} split has {tokens.numel()} tokens; need at least 3 to score")
-    steps = num_steps or cfg.get("eval_num_steps") or 128
+    steps = num_steps if num_steps is not None else cfg.get("eval_num_steps") or 128
     logps = torch.stack([token_log_probs(ck.model, *streams, steps, ck.train_config.get("precision", "fp32"))
                          for ck in cks])  # (K, B, L)
     singles = [math.exp(-lp.mean().item()) for lp in logps]
@@ -59,12 +63,15 @@ def ensemble_perplexities(runs: list[str], split: str = "valid", batch_size: int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="ensemble.py", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run directories or checkpoints")
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
     p.add_argument("--batch-size", type=int, default=None, help="streams (default: the first run's eval_batch_size)")
     p.add_argument("--num-steps", type=int, default=None, help="window (default: the first run's eval_num_steps)")
     args = p.parse_args(argv)
+    for flag, value in (("--batch-size", args.batch_size), ("--num-steps", args.num_steps)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     try:
         singles, ensemble, n = ensemble_perplexities(args.runs, args.split, args.batch_size, args.num_steps)
     except DeepRNNError as err:

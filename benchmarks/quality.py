@@ -8,7 +8,8 @@
 A run trains ``--preset`` (from ``deeprnn.cli.PRESETS``) with ``time_budget = --minutes`` (training
 time only: evaluation is not counted, as in ``deeprnn train``), evaluating every ``--eval-every``
 steps, and prints one line per evaluation (minutes, step, validation loss in nats and perplexity),
-then the best held-out value, the test score of the best checkpoint and the machine it ran on.
+then the best held-out value, the test score of the best checkpoint and the machine it ran on. The run lives
+in a temporary directory, or in ``--run-dir``, where an earlier run is replaced only with ``--overwrite``.
 ``--dynamic-lr`` then scores the best checkpoint again with dynamic evaluation (``deeprnn.dynamic``),
 a separate protocol whose numbers are never mixed with the static ones.
 
@@ -41,12 +42,24 @@ from deeprnn.errors import DeepRNNError  # noqa: E402
 from deeprnn.train import TrainConfig, TrainingInterrupted, read_metrics, train  # noqa: E402
 
 
-def run(values: dict, *, run_dir: Path, log=None) -> dict:
+def run(values: dict, *, run_dir: Path, log=None, overwrite: bool = False) -> dict:
+    """Train ``values`` into ``run_dir``; the summary with its held-out ``curve``. An earlier run there is
+    replaced only with ``overwrite`` (else train's CheckpointError)."""
     cfg = TrainConfig(**{**values, "run_dir": str(run_dir)})
-    summary = train(cfg, overwrite=True, progress=False, log=log or (lambda *_: None))
+    summary = train(cfg, overwrite=overwrite, progress=False, log=log or (lambda *_: None))
     summary["curve"] = [(float(r["elapsed_s"]) / 60, int(r["step"]), float(r["val_loss"]), float(r["val_ppl"]))
                         for r in read_metrics(run_dir / "metrics.csv")]
     return summary
+
+
+def refuse_invalid(parser, values: dict, where: str = "") -> None:
+    """``parser.error`` (one line, exit 2) where ``TrainConfig(**values)`` does not validate, so that bad
+    input is refused before any run starts rather than by the run that trains it; ``where`` prefixes the
+    message (which run it is)."""
+    try:
+        TrainConfig(**values).validate()
+    except DeepRNNError as e:
+        parser.error(f"{where}{e}")
 
 
 def print_curve(summary: dict) -> None:
@@ -116,35 +129,71 @@ ABLATION_ROWS: dict[str, dict] = {
 }
 
 
-def ablation(args) -> None:
+def ablation_values(change: dict, seed: int, steps: int) -> dict:
+    """The TrainConfig fields of one ablation run: the base, the row's change, the seed and the step budget."""
+    values = {**ABLATION_BASE, **change, "seed": seed, "max_steps": steps, "eval_every": max(1, steps // 10)}
+    if values.get("ema_start") == -1:
+        values["ema_start"] = steps // 3
+    return values
+
+
+def ablation_rows(parser, args) -> dict[str, dict]:
+    """The rows ``--only`` selects, every run's config checked: ``parser.error`` on a bad ``--steps``,
+    ``--seeds`` or ``--only``, before the first run."""
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    repeated = [s for i, s in enumerate(args.seeds) if s in args.seeds[:i]]
+    if repeated:
+        parser.error(f"--seeds gives seed {repeated[0]} twice; give each seed once")
+    unmatched = [o for o in args.only or [] if not any(o in name for name in ABLATION_ROWS)]
+    if unmatched:
+        parser.error(f"--only {unmatched[0]!r} matches no ablation row; give part of a row's name: "
+                     + "; ".join(ABLATION_ROWS))
     rows = {name: change for name, change in ABLATION_ROWS.items()
             if not args.only or any(o in name for o in args.only)}
+    for change in rows.values():
+        for seed in args.seeds:
+            refuse_invalid(parser, ablation_values(change, seed, args.steps))
+    return rows
+
+
+def ablation(args, rows: dict[str, dict]) -> None:
     results: dict[str, list[float]] = {}
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for name, change in rows.items():
             for seed in args.seeds:
-                values = {**ABLATION_BASE, **change, "seed": seed, "max_steps": args.steps,
-                          "eval_every": max(1, args.steps // 10)}
-                if values.get("ema_start") == -1:
-                    values["ema_start"] = args.steps // 3
-                s = run(values, run_dir=Path(tmp) / f"r{len(results)}-{seed}")
+                s = run(ablation_values(change, seed, args.steps), run_dir=Path(tmp) / f"r{len(results)}-{seed}")
                 ppl = min(r[3] for r in s["curve"])
                 results.setdefault(name, []).append(ppl)
                 print(json.dumps({"row": name, "seed": seed, "best_val_ppl": round(ppl, 4),
                                   "train_s": s["train_time_s"], "steps": s["steps"]}), flush=True)
-    base = statistics.mean(next(iter(results.values())))
+    first = next(iter(results))  # the baseline, unless --only leaves it out
+    base = statistics.mean(results[first])
     print(f"\n{args.steps} optimiser steps per run, seeds {args.seeds}; {time.time() - t0:.0f} s in all; "
           f"{machine()}; load average {loadavg()} at the end\n")
-    print("| configuration | best held-out ppl (mean) | per seed | vs baseline |")
+    vs = "baseline" if first == next(iter(ABLATION_ROWS)) else "the first row"
+    print(f"| configuration | best held-out ppl (mean) | per seed | vs {vs} |")
     print("| --- | ---: | --- | ---: |")
     for name, ppls in results.items():
         m = statistics.mean(ppls)
         print(f"| {name} | {m:.3f} | {', '.join(f'{p:.3f}' for p in ppls)} | {m - base:+.3f} |")
 
 
+def refuse_run_dir(parser, run_dir: str, overwrite: bool) -> None:
+    """``parser.error`` for an empty ``--run-dir``, or one that holds a run, unless ``overwrite``: as
+    ``deeprnn train``, a run is replaced only when asked to (other folders are train's to refuse)."""
+    from deeprnn.train import holds_run
+
+    if not run_dir.strip():
+        parser.error("--run-dir is empty; name a directory, or drop --run-dir for a temporary one")
+    if not overwrite and Path(run_dir).is_dir() and holds_run(Path(run_dir)):
+        parser.error(f"--run-dir {run_dir} already holds a run; pass --overwrite to replace it, or choose "
+                     "another --run-dir")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="quality.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tm-cpu", choices=sorted(PRESETS), help="recipe from deeprnn.cli.PRESETS")
     p.add_argument("--minutes", type=float, default=10.0, help="training-time budget in minutes")
@@ -152,24 +201,47 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TrainConfig fields")
-    p.add_argument("--run-dir", default=None, help="keep the run here (default: a temporary directory)")
+    p.add_argument("--run-dir", default=None,
+                   help="keep the run here, a new or empty directory (default: a temporary directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that --run-dir already holds")
     p.add_argument("--dynamic-lr", type=float, nargs="*", default=None, metavar="LR",
                    help="after training, also score the best checkpoint with dynamic evaluation (RMS rule) at "
                         "each LR (1 stream, windows of 20; reported apart from the static curve)")
-    p.add_argument("--dynamic-decay", type=float, default=0.0, metavar="D", help="dynamic evaluation decay")
+    p.add_argument("--dynamic-decay", type=float, default=None, metavar="D",
+                   help="dynamic evaluation decay, in [0, 1] (default 0)")
     p.add_argument("--ablation", action="store_true", help="run the regulariser ablation instead")
     p.add_argument("--steps", type=int, default=600, help="ablation: optimiser steps per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="ablation: seeds")
     p.add_argument("--only", nargs="*", default=None, help="ablation: rows whose name contains one of these")
     args = p.parse_args(argv)
+    # Bad input is refused here, in one line, before anything trains.
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.dynamic_lr == []:
+        p.error("--dynamic-lr needs at least one learning rate")
+    bad_lr = [lr for lr in args.dynamic_lr or [] if not 0 <= lr <= 3e38]  # 3e38: what float32 weights can take
+    if bad_lr:
+        p.error(f"--dynamic-lr must be in [0, 3e38], got {bad_lr[0]}")
+    if args.dynamic_decay is not None and args.dynamic_lr is None:
+        p.error("--dynamic-decay needs --dynamic-lr: the learning rates to evaluate with")
+    if args.dynamic_decay is not None and not 0 <= args.dynamic_decay <= 1:
+        p.error(f"--dynamic-decay must be in [0, 1], got {args.dynamic_decay}")
+    if args.ablation:  # its runs live in temporary directories, scored statically
+        unused = [flag for flag, value in (("--run-dir", args.run_dir), ("--overwrite", args.overwrite),
+                                           ("--dynamic-lr", args.dynamic_lr)) if value not in (None, False)]
+        if unused:
+            p.error(f"--ablation does not use {unused[0]}; drop it, or drop --ablation")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.ablation:
-        ablation(args)
+        ablation(args, ablation_rows(p, args))
         return 0
     values = {**PRESETS[args.preset], "seed": args.seed, "time_budget": args.minutes, **parse_sets(args.set)}
     if args.eval_every is not None:
         values["eval_every"] = args.eval_every
+    refuse_invalid(p, values)
+    if args.run_dir is not None:
+        refuse_run_dir(p, args.run_dir, args.overwrite)
     print(f"preset {args.preset}, {args.minutes} min: "
           + json.dumps({k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}))
     note = preset_note(args.preset, TrainConfig(**values))
@@ -180,10 +252,10 @@ def main(argv=None) -> int:
     tmp = None if args.run_dir else Path(tempfile.mkdtemp(prefix="deeprnn-quality-"))
     run_dir = Path(args.run_dir) if args.run_dir else tmp / "run"
     try:
-        summary = run(values, run_dir=run_dir, log=print)
+        summary = run(values, run_dir=run_dir, log=print, overwrite=args.overwrite)
         print_curve(summary)
         if args.dynamic_lr:
-            print_dynamic(run_dir / "best", args.dynamic_lr, args.dynamic_decay)
+            print_dynamic(run_dir / "best", args.dynamic_lr, args.dynamic_decay or 0.0)
     except TrainingInterrupted as e:
         print(f"quality.py: {e}" + ("" if tmp is None else " (kept in a temporary directory; pass --run-dir DIR "
                                     "to choose where)"), file=sys.stderr)

@@ -13,7 +13,9 @@ random streams differ: compare means over seeds with the slow machine's, not sin
 Runs go seed by seed (every variant of seed 0 first), so that a ``--deadline`` cuts the last seeds, not the
 last variants. The first variant is the baseline (``base``: the preset itself, unless a ``--variant base ...``
 comes first). The table compares each variant with the baseline on the seeds both finished (paired: the same
-seed gives the same initial weights and the same data order).
+seed gives the same initial weights and the same data order). Every run's configuration is checked before
+the first starts; a run that fails anyway (a corpus file gone) does not stop the others, and the exit status
+is then 1.
 
 On CUDA the workers turn TF32 off (cuBLAS and cuDNN), so that float32 means what it means on a CPU.
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
+from benchmarks.quality import refuse_invalid  # noqa: E402
 from deeprnn.cli import PRESETS  # noqa: E402
 
 
@@ -73,8 +76,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1 or args.jobs < 1:
         p.error(f"--steps and --jobs must be >= 1, got {args.steps} and {args.jobs}")
+    if args.finalists < 0:
+        p.error(f"--finalists must be >= 0, got {args.finalists}")
     if args.finalists and not args.more_seeds:
         p.error("--finalists needs --more-seeds: the seeds to run the finalists on")
+    if args.more_seeds and not args.finalists:
+        p.error("--more-seeds needs --finalists: how many variants to run on them")
+    # A seed given twice would be run twice and counted twice in the means.
+    for flag, seeds in (("--seeds", args.seeds), ("--more-seeds", args.more_seeds)):
+        repeated = [seed for i, seed in enumerate(seeds) if seed in seeds[:i]]
+        if repeated:
+            p.error(f"{flag} gives seed {repeated[0]} twice; give each seed once")
+    again = [seed for seed in args.more_seeds if seed in args.seeds]
+    if again:
+        p.error(f"--more-seeds gives seed {again[0]}, which --seeds already runs; give the finalists other seeds")
 
     variants: dict[str, dict] = {}
     for name, *sets in ([["base"]] if not args.variant or args.variant[0][0] != "base" else []) + args.variant:
@@ -82,8 +97,20 @@ def main(argv=None) -> int:
             p.error(f"variant {name!r} is given twice; give each variant its own name")
         variants[name] = parse_sets(sets)
     common = parse_sets(args.set)
+
+    def run_values(name: str, seed: int) -> dict:
+        return {**PRESETS[args.preset], "time_budget": None, "max_steps": args.steps, "sample_every": 0, **common,
+                **variants[name], "seed": seed}
+
+    # A bad --set, seed or variant is one line now, not the same error from every run.
+    refuse_invalid(p, {**PRESETS[args.preset], "max_steps": args.steps, **common}, "--set: ")
+    for seed in args.seeds + args.more_seeds:
+        refuse_invalid(p, {"seed": seed})
+    for name in variants:
+        refuse_invalid(p, run_values(name, args.seeds[0]), f"variant {name!r}: ")
     t0 = time.time()
     results: dict[tuple[str, int], dict] = {}
+    failed: list[tuple[str, int]] = []
     print(f"step sweep of {args.preset}: {len(variants)} variants x seeds {args.seeds}, {args.steps} steps, "
           f"{args.jobs} at a time; every run: {json.dumps(common)}", flush=True)
     with cf.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -94,9 +121,7 @@ def main(argv=None) -> int:
             def start_next(first: bool = False) -> None:  # one more run, unless none is left or it is too late
                 if todo and (first or args.deadline is None or time.time() - t0 < args.deadline * 60):
                     name, seed = todo.pop(0)
-                    values = {**PRESETS[args.preset], "time_budget": None, "max_steps": args.steps,
-                              "sample_every": 0, **common, **variants[name], "seed": seed}
-                    running[pool.submit(one_run, values)] = (name, seed)
+                    running[pool.submit(one_run, run_values(name, seed))] = (name, seed)
 
             for _ in range(args.jobs):
                 start_next(first=first_round)
@@ -109,6 +134,7 @@ def main(argv=None) -> int:
                 except Exception as err:  # noqa: BLE001 - one broken variant must not lose the others
                     print(json.dumps({"variant": name, "seed": seed, "error": f"{type(err).__name__}: {err}"}),
                           flush=True)
+                    failed.append((name, seed))
                     continue
                 results[name, seed] = r
                 print(json.dumps({"variant": name, "seed": seed, **{
@@ -125,6 +151,10 @@ def main(argv=None) -> int:
     print(f"\n{len(results)} runs in {time.time() - t0:.0f} s; {machine()}; load average {loadavg()} at the end\n")
     for line in summary_table(args.preset, variants, results, args.seeds + args.more_seeds, args.steps):
         print(line)
+    if failed:
+        print(f"step_sweep.py: {len(failed)} of {len(failed) + len(results)} runs failed: "
+              f"{', '.join(f'{name} seed {seed}' for name, seed in failed)} (their errors are above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -367,12 +367,19 @@ def main(argv=None) -> str:
                              "instead of a child process with glibc's defaults")
     parser.add_argument("--serve-baselines", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # Checked before any warm-up, so a bad value costs nothing.
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.seconds is not None and not 0 < args.seconds < float("inf"):  # nan too
+        parser.error(f"--seconds must be a finite number > 0, got {args.seconds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.serve_baselines:
         return serve_baselines()
-    rounds = args.rounds or (3 if args.quick else 7)
-    seconds = args.seconds or (0.25 if args.quick else 0.6)
+    rounds = args.rounds if args.rounds is not None else 3 if args.quick else 7
+    seconds = args.seconds if args.seconds is not None else 0.25 if args.quick else 0.6
     torch.manual_seed(0)
     started = datetime.datetime.now()
     load_start = loadavg()

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.ensemble import ensemble_perplexities, main as ensemble_main
 from deeprnn.cli import main
-from deeprnn.errors import DeepRNNError
+from deeprnn.errors import ConfigError, DeepRNNError
 
 TINY = ["--num-layers", "1", "--num-hiddens", "16", "--batch-size", "4", "--num-steps", "8",
         "--max-tokens", "2000", "--max-steps", "6", "--eval-batch-size", "4", "--sample-every", "0",
@@ -63,3 +63,22 @@ def test_the_script_says_what_is_wrong_in_one_line(runs, tmp_path, capsys):
     assert ensemble_main(runs + ["--batch-size", "4", "--num-steps", "32"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith("ensemble of 2: perplexity ") and out[-1].endswith(" valid tokens")
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "-1"), ("--batch-size", "0"), ("--num-steps", "-5"),
+                                         ("--num-steps", "0")])
+def test_sizes_below_one_are_one_line(runs, flag, value, capsys):
+    # --num-steps -5 was a ValueError traceback, --batch-size -1 scored with other streams and exited 0, and 0
+    # meant the default without a word; the help gives the default as "the first run's", not 0.
+    with pytest.raises(SystemExit) as exc:
+        ensemble_main([*runs, flag, value])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"ensemble.py: error: {flag} must be >= 1, got {value}"
+
+
+@pytest.mark.parametrize("sizes, message", [(dict(batch_size=0), "batch_size must be >= 1, got 0"),
+                                            (dict(num_steps=-5), "num_steps must be >= 1, got -5")])
+def test_the_library_refuses_sizes_below_one(runs, sizes, message):
+    with pytest.raises(ConfigError) as exc:
+        ensemble_perplexities(runs, "valid", **sizes)
+    assert str(exc.value) == message
