@@ -28,7 +28,8 @@ from benchmarks.common import (alternating_rounds, loadavg, machine, parse_sets,
                                refuse_unrunnable_precision)
 from deeprnn import regularize  # noqa: E402
 from deeprnn.cli import PRESETS  # noqa: E402
-from deeprnn.train import TrainConfig, resolve_precision  # noqa: E402
+from deeprnn.precision import resolve_precision  # noqa: E402
+from deeprnn.train import TrainConfig  # noqa: E402
 
 VOCAB = 28
 

@@ -33,7 +33,8 @@ from deeprnn.cli import PRESETS  # noqa: E402
 from deeprnn.errors import ConfigError  # noqa: E402
 from deeprnn.generate import generate  # noqa: E402
 from deeprnn.models import ModelConfig, build_model, native  # noqa: E402
-from deeprnn.train import TrainConfig, resolve_precision  # noqa: E402
+from deeprnn.precision import resolve_precision  # noqa: E402
+from deeprnn.train import TrainConfig  # noqa: E402
 from deeprnn.vocab import Vocab  # noqa: E402
 
 VOCAB = 28

@@ -37,7 +37,7 @@ def machine() -> str:
     """One line: CPU, logical CPUs, torch and its threads and ISA, Python, OS, and the scratch layers'
     window kernels (C++ or the Python loops)."""
     from deeprnn.models import native, onednn
-    from deeprnn.train import native_bf16
+    from deeprnn.precision import native_bf16
 
     return (f"{cpu_name()}; {os.cpu_count()} logical CPUs; torch {torch.__version__} ({torch.get_num_threads()} "
             f"threads, {torch.backends.cpu.get_cpu_capability()}); Python {platform.python_version()}; "
@@ -101,11 +101,11 @@ def parse_sets(items: list[str] | None) -> dict:
 
 
 def refuse_unrunnable_precision(parser, precision: str, device, cell: str, impl: str, fix: str | None = None):
-    """``parser.error`` (one line, exit 2) where ``deeprnn.train.check_precision`` says the model cannot run
+    """``parser.error`` (one line, exit 2) where ``deeprnn.precision.check_precision`` says the model cannot run
     in ``precision`` here (torch.nn.LSTM in bf16 on a CPU without AVX-512), before any step; ``fix``: what
     to do instead (else check_precision's own advice)."""
     from deeprnn.errors import ConfigError
-    from deeprnn.train import check_precision
+    from deeprnn.precision import check_precision
 
     try:
         check_precision(precision, torch.device(device), cell, impl, **({} if fix is None else {"fix": fix}))
@@ -118,7 +118,8 @@ def preset_step(cfg, vocab_size: int = 28):
     recipe's optimiser (``build_optimizer``), under bf16 autocast where ``cfg.precision`` resolves to it;
     one fixed batch of random tokens, every step from a fresh state (a window of ``cfg.num_steps``)."""
     from deeprnn.models import ModelConfig, build_model
-    from deeprnn.train import autocast_context, build_optimizer, sequence_loss
+    from deeprnn.precision import autocast_context
+    from deeprnn.train import build_optimizer, sequence_loss
 
     torch.manual_seed(cfg.seed)
     model = build_model(ModelConfig(vocab_size=vocab_size, **cfg.model_fields()))

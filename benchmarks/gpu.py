@@ -36,7 +36,8 @@ from benchmarks.bench_d2l import book_grad_clipping  # noqa: E402
 from benchmarks.bench_generate import BookRNNModel  # noqa: E402
 from benchmarks.common import loadavg, machine  # noqa: E402
 from deeprnn.models import ModelConfig, build_model, detach_state  # noqa: E402
-from deeprnn.train import native_bf16, sequence_loss  # noqa: E402
+from deeprnn.precision import native_bf16  # noqa: E402
+from deeprnn.train import sequence_loss  # noqa: E402
 
 
 def sync(dev):
@@ -233,7 +234,7 @@ def main(argv=None) -> str:
     book_tps = timed(book_loop(dev, B_book, T, V, H_book), dev, seconds) * B_book * T
     rows.append(("book loop, RNNModel(nn.LSTM), fp32", book_tps))
     # bf16 where the device multiplies it natively; a CPU fallback without AVX-512 runs the rows in fp32
-    # (torch.nn.LSTM has no bf16 there: deeprnn.train.check_precision).
+    # (torch.nn.LSTM has no bf16 there: deeprnn.precision.check_precision).
     lp = "bf16" if native_bf16(dev) else "fp32"
     if lp != "bf16":
         log("no native bf16 on this device: the bf16 rows run in fp32")

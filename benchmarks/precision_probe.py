@@ -2,7 +2,7 @@
 
     python benchmarks/precision_probe.py [--threads N]
 
-torch multiplies bf16 through oneDNN only on a CPU with AVX-512 (BW, VL, DQ; ``deeprnn.train.native_bf16``).
+torch multiplies bf16 through oneDNN only on a CPU with AVX-512 (BW, VL, DQ; ``deeprnn.precision.native_bf16``).
 Elsewhere it falls back to a generic kernel, so ``auto`` (deeprnn's default precision) means fp32 there. This
 prints, in GFLOP/s: an ``n``^3 product in fp32 (torch.mm and oneDNN) and in bf16, and the product of a training
 window's input projection (2560 x 512 by 512 x 2048: batch 32 x 80 tokens into a 512-unit LSTM's four gates)
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.common import loadavg, machine, matmul_gflops  # noqa: E402
-from deeprnn.train import native_bf16, resolve_precision  # noqa: E402
+from deeprnn.precision import native_bf16, resolve_precision  # noqa: E402
 
 
 def window_gflops(dtype: torch.dtype, repeats: int = 5) -> float:

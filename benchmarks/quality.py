@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
 from deeprnn.cli import PRESETS, preset_note  # noqa: E402
 from deeprnn.errors import DeepRNNError  # noqa: E402
-from deeprnn.train import TrainConfig, TrainingInterrupted, read_metrics, train  # noqa: E402
+from deeprnn.rundir import read_metrics  # noqa: E402
+from deeprnn.train import TrainConfig, TrainingInterrupted, train  # noqa: E402
 
 
 def run(values: dict, *, run_dir: Path, log=None, overwrite: bool = False) -> dict:

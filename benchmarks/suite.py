@@ -57,7 +57,8 @@ from benchmarks.bench_models import BookStyleLSTM
 from benchmarks.common import fp32_ceiling, loadavg, machine, matmul_gflops
 from deeprnn.generate import generate
 from deeprnn.models import ModelConfig, build_model, detach_state
-from deeprnn.train import autocast_context, native_bf16, sequence_loss
+from deeprnn.precision import autocast_context, native_bf16
+from deeprnn.train import sequence_loss
 from deeprnn.vocab import Vocab
 
 VOCAB, HIDDENS, LAYERS, BATCH, STEPS = 28, 256, 2, 32, 35
@@ -385,7 +386,7 @@ def main(argv=None) -> str:
     load_start = loadavg()
     t_start = time.perf_counter()
     # bf16 rows only where the CPU multiplies bf16 natively (AVX-512): elsewhere torch emulates it, several
-    # times slower than fp32, and torch.nn.LSTM has no bf16 at all (deeprnn.train.check_precision).
+    # times slower than fp32, and torch.nn.LSTM has no bf16 at all (deeprnn.precision.check_precision).
     precisions = ("fp32", "bf16") if native_bf16(torch.device("cpu")) else ("fp32",)
     peak_start, peak_note_start = fp32_ceiling()
     bf16_peak = matmul_gflops(torch.bfloat16) if "bf16" in precisions else None

@@ -253,13 +253,13 @@ def test_each_cpu_twin_is_the_configuration_its_quoted_runs_trained(name):
 def test_a_bf16_tuned_preset_names_its_fp32_twin_where_bf16_is_emulated(monkeypatch, capsys, tmp_path):
     """tm-cpu was tuned where bf16 is native. On a CPU without it (its "auto" is float32 there, several times
     slower per step) a run of it says which preset is tuned for such a CPU; nowhere else."""
-    import deeprnn.train
+    import deeprnn.precision
     from deeprnn.cli import FP32_TWINS, preset_note
 
     note = ("note: tm-cpu was tuned on a CPU with native bfloat16 (AVX-512); this one has none, so it trains in "
             "float32, several times slower per step; --preset tm-cpu-fp32 is tuned for such a CPU (docs/quality.md)")
     cfg = TrainConfig(**{**PRESETS["tm-cpu"], "device": "cpu"})
-    monkeypatch.setattr(deeprnn.train, "native_bf16", lambda device: False)
+    monkeypatch.setattr(deeprnn.precision, "native_bf16", lambda device: False)
     assert preset_note("tm-cpu", cfg) == note
     assert preset_note("tm-cpu", dataclasses.replace(cfg, precision="fp32")) is None  # asked for float32
     assert preset_note("tm-cpu-fp32", TrainConfig(**{**PRESETS["tm-cpu-fp32"], "device": "cpu"})) is None
@@ -281,7 +281,7 @@ def test_a_bf16_tuned_preset_names_its_fp32_twin_where_bf16_is_emulated(monkeypa
     assert main(["train", "--preset", "tm-cpu", *tiny, "--precision", "fp32", "--device", "cpu",
                  "--run-dir", str(tmp_path / "q")]) == 0
     assert "note:" not in capsys.readouterr().out  # float32 asked for
-    monkeypatch.setattr(deeprnn.train, "native_bf16", lambda device: True)
+    monkeypatch.setattr(deeprnn.precision, "native_bf16", lambda device: True)
     assert preset_note("tm-cpu", cfg) is None
 
 

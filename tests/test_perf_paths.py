@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from deeprnn.models import ModelConfig, build_model
 from deeprnn.models.convert import scratch_to_concise, state_dict_to_scratch
-from deeprnn.train import native_bf16
+from deeprnn.precision import native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
@@ -63,7 +63,7 @@ def test_scratch_bf16_kernels_match_fp32(cell, input_kind):
         assert _rel(f, r) < 2e-2
     # torch.nn's own bf16 error on the same gradient, in scratch names. Its two biases map to one
     # summed b_h whose gradient is not comparable, so b_h is held to the layer's W_hh figure. On a CPU
-    # without AVX-512 torch.nn.LSTM has no bf16 (deeprnn.train.check_precision): the 4% bound alone.
+    # without AVX-512 torch.nn.LSTM has no bf16 (deeprnn.precision.check_precision): the 4% bound alone.
     twin = None
     if cell != "lstm" or native_bf16(torch.device("cpu")):
         twin = convert_grads(_run(twin_model, X, Y, state, bf16=True)[2], cfg)
@@ -238,12 +238,12 @@ def test_profile_step_lists_ops_and_the_products_share(capsys):
 def test_timing_scripts_refuse_a_bf16_lstm_where_bf16_is_emulated(script, monkeypatch, capsys):
     """On a CPU without native bf16 (``native_bf16`` made False, so this runs on every machine) the two
     timing scripts refuse bf16 with torch.nn.LSTM in one line, exit 2, instead of oneDNN's traceback."""
-    import deeprnn.train as train_mod
+    import deeprnn.precision as precision_mod
 
     sys.path.insert(0, str(ROOT))
     from benchmarks import bench_masks, profile_step
 
-    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device: False)
     main, argv, fix = {
         "profile_step": (profile_step.main, ["--impl", "concise", "--precision", "bf16"], "use --precision fp32"),
         "bench_masks": (bench_masks.main, ["--set", "impl=concise", "precision=bf16"],

@@ -468,51 +468,13 @@ def test_end_of_training_sample_with_a_prefix_outside_the_vocabulary_is_skipped(
     assert summary["sample"].startswith("the cat ") and len(summary["sample"].split()) == 2 + 4
 
 
-def test_precision_note_says_what_bf16_means_for_cudnn_rnns(monkeypatch):
-    """torch's autocast runs cuDNN's RNNs in float16 whatever dtype it was given: a concise bf16 run on a GPU
-    says so; a CPU run (with native bf16), an fp32 run and a scratch run (whose own kernels follow bf16) say
-    nothing."""
-    import deeprnn.train as train_mod
-    from deeprnn.train import precision_note
-
-    monkeypatch.setattr(train_mod, "native_bf16", lambda device: True)
-    cuda = torch.device("cuda", 0)
-    note = precision_note(cuda, "bf16", "concise")
-    assert note == ("note: under autocast torch runs cuDNN's LSTM/GRU/RNN layers in float16, not bfloat16, without "
-                    "loss scaling (the rest of the step is bfloat16); --precision fp32 keeps them in float32")
-    assert precision_note(torch.device("cpu"), "bf16", "concise") is None
-    assert precision_note(cuda, "fp32", "concise") is None
-    assert precision_note(cuda, "bf16", "scratch") is None
-
-
 # --- precision auto: bf16 only where the device multiplies it natively -------------------------------------
-def test_native_bf16_follows_torchs_onednn_check():
-    """On a CPU, native bf16 is oneDNN's own test (AVX-512 BW/VL/DQ), the one that decides whether torch's bf16
-    products and torch.nn.LSTM's bf16 kernels exist; mps and others never."""
-    from deeprnn.train import native_bf16
-
-    assert native_bf16(torch.device("cpu")) is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    assert native_bf16(torch.device("meta")) is False
-
-
-@pytest.mark.parametrize("capability, native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
-def test_native_bf16_on_a_gpu_means_ampere_or_later(monkeypatch, capability, native):
-    """A V100 or T4 emulates bf16 (torch.cuda.is_bf16_supported() says yes by default): auto is fp32 there."""
-    from deeprnn.train import native_bf16, resolve_precision
-
-    asked = []
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
-    cuda1 = torch.device("cuda", 1)
-    assert native_bf16(cuda1) is native and asked == [cuda1]  # the device asked about, not the current one
-    assert resolve_precision("auto", cuda1) == ("bf16" if native else "fp32")
-
-
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_precision_auto_is_bf16_only_with_native_bf16(tmp_path, monkeypatch, native, expected):
-    import deeprnn.train as train_mod
-    from deeprnn.train import resolve_precision
+    import deeprnn.precision as precision_mod
+    from deeprnn.precision import resolve_precision
 
-    monkeypatch.setattr(train_mod, "native_bf16", lambda device: native)
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device: native)
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == expected
     assert (resolve_precision("fp32", cpu), resolve_precision("bf16", cpu)) == ("fp32", "bf16")
@@ -527,10 +489,10 @@ def test_precision_auto_is_bf16_only_with_native_bf16(tmp_path, monkeypatch, nat
 def test_bf16_on_a_cpu_without_it(tmp_path, monkeypatch):
     """Asked for explicitly: the GRU and the scratch layers run, with a note that fp32 is faster; torch.nn.LSTM,
     which oneDNN cannot build in bf16 there, is one line before any run directory exists."""
-    import deeprnn.train as train_mod
-    from deeprnn.train import check_precision, precision_note
+    import deeprnn.precision as precision_mod
+    from deeprnn.precision import check_precision, precision_note
 
-    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device: False)
     cpu = torch.device("cpu")
     assert precision_note(cpu, "bf16", "concise") == (
         "note: this CPU has no AVX-512, so torch emulates bfloat16 products, several times slower than float32; "
@@ -548,12 +510,12 @@ def test_bf16_on_a_cpu_without_it(tmp_path, monkeypatch):
 
 def test_resume_keeps_the_precision_auto_chose(tmp_path, monkeypatch):
     """A run started where auto meant bf16 resumes in bf16 with precision auto, wherever it resumes."""
-    import deeprnn.train as train_mod
+    import deeprnn.precision as precision_mod
 
-    monkeypatch.setattr(train_mod, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device: True)
     cfg = tiny(tmp_path, cell="gru", precision="auto", max_steps=4, eval_every=2)
     train(cfg, progress=False, log=lambda *_: None, stop_after_steps=2)
-    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device: False)
     summary = train(tiny(tmp_path, cell="gru", precision="auto", max_steps=4, eval_every=2), resume=True,
                     progress=False, log=lambda *_: None)
     assert summary["steps"] == 4
@@ -601,7 +563,7 @@ def test_a_run_being_trained_is_locked_against_a_second_process(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from deeprnn.train import run_lock
+        from deeprnn.rundir import run_lock
         with run_lock(Path({str(run)!r})):
             print("held", flush=True)
             sys.stdin.read()

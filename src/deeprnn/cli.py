@@ -154,7 +154,8 @@ FP32_TWINS: dict[str, str] = {"tm-cpu": "tm-cpu-fp32", "tm-wells-cpu": "tm-wells
 def preset_note(name: str | None, cfg) -> str | None:
     """A line for a run of a preset tuned for native bf16 on a CPU without it, in float32 (``auto``): the preset
     tuned for such a CPU. None elsewhere."""
-    from deeprnn.train import native_bf16, resolve_device
+    from deeprnn.precision import native_bf16
+    from deeprnn.train import resolve_device
 
     if name not in FP32_TWINS or cfg.precision != "auto":
         return None
@@ -677,8 +678,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from deeprnn.checkpoint import load_checkpoint
-    from deeprnn.train import (LN2, MIN_HELDOUT_TOKENS, check_precision, evaluate_tokens, json_safe, perplexity,
-                               resolve_device)
+    from deeprnn.precision import check_precision
+    from deeprnn.train import LN2, MIN_HELDOUT_TOKENS, evaluate_tokens, json_safe, perplexity, resolve_device
 
     device = resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, map_location=device)

@@ -230,7 +230,8 @@ def config_key(cfg, weights: dict[str, float] | str | None = None) -> str:
         if d.get("heldout_from"):
             d["heldout_from"] = [identity[x] for x in d["heldout_from"]]
     if d.get("precision") == "auto":  # what auto means on this machine: a bf16 run is not reused as fp32
-        from deeprnn.train import resolve_device, resolve_precision
+        from deeprnn.precision import resolve_precision
+        from deeprnn.train import resolve_device
 
         d["precision"] = resolve_precision("auto", resolve_device(cfg.device))
     for volatile in ("run_dir", "data_dir", "device"):
@@ -384,7 +385,8 @@ def per_source_eval(run_dir: Path, cfg, variant: DataVariant, sources: list[str]
 def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl: float | None,
               rerun: bool = False, train_log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train ``point`` unless ``runs_dir/<key>/summary.json`` exists; return its record."""
-    from deeprnn.train import TrainingInterrupted, json_safe, read_metrics, train
+    from deeprnn.rundir import read_metrics
+    from deeprnn.train import TrainingInterrupted, json_safe, train
 
     run_dir = runs_dir / point.key
     state = point_state(run_dir, rerun)
@@ -402,7 +404,7 @@ def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl
             info = {"label": point.label, "seed": point.seed, "key": point.key,
                     "variant": dataclasses.asdict(point.variant), "config": dataclasses.asdict(point.cfg),
                     "wall_s": None, "finished": None}
-            # Written first: it marks the folder as a run's (deeprnn.train.holds_run) before data/ goes in.
+            # Written first: it marks the folder as a run's (deeprnn.rundir.holds_run) before data/ goes in.
             write_text_atomic(run_dir / "compare.json", json.dumps(info, indent=1) + "\n")
         if point.variant.weights:
             cfg = materialise_weighted(cfg, point.variant.weights, run_dir / "data")
@@ -554,7 +556,7 @@ def _plt():
 
 def plot_curves(records: list[dict[str, Any]], out_png: Path, target_ppl: float | None = None) -> None:
     """Held-out perplexity against training seconds; seeds of one configuration share a colour."""
-    from deeprnn.train import read_metrics
+    from deeprnn.rundir import read_metrics
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)

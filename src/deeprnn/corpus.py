@@ -15,7 +15,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import importlib.resources
-import math
 import os
 import re
 import tempfile

@@ -25,7 +25,8 @@ import torch
 
 from deeprnn.errors import ConfigError
 from deeprnn.models.base import detach_state
-from deeprnn.train import autocast_context, heldout_streams, sequence_loss
+from deeprnn.precision import autocast_context
+from deeprnn.train import heldout_streams, sequence_loss
 
 
 def dynamic_evaluate_tokens(

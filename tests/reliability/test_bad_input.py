@@ -354,9 +354,9 @@ def test_resume_with_another_vocabulary(tmp_path, cli_error, flags, capsys):
 
 
 def test_evaluate_in_bf16_where_the_lstm_cannot(cli_error, checkpoint, monkeypatch):
-    import deeprnn.train as train_mod
+    import deeprnn.precision as precision_mod
 
-    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device: False)
     line = cli_error(["evaluate", str(checkpoint), "--precision", "bf16"])
     assert line == ("deeprnn: error: precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512, "
                     "which this one lacks; use --precision fp32 (the default) or auto")
@@ -371,11 +371,11 @@ def _paused_tiny_run(tiny_cfg, tmp_path):
 def test_resuming_a_bf16_lstm_run_where_bf16_cannot_run(tiny_cfg, edit_meta, monkeypatch, tmp_path):
     """A concise LSTM run that trained in bf16 (auto on an AVX-512 machine) cannot go on in bf16 on a CPU without
     it, and fp32 would change the computation: one line that says where to resume it."""
-    import deeprnn.train as train_mod
+    import deeprnn.precision as precision_mod
 
     run = _paused_tiny_run(tiny_cfg, tmp_path)
     edit_meta(run / "last", lambda meta: meta["train_config"].update(precision="bf16"))
-    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device: False)
     msg = (f"precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512, which this one lacks; "
            f"the run in {run} trained in bf16: resume it on a machine with AVX-512 or a GPU")
     with pytest.raises(ConfigError) as err:
