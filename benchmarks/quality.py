@@ -184,7 +184,7 @@ def ablation(args, rows: dict[str, dict]) -> None:
 def refuse_run_dir(parser, run_dir: str, overwrite: bool) -> None:
     """``parser.error`` for an empty ``--run-dir``, or one that holds a run, unless ``overwrite``: as
     ``deeprnn train``, a run is replaced only when asked to (other folders are train's to refuse)."""
-    from deeprnn.train import holds_run
+    from deeprnn.rundir import holds_run
 
     if not run_dir.strip():
         parser.error("--run-dir is empty; name a directory, or drop --run-dir for a temporary one")

@@ -437,7 +437,8 @@ def test_cache_key_holds_what_precision_auto_means_here():
     """A run cached where auto meant bf16 is not reused where it means fp32: the key is the one of the precision
     auto means here."""
     from deeprnn.compare import config_key
-    from deeprnn.train import TrainConfig, resolve_precision
+    from deeprnn.precision import resolve_precision
+    from deeprnn.train import TrainConfig
 
     here = resolve_precision("auto", torch.device("cpu"))
     other = {"bf16": "fp32", "fp32": "bf16"}[here]

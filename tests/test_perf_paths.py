@@ -385,7 +385,7 @@ def test_precision_probe_says_what_auto_means_and_measures_both(capsys):
 
     sys.path.insert(0, str(ROOT))
     from benchmarks import precision_probe
-    from deeprnn.train import resolve_precision
+    from deeprnn.precision import resolve_precision
 
     assert precision_probe.main(["--size", "64"]) == 0
     out = capsys.readouterr().out
