@@ -301,6 +301,19 @@ def test_strip_gutenberg():
             "Chapter 1\nIt was.\n*** END OF THIS PROJECT GUTENBERG EBOOK BOOK ***\nfooter licence\n")
     assert strip_gutenberg(text) == "Chapter 1\nIt was.\n"
     assert strip_gutenberg("no markers\n") == "no markers\n"
+    older = "licence\n***START OF THE PROJECT GUTENBERG EBOOK***\nText.\n*** end of the project gutenberg ebook\nfooter"
+    assert strip_gutenberg(older) == "Text.\n"
+
+
+def test_a_users_own_stars_are_not_a_gutenberg_marker(tmp_path):
+    """'*** End of Part One ***' in a novel cut its second half away, silently; a poem that opened with
+    '*** End of an era ***' was refused as having no text between Gutenberg markers."""
+    novel = "Part one.\n\n*** End of Part One ***\n\nPart two.\n*** START OF the sequel ***\nThe sequel.\n"
+    assert strip_gutenberg(novel) == novel
+    path = tmp_path / "novel.txt"
+    path.write_text(novel)
+    assert build_corpus(str(path), normalization="raw").vocab.decode(build_corpus(str(path), normalization="raw")
+                                                                     .tokens) == novel
 
 
 def test_war_of_the_worlds_without_boilerplate(shared_data):
@@ -483,8 +496,8 @@ def test_streamed_sources_share_one_vocabulary(monkeypatch, shared_data):
 
 # Line breaks of every kind, multi-byte characters (2 and 3 bytes, and Σ, whose lowercase depends on
 # its neighbours), markers split over lines, blank and non-letter lines.
-MESSY = ("\ufeffThe Café — naïve\r\nΟΔΟΣ ΣΑΣ\r\n\r\n***\r\n  \r\nSTART OF THIS BOOK ***\r\n\r\n\n"
-         "It was — 1895!\rOld\tline\r\n  \r\n*** END OF THIS BOOK\r\nfooter é\r\n")
+MESSY = ("\ufeffThe Café — naïve\r\nΟΔΟΣ ΣΑΣ\r\n\r\n***\r\n  \r\nSTART OF THIS PROJECT GUTENBERG EBOOK ***\r\n\r\n\n"
+         "It was — 1895!\rOld\tline\r\n  \r\n*** END OF THIS PROJECT GUTENBERG EBOOK\r\nfooter é\r\n")
 
 
 @pytest.mark.parametrize("strip_boilerplate", [True, False])
@@ -523,12 +536,13 @@ def test_one_long_line_is_cut_into_bounded_pieces(monkeypatch, tmp_path, normali
 
 def test_a_long_line_that_may_be_a_marker_is_not_cut(monkeypatch, tmp_path):
     path = tmp_path / "marker.txt"
-    path.write_text("before\n*** START OF " + "x" * 3000 + " ***\nthe text\n*** END OF IT\n", encoding="utf-8")
+    path.write_text("before\n*** START OF THE PROJECT GUTENBERG EBOOK " + "x" * 3000 + " ***\nthe text\n"
+                    "*** END OF THE PROJECT GUTENBERG EBOOK IT\n", encoding="utf-8")
     with monkeypatch.context() as m:
         m.setattr(corpus_mod, "CHUNK_BYTES", 64)
         m.setattr(corpus_mod, "LONG_LINE_CHARS", 100)
         pieces = list(corpus_mod._decoded_pieces(path, "utf-8-sig", strip_bom=False))
-    assert any(p.startswith("*** START OF " + "x" * 3000 + " ***\n") for p in pieces)  # the line in one piece
+    assert any(p.startswith("*** START OF THE PROJECT GUTENBERG EBOOK " + "x" * 3000 + " ***\n") for p in pieces)  # the line in one piece
     corpus = build_streamed(monkeypatch, str(path), 64, long_line=100, normalization="raw")
     assert corpus.vocab.decode(corpus.tokens) == "the text\n"
 
@@ -547,7 +561,8 @@ def test_streamed_forced_encodings(monkeypatch, tmp_path, content, encoding):
         assert_same_corpus(corpus, ids, vocab, [str(path)])
 
 
-GUTENBERG_EMPTY = b"header\n*** START OF THE BOOK ***\n\n  \n*** END OF THE BOOK ***\nlicence\n"
+GUTENBERG_EMPTY = (b"header\n*** START OF THE PROJECT GUTENBERG EBOOK BOOK ***\n\n  \n"
+                   b"*** END OF THE PROJECT GUTENBERG EBOOK BOOK ***\nlicence\n")
 
 
 @pytest.mark.parametrize(("content", "kwargs"), [
@@ -606,7 +621,7 @@ def test_large_vocabularies_take_wider_dtypes(monkeypatch, tmp_path):
     assert words.tokens.dtype == torch.int16 and len(words.vocab) == 4580
 
 
-TEXT_PARTS = ["***", " START OF it", "START OF", " END OF", "\r\n", "\n", "\r", "  ", "\t", "Ab", "zz", "é", "—",
+TEXT_PARTS = ["***", " START OF it", "START OF", " END OF", " PROJECT GUTENBERG", "\r\n", "\n", "\r", "  ", "\t", "Ab", "zz", "é", "—",
               "Σ", "1,", "\x0b"]
 
 

@@ -342,13 +342,17 @@ def read_text(path: str | os.PathLike, encoding: str | None = None) -> str:
     return _translate_newlines(text)
 
 
-_GUTENBERG_START = re.compile(r"^\*{3}\s*START OF\b.*$", re.MULTILINE | re.IGNORECASE)
-_GUTENBERG_END = re.compile(r"^\*{3}\s*END OF\b", re.MULTILINE | re.IGNORECASE)
+# Project Gutenberg's markers, "*** START OF THE PROJECT GUTENBERG EBOOK …" (THIS, or the older "*** START OF THE
+# PROJECT GUTENBERG EBOOK" without a title): the line must say so. "*** End of Part One ***" in a user's novel had
+# cut its second half away, silently.
+_GUTENBERG_START = re.compile(r"^\*{3}\s*START OF\b(?=[^\n]*PROJECT\s+GUTENBERG).*$", re.MULTILINE | re.IGNORECASE)
+_GUTENBERG_END = re.compile(r"^\*{3}\s*END OF\b(?=[^\n]*PROJECT\s+GUTENBERG)", re.MULTILINE | re.IGNORECASE)
 
 
 def strip_gutenberg(text: str) -> str:
-    """Drop a Project Gutenberg header (through the ``*** START OF … ***`` line) and footer (from the
-    ``*** END OF … ***`` line on). Text without the markers is returned unchanged."""
+    """Drop a Project Gutenberg header (through the ``*** START OF THE PROJECT GUTENBERG EBOOK … ***`` line) and
+    footer (from the ``*** END OF THE PROJECT GUTENBERG EBOOK … ***`` line on). Text without such markers (a line
+    ``*** End of Part One ***`` is not one) is returned unchanged."""
     start = _GUTENBERG_START.search(text)
     if start:
         text = text[start.end():].lstrip("\n")
@@ -360,7 +364,8 @@ def strip_gutenberg(text: str) -> str:
 
 def _no_text_between_markers_error(name: str) -> CorpusError:
     return CorpusError(
-        f"{name!r} has no text between its Gutenberg markers; pass strip_boilerplate=False or another file"
+        f"{name!r} has no text between its Project Gutenberg markers (*** START OF … and *** END OF … PROJECT "
+        "GUTENBERG …); remove the markers, or pass another file"
     )
 
 
