@@ -337,6 +337,35 @@ def test_word_vocabulary_joins_with_spaces():
     assert str(err.value) == "prefix has words not in the vocabulary: 'zebra'; use --unk replace to map them to <unk>"
 
 
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_a_raw_word_model_writes_text_as_its_corpus_reads(strategy):
+    """Words of a raw/lower corpus come back as text: <eol> a line break, no space before punctuation (they
+    were printed as 'Traveller <eol> . .'); the prefix is cut as the corpus was ('Traveller, who' was refused as
+    the unknown word 'Traveller,')."""
+    from deeprnn.vocab import join_words, split_words
+
+    text = "The Time Traveller, who was here.\nHe said: (so) it was!\n"
+    vocab = Vocab(split_words(text * 3))
+    assert {"<eol>", ",", "(", ")"} <= set(vocab.idx_to_token)
+    model = tiny_model(vocab)
+    with torch.no_grad():
+        model.output.bias[vocab.unk] = -1e4  # '<unk>' would read back as three tokens
+    prefix = "The Time Traveller, who"
+    streamed: dict[int, str] = {}
+    kw = dict(strategy=strategy, seed=3, num_samples=2, beam_width=2)
+    outs = generate(model, vocab, prefix, 40, on_text=lambda i, p: streamed.update({i: streamed.get(i, "") + p}),
+                    **kw)
+    for i, out in enumerate(outs):
+        assert out == prefix + streamed[i]
+        tokens = split_words(out)
+        assert tokens[:5] == ["The", "Time", "Traveller", ",", "who"]
+        assert out == join_words(tokens) and "<eol>" not in out
+    if strategy == "greedy":
+        expected = argmax_path(model, vocab[split_words(prefix)], 40)
+        assert outs[0] == join_words(split_words(prefix) + vocab.to_tokens(expected))
+        assert "\n" in outs[0] or any(p in vocab.to_tokens(expected) for p in ",.:!()")  # the joins were exercised
+
+
 # -- prefix outside the vocabulary --------------------------------------------------------------
 
 

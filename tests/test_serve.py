@@ -104,10 +104,12 @@ def test_zero_length_returns_the_prefix(app):
     assert r.status_code == 200 and r.json()["samples"] == ["the"]
 
 
-@pytest.mark.filterwarnings("ignore:prefix characters not in the vocabulary")
+@pytest.mark.filterwarnings("error:prefix characters not in the vocabulary")  # no warning on the server's stderr
 def test_unk_replace_feeds_unknown_characters_as_unk(app, ckpt):
     r = post(app, {"prefix": "Time!", "num_preds": 20, "unk": "replace"})
     assert r.status_code == 200, r.text
+    assert r.json()["replaced"] == ["T", "!"]  # the answer says which instead
+    assert post(app, {"prefix": "time", "num_preds": 2, "unk": "replace"}).json()["replaced"] == []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert r.json()["samples"] == expected(ckpt, prefix="Time!", num_preds=20, unk="replace")

@@ -41,6 +41,7 @@ from torch import nn
 
 from deeprnn.errors import ConfigError, VocabError
 from deeprnn.models import native, onednn
+from deeprnn.vocab import EOL, split_words, word_piece
 
 # From this many streams on, a step runs in the compiled row stepper where there is one, else, on a CPU
 # with AVX-512, with its products through oneDNN (there, at the book's size, 2.0x MKL's speed at 64
@@ -84,8 +85,9 @@ def generate(
 
     ``model`` follows the ``LanguageModel`` contract (``forward(X (B, T), state) -> (logits (T, B, V),
     state)``, ``begin_state(batch_size, device=...)``); ``vocab`` the ``Vocab`` one. Each returned string is
-    ``prefix + ''.join(pieces)`` where a piece is a predicted character, or ``' ' + word`` for a word
-    vocabulary (the prefix is kept as the caller wrote it, also with ``unk="replace"``).
+    ``prefix + ''.join(pieces)`` where a piece is a predicted character, or for a word vocabulary the word
+    spaced as :func:`deeprnn.vocab.join_words` spaces it (``<eol>`` a line break, no space before ``,``); the
+    prefix is kept as the caller wrote it, also with ``unk="replace"``.
 
     Strategies:
 
@@ -132,9 +134,7 @@ def generate(
     ids = encode_prefix(vocab, prefix, unk=unk)
     dev = _resolve_device(model, device)
     _check_vocab_size(getattr(getattr(model, "config", None), "vocab_size", None), vocab)
-    word = getattr(vocab, "token", "char") == "word"
-    tokens = vocab.idx_to_token
-    pieces = [(" " + t if word else t) for t in tokens]
+    pieces = _Pieces(vocab, ids[-1])
 
     streams = {"greedy": 1, "sample": num_samples, "beam": beam_width}[strategy]
     threads = torch.get_num_threads()
@@ -143,7 +143,7 @@ def generate(
         stepper.warm_up(ids[:-1])
         first = torch.tensor([ids[-1]], dtype=torch.long, device=dev)
         if strategy == "greedy":
-            emit = None if on_text is None else _replicated(on_text, pieces, num_samples)
+            emit = None if on_text is None else _replicated(on_text, pieces.stream(), num_samples)
             decoder = _NativeGreedy.for_stepper(stepper, threads, num_preds)
             if decoder is not None:
                 _check_vocab_size(stepper.vocab_size, vocab)
@@ -158,7 +158,7 @@ def generate(
             else:
                 gen.manual_seed(seed)
             stepper.expand(num_samples)
-            emit = None if on_text is None else _streamed(on_text, pieces)
+            emit = None if on_text is None else _streamed(on_text, [pieces.stream() for _ in range(num_samples)])
             seqs = _sample(
                 stepper, first.expand(num_samples), num_preds, vocab, emit,
                 temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
@@ -167,9 +167,10 @@ def generate(
             seqs = _beam(stepper, first, num_preds, vocab, beam_width)[:num_samples]
             if on_text is not None:
                 for i, seq in enumerate(seqs):
+                    piece = pieces.stream()
                     for t in seq:
-                        on_text(i, pieces[t])
-    return [prefix + "".join(pieces[t] for t in seq) for seq in seqs]
+                        on_text(i, piece(t))
+    return [prefix + pieces.text(seq) for seq in seqs]
 
 
 # -- arguments ----------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-MAX_STREAMS = 4_096  # samples or beams generated at once (serve allows far fewer)
+MAX_BEAM_WIDTH = 1_024  # beams kept at once (serve allows far fewer); sampling's streams are not bounded
 
 
 def _check_args(*, prefix, num_preds, strategy, temperature, top_k, top_p, num_samples, beam_width,
@@ -215,14 +216,12 @@ def _check_args(*, prefix, num_preds, strategy, temperature, top_k, top_p, num_s
         raise ConfigError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
-    if num_samples > MAX_STREAMS:
-        raise ConfigError(f"num_samples must be <= {MAX_STREAMS:,} (the streams run at once), got {num_samples:,}")
     if not _is_int(beam_width):
         raise ConfigError(f"beam_width must be an integer >= 1, got {beam_width!r}")
     if beam_width < 1:
         raise ConfigError(f"beam_width must be >= 1, got {beam_width}")
-    if beam_width > MAX_STREAMS:  # 100,000 beams of a word model ran for minutes and took gigabytes, silently
-        raise ConfigError(f"beam_width must be <= {MAX_STREAMS:,} (each beam is a stream), got {beam_width:,}")
+    if beam_width > MAX_BEAM_WIDTH:  # 100,000 beams of a word model ran for minutes and took gigabytes, silently
+        raise ConfigError(f"beam_width must be <= {MAX_BEAM_WIDTH:,}, got {beam_width:,}")
     if strategy == "beam" and num_samples > beam_width:
         raise ConfigError(
             f"num_samples must be <= beam_width for beam search, got num_samples={num_samples} "
@@ -237,7 +236,7 @@ def _check_args(*, prefix, num_preds, strategy, temperature, top_k, top_p, num_s
 
 
 def encode_prefix(vocab, prefix: str, *, unk: str = "error") -> list[int]:
-    """Token indices of ``prefix`` (characters, or whitespace-split words for a word vocabulary).
+    """Token indices of ``prefix`` (characters, or words for a word vocabulary: :func:`word_tokens`).
 
     Tokens outside the vocabulary raise ``VocabError`` listing them (``unk="error"``) or become ``<unk>``
     with a ``UserWarning`` (``unk="replace"``). Nothing is lowercased: with the book's ``d2l``
@@ -254,10 +253,17 @@ def encode_prefix(vocab, prefix: str, *, unk: str = "error") -> list[int]:
     return vocab[toks]
 
 
+def word_tokens(vocab, text: str) -> list[str]:
+    """``text`` cut into words as a word vocabulary's corpus was: punctuation marks are tokens of their own
+    (``deeprnn.vocab.split_words``), and a line break is ``<eol>`` where the vocabulary has it (``raw`` and
+    ``lower`` text; the ``d2l`` normalisation's letters-only words split the same way, without it)."""
+    return split_words(text, eol=EOL in vocab.token_to_idx)
+
+
 def prefix_tokens(vocab, prefix: str) -> list[str]:
-    """The tokens of ``prefix``: its characters, or its whitespace-split words for a word vocabulary (at least one:
-    a prefix of spaces seeds a character model, but holds no word)."""
-    toks = prefix.split() if getattr(vocab, "token", "char") == "word" else list(prefix)
+    """The tokens of ``prefix``: its characters, or its words (:func:`word_tokens`) for a word vocabulary (at
+    least one: a prefix of spaces seeds a character model, but holds no word)."""
+    toks = word_tokens(vocab, prefix) if getattr(vocab, "token", "char") == "word" else list(prefix)
     if not toks:
         raise ConfigError(f"prefix must hold at least one word for a word-level model (it seeds the model's state), "
                           f"got {prefix!r}")
@@ -618,19 +624,47 @@ def make_stepper(model: nn.Module, device: torch.device) -> _ModelStepper:
 # -- decoding loops -----------------------------------------------------------------------------
 
 
-def _replicated(on_text: OnText, pieces: list[str], n: int):
+class _Pieces:
+    """The text each generated token adds: a character, or a word spaced as :func:`deeprnn.vocab.join_words`
+    spaces it (a line break for ``<eol>``, no space before closing punctuation), which depends on the token
+    before it, the prefix's last token for the first one."""
+
+    def __init__(self, vocab, last_prefix_id: int):
+        self.tokens = vocab.idx_to_token
+        self.word = getattr(vocab, "token", "char") == "word"
+        self.last = self.tokens[last_prefix_id]
+
+    def stream(self) -> Callable[[int], str]:
+        """``piece(token)`` for one stream, which remembers the stream's previous token."""
+        if not self.word:
+            return self.tokens.__getitem__
+        prev = [self.last]
+
+        def piece(t: int) -> str:
+            word = self.tokens[t]
+            out, prev[0] = word_piece(prev[0], word), word
+            return out
+        return piece
+
+    def text(self, seq: list[int]) -> str:
+        piece = self.stream()
+        return "".join(piece(t) for t in seq)
+
+
+def _replicated(on_text: OnText, piece: Callable[[int], str], n: int):
     """``emit(token)`` for greedy decoding: the one stream's piece, given to all ``n`` requested copies."""
     def emit(token: int) -> None:
-        piece = pieces[token]
+        text = piece(token)
         for i in range(n):
-            on_text(i, piece)
+            on_text(i, text)
     return emit
 
 
-def _streamed(on_text: OnText, pieces: list[str]):
+def _streamed(on_text: OnText, pieces: list[Callable[[int], str]]):
+    """``emit(tokens)`` for sampling: stream ``i``'s piece of its token ``tokens[i]``."""
     def emit(tokens: torch.Tensor) -> None:
         for i, t in enumerate(tokens.tolist()):
-            on_text(i, pieces[t])
+            on_text(i, pieces[i](t))
     return emit
 
 

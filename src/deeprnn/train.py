@@ -475,8 +475,10 @@ def quiet_sample(model, vocab, prefix: str, num_preds: int, device) -> str:
 
 def prefix_note(vocab, prefix: str) -> str | None:
     """Why there is no sample for ``prefix`` (one line), or None when every prefix token is in ``vocab``."""
+    from deeprnn.generate import word_tokens
+
     word = vocab.token == "word"
-    tokens = prefix.split() if word else list(prefix)
+    tokens = word_tokens(vocab, prefix) if word else list(prefix)
     missing = list(dict.fromkeys(t for t in tokens if t not in vocab.token_to_idx))
     if not missing:
         return None

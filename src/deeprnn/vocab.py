@@ -47,20 +47,20 @@ def split_words(text: str, eol: bool = True) -> list[str]:
     return out
 
 
+def word_piece(prev: str | None, word: str) -> str:
+    """The text ``word`` adds after ``prev`` (``None``: at the start): a line break for :data:`EOL`, the word
+    alone after a line break, before closing punctuation or after an opening bracket, else a space and it."""
+    if word == EOL:
+        return "\n"
+    if prev is None or prev == EOL or word in _NO_SPACE_BEFORE or prev in _NO_SPACE_AFTER:
+        return word
+    return " " + word
+
+
 def join_words(words: Sequence[str]) -> str:
     """Words back to text: spaces between words, none before closing punctuation or after opening
-    brackets, :data:`EOL` as a line break."""
-    parts: list[str] = []
-    prev = None
-    for w in words:
-        if w == EOL:
-            parts.append("\n")
-        elif prev is None or prev == EOL or w in _NO_SPACE_BEFORE or prev in _NO_SPACE_AFTER:
-            parts.append(w)
-        else:
-            parts.append(" " + w)
-        prev = w
-    return "".join(parts)
+    brackets, :data:`EOL` as a line break (:func:`word_piece` for each)."""
+    return "".join(word_piece(prev, w) for prev, w in zip([None, *words[:-1]], words))
 
 
 def tokenize(lines: Iterable[str], token: str = "char") -> list[list[str]]:

@@ -268,9 +268,7 @@ def checkpoint(tmp_path_factory):
     (["--num-preds", "-1"], "num_preds must be >= 0, got -1"),
     (["--num-samples", "0"], "num_samples must be >= 1, got 0"),
     (["--beam-width", "0", "--strategy", "beam"], "beam_width must be >= 1, got 0"),
-    (["--beam-width", "100000", "--strategy", "beam"],
-     "beam_width must be <= 4,096 (each beam is a stream), got 100,000"),  # minutes and gigabytes, silently
-    (["--num-samples", "5000"], "num_samples must be <= 4,096 (the streams run at once), got 5,000"),
+    (["--beam-width", "100000", "--strategy", "beam"], "beam_width must be <= 1,024, got 100,000"),  # silently slow
     (["--prefix", ""], "prefix must be a non-empty string (it seeds the model's state), got ''"),
 ])
 def test_out_of_range_generation_values(checkpoint, cli_error, args, message):

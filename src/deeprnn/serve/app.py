@@ -26,6 +26,7 @@ import os
 import secrets
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -310,6 +311,7 @@ class GenerateResponse(BaseModel):
     samples: list[str]
     elapsed_s: float
     tokens_per_s: float | None
+    replaced: list[str] = []  # prefix tokens outside the vocabulary fed as <unk> (unk "replace")
 
 
 def _error(status: int, message: str, field_name: str | None = None, **extra) -> JSONResponse:
@@ -545,8 +547,8 @@ def create_app(
             toks = _gen.prefix_tokens(entry.vocab, req.prefix)  # " " is a character, but no word
         except ConfigError as e:
             return _error(422, str(e), "prefix")
-        missing = _gen.unknown_tokens(entry.vocab, toks) if req.unk == "error" else []
-        if missing:
+        missing = _gen.unknown_tokens(entry.vocab, toks)
+        if missing and req.unk == "error":
             return _error(422, _gen.unknown_prefix_message(entry.vocab, missing), "prefix", invalid=missing)
         seed = req.seed
         if seed is None and req.strategy == "sample":
@@ -554,7 +556,8 @@ def create_app(
         args = dict(strategy=req.strategy, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                     num_samples=req.num_samples, beam_width=req.beam_width, seed=seed, unk=req.unk)
         head = {"model": entry.id, "prefix": req.prefix, "strategy": req.strategy, "seed": seed,
-                "num_preds": req.num_preds}
+                "num_preds": req.num_preds,
+                "replaced": missing}  # unk "replace": the tokens fed as <unk> (a warning on the server's stderr before)
         if req.stream:
             return _stream(entry, req, args, head)
         t0 = time.perf_counter()
@@ -641,5 +644,9 @@ def create_app(
 
 
 def _run(entry: ModelEntry, prefix: str, num_preds: int, args: dict, on_text) -> list[str]:
-    """One generation on a worker thread; the state lives in this call only."""
-    return _gen.generate(entry.model, entry.vocab, prefix, num_preds, on_text=on_text, **args)
+    """One generation on a worker thread; the state lives in this call only. The warning about prefix tokens
+    fed as <unk> is the answer's ``replaced`` field here, not a line on the server's stderr."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="prefix .* not in the vocabulary were fed as <unk>",
+                                category=UserWarning)
+        return _gen.generate(entry.model, entry.vocab, prefix, num_preds, on_text=on_text, **args)
