@@ -189,3 +189,30 @@ def test_freeze_layers_outside_the_parents_depth_is_refused_before_any_text_is_r
     assert str(e.value) == (f"--freeze-layers must be in [0, 2] (the number of layers of the model in {run}), "
                             f"got {k}")
     assert lines == [] and not (tmp_path / "f").exists()
+
+
+def test_a_finetune_reads_its_text_as_the_parent_did(tmp_path, capsys):
+    """--init-from of a raw word-level run trained the child on d2l text (the default) without a word, and a
+    --token left out was refused without saying what to pass; now both come from the parent unless given."""
+    import json
+
+    text = tmp_path / "t.txt"
+    text.write_text("The Time Traveller, who was here.\nHe said: so it was!\n" * 60)
+    small = ["--num-hiddens", "8", "--num-layers", "1", "--batch-size", "4", "--num-steps", "8", "--max-steps", "1",
+             "--sample-every", "0", "--eval-batch-size", "4", "--quiet"]
+    parent = tmp_path / "parent"
+    assert main(["train", "--corpus", str(text), "--token", "word", "--normalization", "raw", "--run-dir", str(parent),
+                 *small]) == 0
+    child = tmp_path / "child"
+    assert main(["train", "--init-from", str(parent), "--corpus", str(text), "--run-dir", str(child), *small]) == 0
+    config = json.loads((child / "config.json").read_text())
+    assert (config["token"], config["normalization"]) == ("word", "raw")
+    capsys.readouterr()
+    assert main(["train", "--init-from", str(parent), "--corpus", str(text), "--token", "char",
+                 "--run-dir", str(tmp_path / "c2"), *small]) == 2
+    assert capsys.readouterr().err == ("deeprnn: error: token must match the parent checkpoint's ('word') when "
+                                       "fine-tuning; pass --token word, or train a new model without --init-from\n")
+    lower = tmp_path / "lower"  # a flag that is given wins: lowercase text is still the parent's kind of words
+    assert main(["train", "--init-from", str(parent), "--corpus", str(text), "--normalization", "lower",
+                 "--run-dir", str(lower), *small]) == 0
+    assert json.loads((lower / "config.json").read_text())["normalization"] == "lower"

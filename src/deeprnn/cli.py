@@ -342,6 +342,7 @@ def build_train_config(args: argparse.Namespace):
     if getattr(args, "dry_run", False):
         flags.update(PRESETS["tiny"])
     cfg = TrainConfig(**{**preset, **from_file, **flags})
+    args.chosen = {**preset, **from_file, **flags}.keys()  # what the command set, not the defaults
     try:
         cfg.validate()
     except ConfigError as e:
@@ -375,6 +376,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = build_train_config(args)
         if args.init_from:
             _check_flags_against_parent(args)
+            _inherit_text_options(args, cfg)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # checked first: a bad flag is one line, not one per rank
         return _launch_torchrun(args.nproc, getattr(args, "argv", None))
     if not args.resume:
@@ -456,6 +458,21 @@ def _check_flags_against_parent(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} {value} differs from the model in {args.init_from} ({parent[name]!r} there); "
                               f"fine-tuning keeps the parent's model: drop {flag}, or train a new model without "
                               "--init-from")
+
+
+INHERITED_TEXT_OPTIONS = ("token", "normalization")  # how text becomes the parent's tokens
+
+
+def _inherit_text_options(args: argparse.Namespace, cfg) -> None:
+    """A fine-tuned model reads its new text as its parent read its own: ``--token`` and ``--normalization``
+    that neither a flag, ``--preset`` nor ``--config`` sets are the parent's (a ``raw`` parent was fine-tuned on
+    ``d2l`` text, the default, without a word)."""
+    from deeprnn.checkpoint import read_meta, resolve_checkpoint
+
+    parent = read_meta(resolve_checkpoint(args.init_from)).get("train_config") or {}
+    for name in INHERITED_TEXT_OPTIONS:
+        if name not in args.chosen and isinstance(parent.get(name), str):
+            setattr(cfg, name, parent[name])
 
 
 def _print_summary(summary: dict[str, Any], cfg) -> None:

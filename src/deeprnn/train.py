@@ -775,7 +775,8 @@ def _train(
             raise ConfigError(f"--freeze-layers must be in [0, {n_layers}] (the number of layers of the model in "
                               f"{init_from}), got {freeze_layers}")
         if parent.vocab.token != cfg.token:
-            raise ConfigError(f"token must match the parent checkpoint's ({parent.vocab.token!r}) when fine-tuning")
+            raise ConfigError(f"token must match the parent checkpoint's ({parent.vocab.token!r}) when fine-tuning; "
+                              f"pass --token {parent.vocab.token}, or train a new model without --init-from")
         fresh = build_corpus(cfg.corpus, vocab=None, **build)
         new_tokens = missing_tokens(parent.vocab, fresh.vocab)
         vocab = parent.vocab
