@@ -106,7 +106,14 @@ def test_grow_model_is_bit_identical_on_old_rows():
 
 def test_freeze_layers(parent, tmp_path):
     run, _ = parent
-    train(tiny(tmp_path / "f", max_steps=3), init_from=str(run), freeze_layers=1, **QUIET)
+    lines: list[str] = []
+    summary = train(tiny(tmp_path / "f", max_steps=3), init_from=str(run), freeze_layers=1, progress=False,
+                    log=lines.append)
+    total = load_checkpoint(run).model.num_params()
+    trainable = total - 28 * 24 - 4 * 24 * (24 + 24) - 2 * 4 * 24  # the embedding and layer 0 are frozen
+    assert (summary["parameters"], summary["trainable_parameters"]) == (total, trainable)  # it said the trainable
+    model_line = next(line for line in lines if line.startswith("model: "))
+    assert f", {total:,} parameters ({trainable:,} trainable); " in model_line
     before = load_checkpoint(run).model.state_dict()
     after = load_checkpoint(tmp_path / "f", prefer="last").model.state_dict()
     for name in before:

@@ -920,12 +920,14 @@ def _train(
     stop_steps = cfg.max_steps if cfg.max_steps is not None else math.inf
     budget_s = cfg.time_budget * 60 if cfg.time_budget else None
     metrics_csv = run_dir / "metrics.csv"
-    n_params = model.num_params()
+    n_params = model.num_params()  # trainable: --freeze-layers leaves some out
+    n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
     if is_main and step == 0:
         log(f"corpus: {corpus_label} — {corpus.tokens.numel():,} {cfg.token}s, vocabulary {len(vocab)}; "
             f"train {train_tokens.numel():,} / valid {splits.valid.numel():,} / test {splits.test.numel():,}")
-        log(f"model: {cfg.impl} {cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}, {n_params:,} parameters; "
+        trainable = f" ({n_params:,} trainable)" if n_params != n_total else ""
+        log(f"model: {cfg.impl} {cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}, {n_total:,} parameters{trainable}; "
             f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}x{cfg.num_steps}, {device}, {cfg.precision}"
             f"{' (auto)' if auto_precision else ''}; "
             f"run dir {run_dir}")
@@ -1219,7 +1221,8 @@ def _train(
     # Final: score the test split once, with the best checkpoint.
     summary: dict[str, Any] = {"run_dir": str(run_dir), "stop_reason": stop_reason, "steps": step,
                                "epochs": round(epoch + batch_in_epoch / steps_per_epoch, 3), "train_time_s": round(train_time, 3),
-                               "parameters": n_params, "vocab_size": len(vocab), "device": str(device),
+                               "parameters": n_total, "trainable_parameters": n_params, "vocab_size": len(vocab),
+                               "device": str(device),
                                "last": last_row}
     best_dir = run_dir / "best"
     # Rank 0 wrote the checkpoints: the other ranks take its word and its weights, so the sharded test
