@@ -650,3 +650,27 @@ def test_streamed_equals_whole_on_any_text(monkeypatch, tmp_path, parts, bom, ch
 @given(st.text(alphabet="aZ q.\n\r\t\x0b-é—Σ1", max_size=60))
 def test_vectorised_d2l_is_the_books_per_line_regex(text):
     assert bytes(corpus_mod._d2l_chars(text)).decode() == normalize(text, "d2l").replace("\n", "")
+
+
+def test_heldout_from_names_a_source_however_its_path_is_spelled(tmp_path, monkeypatch):
+    """'./d/a.txt', an absolute path, or the directory itself were refused as unknown sources ('sources: d/a.txt,
+    d/b.txt'); they name the same files."""
+    from deeprnn.corpus import match_sources
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("the time machine " * 30)
+    (tmp_path / "d" / "b.txt").write_text("the war of the worlds " * 30)
+    (tmp_path / "c.txt").write_text("a third text here " * 30)
+    corpus = build_corpus(["d", "c.txt", "timemachine"])
+    names = [n for n, _, _ in corpus.spans]
+    assert names == ["d/a.txt", "d/b.txt", "c.txt", "timemachine"]
+    assert match_sources(names, ["./d/a.txt", str(tmp_path / "c.txt"), "d", "d/", "timemachine", "e.txt"]) == {
+        "./d/a.txt": ["d/a.txt"], str(tmp_path / "c.txt"): ["c.txt"], "d": ["d/a.txt", "d/b.txt"],
+        "d/": ["d/a.txt", "d/b.txt"], "timemachine": ["timemachine"], "e.txt": []}
+    fractions = (0.8, 0.1, 0.1)
+    assert corpus.split_ranges(fractions, ["./d/a.txt"]) == corpus.split_ranges(fractions, ["d/a.txt"])
+    assert corpus.split_ranges(fractions, ["d"]) == corpus.split_ranges(fractions, ["d/a.txt", "d/b.txt"])
+    with pytest.raises(ConfigError) as err:
+        corpus.split_ranges(fractions, ["e.txt"])
+    assert str(err.value) == "heldout_from names unknown source 'e.txt'; sources: d/a.txt, d/b.txt, c.txt, timemachine"

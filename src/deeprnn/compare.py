@@ -43,7 +43,8 @@ from typing import Any
 
 import torch
 
-from deeprnn.corpus import MAX_SOURCE_WEIGHT, NAMED_CORPORA, check_sources, source_names, valid_source_weight
+from deeprnn.corpus import (MAX_SOURCE_WEIGHT, NAMED_CORPORA, check_sources, match_sources, source_names,
+                            valid_source_weight)
 from deeprnn.errors import ConfigError
 from deeprnn.files import write_text_atomic
 
@@ -176,7 +177,8 @@ def held_sources(variant: DataVariant) -> list[str]:
     names = source_names(variant.corpus)
     if variant.heldout_from is None:
         return names
-    held = [s for s in variant.heldout_from if s in names]
+    matched = match_sources(names, variant.heldout_from)
+    held = [s for s in variant.heldout_from if matched[s]]
     if not held:
         raise ConfigError(f"--heldout-from {','.join(variant.heldout_from)}: variant {variant.label!r} trains on "
                           f"none of these ({', '.join(names)}), so it would have no held-out text; name a source of "

@@ -474,6 +474,27 @@ def absolute_spec(spec: str) -> str:
     return os.path.abspath(os.path.expanduser(spec))
 
 
+def match_sources(names: list[str], specs) -> dict[str, list[str]]:
+    """For each spec, the source names (of a corpus's spans) it names: the name itself, else every source that is
+    the same file (``./d/a.txt`` for ``d/a.txt``, an absolute path) or lies in that directory (``d`` for all of
+    ``d``'s ``.txt`` files). A spec that names none of them maps to ``[]``."""
+    def real(spec: str) -> str:
+        return os.path.realpath(os.path.expanduser(spec))
+
+    files = {name: real(name) for name in names if name not in NAMED_CORPORA}
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        if spec in names:
+            out[spec] = [spec]
+        elif spec in NAMED_CORPORA:
+            out[spec] = []
+        else:
+            where = real(spec)
+            inside = where.rstrip(os.sep) + os.sep
+            out[spec] = [n for n, path in files.items() if path == where or path.startswith(inside)]
+    return out
+
+
 def same_sources(a: list[str] | None, b: list[str] | None) -> bool:
     """Whether two lists of specs name the same sources in the same order: names equal, paths leading to
     the same file from the current directory (``wotw.txt`` and ``../w/wotw.txt`` may)."""
@@ -914,10 +935,14 @@ class Corpus:
         if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
             raise ConfigError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
         names = [name for name, _, _ in self.spans]
-        held = set(names) if heldout_from is None else set(heldout_from)
-        unknown = sorted(held - set(names))
-        if unknown:
-            raise ConfigError(f"heldout_from names unknown source {unknown[0]!r}; sources: {', '.join(names)}")
+        if heldout_from is None:
+            held = set(names)
+        else:
+            matched = match_sources(names, heldout_from)
+            unknown = [spec for spec in heldout_from if not matched[spec]]
+            if unknown:
+                raise ConfigError(f"heldout_from names unknown source {unknown[0]!r}; sources: {', '.join(names)}")
+            held = {name for spec in heldout_from for name in matched[spec]}
         out: dict[str, list[tuple[str, int, int]]] = {"train": [], "valid": [], "test": []}
         for name, start, end in self.spans:
             n = end - start
