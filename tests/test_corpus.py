@@ -496,7 +496,8 @@ def test_streamed_sources_share_one_vocabulary(monkeypatch, shared_data):
 
 # Line breaks of every kind, multi-byte characters (2 and 3 bytes, and Σ, whose lowercase depends on
 # its neighbours), markers split over lines, blank and non-letter lines.
-MESSY = ("\ufeffThe Café — naïve\r\nΟΔΟΣ ΣΑΣ\r\n\r\n***\r\n  \r\nSTART OF THIS PROJECT GUTENBERG EBOOK ***\r\n\r\n\n"
+MESSY = ("\ufeffThe Café — naïve\r\nΟΔΟΣ ΣΑΣ\r\n\r\n***\r\n  \r\n"
+         "START OF THIS PROJECT GUTENBERG EBOOK ***\r\n\r\n\n"
          "It was — 1895!\rOld\tline\r\n  \r\n*** END OF THIS PROJECT GUTENBERG EBOOK\r\nfooter é\r\n")
 
 
@@ -542,7 +543,8 @@ def test_a_long_line_that_may_be_a_marker_is_not_cut(monkeypatch, tmp_path):
         m.setattr(corpus_mod, "CHUNK_BYTES", 64)
         m.setattr(corpus_mod, "LONG_LINE_CHARS", 100)
         pieces = list(corpus_mod._decoded_pieces(path, "utf-8-sig", strip_bom=False))
-    assert any(p.startswith("*** START OF THE PROJECT GUTENBERG EBOOK " + "x" * 3000 + " ***\n") for p in pieces)  # the line in one piece
+    marker = "*** START OF THE PROJECT GUTENBERG EBOOK " + "x" * 3000 + " ***\n"
+    assert any(p.startswith(marker) for p in pieces)  # the line in one piece
     corpus = build_streamed(monkeypatch, str(path), 64, long_line=100, normalization="raw")
     assert corpus.vocab.decode(corpus.tokens) == "the text\n"
 
@@ -621,8 +623,8 @@ def test_large_vocabularies_take_wider_dtypes(monkeypatch, tmp_path):
     assert words.tokens.dtype == torch.int16 and len(words.vocab) == 4580
 
 
-TEXT_PARTS = ["***", " START OF it", "START OF", " END OF", " PROJECT GUTENBERG", "\r\n", "\n", "\r", "  ", "\t", "Ab", "zz", "é", "—",
-              "Σ", "1,", "\x0b"]
+TEXT_PARTS = ["***", " START OF it", "START OF", " END OF", " PROJECT GUTENBERG", "\r\n", "\n", "\r", "  ", "\t", "Ab",
+              "zz", "é", "—", "Σ", "1,", "\x0b"]
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -444,5 +444,5 @@ def test_each_api_says_which_models_it_takes():
     ours = build_model(ModelConfig(vocab_size=len(vocab), cell="lstm", num_hiddens=8))
     with pytest.raises(TypeError) as err:
         d2l.predict_ch8("the", 5, ours, vocab, "cpu")
-    assert str(err.value) == ("predict_ch8 takes the book's models (RNNModel, RNNModelScratch); generate from a deeprnn "
-                              "model with deeprnn.generate.generate(model, vocab, prefix, num_preds)")
+    assert str(err.value) == ("predict_ch8 takes the book's models (RNNModel, RNNModelScratch); generate from a "
+                              "deeprnn model with deeprnn.generate.generate(model, vocab, prefix, num_preds)")
