@@ -508,7 +508,7 @@ def test_a_source_that_names_nothing_is_refused_before_training(tmp_path, capsys
      "--heldout-from war-of-the-worlds: variant 'tm' trains on none of these (timemachine), so it would have no "
      "held-out text; name a source of every variant, or compare these variants separately"),
     (["--corpus", "both=timemachine,war-of-the-worlds", "--corpus", "tm=timemachine", "--set", "source_weights=2,1"],
-     "--set source_weights has 2 values but variant 'tm' has 1 sources (timemachine); give one weight per source, "
+     "--set source_weights has 2 values but variant 'tm' has 1 source (timemachine); give one weight per source, "
      "in order, or weight sources by name with --weights SRC=W"),
     (["--corpus", "both=timemachine,war-of-the-worlds", "--set", "source_weights=2,1", "--weights",
       "timemachine=3"], "--set source_weights and --weights both weight the training text; use one of them"),
@@ -603,3 +603,16 @@ def test_a_changed_preset_says_so_above_its_description(tmp_path):
                                        "16`; the description below is the preset's.\n\nWhich cell is more accurate")
     args.cells = args.layers = args.hiddens = None
     assert compare.spec_from_args(args).description == compare.PRESETS["gru-vs-lstm"]["description"]
+    args.set, args.minutes = ["lr=0.5"], 0.5  # the recipe the description states, and its budget
+    assert compare.spec_from_args(args).description.startswith(
+        "*Changed from the preset `gru-vs-lstm`:* `--minutes 0.5 --set lr=0.5`; the description below is the preset's.")
+
+
+def test_named_corpora_keep_their_cache_keys():
+    """The key of a run on named corpora is what it was before file corpora were keyed by their bytes, so no
+    finished run of the committed reports' kind trains again (fp32 here: auto's meaning is the machine's)."""
+    spec = compare.GridSpec(cells=["gru", "lstm"], base={**compare.BOOK_RECIPE, "precision": "fp32"},
+                            data=[compare.DataVariant("tm", ["timemachine"]),
+                                  compare.DataVariant("both", compare.WELLS, heldout_from=["timemachine"])])
+    assert [p.key for p in compare.expand_grid(spec)] == ["b76453ba77b5", "16e6ee45b550", "99e963887d86",
+                                                          "210618d56bb0"]  # computed by the code of d5b776e

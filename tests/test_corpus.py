@@ -310,6 +310,8 @@ def test_a_users_own_stars_are_not_a_gutenberg_marker(tmp_path):
     '*** End of an era ***' was refused as having no text between Gutenberg markers."""
     novel = "Part one.\n\n*** End of Part One ***\n\nPart two.\n*** START OF the sequel ***\nThe sequel.\n"
     assert strip_gutenberg(novel) == novel
+    split = "*** START OF THIS PROJECT\nGUTENBERG EBOOK ***\ntext\n"  # a marker is one line: this is none
+    assert strip_gutenberg(split) == split
     path = tmp_path / "novel.txt"
     path.write_text(novel)
     assert build_corpus(str(path), normalization="raw").vocab.decode(build_corpus(str(path), normalization="raw")
@@ -623,7 +625,7 @@ def test_large_vocabularies_take_wider_dtypes(monkeypatch, tmp_path):
     assert words.tokens.dtype == torch.int16 and len(words.vocab) == 4580
 
 
-TEXT_PARTS = ["***", " START OF it", "START OF", " END OF", " PROJECT GUTENBERG", "\r\n", "\n", "\r", "  ", "\t", "Ab",
+TEXT_PARTS = ["***", " START OF it", "START OF", " END OF", " PROJECT GUTENBERG", " PROJECT\nGUTENBERG", "\r\n", "\n", "\r", "  ", "\t", "Ab",
               "zz", "é", "—", "Σ", "1,", "\x0b"]
 
 
@@ -673,6 +675,11 @@ def test_heldout_from_names_a_source_however_its_path_is_spelled(tmp_path, monke
     fractions = (0.8, 0.1, 0.1)
     assert corpus.split_ranges(fractions, ["./d/a.txt"]) == corpus.split_ranges(fractions, ["d/a.txt"])
     assert corpus.split_ranges(fractions, ["d"]) == corpus.split_ranges(fractions, ["d/a.txt", "d/b.txt"])
+    (tmp_path / "elsewhere.txt").write_text("linked text here " * 30)
+    (tmp_path / "d" / "link.txt").symlink_to(tmp_path / "elsewhere.txt")  # listed from d, lives elsewhere
+    linked = build_corpus(["d"])
+    names = [n for n, _, _ in linked.spans]
+    assert match_sources(names, ["d"]) == {"d": ["d/a.txt", "d/b.txt", "d/link.txt"]}
     with pytest.raises(ConfigError) as err:
         corpus.split_ranges(fractions, ["e.txt"])
     assert str(err.value) == "heldout_from names unknown source 'e.txt'; sources: d/a.txt, d/b.txt, c.txt, timemachine"

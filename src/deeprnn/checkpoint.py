@@ -37,6 +37,7 @@ from safetensors.torch import save as st_save
 from deeprnn import __version__
 from deeprnn.errors import CheckpointError, ConfigError
 from deeprnn.fields import check_types, is_number, shorten
+from deeprnn.files import new_file_mode
 
 FORMAT = "deeprnn-checkpoint"
 FORMAT_VERSION = 1
@@ -182,6 +183,7 @@ def save_checkpoint(
         parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(parent, path.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+        tmp.chmod(new_file_mode("dir"))  # mkdtemp's 0700 would make best/ and last/ the owner's alone
         _write_file(tmp / MODEL_FILE, model_bytes)
         _write_file(tmp / STATE_FILE, state_bytes)
         _write_file(tmp / META_FILE, meta_bytes)

@@ -375,8 +375,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = build_train_config(args)
         if args.init_from:
-            _check_flags_against_parent(args)
-            _inherit_text_options(args, cfg)
+            from deeprnn.checkpoint import read_meta, resolve_checkpoint
+
+            parent = read_meta(resolve_checkpoint(args.init_from))
+            _check_flags_against_parent(args, parent)
+            _inherit_text_options(args, cfg, parent)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # checked first: a bad flag is one line, not one per rank
         return _launch_torchrun(args.nproc, getattr(args, "argv", None))
     if not args.resume:
@@ -441,17 +444,16 @@ def _same_dir(a: str | Path, b: str | Path) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def _check_flags_against_parent(args: argparse.Namespace) -> None:
-    """A fine-tuned model is the parent's model: a model flag given with ``--init-from`` that differs from
-    the parent's value would be ignored, so it is refused instead."""
-    from deeprnn.checkpoint import read_meta, resolve_checkpoint
+def _check_flags_against_parent(args: argparse.Namespace, meta: dict[str, Any]) -> None:
+    """A fine-tuned model is the parent's model (``meta``: its checkpoint.json): a model flag given with
+    ``--init-from`` that differs from the parent's value would be ignored, so it is refused instead."""
     from deeprnn.models.config import ModelConfig
 
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
     given = {k: v for k, v in vars(args).items() if k in fields}
     if not given:
         return
-    parent = read_meta(resolve_checkpoint(args.init_from)).get("model_config", {})
+    parent = meta.get("model_config", {})
     for name, value in given.items():
         if name in parent and parent[name] != (list(value) if isinstance(value, tuple) else value):
             flag = "--" + name.replace("_", "-")
@@ -463,13 +465,11 @@ def _check_flags_against_parent(args: argparse.Namespace) -> None:
 INHERITED_TEXT_OPTIONS = ("token", "normalization")  # how text becomes the parent's tokens
 
 
-def _inherit_text_options(args: argparse.Namespace, cfg) -> None:
+def _inherit_text_options(args: argparse.Namespace, cfg, meta: dict[str, Any]) -> None:
     """A fine-tuned model reads its new text as its parent read its own: ``--token`` and ``--normalization``
     that neither a flag, ``--preset`` nor ``--config`` sets are the parent's (a ``raw`` parent was fine-tuned on
-    ``d2l`` text, the default, without a word)."""
-    from deeprnn.checkpoint import read_meta, resolve_checkpoint
-
-    parent = read_meta(resolve_checkpoint(args.init_from)).get("train_config") or {}
+    ``d2l`` text, the default, without a word). ``meta``: the parent's checkpoint.json."""
+    parent = meta.get("train_config") or {}
     for name in INHERITED_TEXT_OPTIONS:
         if name not in args.chosen and isinstance(parent.get(name), str):
             setattr(cfg, name, parent[name])

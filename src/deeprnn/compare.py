@@ -45,7 +45,7 @@ import torch
 
 from deeprnn.corpus import (MAX_SOURCE_WEIGHT, NAMED_CORPORA, check_sources, match_sources, source_names,
                             valid_source_weight)
-from deeprnn.errors import ConfigError
+from deeprnn.errors import ConfigError, CorpusError
 from deeprnn.files import write_text_atomic
 
 # Held-out files of a weighted variant are split (≈0, valid, test): this leaves int(n * 2e-9) = 0
@@ -202,22 +202,25 @@ def _digest(path: Path) -> str:
 
 
 def source_identity(spec: str) -> str:
-    """What a corpus spec reads, for a cache key: a named corpus is its name (its text is checksum-verified);
-    a file is the SHA-256 of its bytes, a directory that of its ``.txt`` files' names and bytes. So a run is
-    reused for the same text wherever it lies, and never for other text behind the same path (an edited
-    file, or ``text.txt`` in another folder). A path that cannot be read stays as given (training says why)."""
+    """What a corpus spec reads, for a cache key: a file is the SHA-256 of its bytes, a directory that of the names
+    and bytes of the ``.txt`` files training reads from it (``corpus.source_names``). So a run is reused for the
+    same text wherever it lies, and never for other text behind the same path (an edited file, or ``text.txt`` in
+    another folder). A named corpus stays its name, as the keys of every run before this had it: its text is
+    the one the project names (checksum-verified, but for The War of the Worlds, which Gutenberg re-encodes at
+    times). A path that cannot be read stays as given (training says why)."""
     if spec in NAMED_CORPORA:
         return spec
     path = Path(spec).expanduser()
     try:
         if path.is_dir():
             h = hashlib.sha256()
-            for f in sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt" and p.is_file()):
+            for name in source_names([spec]):
+                f = Path(name)
                 h.update(f.name.encode("utf-8", "surrogateescape") + b"\0" + _digest(f).encode() + b"\0")
             return "dir:sha256:" + h.hexdigest()
         if path.is_file():
             return "file:sha256:" + _digest(path)
-    except OSError:
+    except (OSError, CorpusError):  # a directory without .txt files: training says so
         pass
     return spec
 
@@ -259,8 +262,8 @@ def expand_grid(spec: GridSpec) -> list[RunPoint]:
             names = source_names(variant.corpus)
             if len(weights) != len(names):
                 raise ConfigError(f"--set source_weights has {len(weights)} values but variant {variant.label!r} "
-                                  f"has {len(names)} sources ({', '.join(names)}); give one weight per source, in "
-                                  "order, or weight sources by name with --weights SRC=W")
+                                  f"has {len(names)} source{'s' * (len(names) != 1)} ({', '.join(names)}); give one "
+                                  "weight per source, in order, or weight sources by name with --weights SRC=W")
     for variant in spec.data:
         for cell in spec.cells:
             for layers in spec.layers:
@@ -951,6 +954,11 @@ def spec_from_args(args: argparse.Namespace) -> GridSpec:
             raise ConfigError(f"minutes must be a finite number > 0, got {minutes}")
         # the wall clock is the budget: epochs only bound it from above
         spec.base.update(time_budget=float(minutes), num_epochs=10**6)
+    for flag in ("heldout_from", "weights", "target_ppl", "minutes", "epochs"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            changed.append(f"--{flag.replace('_', '-')} {','.join(value) if isinstance(value, list) else value}")
+    changed += [f"--set {item}" for item in args.set or []]
     if args.preset and changed:
         spec.description = (f"*Changed from the preset `{args.preset}`:* `{' '.join(changed)}`; the description "
                             "below is the preset's." + (f"\n\n{spec.description}" if spec.description else ""))

@@ -345,8 +345,8 @@ def read_text(path: str | os.PathLike, encoding: str | None = None) -> str:
 # Project Gutenberg's markers, "*** START OF THE PROJECT GUTENBERG EBOOK …" (THIS, or the older "*** START OF THE
 # PROJECT GUTENBERG EBOOK" without a title): the line must say so. "*** End of Part One ***" in a user's novel had
 # cut its second half away, silently.
-_GUTENBERG_START = re.compile(r"^\*{3}\s*START OF\b(?=[^\n]*PROJECT\s+GUTENBERG).*$", re.MULTILINE | re.IGNORECASE)
-_GUTENBERG_END = re.compile(r"^\*{3}\s*END OF\b(?=[^\n]*PROJECT\s+GUTENBERG)", re.MULTILINE | re.IGNORECASE)
+_GUTENBERG_START = re.compile(r"^\*{3}\s*START OF\b(?=[^\n]*PROJECT[^\S\n]+GUTENBERG).*$", re.MULTILINE | re.IGNORECASE)
+_GUTENBERG_END = re.compile(r"^\*{3}\s*END OF\b(?=[^\n]*PROJECT[^\S\n]+GUTENBERG)", re.MULTILINE | re.IGNORECASE)
 
 
 def strip_gutenberg(text: str) -> str:
@@ -476,12 +476,13 @@ def absolute_spec(spec: str) -> str:
 
 def match_sources(names: list[str], specs) -> dict[str, list[str]]:
     """For each spec, the source names (of a corpus's spans) it names: the name itself, else every source that is
-    the same file (``./d/a.txt`` for ``d/a.txt``, an absolute path) or lies in that directory (``d`` for all of
-    ``d``'s ``.txt`` files). A spec that names none of them maps to ``[]``."""
+    the same file (``./d/a.txt`` for ``d/a.txt``, an absolute path) or was listed from that directory (``d`` for
+    all of ``d``'s ``.txt`` files, symbolic links included). A spec that names none of them maps to ``[]``."""
     def real(spec: str) -> str:
         return os.path.realpath(os.path.expanduser(spec))
 
-    files = {name: real(name) for name in names if name not in NAMED_CORPORA}
+    # A file by what it is; a directory by where its files are listed (a symbolic link in it points elsewhere).
+    files = {name: (real(name), real(os.path.dirname(name) or ".")) for name in names if name not in NAMED_CORPORA}
     out: dict[str, list[str]] = {}
     for spec in specs:
         if spec in names:
@@ -490,8 +491,7 @@ def match_sources(names: list[str], specs) -> dict[str, list[str]]:
             out[spec] = []
         else:
             where = real(spec)
-            inside = where.rstrip(os.sep) + os.sep
-            out[spec] = [n for n, path in files.items() if path == where or path.startswith(inside)]
+            out[spec] = [n for n, (path, parent) in files.items() if where in (path, parent)]
     return out
 
 

@@ -80,6 +80,7 @@ def generate(
     unk: str = "error",
     on_text: OnText | None = None,
     device: torch.device | str | None = None,
+    warn_unknown: bool = True,
 ) -> list[str]:
     """Continue ``prefix`` by ``num_preds`` tokens; return ``num_samples`` strings that include the prefix.
 
@@ -103,7 +104,8 @@ def generate(
     ``on_text(i, piece)`` is called for stream ``i`` as each piece is produced (greedy and sampling); beam
     search revises its beams until the end, so it calls ``on_text`` for each returned beam, in order, once
     the search is done. Prefix tokens not in the vocabulary raise ``VocabError`` listing them
-    (``unk="error"``) or are fed as ``<unk>`` with a warning (``unk="replace"``). ``device`` defaults to the
+    (``unk="error"``) or are fed as ``<unk>`` (``unk="replace"``), with a warning unless ``warn_unknown`` is
+    False (a server says which in its answer instead: a warning is process-wide state). ``device`` defaults to the
     model's; it must be where the model's parameters are. The model runs in eval mode under
     ``torch.inference_mode()``; each submodule's training flag is restored afterwards. On a CPU, up to
     8 streams run on one intra-op thread (``torch.set_num_threads``, restored afterwards).
@@ -131,7 +133,7 @@ def generate(
         raise ConfigError(f"model must be a torch.nn.Module (a checkpoint's .model), got {type(model).__name__}")
     if not (hasattr(vocab, "token_to_idx") and hasattr(vocab, "idx_to_token")):
         raise ConfigError(f"vocab must be a deeprnn Vocab (a checkpoint's .vocab), got {type(vocab).__name__}")
-    ids = encode_prefix(vocab, prefix, unk=unk)
+    ids = encode_prefix(vocab, prefix, unk=unk, warn=warn_unknown)
     dev = _resolve_device(model, device)
     _check_vocab_size(getattr(getattr(model, "config", None), "vocab_size", None), vocab)
     pieces = _Pieces(vocab, ids[-1])
@@ -235,7 +237,7 @@ def _check_args(*, prefix, num_preds, strategy, temperature, top_k, top_p, num_s
         raise ConfigError(f"on_text must be a callable (stream index, text piece) or None, got {on_text!r}")
 
 
-def encode_prefix(vocab, prefix: str, *, unk: str = "error") -> list[int]:
+def encode_prefix(vocab, prefix: str, *, unk: str = "error", warn: bool = True) -> list[int]:
     """Token indices of ``prefix`` (characters, or words for a word vocabulary: :func:`word_tokens`).
 
     Tokens outside the vocabulary raise ``VocabError`` listing them (``unk="error"``) or become ``<unk>``
@@ -247,6 +249,8 @@ def encode_prefix(vocab, prefix: str, *, unk: str = "error") -> list[int]:
     if missing:
         if unk == "error":
             raise VocabError(f"{unknown_prefix_message(vocab, missing)}; use --unk replace to map them to <unk>")
+        if not warn:
+            return vocab[toks]
         kind = "words" if getattr(vocab, "token", "char") == "word" else "characters"
         listed = ", ".join(repr(t) for t in missing)
         warnings.warn(f"prefix {kind} not in the vocabulary were fed as <unk>: {listed}", UserWarning, stacklevel=3)
@@ -638,11 +642,12 @@ class _Pieces:
         """``piece(token)`` for one stream, which remembers the stream's previous token."""
         if not self.word:
             return self.tokens.__getitem__
-        prev = [self.last]
+        prev = self.last
 
         def piece(t: int) -> str:
+            nonlocal prev
             word = self.tokens[t]
-            out, prev[0] = word_piece(prev[0], word), word
+            out, prev = word_piece(prev, word), word
             return out
         return piece
 

@@ -475,11 +475,10 @@ def quiet_sample(model, vocab, prefix: str, num_preds: int, device) -> str:
 
 def prefix_note(vocab, prefix: str) -> str | None:
     """Why there is no sample for ``prefix`` (one line), or None when every prefix token is in ``vocab``."""
-    from deeprnn.generate import word_tokens
+    from deeprnn.generate import unknown_tokens, word_tokens
 
     word = vocab.token == "word"
-    tokens = word_tokens(vocab, prefix) if word else list(prefix)
-    missing = list(dict.fromkeys(t for t in tokens if t not in vocab.token_to_idx))
+    missing = unknown_tokens(vocab, word_tokens(vocab, prefix) if word else list(prefix))
     if not missing:
         return None
     kind = "words" if word else "characters"
@@ -921,7 +920,7 @@ def _train(
     budget_s = cfg.time_budget * 60 if cfg.time_budget else None
     metrics_csv = run_dir / "metrics.csv"
     n_params = model.num_params()  # trainable: --freeze-layers leaves some out
-    n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_total = sum(p.numel() for p in model.parameters())  # a tied weight once, as parameters() yields it
 
     if is_main and step == 0:
         log(f"corpus: {corpus_label} — {corpus.tokens.numel():,} {cfg.token}s, vocabulary {len(vocab)}; "

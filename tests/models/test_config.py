@@ -260,9 +260,14 @@ def test_forward_refuses_a_state_of_another_dtype_and_an_empty_window(impl):
             model(X, state)
         assert str(err.value) == (f"state must be torch.float32 on cpu, like the model's parameters; got {got} on cpu: "
                                   "use begin_state(3) or move it with .to()")
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=impl == "scratch"):  # a carried state may be bf16 there
-        if impl == "scratch":
-            model(X, tuple(s.bfloat16() for s in model.begin_state(3)))
+    gru = build_model(ModelConfig(**{**BASE, "cell": "gru"}, impl=impl))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a carried state may come out in the autocast dtype
+        carried = gru(X, gru.begin_state(3).bfloat16())[1]
+        gru(X, carried)
+    with pytest.raises(ConfigError) as err:  # outside autocast the layers would fail on it
+        gru(X, gru.begin_state(3).bfloat16())
+    assert str(err.value).startswith("state must be torch.float32 on cpu, like the model's parameters; got "
+                                     "torch.bfloat16 on cpu")
     for shape in [(3, 0), (0, 4)]:
         with pytest.raises(ConfigError) as err:
             model(torch.zeros(shape, dtype=torch.long))
@@ -272,6 +277,8 @@ def test_forward_refuses_a_state_of_another_dtype_and_an_empty_window(impl):
             model.begin_state(bad)
         assert str(err.value) == f"batch_size must be an integer >= 0, got {bad!r}"
     assert model.begin_state(torch.tensor(2))[0].shape == (2, 2, 5)  # an integer tensor is an integer
+    for dtype in (torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32):  # taken as int64
+        assert torch.equal(model(X.to(dtype))[0], model(X)[0])
 
 
 def test_conversion_of_a_model_that_is_already_converted_is_one_line():

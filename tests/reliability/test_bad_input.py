@@ -415,7 +415,7 @@ def test_a_checkpoint_whose_vocabulary_does_not_fit_its_model_is_not_saved(tmp_p
     assert not (tmp_path / "ck").exists()
 
 
-def test_a_loaded_model_is_in_eval_mode(checkpoint, tmp_path):
+def test_a_loaded_model_is_in_eval_mode(tmp_path):
     """Two forwards of a loaded model differed by dropout; training and generation set their own modes."""
     from deeprnn.checkpoint import load_checkpoint
 

@@ -75,13 +75,6 @@ def torch_bias_(b: torch.Tensor, num_hiddens: int) -> None:
         b.uniform_(-bound, bound)
 
 
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch before 2.4 took no device type
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-
-
 class LanguageModel(nn.Module):
     """Input layer, ``num_layers`` recurrent layers, dropout, output layer on the top layer.
 
@@ -107,8 +100,7 @@ class LanguageModel(nn.Module):
         dropout (what AR/TAR penalise). Raises ConfigError, naming the shapes, for an ``X`` that is not
         (B, T) indices in the vocabulary or a ``state`` that ``begin_state(B)`` would not give.
         """
-        self._check_tokens(X)
-        X = X if X.dtype == torch.long else X.long()  # one_hot and the kernels take int64
+        X = self._check_tokens(X)
         if state is None:
             state = self.begin_state(X.shape[0], device=X.device)
         else:
@@ -117,11 +109,12 @@ class LanguageModel(nn.Module):
         logits = self.output(self._dropout(Y, self.config.out_dropout))  # (T, B, V)
         return (logits, state, Y) if return_hidden else (logits, state)
 
-    def _check_tokens(self, X) -> None:
-        """Raise ConfigError unless ``X`` is a non-empty (B, T) integer tensor of indices below vocab_size.
+    def _check_tokens(self, X) -> torch.Tensor:
+        """``X`` as int64 (one_hot and the kernels take it), or ConfigError unless it is a non-empty (B, T) integer
+        tensor of indices below vocab_size.
 
-        The range is checked on the CPU only, where it costs microseconds; on a GPU it would wait
-        for the device at every window.
+        The range is checked on the CPU only, where it costs microseconds; on a GPU it would wait for the device
+        at every window, and under ``torch.compile`` it would break the graph.
         """
         if not isinstance(X, torch.Tensor) or X.dim() != 2 or X.dtype.is_floating_point \
                 or X.dtype.is_complex or X.dtype == torch.bool:
@@ -130,12 +123,13 @@ class LanguageModel(nn.Module):
             raise ConfigError(f"X must be a (batch, num_steps) tensor of integer token indices, got {got}")
         if not X.numel():
             raise ConfigError(f"X must hold at least one row and one step, got shape {tuple(X.shape)}")
-        if X.device.type == "cpu":
-            low, high = torch.aminmax(X)
+        X = X if X.dtype == torch.long else X.long()
+        if X.device.type == "cpu" and not torch.compiler.is_compiling():
+            low, high = (int(v) for v in torch.aminmax(X))
             if low < 0 or high >= self.config.vocab_size:
-                bad = int(low) if low < 0 else int(high)
-                raise ConfigError(f"X holds token index {bad}, outside this model's vocabulary of "
-                                  f"{self.config.vocab_size} (indices 0..{self.config.vocab_size - 1})")
+                raise ConfigError(f"X holds token index {low if low < 0 else high}, outside this model's vocabulary "
+                                  f"of {self.config.vocab_size} (indices 0..{self.config.vocab_size - 1})")
+        return X
 
     def _check_state(self, state, batch_size: int) -> None:
         """Raise ConfigError unless ``state`` has the structure, shapes, device and dtype ``begin_state`` gives
@@ -159,7 +153,7 @@ class LanguageModel(nn.Module):
                               f"{batch_size}, as begin_state({batch_size}) gives; got {describe(state)}")
         p = self.output.weight
         for t in parts:
-            same_dtype = t.dtype == p.dtype or (t.is_floating_point() and _autocast_on(p.device.type))
+            same_dtype = t.dtype == p.dtype or (t.is_floating_point() and torch.is_autocast_enabled(p.device.type))
             if t.device != p.device or not same_dtype:
                 raise ConfigError(f"state must be {p.dtype} on {p.device}, like the model's parameters; got "
                                   f"{t.dtype} on {t.device}: use begin_state({batch_size}) or move it with .to()")

@@ -26,7 +26,6 @@ import os
 import secrets
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -644,9 +643,6 @@ def create_app(
 
 
 def _run(entry: ModelEntry, prefix: str, num_preds: int, args: dict, on_text) -> list[str]:
-    """One generation on a worker thread; the state lives in this call only. The warning about prefix tokens
-    fed as <unk> is the answer's ``replaced`` field here, not a line on the server's stderr."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="prefix .* not in the vocabulary were fed as <unk>",
-                                category=UserWarning)
-        return _gen.generate(entry.model, entry.vocab, prefix, num_preds, on_text=on_text, **args)
+    """One generation on a worker thread; the state lives in this call only. Prefix tokens fed as <unk> are the
+    answer's ``replaced`` field, not a warning on the server's stderr."""
+    return _gen.generate(entry.model, entry.vocab, prefix, num_preds, on_text=on_text, warn_unknown=False, **args)
