@@ -100,6 +100,13 @@ def parse_sets(items: list[str] | None) -> dict:
     return out
 
 
+def refuse_repeated_seeds(parser, flag: str, seeds: list[int]) -> None:
+    """``parser.error`` (one line, exit 2) for a seed given twice: it would run twice and count twice in a mean."""
+    repeated = [seed for i, seed in enumerate(seeds) if seed in seeds[:i]]
+    if repeated:
+        parser.error(f"{flag} gives seed {repeated[0]} twice; give each seed once")
+
+
 def refuse_unrunnable_precision(parser, precision: str, device, cell: str, impl: str, fix: str | None = None):
     """``parser.error`` (one line, exit 2) where ``deeprnn.precision.check_precision`` says the model cannot run
     in ``precision`` here (torch.nn.LSTM in bf16 on a CPU without AVX-512), before any step; ``fix``: what

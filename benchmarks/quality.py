@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
+from benchmarks.common import loadavg, machine, parse_sets, refuse_repeated_seeds  # noqa: E402
 from deeprnn.cli import PRESETS, preset_note  # noqa: E402
 from deeprnn.errors import DeepRNNError  # noqa: E402
 from deeprnn.rundir import read_metrics  # noqa: E402
@@ -143,9 +143,7 @@ def ablation_rows(parser, args) -> dict[str, dict]:
     ``--seeds`` or ``--only``, before the first run."""
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    repeated = [s for i, s in enumerate(args.seeds) if s in args.seeds[:i]]
-    if repeated:
-        parser.error(f"--seeds gives seed {repeated[0]} twice; give each seed once")
+    refuse_repeated_seeds(parser, "--seeds", args.seeds)
     unmatched = [o for o in args.only or [] if not any(o in name for name in ABLATION_ROWS)]
     if unmatched:
         parser.error(f"--only {unmatched[0]!r} matches no ablation row; give part of a row's name: "

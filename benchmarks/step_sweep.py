@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
+from benchmarks.common import loadavg, machine, parse_sets, refuse_repeated_seeds  # noqa: E402
 from benchmarks.quality import refuse_invalid  # noqa: E402
 from deeprnn.cli import PRESETS  # noqa: E402
 
@@ -84,9 +84,7 @@ def main(argv=None) -> int:
         p.error("--more-seeds needs --finalists: how many variants to run on them")
     # A seed given twice would be run twice and counted twice in the means.
     for flag, seeds in (("--seeds", args.seeds), ("--more-seeds", args.more_seeds)):
-        repeated = [seed for i, seed in enumerate(seeds) if seed in seeds[:i]]
-        if repeated:
-            p.error(f"{flag} gives seed {repeated[0]} twice; give each seed once")
+        refuse_repeated_seeds(p, flag, seeds)
     again = [seed for seed in args.more_seeds if seed in args.seeds]
     if again:
         p.error(f"--more-seeds gives seed {again[0]}, which --seeds already runs; give the finalists other seeds")
