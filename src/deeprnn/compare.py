@@ -390,13 +390,16 @@ def per_source_eval(run_dir: Path, cfg, variant: DataVariant, sources: list[str]
 def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl: float | None,
               rerun: bool = False, train_log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train ``point`` unless ``runs_dir/<key>/summary.json`` exists; return its record."""
-    from deeprnn.rundir import read_metrics
+    from deeprnn.rundir import read_metrics, run_lock
     from deeprnn.train import TrainingInterrupted, json_safe, train
 
     run_dir = runs_dir / point.key
     state = point_state(run_dir, rerun)
     cached = state == "cached"
     if not cached:
+        if run_dir.is_dir():  # a point another compare (or train) is training now: refused before anything changes
+            with run_lock(run_dir, resume=True):
+                pass
         cfg = dataclasses.replace(point.cfg, run_dir=str(run_dir))
         # A run of this point that was interrupted (Ctrl-C, SIGTERM, a closed pipe) continues where it stopped.
         info = _json_object(run_dir / "compare.json") if state == "continuing" else None
