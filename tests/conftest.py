@@ -76,3 +76,38 @@ def ext(monkeypatch):
         pytest.skip(reason)
     return module
 
+
+@pytest.fixture
+def lock_holder():
+    """``hold(run_dir)``: another process that holds the run's lock (``rundir.run_lock``) until the test ends; it
+    returns that process (its ``pid`` is what a refusal names). ``release()`` kills it sooner, as a SIGKILL would."""
+    import contextlib
+    import subprocess
+    import sys
+    import textwrap
+
+    held = []
+
+    def hold(run_dir: Path) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from pathlib import Path
+            from deeprnn.rundir import run_lock
+            with run_lock(Path({str(run_dir)!r})):
+                print("held", flush=True)
+                sys.stdin.read()
+            """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        held.append(proc)
+        assert proc.stdout.readline() == "held\n"
+        return proc
+
+    def release() -> None:
+        for proc in held:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+
+    hold.release = release
+    yield hold
+    release()
+

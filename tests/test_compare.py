@@ -618,33 +618,20 @@ def test_named_corpora_keep_their_cache_keys():
                                                           "210618d56bb0"]  # computed by the code of d5b776e
 
 
-def test_a_point_another_process_is_training_is_refused_before_anything_changes(tmp_path, tiny_text, capsys):
+def test_a_point_another_process_is_training_is_refused_before_anything_changes(tmp_path, tiny_text, capsys,
+                                                                                lock_holder):
     """A second compare of a grid whose point was still training rewrote the point's compare.json (and its
     data/) before the run's lock refused it; now nothing in the point's folder changes."""
-    import textwrap
-
     out = tmp_path / "out"
     argv = ["compare", "--layers", "1", "--hiddens", "8", "--corpus", f"tiny={tiny_text}", "--epochs", "1",
             "--out", str(out), *_set_flags(TINY_SET)]
     assert main(argv) == 0
     (run,) = (out / "runs").iterdir()
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys
-        from pathlib import Path
-        from deeprnn.rundir import run_lock
-        with run_lock(Path({str(run)!r})):
-            print("held", flush=True)
-            sys.stdin.read()
-        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        capsys.readouterr()
-        assert main([*argv, "--rerun"]) == 2
-        assert capsys.readouterr().err == (f"deeprnn: error: run directory {run} is in use by another deeprnn process "
-                                           f"(pid {holder.pid}); wait for it to finish, or stop it, and try again\n")
-        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".deeprnn.pid"} == {
-            k: v for k, v in before.items() if k != ".deeprnn.pid"}
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = lock_holder(run)
+    capsys.readouterr()
+    assert main([*argv, "--rerun"]) == 2
+    assert capsys.readouterr().err == (f"deeprnn: error: run directory {run} is in use by another deeprnn process "
+                                       f"(pid {holder.pid}); wait for it to finish, or stop it, and try again\n")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".deeprnn.pid"} == {
+        k: v for k, v in before.items() if k != ".deeprnn.pid"}

@@ -549,40 +549,25 @@ def test_a_stop_request_on_the_final_step_finishes_the_run(tmp_path):
     assert (summary["steps"], summary["stop_reason"], summary["epochs"]) == (n, "epochs", 1)
 
 
-def test_a_run_being_trained_is_locked_against_a_second_process(tmp_path):
+def test_a_run_being_trained_is_locked_against_a_second_process(tmp_path, lock_holder):
     """Two processes trained one run at once: metrics.csv got every row twice and last/ was whichever saved
     last. A resume or an --overwrite of a run still training is now refused, naming the trainer's pid, with
     not one byte changed; once it stops (even by SIGKILL: the lock is the OS's) the run resumes."""
-    import subprocess
-    import sys
-    import textwrap
-
     cfg = tiny(tmp_path, max_steps=4)
     train(cfg, progress=False, log=lambda *_: None)
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys
-        from pathlib import Path
-        from deeprnn.rundir import run_lock
-        with run_lock(Path({str(run)!r})):
-            print("held", flush=True)
-            sys.stdin.read()
-        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        before = _tree(run)
-        message = (f"run directory {run} is in use by another deeprnn process (pid {holder.pid}); wait for it to "
-                   "finish, or stop it, and try again")
-        with pytest.raises(CheckpointError) as e:
-            train(dataclasses.replace(cfg, max_steps=6), resume=True, progress=False, log=lambda *_: None)
-        assert str(e.value) == message
-        with pytest.raises(CheckpointError) as e:
-            train(cfg, overwrite=True, progress=False, log=lambda *_: None)
-        assert str(e.value) == message
-        assert _tree(run) == before
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = lock_holder(run)
+    before = _tree(run)
+    message = (f"run directory {run} is in use by another deeprnn process (pid {holder.pid}); wait for it to "
+               "finish, or stop it, and try again")
+    with pytest.raises(CheckpointError) as e:
+        train(dataclasses.replace(cfg, max_steps=6), resume=True, progress=False, log=lambda *_: None)
+    assert str(e.value) == message
+    with pytest.raises(CheckpointError) as e:
+        train(cfg, overwrite=True, progress=False, log=lambda *_: None)
+    assert str(e.value) == message
+    assert _tree(run) == before
+    lock_holder.release()  # killed, as by SIGKILL
     assert train(dataclasses.replace(cfg, max_steps=6), resume=True, progress=False, log=lambda *_: None)["steps"] == 6
     assert [r["step"] for r in rows(run)] == ["4", "6"]
 

@@ -474,15 +474,18 @@ def absolute_spec(spec: str) -> str:
     return os.path.abspath(os.path.expanduser(spec))
 
 
+def _real_path(spec: str) -> str:
+    """Where a path spec leads from the current directory: ``~`` expanded, symbolic links resolved."""
+    return os.path.realpath(os.path.expanduser(spec))
+
+
 def match_sources(names: list[str], specs) -> dict[str, list[str]]:
     """For each spec, the source names (of a corpus's spans) it names: the name itself, else every source that is
     the same file (``./d/a.txt`` for ``d/a.txt``, an absolute path) or was listed from that directory (``d`` for
     all of ``d``'s ``.txt`` files, symbolic links included). A spec that names none of them maps to ``[]``."""
-    def real(spec: str) -> str:
-        return os.path.realpath(os.path.expanduser(spec))
-
     # A file by what it is; a directory by where its files are listed (a symbolic link in it points elsewhere).
-    files = {name: (real(name), real(os.path.dirname(name) or ".")) for name in names if name not in NAMED_CORPORA}
+    files = {name: (_real_path(name), _real_path(os.path.dirname(name) or "."))
+             for name in names if name not in NAMED_CORPORA}
     out: dict[str, list[str]] = {}
     for spec in specs:
         if spec in names:
@@ -490,7 +493,7 @@ def match_sources(names: list[str], specs) -> dict[str, list[str]]:
         elif spec in NAMED_CORPORA:
             out[spec] = []
         else:
-            where = real(spec)
+            where = _real_path(spec)
             out[spec] = [n for n, (path, parent) in files.items() if where in (path, parent)]
     return out
 
@@ -502,7 +505,7 @@ def same_sources(a: list[str] | None, b: list[str] | None) -> bool:
         return a is b
 
     def key(spec: str) -> str:
-        return spec if spec in NAMED_CORPORA else os.path.realpath(os.path.expanduser(spec))
+        return spec if spec in NAMED_CORPORA else _real_path(spec)
 
     return len(a) == len(b) and all(key(x) == key(y) for x, y in zip(a, b))
 
@@ -529,17 +532,19 @@ def check_sources(specs) -> None:
     """Raise the :class:`CorpusError` that reading ``specs`` would raise for a source that names nothing (an
     unknown corpus name, a missing path, a directory without ``.txt`` files), without reading any text: a
     command checks this before work that takes long (``compare`` before its first run)."""
-    for _, path in _source_items(specs):
-        if path is not None and not path.exists():
-            raise _read_error(path, FileNotFoundError())
+    source_names(specs)
 
 
 def source_names(specs) -> list[str]:
     """The names the sources of ``specs`` go by in a corpus's spans (what ``heldout_from`` and
     ``source_weights`` refer to), without reading any text: a named corpus's name, a file as given, each
-    ``.txt`` file of a directory. Raises what :func:`check_sources` raises for a spec that names nothing."""
-    check_sources(specs)
-    return [name for name, _ in _source_items(specs)]
+    ``.txt`` file of a directory. Raises what :func:`check_sources` describes for a spec that names nothing."""
+    names = []
+    for name, path in _source_items(specs):
+        if path is not None and not path.exists():
+            raise _read_error(path, FileNotFoundError())
+        names.append(name)
+    return names
 
 
 def load_sources(specs, data_dir=None, encoding: str | None = None, strip_boilerplate: bool = True) -> list[Source]:
