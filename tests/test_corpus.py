@@ -305,6 +305,15 @@ def test_strip_gutenberg():
     assert strip_gutenberg(older) == "Text.\n"
 
 
+def test_a_gutenberg_file_with_nothing_between_its_markers_is_one_line(tmp_path):
+    path = tmp_path / "empty_book.txt"
+    path.write_bytes(GUTENBERG_EMPTY)
+    with pytest.raises(CorpusError) as err:
+        build_corpus(str(path))
+    assert str(err.value) == (f"{str(path)!r} has no text between its Project Gutenberg markers (*** START OF … and "
+                              "*** END OF … PROJECT GUTENBERG …); remove the markers, or pass another file")
+
+
 def test_a_users_own_stars_are_not_a_gutenberg_marker(tmp_path):
     """'*** End of Part One ***' in a novel cut its second half away, silently; a poem that opened with
     '*** End of an era ***' was refused as having no text between Gutenberg markers."""
