@@ -695,14 +695,11 @@ def _train(
     freeze_layers: int,
     stop_after_steps: int | None,
 ) -> dict[str, Any]:
-    """:func:`train`, with ``held`` to keep the run directory's lock in until it returns."""
+    """:func:`train`, with ``held`` to keep the run directory's lock in until it returns: it checks what it
+    can before reading text, reads the corpus, builds the model and the run directory, then hands them to
+    :class:`_Training`."""
     from deeprnn import distributed as dist_util
     from deeprnn.allocator import keep_freed_memory
-    from deeprnn.batching import BatchLoader
-    from deeprnn.checkpoint import (RESUME_RECORDS, load_checkpoint, optimizer_from_flat, optimizer_to_flat,
-                                    save_checkpoint)
-    from deeprnn.corpus import absolute_spec, build_corpus
-    from deeprnn.models import ModelConfig, build_model, detach_state
 
     cfg.validate()
     keep_freed_memory()  # glibc: no page faults on every window's fresh activations (deeprnn.allocator)
@@ -714,47 +711,128 @@ def _train(
         progress = False
         log = lambda *_a, **_k: None  # noqa: E731
 
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
-    resume_ckpt = None
-    if resume:
-        if run_dir is None:
-            raise ConfigError("resume needs a run directory (--resume RUN_DIR)")
-        if not run_dir.is_dir():
-            raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist" if not run_dir.exists()
-                                  else f"cannot resume: {run_dir} is a file; --resume takes the run directory")
-        check_resume_target(run_dir)
-        if is_main:  # locked before reading a checkpoint that another process may be writing
-            held.enter_context(run_lock(run_dir, resume=True))
-        resume_ckpt = load_checkpoint(run_dir, prefer="last")
-        if not {"position", "loader", "optimizer"} <= resume_ckpt.meta.keys() or \
-                "rng.torch" not in resume_ckpt.train_tensors:
-            raise CheckpointError(f"{resume_ckpt.path} holds weights but no training state to resume; "
-                                  "fine-tune from it with --init-from instead")
-        missing = [f"{part}.{name}" for part, names in RESUME_RECORDS.items() for name in names
-                   if name not in resume_ckpt.meta[part]]  # read_meta checked the types of those present
-        if missing:
-            raise CheckpointError(f"{resume_ckpt.path / 'checkpoint.json'} lacks {', '.join(missing)}; it is corrupt "
-                                  "or was edited")
-        saved = resume_ckpt.meta.get("train_config", {})
-        if cfg.precision == "auto" and saved.get("precision") in PRECISIONS:
-            cfg.precision = saved["precision"]  # what auto became when the run started
-        check_resumable(cfg, saved, run_dir)
-        for name in SOURCE_FIELDS:  # the same sources: keep the names the run's spans and heldout_from use
-            if name in saved:
-                setattr(cfg, name, saved[name])
-        position = resume_ckpt.meta["position"]  # checked before any text is read
-        check_budget_left(cfg, run_dir, step=position["step"], train_time=position["train_time"])
-
+    resume_ckpt = _resume_checkpoint(cfg, held, is_main) if resume else None
     device = resolve_device(cfg.device) if dist.device is None else dist.device
     auto_precision = cfg.precision == "auto"
     cfg.precision = resolve_precision(cfg.precision, device)  # config.json records what auto became
     torch.manual_seed(cfg.seed)
 
-    vocab = resume_ckpt.vocab if resume_ckpt else None
-    parent = None
+    corpus, parent = _read_corpus(cfg, resume_ckpt, init_from, extend_vocab, freeze_layers, log)
+    data_record = corpus_record(corpus.tokens)
+    if resume_ckpt is not None:
+        check_same_corpus(resume_ckpt.meta.get("data"), data_record, Path(cfg.run_dir))
+    splits = corpus.split((1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction),
+                          heldout_from=cfg.heldout_from, train_weights=cfg.source_weights)
+    corpus_label = ", ".join(cfg.corpus)
+    if resume_ckpt is None:
+        from deeprnn.corpus import absolute_spec
+
+        # The run's config names files by absolute path, so that it can be resumed and evaluated from anywhere.
+        cfg.corpus = [absolute_spec(s) for s in cfg.corpus]
+        if cfg.heldout_from is not None:
+            cfg.heldout_from = [absolute_spec(s) for s in cfg.heldout_from]
+    loader, train_tokens = _training_loader(cfg, corpus, splits, dist, resume_ckpt)
+    _check_splits(cfg, corpus, splits, resuming=resume_ckpt is not None)
+
+    model = _run_model(cfg, corpus.vocab, resume_ckpt, parent, freeze_layers, extend_vocab, log)
+    resuming = {} if resume_ckpt is None else {
+        "fix": f"the run in {cfg.run_dir} trained in bf16: resume it on a machine with AVX-512 or a GPU"}
+    check_precision(cfg.precision, device, model.config.cell, model.config.impl, **resuming)  # before the run dir
+    model.to(device)
+    model.train()
+    if model.config.impl == "scratch" and device.type == "cpu":
+        from deeprnn.models import native
+
+        native.load()  # a first build (~15 s) happens here, not inside the timed steps or the time budget
+    net = dist.wrap(model)
+    if dist.rank > 0 and resume_ckpt is None:
+        # Weights are equal on every rank (same seed); dropout masks must not be.
+        torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * dist.rank)
+
+    lineage = {  # what every checkpoint of the run says of the run it was fine-tuned from
+        "finetune": ({"freeze_layers": freeze_layers, "extend_vocab": extend_vocab} if parent is not None
+                     else (resume_ckpt.meta.get("finetune") if resume_ckpt is not None else None)),
+        "parent": (str(parent.path) if parent is not None else
+                   (resume_ckpt.meta.get("parent") if resume_ckpt is not None else None)),
+    }
+    run = _Training(cfg, dist=dist, device=device, model=model, net=net, vocab=corpus.vocab, splits=splits,
+                    loader=loader, records=lineage | {"data": data_record}, log=log, stop_after_steps=stop_after_steps)
+    if resume_ckpt is not None:
+        run.resume(resume_ckpt)
+        if is_main:
+            trim_metrics(Path(cfg.run_dir) / "metrics.csv", run.step)
+        log(f"resuming {cfg.run_dir} at step {run.step} (epoch {run.epoch})")
+        run_dir = Path(cfg.run_dir)
+    else:
+        run_dir = prepare_run_dir(cfg, overwrite=overwrite, held=held) if is_main else Path(cfg.run_dir or "runs/_")
+        cfg.run_dir = str(run_dir)
+        if is_main:
+            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    # Every rank names rank 0's run directory (the default name has a time stamp) once it exists.
+    run.run_dir = Path(dist.broadcast_object(str(run_dir)))
+
+    if is_main and run.step == 0:
+        log(f"corpus: {corpus_label} — {corpus.tokens.numel():,} {cfg.token}s, vocabulary {len(corpus.vocab)}; "
+            f"train {train_tokens.numel():,} / valid {splits.valid.numel():,} / test {splits.test.numel():,}")
+        trainable = f" ({run.n_params:,} trainable)" if run.n_params != run.n_total else ""
+        log(f"model: {cfg.impl} {cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}, {run.n_total:,} parameters"
+            f"{trainable}; {cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}x{cfg.num_steps}, {device}, "
+            f"{cfg.precision}{' (auto)' if auto_precision else ''}; run dir {run.run_dir}")
+        note = precision_note(device, cfg.precision, model.config.impl)
+        if note:
+            log(note)
+    run.run(progress, first_run=resume_ckpt is None)
+    return run.finish()
+
+
+def _resume_checkpoint(cfg: TrainConfig, held: contextlib.ExitStack, is_main: bool):
+    """The last checkpoint of the run in ``cfg.run_dir``, locked (rank 0) and checked before any text is read:
+    it holds a training state, ``cfg`` may resume it (taking the run's own sources and what its ``auto``
+    precision became), and its budget is not spent."""
+    from deeprnn.checkpoint import RESUME_RECORDS, load_checkpoint
+
+    if not cfg.run_dir:
+        raise ConfigError("resume needs a run directory (--resume RUN_DIR)")
+    run_dir = Path(cfg.run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist" if not run_dir.exists()
+                              else f"cannot resume: {run_dir} is a file; --resume takes the run directory")
+    check_resume_target(run_dir)
+    if is_main:  # locked before reading a checkpoint that another process may be writing
+        held.enter_context(run_lock(run_dir, resume=True))
+    ckpt = load_checkpoint(run_dir, prefer="last")
+    if not {"position", "loader", "optimizer"} <= ckpt.meta.keys() or "rng.torch" not in ckpt.train_tensors:
+        raise CheckpointError(f"{ckpt.path} holds weights but no training state to resume; "
+                              "fine-tune from it with --init-from instead")
+    missing = [f"{part}.{name}" for part, names in RESUME_RECORDS.items() for name in names
+               if name not in ckpt.meta[part]]  # read_meta checked the types of those present
+    if missing:
+        raise CheckpointError(f"{ckpt.path / 'checkpoint.json'} lacks {', '.join(missing)}; it is corrupt "
+                              "or was edited")
+    saved = ckpt.meta.get("train_config", {})
+    if cfg.precision == "auto" and saved.get("precision") in PRECISIONS:
+        cfg.precision = saved["precision"]  # what auto became when the run started
+    check_resumable(cfg, saved, run_dir)
+    for name in SOURCE_FIELDS:  # the same sources: keep the names the run's spans and heldout_from use
+        if name in saved:
+            setattr(cfg, name, saved[name])
+    position = ckpt.meta["position"]
+    check_budget_left(cfg, run_dir, step=position["step"], train_time=position["train_time"])
+    return ckpt
+
+
+def _read_corpus(cfg: TrainConfig, resume_ckpt, init_from: str | None, extend_vocab: bool, freeze_layers: int,
+                 log: Callable[[str], None]):
+    """``(corpus, parent)``: the run's text in its vocabulary (a resumed run's own, checked against the text;
+    a fine-tuned run's parent's, extended with ``extend_vocab``; else the corpus's), and the checkpoint
+    ``init_from`` names, loaded (``None`` without one). Fine-tuning copies the parent's model fields into
+    ``cfg``, so that config.json tells the truth."""
+    from deeprnn.corpus import build_corpus
+
     build = dict(token=cfg.token, normalization=cfg.normalization, min_freq=cfg.min_freq,
                  data_dir=cfg.data_dir, encoding=cfg.encoding)
     if resume_ckpt is not None:
+        vocab = resume_ckpt.vocab
         corpus = build_corpus(cfg.corpus, vocab=None, **build)
         if corpus.vocab.idx_to_token != vocab.idx_to_token:
             if resume_ckpt.meta.get("parent") is None:
@@ -763,56 +841,51 @@ def _train(
                 how = "; ".join([f"new tokens {_first_few(new)}"] * bool(new) +
                                 [f"tokens gone {_first_few(gone)}"] * bool(gone)) \
                     or f"the same {len(vocab)} tokens in another order of frequency"
-                raise VocabError(corpus_changed(run_dir, how))
+                raise VocabError(corpus_changed(Path(cfg.run_dir), how))
             corpus = build_corpus(cfg.corpus, vocab=vocab, **build)  # fine-tuned: the parent's vocabulary
-    elif init_from is not None:
-        from deeprnn.finetune import count_unknown, extended_vocab, grow_model, missing_tokens
+        return corpus, None
+    if init_from is None:
+        return build_corpus(cfg.corpus, vocab=None, **build), None
 
-        parent = load_checkpoint(init_from)
-        n_layers = parent.model.config.num_layers
-        if not 0 <= freeze_layers <= n_layers:  # before any text is read
-            raise ConfigError(f"--freeze-layers must be in [0, {n_layers}] (the number of layers of the model in "
-                              f"{init_from}), got {freeze_layers}")
-        if parent.vocab.token != cfg.token:
-            raise ConfigError(f"token must match the parent checkpoint's ({parent.vocab.token!r}) when fine-tuning; "
-                              f"pass --token {parent.vocab.token}, or train a new model without --init-from")
-        fresh = build_corpus(cfg.corpus, vocab=None, **build)
-        new_tokens = missing_tokens(parent.vocab, fresh.vocab)
-        vocab = parent.vocab
-        if extend_vocab and new_tokens:
-            vocab = extended_vocab(parent.vocab, new_tokens, fresh.vocab)
-            parent.model = grow_model(parent.model, len(vocab))
-            log(f"fine-tuning from {parent.path}: vocabulary extended by {len(new_tokens)} tokens "
-                f"({len(parent.vocab)} -> {len(vocab)})")
-        corpus = build_corpus(cfg.corpus, vocab=vocab, **build)
-        n_unk = count_unknown(corpus.tokens, vocab)
-        if not extend_vocab:
-            log(f"fine-tuning from {parent.path}: {n_unk:,} tokens of the new corpus are not in the parent's "
-                f"vocabulary and map to <unk> ({len(new_tokens)} distinct; --extend-vocab adds them)")
-        # The run's model fields are the parent's: config.json must tell the truth.
-        for name, value in dataclasses.asdict(parent.model.config).items():
-            if hasattr(cfg, name) and name != "vocab_size":
-                setattr(cfg, name, value)
-    else:
-        corpus = build_corpus(cfg.corpus, vocab=None, **build)
-    vocab = corpus.vocab
-    data_record = corpus_record(corpus.tokens)
-    if resume_ckpt is not None:
-        check_same_corpus(resume_ckpt.meta.get("data"), data_record, run_dir)
-    splits = corpus.split((1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction),
-                          heldout_from=cfg.heldout_from, train_weights=cfg.source_weights)
+    from deeprnn.checkpoint import load_checkpoint
+    from deeprnn.finetune import count_unknown, extended_vocab, grow_model, missing_tokens
+
+    parent = load_checkpoint(init_from)
+    n_layers = parent.model.config.num_layers
+    if not 0 <= freeze_layers <= n_layers:  # before any text is read
+        raise ConfigError(f"--freeze-layers must be in [0, {n_layers}] (the number of layers of the model in "
+                          f"{init_from}), got {freeze_layers}")
+    if parent.vocab.token != cfg.token:
+        raise ConfigError(f"token must match the parent checkpoint's ({parent.vocab.token!r}) when fine-tuning; "
+                          f"pass --token {parent.vocab.token}, or train a new model without --init-from")
+    fresh = build_corpus(cfg.corpus, vocab=None, **build)
+    new_tokens = missing_tokens(parent.vocab, fresh.vocab)
+    vocab = parent.vocab
+    if extend_vocab and new_tokens:
+        vocab = extended_vocab(parent.vocab, new_tokens, fresh.vocab)
+        parent.model = grow_model(parent.model, len(vocab))
+        log(f"fine-tuning from {parent.path}: vocabulary extended by {len(new_tokens)} tokens "
+            f"({len(parent.vocab)} -> {len(vocab)})")
+    corpus = build_corpus(cfg.corpus, vocab=vocab, **build)
+    n_unk = count_unknown(corpus.tokens, vocab)
+    if not extend_vocab:
+        log(f"fine-tuning from {parent.path}: {n_unk:,} tokens of the new corpus are not in the parent's "
+            f"vocabulary and map to <unk> ({len(new_tokens)} distinct; --extend-vocab adds them)")
+    for name, value in dataclasses.asdict(parent.model.config).items():
+        if hasattr(cfg, name) and name != "vocab_size":
+            setattr(cfg, name, value)
+    return corpus, parent
+
+
+def _training_loader(cfg: TrainConfig, corpus, splits, dist, resume_ckpt):
+    """``(loader, train_tokens)``: this rank's batches of the training split (cut to ``max_tokens``); a resumed
+    run's epoch budget is checked against the loader's epochs."""
+    from deeprnn.batching import BatchLoader
+    from deeprnn.regularize import VariableLengthLoader
+
     train_tokens = splits.train
     if cfg.max_tokens is not None:
         train_tokens = train_tokens[: cfg.max_tokens]
-    corpus_label = ", ".join(cfg.corpus)
-    if resume_ckpt is None:
-        # The run's config names files by absolute path, so that it can be resumed and evaluated from anywhere.
-        cfg.corpus = [absolute_spec(s) for s in cfg.corpus]
-        if cfg.heldout_from is not None:
-            cfg.heldout_from = [absolute_spec(s) for s in cfg.heldout_from]
-
-    from deeprnn.regularize import VariableLengthLoader
-
     loader_cls = VariableLengthLoader if cfg.variable_bptt else BatchLoader
     cut = f"--max-tokens {cfg.max_tokens}; " if train_tokens.numel() < splits.train.numel() else ""
     loader = loader_cls(train_tokens, cfg.batch_size, cfg.num_steps, mode=cfg.sampling, seed=cfg.seed,
@@ -821,9 +894,14 @@ def _train(
                         sizes=f" ({cut}the corpus has {corpus.tokens.numel()})")
     if resume_ckpt is not None:  # a last/ saved after an epoch's last batch has trained that epoch too
         at = resume_ckpt.meta["loader"]
-        check_budget_left(cfg, run_dir, step=resume_ckpt.meta["position"]["step"],
+        check_budget_left(cfg, Path(cfg.run_dir), step=resume_ckpt.meta["position"]["step"],
                           epochs=at["epoch"] + (at["batch"] >= _batches_in_epoch(loader, at["epoch"])))
-    if cfg.min_freq > 0 and len(vocab) == 1:
+    return loader, train_tokens
+
+
+def _check_splits(cfg: TrainConfig, corpus, splits, *, resuming: bool) -> None:
+    """Refuse, before anything is written, a vocabulary of ``<unk>`` alone and held-out splits too short to score."""
+    if cfg.min_freq > 0 and len(corpus.vocab) == 1:
         raise ConfigError(f"vocabulary has only <unk> after --min-freq {cfg.min_freq} (no token occurs that "
                           "often); lower --min-freq")
     # Validation picks best/, drives early stopping and the plateau schedule: a run without it would report
@@ -836,251 +914,254 @@ def _train(
             f"it needs at least {MIN_HELDOUT_TOKENS}: raise --val-fraction or use more text")
     # A test split asked for but too short to score would fail only after the whole run has trained.
     # (Runs that started before this check resume as they trained: without a test score.)
-    if resume_ckpt is None and cfg.test_fraction > 0 and heldout_streams(splits.test, cfg.eval_batch_size) is None:
+    if not resuming and cfg.test_fraction > 0 and heldout_streams(splits.test, cfg.eval_batch_size) is None:
         raise ConfigError(
             f"the test split has {splits.test.numel()} tokens (--test-fraction {cfg.test_fraction:g}); it needs at "
             f"least {MIN_HELDOUT_TOKENS} to be scored: raise --test-fraction, use more text, or --test-fraction 0 "
             "for none")
 
+
+def _run_model(cfg: TrainConfig, vocab, resume_ckpt, parent, freeze_layers: int, extend_vocab: bool,
+               log: Callable[[str], None]) -> torch.nn.Module:
+    """The model to train: a resumed run's (its frozen layers frozen again), the parent's to fine-tune
+    (``freeze_layers`` frozen), or a new one as ``cfg`` says."""
+    from deeprnn.finetune import freeze_layers as freeze
+    from deeprnn.models import ModelConfig, build_model
+
     if resume_ckpt is not None:
-        model = resume_ckpt.model
         ft = resume_ckpt.meta.get("finetune") or {}
         if ft.get("freeze_layers"):
-            from deeprnn.finetune import freeze_layers as freeze
-
-            freeze(model, ft["freeze_layers"], include_embedding=not ft.get("extend_vocab", False))
-    elif parent is not None:
-        from deeprnn.finetune import freeze_layers as freeze
-
-        model = parent.model
+            freeze(resume_ckpt.model, ft["freeze_layers"], include_embedding=not ft.get("extend_vocab", False))
+        return resume_ckpt.model
+    if parent is not None:
         if freeze_layers:
-            frozen = freeze(model, freeze_layers, include_embedding=not extend_vocab)
+            frozen = freeze(parent.model, freeze_layers, include_embedding=not extend_vocab)
             log(f"froze the {freeze_layers} lowest layers ({len(frozen)} parameter tensors)")
-    else:
-        mcfg = ModelConfig(vocab_size=len(vocab), **cfg.model_fields())
-        mcfg.validate()
-        model = build_model(mcfg)
-    resuming = {} if resume_ckpt is None else {
-        "fix": f"the run in {run_dir} trained in bf16: resume it on a machine with AVX-512 or a GPU"}
-    check_precision(cfg.precision, device, model.config.cell, model.config.impl, **resuming)  # before the run dir
-    model.to(device)
-    model.train()
-    if model.config.impl == "scratch" and device.type == "cpu":
-        from deeprnn.models import native
+        return parent.model
+    mcfg = ModelConfig(vocab_size=len(vocab), **cfg.model_fields())
+    mcfg.validate()
+    return build_model(mcfg)
 
-        native.load()  # a first build (~15 s) happens here, not inside the timed steps or the time budget
-    net = dist.wrap(model)
-    if dist.rank > 0 and resume_ckpt is None:
-        # Weights are equal on every rank (same seed); dropout masks must not be.
-        torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * dist.rank)
-    optimizer = build_optimizer(cfg, model)
-    averager = None  # averaged weights for evaluation and best/ (ema_decay > 0)
-    if cfg.ema_decay > 0:
-        from deeprnn.averaging import WeightAverage
 
-        averager = WeightAverage(model, cfg.ema_decay, cfg.ema_start)
+class _Training:
+    """One run's training loop and what it carries from window to window: the position (step, epoch, batch,
+    tokens, time), the evaluation counters (best validation loss, evaluations without improvement, the
+    plateau schedule's state), the rollback counters and the carried hidden state. :meth:`save` writes all of
+    them into a checkpoint and :meth:`restore` reads them back, for a resume and for a rollback alike.
 
-    step, epoch, batch_in_epoch, tokens_seen, train_time = 0, 0, 0, 0, 0.0
-    best_val, bad_evals, evals_done = math.inf, 0, 0
-    plateau = {"best": math.inf, "bad": 0, "scale": 1.0}
-    lr_scale, nan_rollbacks = 1.0, 0  # on_nan="rollback" halves lr_scale; both saved, so they survive resume
-    state = None
-    carry_shape = (model.config.num_layers, cfg.batch_size, model.config.num_hiddens)  # (L, B, H), all ranks'
-    if resume_ckpt is not None:
-        meta = resume_ckpt.meta
-        optimizer_from_flat(optimizer, resume_ckpt.train_tensors, meta["optimizer"])
-        pos = meta["position"]
-        step, epoch, tokens_seen, train_time = pos["step"], pos["epoch"], pos["tokens"], pos["train_time"]
-        best_val, bad_evals, evals_done, plateau = _eval_counters(meta, plateau)
-        lr_scale, nan_rollbacks = meta.get("lr_scale", 1.0), meta.get("nan_rollbacks", 0)
-        epoch, batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
-        state = dist.shard_batch(_state_from_tensors(resume_ckpt.train_tensors, device, carry_shape,
-                                                     resume_ckpt.path))  # saved global
-        if averager is not None:
-            averager.load_tensors(resume_ckpt.train_tensors)
-        _restore_rng(resume_ckpt.train_tensors, dist.rank, device,
-                     cfg.seed + RANK_SEED_STRIDE * dist.rank + step)
-        if is_main:
-            trim_metrics(run_dir / "metrics.csv", step)
-        log(f"resuming {run_dir} at step {step} (epoch {epoch})")
-    else:
-        run_dir = prepare_run_dir(cfg, overwrite=overwrite, held=held) if is_main else Path(cfg.run_dir or "runs/_")
-        cfg.run_dir = str(run_dir)
-        if is_main:
-            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    # Every rank names rank 0's run directory (the default name has a time stamp) once it exists.
-    run_dir = Path(dist.broadcast_object(str(run_dir)))
+    ``run_dir`` is set once the run directory exists; :meth:`run` trains, :meth:`finish` scores the test split
+    with the best checkpoint and writes ``summary.json``."""
 
-    steps_per_epoch = len(loader)
-    # Schedules need a length; epochs may differ by a batch (random offsets), so it is an estimate.
-    sched_steps = cfg.num_epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        sched_steps = min(sched_steps, cfg.max_steps)
-    stop_steps = cfg.max_steps if cfg.max_steps is not None else math.inf
-    budget_s = cfg.time_budget * 60 if cfg.time_budget else None
-    metrics_csv = run_dir / "metrics.csv"
-    n_params = model.num_params()  # trainable: --freeze-layers leaves some out
-    n_total = sum(p.numel() for p in model.parameters())  # a tied weight once, as parameters() yields it
+    def __init__(self, cfg: TrainConfig, *, dist, device: torch.device, model: torch.nn.Module,
+                 net: torch.nn.Module, vocab, splits, loader, records: dict[str, Any],
+                 log: Callable[[str], None], stop_after_steps: int | None) -> None:
+        self.cfg, self.dist, self.device, self.model, self.net = cfg, dist, device, model, net
+        self.vocab, self.splits, self.loader, self.records, self.log = vocab, splits, loader, records, log
+        from deeprnn.models import detach_state
 
-    if is_main and step == 0:
-        log(f"corpus: {corpus_label} — {corpus.tokens.numel():,} {cfg.token}s, vocabulary {len(vocab)}; "
-            f"train {train_tokens.numel():,} / valid {splits.valid.numel():,} / test {splits.test.numel():,}")
-        trainable = f" ({n_params:,} trainable)" if n_params != n_total else ""
-        log(f"model: {cfg.impl} {cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}, {n_total:,} parameters{trainable}; "
-            f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}x{cfg.num_steps}, {device}, {cfg.precision}"
-            f"{' (auto)' if auto_precision else ''}; "
-            f"run dir {run_dir}")
-        note = precision_note(device, cfg.precision, model.config.impl)
-        if note:
-            log(note)
+        self.detach_state = detach_state
+        self.is_main = dist.rank == 0
+        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+        self.optimizer = build_optimizer(cfg, model)
+        self.averager = None  # averaged weights for evaluation and best/ (ema_decay > 0)
+        if cfg.ema_decay > 0:
+            from deeprnn.averaging import WeightAverage
 
-    def scored(tokens: torch.Tensor) -> tuple[float, int]:
-        loss_sum, count = evaluate_tokens(model, tokens, batch_size=cfg.eval_batch_size,
-                                          num_steps=cfg.eval_num_steps, device=device,
-                                          precision=cfg.precision, rank=dist.rank,
-                                          world_size=dist.world_size)
-        return dist.all_reduce_sum(loss_sum, count)
+            self.averager = WeightAverage(model, cfg.ema_decay, cfg.ema_start)
+        self.carry_shape = (model.config.num_layers, cfg.batch_size, model.config.num_hiddens)  # (L, B, H), all ranks'
+        self.n_params = model.num_params()  # trainable: --freeze-layers leaves some out
+        self.n_total = sum(p.numel() for p in model.parameters())  # a tied weight once, as parameters() yields it
 
-    def save(name: str, metrics: dict[str, Any]) -> None:
-        carry = dist.gather_batch(state)  # every rank's streams (L, B, H): resumable under any world size
+        self.step, self.epoch, self.batch_in_epoch, self.tokens_seen, self.train_time = 0, 0, 0, 0, 0.0
+        self.best_val, self.bad_evals, self.evals_done = math.inf, 0, 0
+        self.plateau = {"best": math.inf, "bad": 0, "scale": 1.0}
+        self.lr_scale, self.nan_rollbacks = 1.0, 0  # on_nan="rollback" halves lr_scale; both saved, survive resume
+        self.state = None
+
+        self.steps_per_epoch = len(loader)
+        # Schedules need a length; epochs may differ by a batch (random offsets), so it is an estimate.
+        self.sched_steps = cfg.num_epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.sched_steps = min(self.sched_steps, cfg.max_steps)
+        self.stop_steps = cfg.max_steps if cfg.max_steps is not None else math.inf
+        self.stop_after_steps = stop_after_steps
+        self.budget_s = cfg.time_budget * 60 if cfg.time_budget else None
+
+        self.last_row: dict[str, Any] = {}
+        self._new_interval()
+        self.nan_every = nan_check_interval(device, dist.world_size)
+        self.rolled_back = False
+        self.stop_reason = "epochs"
+        self.pbar = None
+        self.last_plot = -math.inf
+        self.plot_failed = False
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.run_dir / "metrics.csv"
+
+    def _new_interval(self) -> None:
+        """Start the sums the next evaluation reports (train loss, tokens/s) and the finiteness flag: non-finite
+        loss or gradient norm, accumulated on the device and read per nan_check_interval()."""
+        self.interval_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.interval_count, self.interval_tokens, self.interval_time = 0, 0, 0.0
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
+
+    def _write(self, msg: str) -> None:
+        """A line for the user, above the progress bar when there is one."""
+        (self.pbar.write if self.pbar is not None else self.log)(msg)
+
+    def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path) -> None:
+        """Take up the training state of a checkpoint (``meta``, ``tensors``, read from ``where``): optimiser,
+        position, counters, carried state, averaged weights and this rank's generators. The weights are the
+        caller's to load; ``train_time`` is too (a resume takes the run's, a rollback keeps counting)."""
+        from deeprnn.checkpoint import optimizer_from_flat
+
+        optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
+        self.step, self.tokens_seen = meta["position"]["step"], meta["position"]["tokens"]
+        self.epoch, self.batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
+        self.best_val, self.bad_evals, self.evals_done, self.plateau = _eval_counters(meta, self.plateau)
+        saved = _state_from_tensors(tensors, self.device, self.carry_shape, where)  # all ranks' streams
+        self.state = self.dist.shard_batch(saved)
+        if self.averager is not None:
+            self.averager.load_tensors(tensors)
+        _restore_rng(tensors, self.dist.rank, self.device,
+                     self.cfg.seed + RANK_SEED_STRIDE * self.dist.rank + self.step)
+
+    def resume(self, ckpt) -> None:
+        """Continue from ``ckpt``, the run's last checkpoint, whose weights the model already holds."""
+        self.restore(ckpt.meta, ckpt.train_tensors, ckpt.path)
+        self.train_time = ckpt.meta["position"]["train_time"]
+        self.lr_scale, self.nan_rollbacks = ckpt.meta.get("lr_scale", 1.0), ckpt.meta.get("nan_rollbacks", 0)
+
+    def scored(self, tokens: torch.Tensor) -> tuple[float, int]:
+        """Summed loss and token count of ``tokens`` over every rank."""
+        cfg = self.cfg
+        loss_sum, count = evaluate_tokens(self.model, tokens, batch_size=cfg.eval_batch_size,
+                                          num_steps=cfg.eval_num_steps, device=self.device,
+                                          precision=cfg.precision, rank=self.dist.rank,
+                                          world_size=self.dist.world_size)
+        return self.dist.all_reduce_sum(loss_sum, count)
+
+    def save(self, name: str, metrics: dict[str, Any]) -> None:
+        """Checkpoint ``run_dir/name`` (rank 0 writes; every rank hands it its streams and generator)."""
+        from deeprnn.checkpoint import optimizer_to_flat, save_checkpoint
+
+        dist, averager = self.dist, self.averager
+        carry = dist.gather_batch(self.state)  # every rank's streams (L, B, H): resumable under any world size
         rngs = dist.gather_objects(torch.get_rng_state())  # each rank's dropout generator
-        if not is_main:
+        if not self.is_main:
             return
-        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+        opt_tensors, opt_meta = optimizer_to_flat(self.optimizer)
         tensors = {**opt_tensors, **_rng_tensors(), **_state_tensors(carry),
                    **{_rng_key(r): t for r, t in enumerate(rngs) if r > 0},
                    **(averager.tensors() if averager is not None else {})}
         meta = {
-            "train_config": dataclasses.asdict(cfg),
-            "position": {"step": step, "epoch": epoch, "tokens": tokens_seen, "train_time": train_time},
-            "loader": {"epoch": epoch, "batch": batch_in_epoch},
+            "train_config": dataclasses.asdict(self.cfg),
+            "position": {"step": self.step, "epoch": self.epoch, "tokens": self.tokens_seen,
+                         "train_time": self.train_time},
+            "loader": {"epoch": self.epoch, "batch": self.batch_in_epoch},
             "optimizer": opt_meta,
-            "data": data_record,  # what resume checks the text against
+            "data": self.records["data"],  # what resume checks the text against
             # no evaluation yet: best_val is inf, written as null (JSON has no Infinity); _loss_or_inf reads it
-            "best_val": json_safe(best_val), "bad_evals": bad_evals, "evals_done": evals_done,
-            "plateau": json_safe(plateau),
-            "lr_scale": lr_scale, "nan_rollbacks": nan_rollbacks,
+            "best_val": json_safe(self.best_val), "bad_evals": self.bad_evals, "evals_done": self.evals_done,
+            "plateau": json_safe(self.plateau),
+            "lr_scale": self.lr_scale, "nan_rollbacks": self.nan_rollbacks,
             "metrics": json_safe(metrics),
-            "finetune": ({"freeze_layers": freeze_layers, "extend_vocab": extend_vocab} if parent is not None
-                         else (resume_ckpt.meta.get("finetune") if resume_ckpt is not None else None)),
-            "parent": (str(parent.path) if parent is not None else
-                       (resume_ckpt.meta.get("parent") if resume_ckpt is not None else None)),
+            "finetune": self.records["finetune"],
+            "parent": self.records["parent"],
         }
         # best/ holds the averaged weights (what was evaluated); last/ the raw ones, to resume from.
-        with averager.swapped(model) if averager is not None and name == "best" else contextlib.nullcontext():
-            save_checkpoint(run_dir / name, model=model, vocab=vocab, meta=meta, train_tensors=tensors)
+        with averager.swapped(self.model) if averager is not None and name == "best" else contextlib.nullcontext():
+            save_checkpoint(self.run_dir / name, model=self.model, vocab=self.vocab, meta=meta, train_tensors=tensors)
 
-    def roll_back(what: str) -> None:
+    def roll_back(self, what: str) -> None:
         """Non-finite loss or gradients: raise NonFiniteLoss, or (on_nan="rollback") restore last/
         (weights, optimiser, RNG, position), halve the learning rate and let the loop go on."""
-        nonlocal step, epoch, batch_in_epoch, tokens_seen, best_val, bad_evals, evals_done, plateau, state
-        nonlocal lr_scale, nan_rollbacks, finite, interval_loss, interval_count, interval_tokens, interval_time
+        from deeprnn.checkpoint import load_checkpoint
+
+        cfg, dist, run_dir = self.cfg, self.dist, self.run_dir
         has_last = dist.broadcast_object(
             any((run_dir / name / "checkpoint.json").exists() for name in ("last", ".last.old")))
-        if cfg.on_nan != "rollback" or nan_rollbacks >= MAX_NAN_ROLLBACKS or not has_last:
+        if cfg.on_nan != "rollback" or self.nan_rollbacks >= MAX_NAN_ROLLBACKS or not has_last:
             if cfg.on_nan != "rollback":
                 hint = ("; lower --lr or --clip; resume from the last good checkpoint with: deeprnn train "
                         f"--resume {run_dir} --on-nan rollback") if has_last else \
                     "; lower --lr or --clip, or use --on-nan rollback"
             elif has_last:
-                hint = f" after {nan_rollbacks} rollbacks in a row; lower --lr or --clip and resume {run_dir}"
+                hint = f" after {self.nan_rollbacks} rollbacks in a row; lower --lr or --clip and resume {run_dir}"
             else:
                 hint = "; no checkpoint to roll back to; lower --lr or --clip"
-            raise NonFiniteLoss(f"{what} at step {step}{hint}")
+            raise NonFiniteLoss(f"{what} at step {self.step}{hint}")
         # Rank 0 reads last/ and hands it to every rank (a node may not share its disk).
-        ck = load_checkpoint(run_dir, prefer="last") if is_main else None
+        ck = load_checkpoint(run_dir, prefer="last") if self.is_main else None
         meta, tensors, weights = dist.broadcast_object(
-            (ck.meta, ck.train_tensors, ck.model.state_dict()) if is_main else None)
-        bad_step = step
-        model.load_state_dict(weights)
-        optimizer_from_flat(optimizer, tensors, meta["optimizer"])
-        step, tokens_seen = meta["position"]["step"], meta["position"]["tokens"]  # train_time keeps counting
-        epoch, batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
-        best_val, bad_evals, evals_done, plateau = _eval_counters(meta, plateau)
-        state = dist.shard_batch(_state_from_tensors(tensors, device, carry_shape, run_dir / "last"))
-        if averager is not None:
-            averager.load_tensors(tensors)
-        _restore_rng(tensors, dist.rank, device, cfg.seed + RANK_SEED_STRIDE * dist.rank + step)
-        nan_rollbacks += 1
-        lr_scale *= 0.5
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        interval_loss = torch.zeros((), dtype=torch.float64, device=device)
-        interval_count, interval_tokens, interval_time = 0, 0, 0.0
-        msg = (f"{what} at step {bad_step}: rolled back to step {step} ({run_dir / 'last'}), learning rate "
-               f"halved to {lr_scale:g} x schedule (rollback {nan_rollbacks} of {MAX_NAN_ROLLBACKS})")
-        (pbar.write if pbar is not None else log)(msg)
+            (ck.meta, ck.train_tensors, ck.model.state_dict()) if self.is_main else None)
+        bad_step = self.step
+        self.model.load_state_dict(weights)
+        self.restore(meta, tensors, run_dir / "last")  # train_time keeps counting
+        self.nan_rollbacks += 1
+        self.lr_scale *= 0.5
+        self._new_interval()
+        self._write(f"{what} at step {bad_step}: rolled back to step {self.step} ({run_dir / 'last'}), learning "
+                    f"rate halved to {self.lr_scale:g} x schedule (rollback {self.nan_rollbacks} of "
+                    f"{MAX_NAN_ROLLBACKS})")
 
-    def sample_text() -> str | None:
+    def sample_text(self) -> str | None:
+        cfg = self.cfg
         if not cfg.prefix or cfg.num_preds == 0:
             return None
         try:
-            return quiet_sample(model, vocab, cfg.prefix, cfg.num_preds, device)
+            return quiet_sample(self.model, self.vocab, cfg.prefix, cfg.num_preds, self.device)
         except DeepRNNError:
             return None
 
-    last_row: dict[str, Any] = {}
-    interval_loss = torch.zeros((), dtype=torch.float64, device=device)
-    interval_count = 0
-    interval_tokens, interval_time = 0, 0.0
-    # Non-finite loss or gradient norm, accumulated on the device and read per nan_check_interval().
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    nan_every = nan_check_interval(device, dist.world_size)
-    rolled_back = False
-    stop_reason = "epochs"
-    pbar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=sched_steps, initial=step, unit="step", dynamic_ncols=True, leave=False)
-
-    def do_eval() -> bool:
+    def evaluate(self) -> bool:
         """Evaluate, log, checkpoint; returns True when early stopping says stop."""
-        nonlocal best_val, bad_evals, evals_done, interval_loss, interval_count
-        nonlocal interval_tokens, interval_time, last_row, rolled_back, nan_rollbacks
-        train_loss = float(interval_loss) / max(1, interval_count)
+        cfg, dist = self.cfg, self.dist
+        train_loss = float(self.interval_loss) / max(1, self.interval_count)
         if dist.world_size > 1:
-            s, c = dist.all_reduce_sum(float(interval_loss), interval_count)
+            s, c = dist.all_reduce_sum(float(self.interval_loss), self.interval_count)
             train_loss = s / max(1, c)
-        with averager.swapped(model) if averager is not None else contextlib.nullcontext():
-            val_sum, val_n = scored(splits.valid) if splits.valid.numel() > 1 else (0.0, 0)
+        with self.averager.swapped(self.model) if self.averager is not None else contextlib.nullcontext():
+            val_sum, val_n = self.scored(self.splits.valid) if self.splits.valid.numel() > 1 else (0.0, 0)
         val_loss = val_sum / val_n if val_n else float("nan")
-        tps = interval_tokens * dist.world_size / interval_time if interval_time > 0 else float("nan")
+        tps = (self.interval_tokens * dist.world_size / self.interval_time if self.interval_time > 0
+               else float("nan"))
         row = {
-            "step": step, "epoch": round(epoch + batch_in_epoch / steps_per_epoch, 4), "tokens": tokens_seen,
-            "elapsed_s": round(train_time, 3), "lr": optimizer.param_groups[0]["lr"],
+            "step": self.step, "epoch": round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 4),
+            "tokens": self.tokens_seen, "elapsed_s": round(self.train_time, 3),
+            "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": train_loss, "train_ppl": perplexity(train_loss),
             "val_loss": val_loss, "val_ppl": perplexity(val_loss) if val_n else float("nan"),
             "val_bpc": val_loss / LN2 if val_n else float("nan"), "tokens_per_s": tps,
         }
-        if dist.any_flag(not bool(finite)) or not math.isfinite(train_loss) or (
+        if dist.any_flag(not bool(self.finite)) or not math.isfinite(train_loss) or (
                 val_n and not math.isfinite(val_loss)):
             bad = train_loss if not math.isfinite(train_loss) else val_loss
-            roll_back(f"loss became {bad}" if not math.isfinite(bad) else "gradients became non-finite")
-            rolled_back = True  # nothing logged or saved: the weights are not finite
+            self.roll_back(f"loss became {bad}" if not math.isfinite(bad) else "gradients became non-finite")
+            self.rolled_back = True  # nothing logged or saved: the weights are not finite
             return False
-        nan_rollbacks = 0  # a good evaluation: the next rollback starts a new count
-        last_row = row
-        evals_done += 1
-        improved = val_n and val_loss < best_val - 1e-6
-        if is_main:
-            new = not metrics_csv.exists()
-            with open(metrics_csv, "a", newline="") as f:
+        self.nan_rollbacks = 0  # a good evaluation: the next rollback starts a new count
+        self.last_row = row
+        self.evals_done += 1
+        improved = val_n and val_loss < self.best_val - 1e-6
+        if self.is_main:
+            new = not self.metrics_csv.exists()
+            with open(self.metrics_csv, "a", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
                 if new:
                     w.writeheader()
                 w.writerow(row)
             unit = "bpc" if cfg.token == "char" else "bits/word"
-            msg = (f"epoch {row['epoch']:.1f} step {step}: train ppl {row['train_ppl']:.3f}, "
-                   f"valid ppl {row['val_ppl']:.3f} ({row['val_bpc']:.3f} {unit}), "
-                   f"{tps:,.0f} tokens/s{' *' if improved else ''}")
-            if pbar is not None:
-                pbar.write(msg)
-            else:
-                log(msg)
-            if cfg.sample_every and evals_done % cfg.sample_every == 0:
-                text = sample_text()
+            self._write(f"epoch {row['epoch']:.1f} step {self.step}: train ppl {row['train_ppl']:.3f}, "
+                        f"valid ppl {row['val_ppl']:.3f} ({row['val_bpc']:.3f} {unit}), "
+                        f"{tps:,.0f} tokens/s{' *' if improved else ''}")
+            if cfg.sample_every and self.evals_done % cfg.sample_every == 0:
+                text = self.sample_text()
                 if text is not None:
-                    (pbar.write if pbar is not None else log)(f"  sample: {text!r}")
+                    self._write(f"  sample: {text!r}")
+        plateau = self.plateau
         if cfg.schedule == "plateau" and val_n:
             if val_loss < plateau["best"] - 1e-6:
                 plateau["best"], plateau["bad"] = val_loss, 0
@@ -1090,173 +1171,205 @@ def _train(
                     plateau["scale"] *= cfg.lr_gamma
                     plateau["bad"] = 0
         if improved:
-            best_val, bad_evals = val_loss, 0
-            save("best", row)
+            self.best_val, self.bad_evals = val_loss, 0
+            self.save("best", row)
         else:
-            bad_evals += 1
-        save("last", row)
-        if is_main and time.perf_counter() - last_plot[0] > PLOT_EVERY_S:
+            self.bad_evals += 1
+        self.save("last", row)
+        if self.is_main and time.perf_counter() - self.last_plot > PLOT_EVERY_S:
             # Drawing costs ~0.2-1 s: refreshed at most every PLOT_EVERY_S seconds, and at the end.
-            draw_curve()
-            last_plot[0] = time.perf_counter()
-        interval_loss = torch.zeros((), dtype=torch.float64, device=device)
-        interval_count, interval_tokens, interval_time = 0, 0, 0.0
-        return bool(cfg.patience and bad_evals >= cfg.patience)
+            self.draw_curve()
+            self.last_plot = time.perf_counter()
+        self._new_interval()  # (finite is true on every rank here: any_flag above said so)
+        return bool(cfg.patience and self.bad_evals >= cfg.patience)
 
-    last_plot = [-math.inf]
-    plot_failed: list[str] = []
-
-    def draw_curve() -> None:
+    def draw_curve(self) -> None:
         """curve.png from metrics.csv. It is only a picture: a failure (an edited metrics.csv, a directory in
         curve.png's place) is one warning, said once, and training goes on."""
+        cfg = self.cfg
         try:
-            write_plot(metrics_csv, run_dir / "curve.png", title=f"{cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}")
+            write_plot(self.metrics_csv, self.run_dir / "curve.png",
+                       title=f"{cfg.cell} {cfg.num_layers}x{cfg.num_hiddens}")
         except Exception as e:  # noqa: BLE001 - matplotlib and csv raise many kinds; none may stop training
-            if not plot_failed:
+            if not self.plot_failed:
+                self.plot_failed = True
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-                plot_failed.append(reason)
-                log(f"warning: cannot draw {run_dir / 'curve.png'} ({reason}); training goes on, and "
-                    f"{metrics_csv} has the numbers")
+                self.log(f"warning: cannot draw {self.run_dir / 'curve.png'} ({reason}); training goes on, and "
+                         f"{self.metrics_csv} has the numbers")
 
-    try:
-        with _SignalFlag() as flag:
-            done = epoch >= cfg.num_epochs or step >= stop_steps
-            if cfg.on_nan == "rollback" and resume_ckpt is None and step == 0:
-                save("last", {})  # something to roll back to before the first evaluation
-            while not done:
-                rolled_back = False
-                loader.load_state_dict({"epoch": epoch, "batch": batch_in_epoch})
-                in_last_epoch = _batches_in_epoch(loader, epoch) if epoch == cfg.num_epochs - 1 else None
-                for X, Y in loader:
-                    t0 = time.perf_counter()
-                    X, Y = X.to(device, non_blocking=True), Y.to(device, non_blocking=True)
-                    if cfg.sampling == "random" or state is None:
-                        state = model.begin_state(X.shape[0], device=device)
-                    else:
-                        state = detach_state(state)
-                    lr = lr_at(cfg, step, sched_steps, train_time / budget_s if budget_s else None)
-                    if cfg.schedule == "step":
-                        lr = cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_step_size)
-                    elif cfg.schedule == "plateau":
-                        lr = cfg.lr * plateau["scale"]
-                    if cfg.variable_bptt:
-                        lr *= X.shape[1] / cfg.num_steps  # AWD-LSTM: a short window takes a smaller step
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr * lr_scale
-                    with autocast_context(device, cfg.precision):
-                        if cfg.ar_alpha or cfg.tar_beta:
-                            logits, state, top = net(X, state, return_hidden=True)  # top (T, B, H)
-                        else:
-                            logits, state = net(X, state)
-                    loss = sequence_loss(logits, Y)
-                    objective = loss
-                    if cfg.ar_alpha or cfg.tar_beta:
-                        objective = loss + activation_penalty(top, cfg.ar_alpha, cfg.tar_beta)
-                    optimizer.zero_grad(set_to_none=True)
-                    objective.backward()
-                    finite &= torch.isfinite(loss.detach())
-                    if cfg.clip > 0:
-                        finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
-                    optimizer.step()
-                    interval_loss += loss.detach().double()
-                    interval_count += 1
-                    step += 1
-                    if averager is not None:
-                        averager.update(step)
-                    batch_in_epoch += 1
-                    ntok = X.numel()
-                    tokens_seen += ntok * dist.world_size
-                    if device.type == "cuda" and (step % 50 == 0 or step >= stop_steps):
-                        torch.cuda.synchronize()
-                    dt = time.perf_counter() - t0
-                    train_time += dt
-                    interval_time += dt
-                    interval_tokens += ntok
-                    if pbar is not None:
-                        pbar.update(1)
-                        # float(loss) is a host sync on an accelerator: there only with the timing sync above
-                        if step % (50 if device.type == "cuda" else 10) == 0:
-                            pbar.set_postfix(loss=f"{float(loss):.3f}",
-                                             tok_s=f"{interval_tokens / max(interval_time, 1e-9):,.0f}")
-                    if step % nan_every == 0 and dist.any_flag(not bool(finite)):
-                        roll_back("loss or gradients became non-finite")  # raises unless rolling back
-                        break  # restart the loader at the restored position
-                    at_end = step >= stop_steps
-                    paused = stop_after_steps is not None and step >= stop_after_steps
-                    over_time = budget_s is not None and dist.any_flag(train_time >= budget_s)
-                    interrupted = dist.any_flag(flag.signum is not None)
-                    if (cfg.eval_every and step % cfg.eval_every == 0) or at_end or over_time or interrupted or paused:
-                        if do_eval():
-                            stop_reason, done = "early stopping", True
-                    last_batch = in_last_epoch is not None and batch_in_epoch >= in_last_epoch
-                    # At its end a run finishes instead: a resume would have nothing left to train. Every rank
-                    # names a signal that some rank received (SIGINT sent to rank 1 alone), as rank 0 reports it.
-                    if interrupted and not (done or at_end or over_time or last_batch):
-                        raise TrainingInterrupted(min(s for s in dist.gather_objects(flag.signum) if s), run_dir)
-                    if rolled_back:
-                        break  # restart the loader at the restored position
-                    if at_end:
-                        stop_reason, done = "max_steps", True
-                    elif over_time:
-                        stop_reason, done = "time budget", True
-                    elif paused:
-                        stop_reason, done = "paused", True
-                    if done:
-                        break
-                else:
-                    # The epoch ran out: the next position is the start of the next epoch.
-                    epoch, batch_in_epoch = epoch + 1, 0
-                    if cfg.eval_every == 0 and last_row.get("step") != step:  # once per epoch
-                        if do_eval():
-                            stop_reason, done = "early stopping", True
-                    if epoch >= cfg.num_epochs:
-                        done = True
-    finally:
-        if pbar is not None:
-            pbar.close()
+    def lr(self, X: torch.Tensor) -> float:
+        """The learning rate of the step about to train on ``X``: the schedule's, times the rollbacks' scale."""
+        cfg = self.cfg
+        lr = lr_at(cfg, self.step, self.sched_steps, self.train_time / self.budget_s if self.budget_s else None)
+        if cfg.schedule == "step":
+            lr = cfg.lr * cfg.lr_gamma ** (self.epoch // cfg.lr_step_size)
+        elif cfg.schedule == "plateau":
+            lr = cfg.lr * self.plateau["scale"]
+        if cfg.variable_bptt:
+            lr *= X.shape[1] / cfg.num_steps  # AWD-LSTM: a short window takes a smaller step
+        return lr * self.lr_scale
 
-    if is_main and metrics_csv.exists():
-        draw_curve()
-    # Final: score the test split once, with the best checkpoint.
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "stop_reason": stop_reason, "steps": step,
-                               "epochs": round(epoch + batch_in_epoch / steps_per_epoch, 3), "train_time_s": round(train_time, 3),
-                               "parameters": n_total, "trainable_parameters": n_params, "vocab_size": len(vocab),
-                               "device": str(device),
-                               "last": last_row}
-    best_dir = run_dir / "best"
-    # Rank 0 wrote the checkpoints: the other ranks take its word and its weights, so the sharded test
-    # score is one model's even where a node does not share rank 0's disk.
-    if dist.broadcast_object((best_dir / "checkpoint.json").exists()):
-        if is_main:
-            best = load_checkpoint(best_dir, map_location=device)
-            eval_model = best.model
-            summary["best"] = best.meta.get("metrics", {})
+    def train_step(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """One window: forward, loss (plus AR/TAR), backward, clipping, the optimiser's step; returns the loss.
+        The carried state goes on to the next window, detached (sequential), or starts again (random)."""
+        cfg, model = self.cfg, self.model
+        X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)
+        if cfg.sampling == "random" or self.state is None:
+            self.state = model.begin_state(X.shape[0], device=self.device)
         else:
-            eval_model = copy.deepcopy(model)
-        dist.broadcast_module(eval_model)
-    else:
-        eval_model = model
-    if heldout_streams(splits.test, cfg.eval_batch_size) is not None:
-        s, c = evaluate_tokens(eval_model, splits.test, batch_size=cfg.eval_batch_size,
-                               num_steps=cfg.eval_num_steps, device=device, precision=cfg.precision,
-                               rank=dist.rank, world_size=dist.world_size)
-        s, c = dist.all_reduce_sum(s, c)
-        test_loss = s / c
-        summary.update(test_loss=test_loss, test_ppl=perplexity(test_loss), test_bpc=test_loss / LN2,
-                       test_tokens=c)
-    summary["best_val_ppl"] = perplexity(best_val) if math.isfinite(best_val) else None
-    summary["best_val_bpc"] = best_val / LN2 if math.isfinite(best_val) else None
-    summary["tokens_per_s"] = tokens_seen / train_time if train_time > 0 else None
-    if is_main:
-        if cfg.prefix and cfg.num_preds:
-            summary["sample"] = None
-            note = prefix_note(vocab, cfg.prefix)  # skipped, as deeprnn generate refuses such a prefix
-            if note is not None:
-                log(note)
+            self.state = self.detach_state(self.state)
+        lr = self.lr(X)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        with autocast_context(self.device, cfg.precision):
+            if cfg.ar_alpha or cfg.tar_beta:
+                logits, self.state, top = self.net(X, self.state, return_hidden=True)  # top (T, B, H)
             else:
-                try:
-                    summary["sample"] = quiet_sample(eval_model, vocab, cfg.prefix, cfg.num_preds, device)
-                except DeepRNNError as e:
-                    log(f"no sample: {e}")
-        write_text_atomic(run_dir / "summary.json", json.dumps(json_safe(summary), indent=1, default=str) + "\n")
-    return summary
+                logits, self.state = self.net(X, self.state)
+        loss = sequence_loss(logits, Y)
+        objective = loss
+        if cfg.ar_alpha or cfg.tar_beta:
+            objective = loss + activation_penalty(top, cfg.ar_alpha, cfg.tar_beta)
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        self.finite &= torch.isfinite(loss.detach())
+        if cfg.clip > 0:
+            self.finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
+        self.optimizer.step()
+        self.interval_loss += loss.detach().double()
+        self.interval_count += 1
+        self.step += 1
+        if self.averager is not None:
+            self.averager.update(self.step)
+        self.batch_in_epoch += 1
+        self.tokens_seen += X.numel() * self.dist.world_size
+        return loss
+
+    def run(self, progress: bool, *, first_run: bool) -> None:
+        """Train until the epochs, ``max_steps``, the time budget, early stopping or ``stop_after_steps`` end it;
+        raises :class:`TrainingInterrupted` after SIGINT/SIGTERM (checkpoint written) and :class:`NonFiniteLoss`
+        unless rolling back. ``first_run``: the run starts here (not a resume)."""
+        cfg, dist, device = self.cfg, self.dist, self.device
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.pbar = tqdm(total=self.sched_steps, initial=self.step, unit="step", dynamic_ncols=True, leave=False)
+        done = False
+        try:
+            with _SignalFlag() as flag:
+                done = self.epoch >= cfg.num_epochs or self.step >= self.stop_steps
+                if cfg.on_nan == "rollback" and first_run and self.step == 0:
+                    self.save("last", {})  # something to roll back to before the first evaluation
+                while not done:
+                    self.rolled_back = False
+                    self.loader.load_state_dict({"epoch": self.epoch, "batch": self.batch_in_epoch})
+                    in_last_epoch = (_batches_in_epoch(self.loader, self.epoch) if self.epoch == cfg.num_epochs - 1
+                                     else None)
+                    for X, Y in self.loader:
+                        t0 = time.perf_counter()
+                        loss = self.train_step(X, Y)
+                        if device.type == "cuda" and (self.step % 50 == 0 or self.step >= self.stop_steps):
+                            torch.cuda.synchronize()
+                        dt = time.perf_counter() - t0
+                        self.train_time += dt
+                        self.interval_time += dt
+                        self.interval_tokens += X.numel()
+                        if self.pbar is not None:
+                            self.pbar.update(1)
+                            # float(loss) is a host sync on an accelerator: there only with the timing sync above
+                            if self.step % (50 if device.type == "cuda" else 10) == 0:
+                                self.pbar.set_postfix(
+                                    loss=f"{float(loss):.3f}",
+                                    tok_s=f"{self.interval_tokens / max(self.interval_time, 1e-9):,.0f}")
+                        if self.step % self.nan_every == 0 and dist.any_flag(not bool(self.finite)):
+                            self.roll_back("loss or gradients became non-finite")  # raises unless rolling back
+                            break  # restart the loader at the restored position
+                        at_end = self.step >= self.stop_steps
+                        paused = self.stop_after_steps is not None and self.step >= self.stop_after_steps
+                        over_time = self.budget_s is not None and dist.any_flag(self.train_time >= self.budget_s)
+                        interrupted = dist.any_flag(flag.signum is not None)
+                        if ((cfg.eval_every and self.step % cfg.eval_every == 0) or at_end or over_time
+                                or interrupted or paused):
+                            if self.evaluate():
+                                self.stop_reason, done = "early stopping", True
+                        last_batch = in_last_epoch is not None and self.batch_in_epoch >= in_last_epoch
+                        # At its end a run finishes instead: a resume would have nothing left to train. Every
+                        # rank names a signal that some rank received (SIGINT sent to rank 1 alone), as rank 0
+                        # reports it.
+                        if interrupted and not (done or at_end or over_time or last_batch):
+                            raise TrainingInterrupted(min(s for s in dist.gather_objects(flag.signum) if s),
+                                                      self.run_dir)
+                        if self.rolled_back:
+                            break  # restart the loader at the restored position
+                        if at_end:
+                            self.stop_reason, done = "max_steps", True
+                        elif over_time:
+                            self.stop_reason, done = "time budget", True
+                        elif paused:
+                            self.stop_reason, done = "paused", True
+                        if done:
+                            break
+                    else:
+                        # The epoch ran out: the next position is the start of the next epoch.
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                        if cfg.eval_every == 0 and self.last_row.get("step") != self.step:  # once per epoch
+                            if self.evaluate():
+                                self.stop_reason, done = "early stopping", True
+                        if self.epoch >= cfg.num_epochs:
+                            done = True
+        finally:
+            if self.pbar is not None:
+                self.pbar.close()
+        if self.is_main and self.metrics_csv.exists():
+            self.draw_curve()
+
+    def finish(self) -> dict[str, Any]:
+        """Score the test split once, with the best checkpoint; write and return the run's summary."""
+        from deeprnn.checkpoint import load_checkpoint
+
+        cfg, dist, device, run_dir = self.cfg, self.dist, self.device, self.run_dir
+        summary: dict[str, Any] = {
+            "run_dir": str(run_dir), "stop_reason": self.stop_reason, "steps": self.step,
+            "epochs": round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 3),
+            "train_time_s": round(self.train_time, 3),
+            "parameters": self.n_total, "trainable_parameters": self.n_params, "vocab_size": len(self.vocab),
+            "device": str(device),
+            "last": self.last_row}
+        best_dir = run_dir / "best"
+        # Rank 0 wrote the checkpoints: the other ranks take its word and its weights, so the sharded test
+        # score is one model's even where a node does not share rank 0's disk.
+        if dist.broadcast_object((best_dir / "checkpoint.json").exists()):
+            if self.is_main:
+                best = load_checkpoint(best_dir, map_location=device)
+                eval_model = best.model
+                summary["best"] = best.meta.get("metrics", {})
+            else:
+                eval_model = copy.deepcopy(self.model)
+            dist.broadcast_module(eval_model)
+        else:
+            eval_model = self.model
+        if heldout_streams(self.splits.test, cfg.eval_batch_size) is not None:
+            s, c = evaluate_tokens(eval_model, self.splits.test, batch_size=cfg.eval_batch_size,
+                                   num_steps=cfg.eval_num_steps, device=device, precision=cfg.precision,
+                                   rank=dist.rank, world_size=dist.world_size)
+            s, c = dist.all_reduce_sum(s, c)
+            test_loss = s / c
+            summary.update(test_loss=test_loss, test_ppl=perplexity(test_loss), test_bpc=test_loss / LN2,
+                           test_tokens=c)
+        best_val = self.best_val
+        summary["best_val_ppl"] = perplexity(best_val) if math.isfinite(best_val) else None
+        summary["best_val_bpc"] = best_val / LN2 if math.isfinite(best_val) else None
+        summary["tokens_per_s"] = self.tokens_seen / self.train_time if self.train_time > 0 else None
+        if self.is_main:
+            if cfg.prefix and cfg.num_preds:
+                summary["sample"] = None
+                note = prefix_note(self.vocab, cfg.prefix)  # skipped, as deeprnn generate refuses such a prefix
+                if note is not None:
+                    self.log(note)
+                else:
+                    try:
+                        summary["sample"] = quiet_sample(eval_model, self.vocab, cfg.prefix, cfg.num_preds, device)
+                    except DeepRNNError as e:
+                        self.log(f"no sample: {e}")
+            write_text_atomic(run_dir / "summary.json", json.dumps(json_safe(summary), indent=1, default=str) + "\n")
+        return summary
