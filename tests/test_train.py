@@ -176,6 +176,43 @@ def test_resume_of_a_checkpoint_folder_is_refused(tmp_path):
     assert _tree(run) == before
 
 
+def test_resume_without_last_is_refused_not_taken_from_best(tmp_path):
+    """A run without last/ (removed, or killed between the first evaluation's best/ and last/) resumed from best/
+    without a word: an earlier step, with metrics.csv's later rows dropped, and with --ema-decay the averaged
+    weights under the raw weights' optimiser state."""
+    import shutil
+
+    cfg = tiny(tmp_path, max_steps=4, eval_every=2, lr=1e-9)  # never improves after step 2: best/ is at step 2
+    train(cfg, progress=False, log=lambda *_: None)
+    run = tmp_path / "run"
+    shutil.rmtree(run / "last")
+    before = _tree(run)
+    with pytest.raises(CheckpointError) as e:
+        train(dataclasses.replace(cfg, max_steps=8), resume=True, progress=False, log=lambda *_: None)
+    assert str(e.value) == (
+        f"cannot resume {run}: it has no last/ checkpoint (where training stopped); its best/ holds the best "
+        f"weights, not the training state to go on from: fine-tune from them with --init-from {run / 'best'}, "
+        "or start the run again with --overwrite")
+    assert _tree(run) == before
+
+
+def test_every_ranks_generators_are_checkpointed_under_their_own_names():
+    """Each rank's CPU and CUDA generators: the CUDA ones of ranks above 0 were not saved, so their dropout
+    masks after a multi-GPU resume came from rank 0's seed. The names rank 0 used before stay."""
+    from deeprnn.train import _restore_rng, _rng_tensors
+
+    cpu0, cpu1 = torch.get_rng_state(), torch.Generator().manual_seed(1).get_state()
+    cuda0, cuda1 = torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)
+    saved = _rng_tensors([(cpu0, cuda0), (cpu1, cuda1)])
+    assert list(saved) == ["rng.torch", "rng.cuda", "rng.torch.rank1", "rng.cuda.rank1"]
+    assert saved["rng.cuda.rank1"] is cuda1 and saved["rng.torch.rank1"] is cpu1
+    assert list(_rng_tensors([(cpu0, None), (cpu1, None)])) == ["rng.torch", "rng.torch.rank1"]
+    _restore_rng(saved, 1, torch.device("cpu"), fallback_seed=5)  # rank 1 takes its own generator
+    assert torch.equal(torch.get_rng_state(), cpu1)
+    _restore_rng(saved, 2, torch.device("cpu"), fallback_seed=5)  # a rank the checkpoint did not have
+    assert torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(5).get_state())
+
+
 def test_no_validation_text_is_refused_before_anything_is_written(tmp_path):
     """With no validation text there is no best checkpoint to report on: refused, nothing written."""
     with pytest.raises(ConfigError) as e:

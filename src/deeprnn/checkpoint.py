@@ -267,6 +267,11 @@ def resolve_checkpoint(run_or_ckpt: str | os.PathLike, prefer: str = "best") -> 
     raise CheckpointError(f"{p} holds no deeprnn checkpoint (no {META_FILE} in it, nor in best/ or last/)")
 
 
+def holds_checkpoint(ckpt_dir: Path) -> bool:
+    """Whether ``ckpt_dir`` holds a checkpoint (its ``checkpoint.json``, even a damaged one)."""
+    return _present(ckpt_dir / META_FILE)
+
+
 def _present(path: Path) -> bool:
     """Whether ``path`` is there, counting a link that leads nowhere, so that reading it names the fault."""
     return path.exists() or path.is_symlink()
@@ -375,6 +380,7 @@ _META_FIELDS: dict[str, Callable[[object], bool]] = {
     "parent": _or_none(_is(str)), "deeprnn_version": _or_none(_is(str)),
     **{name: _record(**fields) for name, fields in RESUME_RECORDS.items()},
     "data": _record(whole=True, tokens=_count, sha256=_is(str)),  # compared whole on resume
+    "interval": _record(whole=True, loss_sum=is_number, count=_count, tokens=_count, time=is_number),
     "best_val": _or_none(is_number), "lr_scale": is_number,
     "bad_evals": _count, "evals_done": _count, "nan_rollbacks": _count,
 }

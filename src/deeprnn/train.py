@@ -304,20 +304,24 @@ def _first_few(tokens: list[str], n: int = 3) -> str:
     return ", ".join(map(repr, tokens[:n])) + (", …" if len(tokens) > n else "")
 
 
-def corpus_changed(run_dir: Path, how: str) -> str:
-    """The message for a resume on text other than the run's own; ``how`` says what changed."""
-    return (f"the corpus has changed since the run in {run_dir} started ({how}); resume with the text the run was "
-            "trained on, or start a new run")
+RESUME_ON_ITS_TEXT = "resume with the text the run was trained on, or start a new run"
 
 
-def check_same_corpus(saved: dict[str, Any] | None, now: dict[str, Any], run_dir: Path) -> None:
-    """Refuse to resume on text other than the run's own: the splits, best/ and the "exact resume" would all
-    silently change. Checkpoints written before the record existed (``saved`` None) are not checked."""
+def corpus_changed(run_dir: Path, how: str, fix: str = RESUME_ON_ITS_TEXT) -> str:
+    """The message for a resume (or an evaluation) on text other than the run's own; ``how`` says what changed."""
+    return f"the corpus has changed since the run in {run_dir} started ({how}); {fix}"
+
+
+def check_same_corpus(saved: dict[str, Any] | None, now: dict[str, Any], run_dir: Path,
+                      fix: str = RESUME_ON_ITS_TEXT) -> None:
+    """Refuse to resume (or score a run's splits) on text other than the run's own: the splits, best/ and the
+    "exact resume" would all silently change. Checkpoints written before the record existed (``saved`` None) are
+    not checked."""
     if saved is None or saved == now:
         return
     how = (f"{saved['tokens']:,} tokens then, {now['tokens']:,} now" if saved["tokens"] != now["tokens"] else
            f"the same {now['tokens']:,} tokens, but not the same text")
-    raise CorpusError(corpus_changed(run_dir, how))
+    raise CorpusError(corpus_changed(run_dir, how, fix))
 
 
 def check_budget_left(cfg: TrainConfig, run_dir: Path, *, step: int, train_time: float = 0.0,
@@ -614,15 +618,27 @@ def _restore_rng(tensors: dict[str, torch.Tensor], rank: int, device: torch.devi
     if key in tensors:
         torch.set_rng_state(tensors[key])
     else:
-        torch.manual_seed(fallback_seed)
-    if rank == 0 and "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+        torch.manual_seed(fallback_seed)  # seeds the CUDA generators too
+    cuda_key = key.replace("rng.torch", "rng.cuda")
+    if device.type == "cuda" and cuda_key in tensors:
+        torch.cuda.set_rng_state(tensors[cuda_key])
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["rng.cuda"] = torch.cuda.get_rng_state()
+def _rng_states() -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This process's CPU generator and, where CUDA is in use, its current device's."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
+
+
+def _rng_tensors(states: list[tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+    """Each rank's generators (``states`` in rank order) as checkpoint tensors: ``rng.torch``/``rng.cuda`` for
+    rank 0, ``rng.torch.rankR``/``rng.cuda.rankR`` for the others (dropout masks differ by rank)."""
+    out = {}
+    for rank, (cpu, cuda) in enumerate(states):
+        key = _rng_key(rank)
+        out[key] = cpu
+        if cuda is not None:
+            out[key.replace("rng.torch", "rng.cuda")] = cuda
     return out
 
 
@@ -669,8 +685,8 @@ def train(
     ``resume=True`` continues the run in ``cfg.run_dir`` exactly where its last checkpoint left
     off (same losses as an uninterrupted run); ``cfg`` must equal the run's own config except for
     budget and reporting fields (:data:`RESUME_MAY_CHANGE`). ``stop_after_steps`` pauses the run
-    after that many steps in total (an evaluation and ``last/`` checkpoint are written), as an
-    interruption would, without changing the schedule. One process trains a run at a time: the run
+    after that many steps in total (a ``last/`` checkpoint is written; nothing is evaluated unless the
+    step is an evaluation's), as an interruption would, without changing the schedule. One process trains a run at a time: the run
     directory is locked (:func:`run_lock`) while it trains. Raises :class:`DeepRNNError` subclasses on bad
     input, :class:`TrainingInterrupted` after SIGINT/SIGTERM (checkpoint written).
     """
@@ -761,7 +777,7 @@ def _train(
         run.resume(resume_ckpt)
         if is_main:
             trim_metrics(Path(cfg.run_dir) / "metrics.csv", run.step)
-        log(f"resuming {cfg.run_dir} at step {run.step} (epoch {run.epoch})")
+        log(f"resuming {cfg.run_dir} at step {run.step} (epoch {run.epoch_done:g})")
         run_dir = Path(cfg.run_dir)
     else:
         run_dir = prepare_run_dir(cfg, overwrite=overwrite, held=held) if is_main else Path(cfg.run_dir or "runs/_")
@@ -789,7 +805,7 @@ def _resume_checkpoint(cfg: TrainConfig, held: contextlib.ExitStack, is_main: bo
     """The last checkpoint of the run in ``cfg.run_dir``, locked (rank 0) and checked before any text is read:
     it holds a training state, ``cfg`` may resume it (taking the run's own sources and what its ``auto``
     precision became), and its budget is not spent."""
-    from deeprnn.checkpoint import RESUME_RECORDS, load_checkpoint
+    from deeprnn.checkpoint import RESUME_RECORDS, holds_checkpoint, load_checkpoint
 
     if not cfg.run_dir:
         raise ConfigError("resume needs a run directory (--resume RUN_DIR)")
@@ -800,6 +816,15 @@ def _resume_checkpoint(cfg: TrainConfig, held: contextlib.ExitStack, is_main: bo
     check_resume_target(run_dir)
     if is_main:  # locked before reading a checkpoint that another process may be writing
         held.enter_context(run_lock(run_dir, resume=True))
+    if not any(holds_checkpoint(run_dir / name) for name in ("last", ".last.old")):
+        best = holds_checkpoint(run_dir / "best")
+        # best/ is where validation was lowest, not where training stopped (with --ema-decay, not even the
+        # weights that trained): resuming from it silently went back in time, and dropped metrics.csv's later rows.
+        raise CheckpointError(
+            f"cannot resume {run_dir}: it has no last/ checkpoint (where training stopped)"
+            + ("; its best/ holds the best weights, not the training state to go on from: fine-tune from them with "
+               f"--init-from {run_dir / 'best'}, or start the run again with --overwrite" if best else
+               "; start the run again with --overwrite"))
     ckpt = load_checkpoint(run_dir, prefer="last")
     if not {"position", "loader", "optimizer"} <= ckpt.meta.keys() or "rng.torch" not in ckpt.train_tensors:
         raise CheckpointError(f"{ckpt.path} holds weights but no training state to resume; "
@@ -997,6 +1022,11 @@ class _Training:
         self.plot_failed = False
 
     @property
+    def epoch_done(self) -> float:
+        """Epochs trained, the batches of the current one as a fraction (as metrics.csv shows them)."""
+        return round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 4)
+
+    @property
     def metrics_csv(self) -> Path:
         return self.run_dir / "metrics.csv"
 
@@ -1013,7 +1043,8 @@ class _Training:
 
     def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path) -> None:
         """Take up the training state of a checkpoint (``meta``, ``tensors``, read from ``where``): optimiser,
-        position, counters, carried state, averaged weights and this rank's generators. The weights are the
+        position, counters, the sums since the last evaluation, carried state, averaged weights and this rank's
+        generators. The weights are the
         caller's to load; ``train_time`` is too (a resume takes the run's, a rollback keeps counting)."""
         from deeprnn.checkpoint import optimizer_from_flat
 
@@ -1021,6 +1052,13 @@ class _Training:
         self.step, self.tokens_seen = meta["position"]["step"], meta["position"]["tokens"]
         self.epoch, self.batch_in_epoch = meta["loader"]["epoch"], meta["loader"]["batch"]
         self.best_val, self.bad_evals, self.evals_done, self.plateau = _eval_counters(meta, self.plateau)
+        self.last_row = dict(meta.get("metrics") or {})  # the last evaluation's: an epoch's end is not scored twice
+        self._new_interval()
+        interval = meta.get("interval")
+        if interval and self.is_main:  # rank 0 holds every rank's sums: evaluate() adds them over the ranks
+            self.interval_loss += interval["loss_sum"]
+            self.interval_count, self.interval_tokens = interval["count"], interval["tokens"]
+            self.interval_time = interval["time"]
         saved = _state_from_tensors(tensors, self.device, self.carry_shape, where)  # all ranks' streams
         self.state = self.dist.shard_batch(saved)
         if self.averager is not None:
@@ -1049,12 +1087,12 @@ class _Training:
 
         dist, averager = self.dist, self.averager
         carry = dist.gather_batch(self.state)  # every rank's streams (L, B, H): resumable under any world size
-        rngs = dist.gather_objects(torch.get_rng_state())  # each rank's dropout generator
+        # each rank's dropout generators, and its share of the training loss since the last evaluation
+        ranks = dist.gather_objects((_rng_states(), float(self.interval_loss), self.interval_count))
         if not self.is_main:
             return
         opt_tensors, opt_meta = optimizer_to_flat(self.optimizer)
-        tensors = {**opt_tensors, **_rng_tensors(), **_state_tensors(carry),
-                   **{_rng_key(r): t for r, t in enumerate(rngs) if r > 0},
+        tensors = {**opt_tensors, **_rng_tensors([rngs for rngs, _, _ in ranks]), **_state_tensors(carry),
                    **(averager.tensors() if averager is not None else {})}
         meta = {
             "train_config": dataclasses.asdict(self.cfg),
@@ -1067,6 +1105,10 @@ class _Training:
             "best_val": json_safe(self.best_val), "bad_evals": self.bad_evals, "evals_done": self.evals_done,
             "plateau": json_safe(self.plateau),
             "lr_scale": self.lr_scale, "nan_rollbacks": self.nan_rollbacks,
+            # the training loss, tokens and time since the last evaluation (none when saved by one): the next
+            # evaluation after a resume reports them as the uninterrupted run would
+            "interval": {"loss_sum": sum(loss for _, loss, _ in ranks), "count": sum(n for _, _, n in ranks),
+                         "tokens": self.interval_tokens, "time": self.interval_time},
             "metrics": json_safe(metrics),
             "finetune": self.records["finetune"],
             "parent": self.records["parent"],
@@ -1102,7 +1144,6 @@ class _Training:
         self.restore(meta, tensors, run_dir / "last")  # train_time keeps counting
         self.nan_rollbacks += 1
         self.lr_scale *= 0.5
-        self._new_interval()
         self._write(f"{what} at step {bad_step}: rolled back to step {self.step} ({run_dir / 'last'}), learning "
                     f"rate halved to {self.lr_scale:g} x schedule (rollback {self.nan_rollbacks} of "
                     f"{MAX_NAN_ROLLBACKS})")
@@ -1129,7 +1170,7 @@ class _Training:
         tps = (self.interval_tokens * dist.world_size / self.interval_time if self.interval_time > 0
                else float("nan"))
         row = {
-            "step": self.step, "epoch": round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 4),
+            "step": self.step, "epoch": self.epoch_done,
             "tokens": self.tokens_seen, "elapsed_s": round(self.train_time, 3),
             "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": train_loss, "train_ppl": perplexity(train_loss),
@@ -1170,6 +1211,7 @@ class _Training:
                 if plateau["bad"] >= (cfg.patience // 2 if cfg.patience >= 2 else 2):
                     plateau["scale"] *= cfg.lr_gamma
                     plateau["bad"] = 0
+        self._new_interval()  # (finite is true on every rank here: any_flag above said so)
         if improved:
             self.best_val, self.bad_evals = val_loss, 0
             self.save("best", row)
@@ -1180,8 +1222,18 @@ class _Training:
             # Drawing costs ~0.2-1 s: refreshed at most every PLOT_EVERY_S seconds, and at the end.
             self.draw_curve()
             self.last_plot = time.perf_counter()
-        self._new_interval()  # (finite is true on every rank here: any_flag above said so)
         return bool(cfg.patience and self.bad_evals >= cfg.patience)
+
+    def save_position(self) -> None:
+        """A stop between evaluations (a signal, ``stop_after_steps``): ``last/`` records where the run is, with
+        the training loss since the last evaluation, and nothing is evaluated. An evaluation here would add a row
+        to metrics.csv, and a count towards the plateau schedule, early stopping and ``best/``, that the
+        uninterrupted run never has. Non-finite weights are never saved: they roll back (or raise) instead."""
+        if self.dist.any_flag(not bool(self.finite)):
+            self.roll_back("loss or gradients became non-finite")  # raises unless rolling back
+            self.rolled_back = True
+            return
+        self.save("last", self.last_row)
 
     def draw_curve(self) -> None:
         """curve.png from metrics.csv. It is only a picture: a failure (an edited metrics.csv, a directory in
@@ -1288,10 +1340,11 @@ class _Training:
                         paused = self.stop_after_steps is not None and self.step >= self.stop_after_steps
                         over_time = self.budget_s is not None and dist.any_flag(self.train_time >= self.budget_s)
                         interrupted = dist.any_flag(flag.signum is not None)
-                        if ((cfg.eval_every and self.step % cfg.eval_every == 0) or at_end or over_time
-                                or interrupted or paused):
+                        if (cfg.eval_every and self.step % cfg.eval_every == 0) or at_end or over_time:
                             if self.evaluate():
                                 self.stop_reason, done = "early stopping", True
+                        elif interrupted or paused:
+                            self.save_position()
                         last_batch = in_last_epoch is not None and self.batch_in_epoch >= in_last_epoch
                         # At its end a run finishes instead: a resume would have nothing left to train. Every
                         # rank names a signal that some rank received (SIGINT sent to rank 1 alone), as rank 0

@@ -56,7 +56,10 @@ def test_sigint_and_sigterm_checkpoint_and_resume(tmp_path, small_corpus, flags,
                          f"deeprnn train --resume {run}"], err
         ck = load_checkpoint(run, prefer="last")
         step = ck.meta["position"]["step"]
-        assert step >= 5 and ck.meta["metrics"]["step"] == step  # evaluated at the step it stopped on
+        # Not evaluated where it stopped (unless that was an evaluation's step, every 5th): last/ keeps the last
+        # evaluation's row and the training loss of the steps since, for the next evaluation after a resume.
+        assert step >= 5 and ck.meta["metrics"]["step"] == step - step % 5
+        assert ck.meta["interval"]["count"] == step % 5
         # --resume continues from exactly there.
         capsys.readouterr()
         assert main(["train", "--resume", str(run), "--max-steps", str(step + 3), "--quiet"]) == 0
@@ -83,4 +86,5 @@ def test_closed_output_pipe_stops_training_with_a_checkpoint(tmp_path, small_cor
         f"deeprnn: standard output was closed: checkpoint saved; resume with: deeprnn train --resume {run}"], err
     ck = load_checkpoint(run, prefer="last")
     step = ck.meta["position"]["step"]
-    assert step > 10 and ck.meta["metrics"]["step"] == step  # past the line that failed, evaluated and saved
+    # past the line that failed (step 10's evaluation), saved where it stopped, not evaluated there
+    assert step > 10 and ck.meta["metrics"]["step"] == step - step % 5 and ck.meta["interval"]["count"] == step % 5
