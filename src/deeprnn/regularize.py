@@ -7,7 +7,8 @@ evaluation stays deterministic. Shapes are time-major like the models: ``(T, B, 
 - :func:`token_keep_scale`: embedding dropout, whole tokens dropped (AWD's ``embedded_dropout``): one
   keep/drop draw per vocabulary entry and window, so a dropped token is zero wherever it occurs.
 - :func:`drop_connect`: weight-drop, element-wise dropout on a recurrent matrix, one mask per window.
-- :func:`activation_penalty`: AR ``α·mean(h²)`` + TAR ``β·mean((h_t − h_{t−1})²)`` on the top layer.
+- :func:`activation_penalty`: AR ``α·mean(h²)`` + TAR ``β·mean((h_t − h_{t−1})²)`` on the top layer
+  (both before output dropout; AWD-LSTM takes AR after it).
 - :class:`VariableLengthLoader`: BPTT windows of random length (``N(T, 5)`` with probability 0.95,
   else ``N(T/2, 5)``), drawn from a generator seeded by ``(seed, epoch)`` like :class:`BatchLoader`,
   so a resumed run cuts the same windows; the caller scales the learning rate by ``len / T``.
@@ -91,7 +92,11 @@ def activation_penalty(h: torch.Tensor, alpha: float, beta: float) -> torch.Tens
     """AR + TAR of the top layer's outputs ``h`` (T, B, H), taken in float32 or wider.
 
     ``alpha * mean(h²) + beta * mean((h[1:] - h[:-1])²)``: the means run over every element; TAR
-    compares steps inside the window (a window of one step has no TAR term).
+    compares steps inside the window (a window of one step has no TAR term). Training passes the outputs
+    *before* output dropout to both terms. AWD-LSTM (Merity et al. 2018) takes AR on the dropped outputs,
+    ``mean((m ⊙ h)²)`` with the mask ``m`` scaled by ``1 / (1 - p)`` (``p`` the output dropout), which in
+    expectation is this one's divided by ``1 - p``: ``alpha`` here is AWD's ``alpha / (1 - p)``. TAR is the
+    same in both.
     """
     h = h.float() if h.dtype in (torch.bfloat16, torch.float16) else h
     out = h.new_zeros(())

@@ -293,3 +293,28 @@ def test_conversion_of_a_model_that_is_already_converted_is_one_line():
     with pytest.raises(ConfigError) as err:
         concise_to_scratch(torch.nn.Linear(2, 2))
     assert str(err.value) == "concise_to_scratch takes a ConciseModel, got Linear"
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(cell="lstm", layer_norm=True),
+     "layer_norm has no torch.nn form, so it cannot be converted; keep the model impl='scratch'"),
+    (dict(cell="lstm", zoneout_cell=0.5, zoneout_hidden=0.3),
+     "zoneout_cell and zoneout_hidden have no torch.nn form, so the model cannot be converted; keep it "
+     "impl='scratch'"),
+    (dict(cell="gru", gru_variant="d2l"),
+     "gru_variant='d2l' has no torch.nn form, so it cannot be converted; use gru_variant='torch'"),
+])
+def test_a_model_without_a_torch_nn_form_is_not_converted(options, message):
+    """state_dict_to_concise dropped a layer-norm model's gains and biases, and a zoneout model's expected
+    update, without a word: the weights it returned loaded into a plain nn.LSTM that computed another function
+    (logits 0.64 apart). Both directions, and the model-level converter, refuse them."""
+    from deeprnn.models import scratch_to_concise, state_dict_to_concise, state_dict_to_scratch
+
+    scratch = build_model(ModelConfig(**{**BASE, **options}, impl="scratch"))
+    for convert in (state_dict_to_concise, state_dict_to_scratch):
+        with pytest.raises(ConfigError) as err:
+            convert(scratch.state_dict(), scratch.config)
+        assert str(err.value) == message
+    with pytest.raises(ConfigError) as err:
+        scratch_to_concise(scratch)
+    assert str(err.value) == message

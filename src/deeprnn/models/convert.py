@@ -10,7 +10,8 @@ Per layer l (G gate blocks of H rows/columns, same gate order on both sides):
 
 torch keeps two biases where the book keeps one; going to concise the sum goes into ``bias_ih`` and
 ``bias_hh`` is zero (GRU: ``bias_hh`` keeps only ``b_hn``). Both directions preserve the function
-exactly; the book-variant GRU (``gru_variant='d2l'``) has no torch.nn form.
+exactly; the book-variant GRU (``gru_variant='d2l'``), layer-normalised cells and zoneout have no torch.nn
+form, and are refused.
 """
 
 from __future__ import annotations
@@ -28,16 +29,24 @@ from deeprnn.models.scratch import ScratchModel
 StateDict = dict[str, torch.Tensor]
 
 
-def _check_gru_variant(config: ModelConfig) -> None:
+def _check_convertible(config: ModelConfig) -> None:
+    """Only a model with a torch.nn form converts: the state-dict functions would otherwise drop a layer-norm
+    model's gains and biases, or a zoneout model's expected update, and return another function's weights."""
     if config.cell == "gru" and config.gru_variant != "torch":
         raise ConfigError(
             "gru_variant='d2l' has no torch.nn form, so it cannot be converted; use gru_variant='torch'"
         )
+    if config.layer_norm:
+        raise ConfigError("layer_norm has no torch.nn form, so it cannot be converted; keep the model "
+                          "impl='scratch'")
+    if config.zoneout:
+        raise ConfigError("zoneout_cell and zoneout_hidden have no torch.nn form, so the model cannot be "
+                          "converted; keep it impl='scratch'")
 
 
 def state_dict_to_concise(sd: StateDict, config: ModelConfig) -> StateDict:
     """Scratch state dict -> concise state dict (new tensors; non-RNN entries copied as is)."""
-    _check_gru_variant(config)
+    _check_convertible(config)
     H = config.num_hiddens
     out = {k: v for k, v in sd.items() if not k.startswith("layers.")}
     for l in range(config.num_layers):
@@ -55,7 +64,7 @@ def state_dict_to_concise(sd: StateDict, config: ModelConfig) -> StateDict:
 
 def state_dict_to_scratch(sd: StateDict, config: ModelConfig) -> StateDict:
     """Concise state dict -> scratch state dict (new tensors; non-RNN entries copied as is)."""
-    _check_gru_variant(config)
+    _check_convertible(config)
     H = config.num_hiddens
     out = {k: v for k, v in sd.items() if not k.startswith("rnn.")}
     for l in range(config.num_layers):

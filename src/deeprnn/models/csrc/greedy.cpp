@@ -36,7 +36,7 @@ namespace {
 
 using at::Tensor;
 using deeprnn::sigmoid;
-using deeprnn::tanh_via_sigmoid;
+using deeprnn::tanh_vec;
 using deeprnn::Cell;
 using deeprnn::gates_of;
 

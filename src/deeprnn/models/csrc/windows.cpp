@@ -43,7 +43,7 @@ using at::Tensor;
 using deeprnn::bits_as;
 using deeprnn::exp_vec;
 using deeprnn::sigmoid;
-using deeprnn::tanh_via_sigmoid;
+using deeprnn::tanh_vec;
 
 template <typename scalar_t, typename lp_t>
 constexpr bool has_lp = !std::is_same_v<scalar_t, lp_t>;
@@ -117,10 +117,10 @@ void lstm_forward_step(int64_t B, int64_t H, const x_t* __restrict x, const lp_t
       const scalar_t pi = add_product<scalar_t>(xb[j], pb[j]), pf = add_product<scalar_t>(xb[H + j], pb[H + j]);
       const scalar_t pg = add_product<scalar_t>(xb[2 * H + j], pb[2 * H + j]);
       const scalar_t po = add_product<scalar_t>(xb[3 * H + j], pb[3 * H + j]);
-      const scalar_t i = sigmoid(pi), f = sigmoid(pf), g = tanh_via_sigmoid(pg), o = sigmoid(po);
+      const scalar_t i = sigmoid(pi), f = sigmoid(pf), g = tanh_vec(pg), o = sigmoid(po);
       ab[j] = i, ab[H + j] = f, ab[2 * H + j] = g, ab[3 * H + j] = o;
       scalar_t cn = f * c_prev[s + j] + i * g;
-      const scalar_t t = tanh_via_sigmoid(cn);
+      const scalar_t t = tanh_vec(cn);
       scalar_t hn = o * t;
       if constexpr (Z) {  // written so that a mask of 1 keeps the previous value exactly
         cn = mc[s + j] * c_prev[s + j] + (1 - mc[s + j]) * cn;
@@ -191,7 +191,7 @@ void gru_forward_step(int64_t B, int64_t H, const x_t* __restrict x, const lp_t*
       const scalar_t r = sigmoid(add_product<scalar_t>(xb[j], pb[j]));
       const scalar_t z = sigmoid(add_product<scalar_t>(xb[H + j], pb[H + j]));
       const scalar_t gn = b_hn[j] + static_cast<scalar_t>(pb[2 * H + j]);
-      const scalar_t n = tanh_via_sigmoid(static_cast<scalar_t>(xb[2 * H + j]) + r * gn);
+      const scalar_t n = tanh_vec(static_cast<scalar_t>(xb[2 * H + j]) + r * gn);
       const scalar_t hn = n + z * (h_prev[s + j] - n);  // (1 - z) n + z h
       ab[j] = r, ab[H + j] = z, ab[2 * H + j] = n;
       ghn[s + j] = gn;
@@ -249,7 +249,7 @@ void rnn_forward_step(int64_t B, int64_t H, bool relu, const x_t* __restrict x, 
   if (relu) {
     each([](scalar_t p) { return p < 0 ? scalar_t(0) : p; });  // NaN stays NaN, as relu_ keeps it
   } else {
-    each([](scalar_t p) { return tanh_via_sigmoid(p); });
+    each([](scalar_t p) { return tanh_vec(p); });
   }
 }
 
