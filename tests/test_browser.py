@@ -161,6 +161,22 @@ def test_page_streams_generated_text(server, runs):
             assert shown == want
             assert page.is_hidden("#error")
             assert "done in" in page.inner_text("#status")
+            assert f"seed {seed}" in page.inner_text("#status")
+
+            # Beam search with its width box emptied: the server's default width (the page sent null, refused
+            # as "beam_width: Input should be a valid integer"), and no seed in the status line (the sample's
+            # stayed there).
+            page.select_option("#strategy", "beam")
+            page.fill("#beam_width", "")
+            page.fill("#num_samples", "1")
+            with page.expect_response(lambda r: r.url.endswith("/api/generate")) as resp_info:
+                page.click("#generate")
+            assert resp_info.value.status == 200
+            page.wait_for_selector("#output[data-state=done]", timeout=30_000)
+            assert page.locator("#output .sample").all_inner_texts() == generate(
+                ckpt.model, ckpt.vocab, prefix, num_preds, strategy="beam", beam_width=4)
+            assert page.is_hidden("#error")
+            assert "done in" in page.inner_text("#status") and "seed" not in page.inner_text("#status")
             assert errors == []
         finally:
             page.screenshot(path=str(shot), full_page=True)

@@ -216,6 +216,17 @@ def test_python_dash_m_entry_point(tmp_path):
     assert r.stdout.startswith("deeprnn ")
 
 
+def test_dry_run_shrinks_the_job_but_keeps_the_flags_typed(tmp_path):
+    """--dry-run put the tiny preset over the flags given with it: --num-hiddens 24 trained 16 units, and
+    --precision bf16 (refused on a CPU without AVX-512) trained in fp32, so it checked another setup."""
+    from deeprnn.cli import build_parser, build_train_config
+
+    cfg = build_train_config(build_parser().parse_args(
+        ["train", "--dry-run", "--preset", "d2l-9.3", "--num-hiddens", "24", "--precision", "bf16"]))
+    assert (cfg.num_hiddens, cfg.precision) == (24, "bf16")  # typed
+    assert (cfg.num_layers, cfg.batch_size, cfg.max_steps) == (1, 4, 5)  # the tiny preset over d2l-9.3's sizes
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_is_a_valid_configuration(name):
     """A preset is a TrainConfig that passes validation (model fields included) before any text is read."""
@@ -366,6 +377,19 @@ def test_write_error_on_stdout_is_one_line(trained, command):
     assert err == "deeprnn: error: cannot write the output: No space left on device\n"
 
 
+def test_text_the_outputs_encoding_cannot_write_is_one_line(trained, monkeypatch):
+    """A prefix (or a raw model's text) with characters standard output's encoding lacks: one line and status
+    1; the UnicodeEncodeError (a ValueError, not an OSError) escaped as a traceback."""
+    monkeypatch.setenv("PYTHONIOENCODING", "ascii")
+    child = _child(["generate", str(trained), "--prefix", "t\u00efme", "--unk", "replace", "--num-preds", "5",
+                    "--strategy", "greedy"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 1 and out == b""
+    assert err.decode("ascii").splitlines()[-1] == (
+        "deeprnn: error: cannot write the output: standard output's encoding (ascii) cannot write '\\xef'; set "
+        "PYTHONIOENCODING=utf-8")
+
+
 def _files(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -460,7 +484,7 @@ def test_out_of_memory_in_generate_names_generates_flags(trained, capsys, monkey
     monkeypatch.setattr(deeprnn.generate, "generate", no_memory)
     line = one_error_line(capsys, 1, ["generate", str(trained), "--num-samples", "100000000"])
     assert line == ("deeprnn: error: out of memory: the batch of samples does not fit on this device; ask for fewer "
-                    "--num-samples, or a smaller --beam-width")
+                    "--num-samples or --num-preds, or a smaller --beam-width")  # the samples' tokens are held whole
 
 
 def test_an_empty_run_dir_is_refused(tmp_path, capsys, monkeypatch):
@@ -781,3 +805,52 @@ def test_an_empty_path_flag_is_refused(tmp_path, capsys, monkeypatch, flag, what
     line = one_error_line(capsys, 2, ["train", *TINY, flag, ""])
     assert line == f"deeprnn: error: {flag} is empty; name {what}, or drop {flag}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_refuses_a_run_whose_text_has_changed(tmp_path, capsys, shared_data):
+    """evaluate scored an edited corpus file as if its splits were the run's own (test perplexity over 1,472
+    tokens where the run had 640), while --resume refused the same text. Other text is scored when named."""
+    from deeprnn.corpus import build_corpus
+
+    book = (shared_data / "timemachine.txt").read_text()
+    text = tmp_path / "t.txt"
+    text.write_text(book[:6000])
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--corpus", str(text), "--run-dir", str(run)]) == 0
+    assert main(["evaluate", str(run), "--split", "test", "--json"]) == 0
+    before = build_corpus([str(text)]).tokens.numel()
+    text.write_text(book[:9000])
+    after = build_corpus([str(text)]).tokens.numel()
+    capsys.readouterr()
+    line = one_error_line(capsys, 2, ["evaluate", str(run), "--split", "test"])
+    assert line == (f"deeprnn: error: the corpus has changed since the run in {run} started ({before:,} tokens "
+                    f"then, {after:,} now); restore the text it was trained on to score its splits, or pass "
+                    "--corpus FILE --split all to score that text")
+    assert main(["evaluate", str(run), "--corpus", str(text), "--split", "all", "--json"]) == 0
+
+
+def test_evaluate_on_other_text_cuts_it_whole(tmp_path, capsys, shared_data):
+    """A run trained with --heldout-from A, evaluated on --corpus other.txt --split test: the run's heldout_from
+    was applied to the new text, an error naming a source it lacks and a flag evaluate does not have."""
+    import json as json_
+
+    import torch
+
+    from deeprnn.corpus import build_corpus
+
+    book = (shared_data / "timemachine.txt").read_text()
+    a, b, other = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "other.txt"
+    a.write_text(book[:5000])
+    b.write_text(book[5000:10000])
+    other.write_text(book[10000:16000])
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--corpus", str(a), str(b), "--heldout-from", str(a), "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--corpus", str(other), "--split", "test", "--json"]) == 0
+    assert json_.loads(capsys.readouterr().out)["split"] == "test"
+    from deeprnn.checkpoint import load_checkpoint
+    from deeprnn.cli import checkpoint_split_tokens
+
+    ck = load_checkpoint(run)
+    whole = build_corpus([str(other)], vocab=ck.vocab).split((0.9, 0.05, 0.05)).test  # the last 5% of the text
+    assert torch.equal(checkpoint_split_tokens(ck, "test", corpus=[str(other)]), whole)

@@ -320,3 +320,20 @@ def test_error_on_rank_0_only_stops_rank_1(tmp_path):
     (line,) = deeprnn_lines(err1)
     assert line.startswith("deeprnn: error: rank 1 lost contact with another rank (")
     assert files_under(tmp_path) == {"run/metrics.csv"} and (run / "metrics.csv").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("value", ["2m", "0", "-5", ""])
+def test_a_dist_timeout_that_is_not_whole_seconds_is_one_line(monkeypatch, value):
+    """DEEPRNN_DIST_TIMEOUT=2m was a ValueError traceback on every rank, then 'rank 1 was killed by SIGTERM'."""
+    from deeprnn.distributed import dist_timeout
+    from deeprnn.errors import ConfigError
+
+    monkeypatch.setenv("DEEPRNN_DIST_TIMEOUT", value)
+    with pytest.raises(ConfigError) as e:
+        dist_timeout()
+    assert str(e.value) == (f"DEEPRNN_DIST_TIMEOUT must be a whole number of seconds >= 1, got {value!r}; e.g. "
+                            "DEEPRNN_DIST_TIMEOUT=300, or unset it for 120")
+    monkeypatch.setenv("DEEPRNN_DIST_TIMEOUT", "300")
+    assert dist_timeout() == 300
+    monkeypatch.delenv("DEEPRNN_DIST_TIMEOUT")
+    assert dist_timeout() == 120

@@ -97,6 +97,10 @@ def test_sample_without_seed_returns_the_seed_it_used(app, ckpt):
     assert first["samples"] == expected(ckpt, num_preds=40, strategy="sample", seed=first["seed"])
     again = post(app, {"prefix": PREFIX, "num_preds": 40, "strategy": "sample", "seed": first["seed"]}).json()
     assert again["samples"] == first["samples"]
+    # Below 2**53, so that the page's JSON.parse (a double) shows the seed exactly: a 63-bit seed came back
+    # rounded, and typed in again drew other text. (Eight 63-bit draws all fit with probability 2**-80.)
+    seeds = [post(app, {"prefix": PREFIX, "num_preds": 1, "strategy": "sample"}).json()["seed"] for _ in range(8)]
+    assert all(0 <= s < 2**53 for s in seeds) and len(set(seeds)) == 8
 
 
 def test_zero_length_returns_the_prefix(app):

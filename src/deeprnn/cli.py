@@ -339,10 +339,11 @@ def build_train_config(args: argparse.Namespace):
     preset = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
     from_file = config_from_mapping(load_toml(args.config), args.config) if getattr(args, "config", None) else {}
     flags = {k: v for k, v in vars(args).items() if k in fields}
-    if getattr(args, "dry_run", False):
-        flags.update(PRESETS["tiny"])
-    cfg = TrainConfig(**{**preset, **from_file, **flags})
-    args.chosen = {**preset, **from_file, **flags}.keys()  # what the command set, not the defaults
+    # --dry-run shrinks the job (the tiny preset over the preset's and the file's sizes) but not what was typed:
+    # it overrode the flags, so it checked another setup than the one asked for (--precision bf16 went fp32)
+    dry = dict(PRESETS["tiny"]) if getattr(args, "dry_run", False) else {}
+    cfg = TrainConfig(**{**preset, **from_file, **dry, **flags})
+    args.chosen = {**preset, **from_file, **dry, **flags}.keys()  # what the command set, not the defaults
     try:
         cfg.validate()
     except ConfigError as e:
@@ -681,10 +682,19 @@ def checkpoint_split_tokens(ck, split: str, *, corpus=None, data_dir=None, encod
         data_dir = data_dir or (saved_dir if saved_dir and Path(saved_dir).is_dir() else None)
     built = build_corpus(sources, token=tcfg.get("token", ck.vocab.token), normalization=tcfg.get("normalization", "d2l"),
                          vocab=ck.vocab, data_dir=data_dir, encoding=encoding)
+    if corpus is None:  # its splits of other text would be scored as its own: an edited file, a new edition
+        from deeprnn.train import check_same_corpus, corpus_record
+
+        run = ck.path.parent if ck.path.name in ("best", "last") else ck.path
+        check_same_corpus(ck.meta.get("data"), corpus_record(built.tokens), run,
+                          fix="restore the text it was trained on to score its splits, or pass --corpus FILE "
+                              "--split all to score that text")
     if split == "all":
         return built.tokens
     vf, tf = tcfg.get("val_fraction", 0.05), tcfg.get("test_fraction", 0.05)
-    splits = built.split((1 - vf - tf, vf, tf), heldout_from=tcfg.get("heldout_from"),
+    # Another corpus is cut whole: the run's --heldout-from names its own sources (a source the new text lacks
+    # was an error naming a flag evaluate does not have).
+    splits = built.split((1 - vf - tf, vf, tf), heldout_from=tcfg.get("heldout_from") if corpus is None else None,
                          train_weights=tcfg.get("source_weights") if corpus is None else None)
     if split == "train":
         return splits.train[: tcfg.get("max_tokens")] if corpus is None else splits.train
@@ -844,7 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    t.add_argument("--dry-run", action="store_true", help="a few steps of a tiny model, to check the setup")
+    t.add_argument("--dry-run", action="store_true",
+                   help="a few steps of a tiny model (the tiny preset under the flags you give), to check the setup")
     t.add_argument("--nproc", type=int, default=1,
                    help="launch torchrun with this many processes (DDP) when more than 1 (default: 1)")
     t.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="fine-tune: start from these weights")
@@ -930,6 +941,11 @@ class _Stdout:
             return len(text)
         try:
             return self._stream.write(text)
+        except UnicodeEncodeError as e:  # a ValueError: it escaped as a traceback
+            encoding = getattr(self._stream, "encoding", None) or e.encoding
+            raise _OutputError(OSError(
+                f"standard output's encoding ({encoding}) cannot write {e.object[e.start:e.end]!r}; set "
+                "PYTHONIOENCODING=utf-8")) from e
         except OSError as e:
             from deeprnn.train import request_stop
 
@@ -976,7 +992,7 @@ OUT_OF_MEMORY = {
     "train": ("the model or batch", "use a smaller --num-hiddens, --num-layers or --batch-size"),
     "compare": ("the model or batch", "use smaller --hiddens or --layers, or --set batch_size=N with a smaller N"),
     "evaluate": ("the model or batch", "use a smaller --batch-size or --num-steps"),
-    "generate": ("the batch of samples", "ask for fewer --num-samples, or a smaller --beam-width"),
+    "generate": ("the batch of samples", "ask for fewer --num-samples or --num-preds, or a smaller --beam-width"),
     "serve": ("a model", "serve fewer or smaller models"),
 }
 

@@ -141,10 +141,25 @@ def current() -> DistContext:
         device = torch.device("cpu")
         backend = "gloo"
     if not tdist.is_initialized():
-        tdist.init_process_group(backend=backend, timeout=timedelta(seconds=int(os.environ.get(
-            "DEEPRNN_DIST_TIMEOUT", "120"))))
+        tdist.init_process_group(backend=backend, timeout=timedelta(seconds=dist_timeout()))
     _CONTEXT = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
     return _CONTEXT
+
+
+def dist_timeout() -> int:
+    """``$DEEPRNN_DIST_TIMEOUT``: seconds a rank waits for the others (default 120). A value that is not a whole
+    number of seconds was a ValueError traceback on every rank."""
+    raw = os.environ.get("DEEPRNN_DIST_TIMEOUT", "120")
+    try:
+        seconds = int(raw)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        from deeprnn.errors import ConfigError
+
+        raise ConfigError(f"DEEPRNN_DIST_TIMEOUT must be a whole number of seconds >= 1, got {raw!r}; e.g. "
+                          "DEEPRNN_DIST_TIMEOUT=300, or unset it for 120")
+    return seconds
 
 
 def shutdown(*, wait: bool = True) -> None:

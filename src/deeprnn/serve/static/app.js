@@ -111,7 +111,8 @@ function request() {
     if (p !== null) body.top_p = p;
   }
   if (body.strategy === "beam") body.beam_width = num("beam_width", (v) => parseInt(v, 10));
-  for (const key of ["num_preds", "num_samples"]) if (body[key] === null) delete body[key];
+  // an empty box means the server's default (null was refused as "beam_width: Input should be a valid integer")
+  for (const key of ["num_preds", "num_samples", "beam_width"]) if (body[key] === null) delete body[key];
   return body;
 }
 
@@ -190,7 +191,9 @@ async function generate(ev) {
         buf = buf.slice(cut + 2);
         if (event === "start") {
           gens = makeSamples(data.num_samples, data.prefix);
+          // greedy and beam have no seed: an earlier sample's must not be shown as theirs
           if (data.seed !== null && data.seed !== undefined) output.dataset.seed = String(data.seed);
+          else delete output.dataset.seed;
         } else if (event === "token") {
           gens[data.i].textContent += data.text;
           chars += data.text.length;
