@@ -204,6 +204,13 @@ def test_corpora_says_cached_only_for_a_file(tmp_path, capsys):
     status = {ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines()[1:]}
     assert (status["tinyshakespeare"], status["war-of-the-worlds"], status["timemachine"]) == (
         "not", "cached", "bundled")
+    # A damaged copy (its checksum fails, as training then says) was listed as cached too. The War of the
+    # Worlds has no checksum: Gutenberg re-encodes it.
+    (tmp_path / NAMED_CORPORA["tinyshakespeare"].filename).rmdir()
+    (tmp_path / NAMED_CORPORA["tinyshakespeare"].filename).write_text("First Citizen:\n")
+    assert main(["corpora", "--data-dir", str(tmp_path)]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert "corrupt (delete it)" in lines["tinyshakespeare"] and " cached " in lines["war-of-the-worlds"]
 
 
 def test_python_dash_m_entry_point(tmp_path):
@@ -770,6 +777,16 @@ def test_evaluating_a_split_too_short_to_score_is_one_line(trained, tmp_path, ca
     line = one_error_line(capsys, 2, ["evaluate", str(trained), "--corpus", str(short), "--split", split])
     assert line == (f"deeprnn: error: split {split!r} has {n} tokens; need at least 3 to score: use another --split "
                     f"({others}) or more text")
+
+
+def test_evaluating_a_split_the_run_never_held_out_says_so(tmp_path, capsys):
+    """The quality presets train with --test-fraction 0, so evaluate's default --split test had 0 tokens and was
+    told to use "more text"."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--test-fraction", "0", "--run-dir", str(run)]) == 0
+    line = one_error_line(capsys, 2, ["evaluate", str(run)])
+    assert line == ("deeprnn: error: the run holds out no test text (--test-fraction 0 when it trained); use another "
+                    "--split (valid, all)")
 
 
 @pytest.mark.parametrize("name", sorted(CHOICES))

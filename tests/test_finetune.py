@@ -144,6 +144,20 @@ def test_model_flags_that_differ_from_the_parent_are_refused(parent, tmp_path, c
     assert line == (f"deeprnn: error: --num-hiddens 512 differs from the model in {run} (24 there); fine-tuning "
                     "keeps the parent's model: drop --num-hiddens, or train a new model without --init-from")
     assert not child.exists()
+    # ... and so is one from a config file or a preset (they were ignored without a word)
+    config = tmp_path / "ft.toml"
+    config.write_text('[train]\nnum_hiddens = 512\n')
+    assert main([*argv, "--config", str(config)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"deeprnn: error: num_hiddens = 512 in {config} differs from the model in {run} (24 there); "
+                    f"fine-tuning keeps the parent's model: remove it from {config}, or train a new model without "
+                    "--init-from")
+    assert main([*argv, "--preset", "d2l-9.3"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"deeprnn: error: --preset d2l-9.3 sets num_hiddens 256, which differs from the model in {run} "
+                    "(24 there); fine-tuning keeps the parent's model: drop --preset, or train a new model without "
+                    "--init-from")
+    assert not child.exists()
     assert main([*argv, "--num-hiddens", "24", "--max-steps", "1", "--max-tokens", "4000", "--batch-size", "8",
                  "--num-steps", "10", "--val-fraction", "0.02", "--test-fraction", "0.02", "--eval-batch-size", "8",
                  "--quiet"]) == 0
@@ -155,6 +169,25 @@ def test_info_shows_lineage(parent, tmp_path, capsys):
     assert main(["info", str(tmp_path / "child")]) == 0
     out = capsys.readouterr().out
     assert f"lineage     {run / 'best'}" in out
+
+
+def test_lineage_is_recorded_by_absolute_path(parent, tmp_path, capsys, monkeypatch):
+    """A run fine-tuned with a relative --init-from recorded the path as typed: info from another directory lost
+    the lineage after it, without a word."""
+    import os
+
+    run, _ = parent
+    monkeypatch.chdir(tmp_path)
+    train(tiny(tmp_path / "child", max_steps=1), init_from=os.path.relpath(run), **QUIET)
+    train(tiny(tmp_path / "grandchild", max_steps=1), init_from="child", **QUIET)
+    monkeypatch.chdir(run.parent)
+    assert main(["info", str(tmp_path / "grandchild")]) == 0
+    out = capsys.readouterr().out
+    assert f"lineage     {tmp_path / 'child' / 'best'} <- {run / 'best'}\n" in out
+    (tmp_path / "child").rename(tmp_path / "moved")
+    assert main(["info", str(tmp_path / "grandchild")]) == 0
+    assert (f"lineage     {tmp_path / 'child' / 'best'} (not found from here: its own lineage is unknown)"
+            in capsys.readouterr().out)
 
 
 # --- word level ------------------------------------------------------------------------------

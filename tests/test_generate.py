@@ -366,6 +366,21 @@ def test_a_raw_word_model_writes_text_as_its_corpus_reads(strategy):
         assert "\n" in outs[0] or any(p in vocab.to_tokens(expected) for p in ",.:!()")  # the joins were exercised
 
 
+def test_a_word_prefix_ending_in_a_space_is_not_spaced_twice():
+    """'time traveller ' was followed by ' the': two spaces. The prefix's own space spaces the first word."""
+    from deeprnn.vocab import join_words, split_words
+
+    vocab = Vocab(split_words("the time traveller was here and the time was now " * 3))  # no <eol>: all words
+    model = tiny_model(vocab)
+    with torch.no_grad():
+        model.output.bias[vocab.unk] = -1e4
+    plain = generate(model, vocab, "time traveller", 6, strategy="greedy")[0]
+    spaced = generate(model, vocab, "time traveller ", 6, strategy="greedy")[0]
+    assert plain.startswith("time traveller ") and "  " not in spaced
+    assert spaced == plain  # the same words, the prefix's space standing for the one the first word brought
+    assert spaced == join_words(split_words(spaced))
+
+
 # -- prefix outside the vocabulary --------------------------------------------------------------
 
 

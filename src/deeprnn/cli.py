@@ -284,6 +284,11 @@ def load_toml(path: str) -> dict[str, Any]:
     return table
 
 
+# train's flags that are not TrainConfig fields: they say what to do with a run, not how to train it
+COMMAND_LINE_ONLY = ("preset", "config", "init_from", "extend_vocab", "freeze_layers", "resume", "overwrite",
+                     "dry_run", "nproc", "quiet")
+
+
 def config_from_mapping(values: dict[str, Any], source: str):
     """Check keys and types of a mapping (config file) against TrainConfig."""
     from deeprnn.fields import type_error
@@ -293,6 +298,11 @@ def config_from_mapping(values: dict[str, Any], source: str):
     out: dict[str, Any] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
+        if name == "epochs":  # --epochs is --num-epochs's other name on the command line
+            raise ConfigError(f"{source}: unknown key {key!r}; the key is num_epochs")
+        if name in COMMAND_LINE_ONLY:  # listed by --help, so "see --help" sent the user in a circle
+            raise ConfigError(f"{source}: {key!r} is not a config file key: pass --{name.replace('_', '-')} on the "
+                              "command line")
         if name not in fields:
             raise ConfigError(f"{source}: unknown key {key!r}; see deeprnn train --help for the options")
         t = str(fields[name].type)
@@ -343,7 +353,10 @@ def build_train_config(args: argparse.Namespace):
     # it overrode the flags, so it checked another setup than the one asked for (--precision bf16 went fp32)
     dry = dict(PRESETS["tiny"]) if getattr(args, "dry_run", False) else {}
     cfg = TrainConfig(**{**preset, **from_file, **dry, **flags})
-    args.chosen = {**preset, **from_file, **dry, **flags}.keys()  # what the command set, not the defaults
+    # what the command set, not the defaults, and where each came from
+    args.chosen_from = {**dict.fromkeys(preset, "preset"), **dict.fromkeys(from_file, "config"),
+                        **dict.fromkeys(dry, "dry-run"), **dict.fromkeys(flags, "flag")}
+    args.chosen = args.chosen_from.keys()
     try:
         cfg.validate()
     except ConfigError as e:
@@ -379,7 +392,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             from deeprnn.checkpoint import read_meta, resolve_checkpoint
 
             parent = read_meta(resolve_checkpoint(args.init_from))
-            _check_flags_against_parent(args, parent)
+            _check_flags_against_parent(args, cfg, parent)
             _inherit_text_options(args, cfg, parent)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # checked first: a bad flag is one line, not one per rank
         return _launch_torchrun(args.nproc, getattr(args, "argv", None))
@@ -445,22 +458,29 @@ def _same_dir(a: str | Path, b: str | Path) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def _check_flags_against_parent(args: argparse.Namespace, meta: dict[str, Any]) -> None:
-    """A fine-tuned model is the parent's model (``meta``: its checkpoint.json): a model flag given with
-    ``--init-from`` that differs from the parent's value would be ignored, so it is refused instead."""
+def _check_flags_against_parent(args: argparse.Namespace, cfg, meta: dict[str, Any]) -> None:
+    """A fine-tuned model is the parent's model (``meta``: its checkpoint.json): a model option given with
+    ``--init-from`` (a flag, a ``--config`` key or a ``--preset``'s) that differs from the parent's value would be
+    ignored, so it is refused instead. ``--dry-run``'s tiny sizes are not the user's: they give way."""
     from deeprnn.models.config import ModelConfig
 
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
-    given = {k: v for k, v in vars(args).items() if k in fields}
-    if not given:
-        return
     parent = meta.get("model_config", {})
-    for name, value in given.items():
-        if name in parent and parent[name] != (list(value) if isinstance(value, tuple) else value):
+    for name, source in args.chosen_from.items():
+        value = getattr(cfg, name, None)
+        if name not in fields or source == "dry-run" or name not in parent or \
+                parent[name] == (list(value) if isinstance(value, tuple) else value):
+            continue
+        there = (f"differs from the model in {args.init_from} ({parent[name]!r} there); fine-tuning keeps the "
+                 "parent's model")
+        if source == "flag":
             flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} {value} differs from the model in {args.init_from} ({parent[name]!r} there); "
-                              f"fine-tuning keeps the parent's model: drop {flag}, or train a new model without "
-                              "--init-from")
+            raise ConfigError(f"{flag} {value} {there}: drop {flag}, or train a new model without --init-from")
+        if source == "config":
+            raise ConfigError(f"{name} = {value!r} in {args.config} {there}: remove it from {args.config}, or train a "
+                              "new model without --init-from")
+        raise ConfigError(f"--preset {args.preset} sets {name} {value!r}, which {there}: drop --preset, or train a "
+                          "new model without --init-from")
 
 
 INHERITED_TEXT_OPTIONS = ("token", "normalization")  # how text becomes the parent's tokens
@@ -716,6 +736,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                      encoding=args.encoding)
     if tokens.numel() < MIN_HELDOUT_TOKENS:
         others = ", ".join(x for x in ("valid", "test", "all") if x != args.split)
+        fraction = ck.train_config.get(f"{args.split[:4]}_fraction" if args.split in ("valid", "test") else "")
+        if args.corpus is None and fraction == 0:  # the quality presets hold out no test text: "more text" misled
+            raise ConfigError(f"the run holds out no {args.split} text (--{args.split[:4]}-fraction 0 when it "
+                              f"trained); use another --split ({others})")
         raise ConfigError(f"split {args.split!r} has {tokens.numel()} tokens; need at least {MIN_HELDOUT_TOKENS} to "
                           f"score: use another --split ({others}) or more text")
     dynamic = args.dynamic_lr is not None
@@ -775,8 +799,19 @@ def cmd_corpora(args: argparse.Namespace) -> int:
     root = data_dir(args.data_dir)
     print(f"cache directory: {root} (set DEEPRNN_DATA_DIR or --data-dir to change)")
     for name, info in NAMED_CORPORA.items():
-        where = "bundled with deeprnn" if getattr(info, "bundled", False) else (
-            "cached" if (root / info.filename).is_file() else "not downloaded yet")
+        path = root / info.filename
+        if getattr(info, "bundled", False):
+            where = "bundled with deeprnn"
+        elif not path.is_file():
+            where = "not downloaded yet"
+        else:  # checked as training would read it: a damaged copy was listed as cached, then refused
+            where = "cached"
+            if info.checksum is not None:
+                import hashlib
+
+                algorithm, expected = info.checksum
+                if hashlib.new(algorithm, path.read_bytes()).hexdigest() != expected:
+                    where = "corrupt (delete it)"
         print(f"  {name:<20} {where:<22} {info.url}")
     return 0
 
@@ -829,7 +864,8 @@ def _lineage(meta: dict[str, Any]) -> list[str]:
         chain.append(parent)
         try:
             parent = read_meta(Path(parent)).get("parent")
-        except DeepRNNError:
+        except DeepRNNError:  # moved, or named relative to another directory (older runs)
+            chain[-1] += " (not found from here: its own lineage is unknown)"
             break
     return chain
 

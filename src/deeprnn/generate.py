@@ -136,7 +136,7 @@ def generate(
     ids = encode_prefix(vocab, prefix, unk=unk, warn=warn_unknown)
     dev = _resolve_device(model, device)
     _check_vocab_size(getattr(getattr(model, "config", None), "vocab_size", None), vocab)
-    pieces = _Pieces(vocab, ids[-1])
+    pieces = _Pieces(vocab, ids[-1], after_space=prefix[-1:].isspace())
 
     streams = {"greedy": 1, "sample": num_samples, "beam": beam_width}[strategy]
     threads = torch.get_num_threads()
@@ -631,12 +631,13 @@ def make_stepper(model: nn.Module, device: torch.device) -> _ModelStepper:
 class _Pieces:
     """The text each generated token adds: a character, or a word spaced as :func:`deeprnn.vocab.join_words`
     spaces it (a line break for ``<eol>``, no space before closing punctuation), which depends on the token
-    before it, the prefix's last token for the first one."""
+    before it, the prefix's last token for the first one. A prefix that ends in a space (``after_space``) has
+    spaced the first word already: it comes alone (``"time traveller "`` was followed by ``" the"``)."""
 
-    def __init__(self, vocab, last_prefix_id: int):
+    def __init__(self, vocab, last_prefix_id: int, after_space: bool = False):
         self.tokens = vocab.idx_to_token
         self.word = getattr(vocab, "token", "char") == "word"
-        self.last = self.tokens[last_prefix_id]
+        self.last = None if after_space else self.tokens[last_prefix_id]
 
     def stream(self) -> Callable[[int], str]:
         """``piece(token)`` for one stream, which remembers the stream's previous token."""

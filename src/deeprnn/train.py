@@ -151,7 +151,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations (0: once per epoch)
     eval_batch_size: int = 64  # parallel streams when scoring a split
     eval_num_steps: int = 128  # window length when scoring a split
-    sample_every: int = 10  # evaluations between printed samples (0: never)
+    sample_every: int = 10  # evaluations between samples while training (0: none; --num-preds 0: none at the end either)
     prefix: str = "time traveller"  # prefix of the printed samples
     num_preds: int = 50  # characters (tokens) per printed sample
     # execution
@@ -201,18 +201,22 @@ class TrainConfig:
         need(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.lr <= 3e38, f"lr must be <= 3e38 (what float32 weights can take), got {self.lr}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        # inf passed the ranges below, and config.json and checkpoints then held a bare Infinity, which is not JSON
+        finite = math.isfinite
+        need(finite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         need(0 <= self.beta1 < 1, f"beta1 must be in [0, 1), got {self.beta1}")
         need(0 <= self.beta2 < 1, f"beta2 must be in [0, 1), got {self.beta2}")
         need(self.clip >= 0, f"clip must be >= 0 (0 disables clipping), got {self.clip}")
+        need(finite(self.clip), f"clip must be finite (0 disables clipping), got {self.clip}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         need(self.lr_step_size >= 1, f"lr_step_size must be >= 1, got {self.lr_step_size}")
         need(0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
-        need(self.ar_alpha >= 0, f"ar_alpha must be >= 0, got {self.ar_alpha}")
-        need(self.tar_beta >= 0, f"tar_beta must be >= 0, got {self.tar_beta}")
+        need(finite(self.ar_alpha) and self.ar_alpha >= 0, f"ar_alpha must be >= 0 and finite, got {self.ar_alpha}")
+        need(finite(self.tar_beta) and self.tar_beta >= 0, f"tar_beta must be >= 0 and finite, got {self.tar_beta}")
         need(not self.variable_bptt or self.sampling == "sequential",
              "variable_bptt needs sampling='sequential' (random windows carry no state)")
         need(not self.partial_shuffle or self.sampling == "sequential",
@@ -223,6 +227,8 @@ class TrainConfig:
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         need(self.time_budget is None or self.time_budget > 0,
              f"time_budget must be > 0 minutes, got {self.time_budget}")
+        need(self.time_budget is None or finite(self.time_budget),
+             f"time_budget must be finite (leave it out for no time limit), got {self.time_budget}")
         need(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
@@ -768,7 +774,8 @@ def _train(
     lineage = {  # what every checkpoint of the run says of the run it was fine-tuned from
         "finetune": ({"freeze_layers": freeze_layers, "extend_vocab": extend_vocab} if parent is not None
                      else (resume_ckpt.meta.get("finetune") if resume_ckpt is not None else None)),
-        "parent": (str(parent.path) if parent is not None else
+        # by absolute path, as the corpus files: info follows the lineage from any directory
+        "parent": (os.path.abspath(parent.path) if parent is not None else
                    (resume_ckpt.meta.get("parent") if resume_ckpt is not None else None)),
     }
     run = _Training(cfg, dist=dist, device=device, model=model, net=net, vocab=corpus.vocab, splits=splits,

@@ -201,6 +201,11 @@ def test_wrong_types_in_the_library(make, message):
     ("--batch-size", "0", "batch_size must be >= 1, got 0"),
     ("--num-steps", "-5", "num_steps must be >= 1, got -5"),
     ("--clip", "-1", "clip must be >= 0 (0 disables clipping), got -1.0"),
+    # inf passed, and config.json and the checkpoints held a bare Infinity, which is not JSON
+    ("--clip", "inf", "clip must be finite (0 disables clipping), got inf"),
+    ("--time-budget", "inf", "time_budget must be finite (leave it out for no time limit), got inf"),
+    ("--ar-alpha", "inf", "ar_alpha must be >= 0 and finite, got inf"),
+    ("--weight-decay", "inf", "weight_decay must be >= 0 and finite, got inf"),
     ("--num-epochs", "0", "num_epochs must be >= 1, got 0"),
     ("--max-steps", "0", "max_steps must be >= 1, got 0"),
     ("--num-preds", "-1", "num_preds must be >= 0, got -1"),
@@ -293,6 +298,10 @@ def test_prefix_outside_the_vocabulary(checkpoint, cli_error):
 @pytest.mark.parametrize("body, message", [
     ("num_layerz = 2\n", "unknown key 'num_layerz'; see deeprnn train --help for the options"),
     ("[train]\nlearning_rate = 0.1\n", "unknown key 'learning_rate'; see deeprnn train --help for the options"),
+    # flags that are not keys: --help lists them, so "see --help" went in a circle
+    ('preset = "tiny"\n', "'preset' is not a config file key: pass --preset on the command line"),
+    ('init-from = "runs/a"\n', "'init-from' is not a config file key: pass --init-from on the command line"),
+    ("epochs = 3\n", "unknown key 'epochs'; the key is num_epochs"),
     ('num_layers = "two"\n', "num_layers must be of type int, got str 'two'"),
     ("num_layers = 2.5\n", "num_layers must be of type int, got float 2.5"),
     ("lr = true\n", "lr must be of type float, got bool True"),
