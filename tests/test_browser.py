@@ -164,10 +164,11 @@ def test_page_streams_generated_text(server, runs):
             assert f"seed {seed}" in page.inner_text("#status")
 
             # Beam search with its width box emptied: the server's default width (the page sent null, refused
-            # as "beam_width: Input should be a valid integer"), and no seed in the status line (the sample's
-            # stayed there).
+            # as "beam_width: Input should be a valid integer"), and, with the seed box emptied too, no seed in
+            # the status line (the sample's stayed there).
             page.select_option("#strategy", "beam")
             page.fill("#beam_width", "")
+            page.fill("#seed", "")
             page.fill("#num_samples", "1")
             with page.expect_response(lambda r: r.url.endswith("/api/generate")) as resp_info:
                 page.click("#generate")

@@ -302,13 +302,14 @@ def test_an_interrupted_run_continues_when_the_compare_command_is_run_again(tmp_
     assert str(err.value) == "SIGINT received: checkpoint saved; resume with: the same deeprnn compare command"
     info = json.loads((run / "compare.json").read_text())
     assert info["interrupted"] is True and info["wall_s_so_far"] == 3.5 and info["wall_s"] is None
-    assert [r["step"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["2", "4", "5"]
+    # stopped at step 5, between two evaluations: not evaluated there (last/ holds step 5's training loss)
+    assert [r["step"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["2", "4"]
 
     said = []
     result = compare.run_compare(spec, out, log=said.append)
     assert said[0] == f"[1/1] gru 1x8 concise seed 0: continuing ({run})"
     assert result["trained"] == 1
-    assert [r["step"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["2", "4", "5", "6", "8"]  # resumed
+    assert [r["step"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["2", "4", "6", "8"]  # resumed
     done = json.loads((run / "compare.json").read_text())
     assert "interrupted" not in done and "wall_s_so_far" not in done
     assert done["wall_s"] == 5.5  # both sessions
@@ -486,6 +487,17 @@ def test_a_source_that_names_nothing_is_refused_before_training(tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_a_text_that_needs_an_encoding_names_compares_flag(tmp_path, capsys):
+    """The corpus's message said "pass its encoding with --encoding", a flag compare does not have."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"abc \x81\x8d def\n" * 300)  # neither UTF-8 nor Windows-1252
+    assert main(["compare", "--corpus", str(bad), "--hiddens", "8", "--layers", "1", "--epochs", "1",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"deeprnn: error: {bad} is not UTF-8 (byte 0x81 at offset 4) and does not look like Windows-1252 text; pass "
+        "its encoding with --set encoding=NAME (e.g. --set encoding=latin-1)")
+
+
 @pytest.mark.parametrize("argv, message", [
     # two data sets averaged into one row
     (["--corpus", "a=timemachine", "--corpus", "a=timemachine,war-of-the-worlds"],
@@ -494,10 +506,11 @@ def test_a_source_that_names_nothing_is_refused_before_training(tmp_path, capsys
     (["--target-ppl", "-5"], "--target-ppl must be a number > 1 (a perplexity is at least 1), got -5.0"),
     (["--runs-dir", " "], "--runs-dir is empty; name a directory, or drop --runs-dir for the default"),
     # found only once compare.json had marked a run folder, before
+    # (compare has no --encoding: the message named it)
     (["--set", "encoding=nope"], "unknown encoding 'nope'; pass a Python codec name such as utf-8 or cp1252 to "
-                                 "--encoding"),
+                                 "--set encoding=NAME"),
     (["--set", "encoding=rot13"], "unknown encoding 'rot13'; pass a Python codec name such as utf-8 or cp1252 to "
-                                  "--encoding"),
+                                  "--set encoding=NAME"),
     # a preset's one-minute budget silently replaced these
     (["--preset", "gru-vs-lstm", "--set", "time_budget=0.05"],
      "time_budget is a grid axis or compare option; use --minutes instead of --set"),

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -1016,7 +1017,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _as_compare_flags(message: str) -> str:
+    """A corpus message names train's ``--encoding``; compare spells it ``--set encoding=NAME``."""
+    message = re.sub(r"--encoding (?=[A-Za-z0-9])", "--set encoding=", message)
+    return re.sub(r"(with|to) --encoding\b", r"\1 --set encoding=NAME", message)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
+    try:
+        return _compare(args)
+    except (ConfigError, CorpusError) as e:  # compare has no --encoding flag: the message pointed to one
+        if "--encoding" not in str(e):
+            raise
+        raise type(e)(_as_compare_flags(str(e))) from e
+
+
+def _compare(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if args.threads is not None:
         if args.threads < 1:
