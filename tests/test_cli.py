@@ -779,6 +779,21 @@ def test_evaluating_a_split_too_short_to_score_is_one_line(trained, tmp_path, ca
                     f"({others}) or more text")
 
 
+def test_evaluate_scores_as_the_run_did(tmp_path, capsys):
+    """evaluate used 64 streams of 128 steps whatever the run had scored with (the quality presets: 8 x 512), so
+    `evaluate RUN --split valid` did not give the run's own best validation perplexity."""
+    import json as json_
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--eval-batch-size", "3", "--eval-num-steps", "20", "--run-dir", str(run)]) == 0
+    best = json_.loads((run / "summary.json").read_text())["best_val_ppl"]
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--split", "valid", "--json"]) == 0
+    assert json_.loads(capsys.readouterr().out)["perplexity"] == best
+    assert main(["evaluate", str(run), "--split", "valid", "--json", "--batch-size", "64", "--num-steps", "128"]) == 0
+    assert json_.loads(capsys.readouterr().out)["perplexity"] != best  # other streams, another number
+
+
 def test_evaluating_a_split_the_run_never_held_out_says_so(tmp_path, capsys):
     """The quality presets train with --test-fraction 0, so evaluate's default --split test had 0 tokens and was
     told to use "more text"."""

@@ -748,8 +748,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if unused:
         print(f"deeprnn: warning: {' and '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} only with "
               f"--dynamic-lr; {'it is' if len(unused) == 1 else 'they are'} ignored", file=sys.stderr)
-    batch_size = args.batch_size or (1 if dynamic else 64)
-    num_steps = args.num_steps or (20 if dynamic else 128)
+    # Statically, as the run scored its validation text (eval_batch_size, eval_num_steps): a fixed 64 x 128 did
+    # not reproduce the numbers of a run that set them (the quality presets: 8 x 512)
+    tcfg = ck.train_config
+    batch_size = args.batch_size or (1 if dynamic else tcfg.get("eval_batch_size", 64))
+    num_steps = args.num_steps or (20 if dynamic else tcfg.get("eval_num_steps", 128))
     for flag, value in (("--batch-size", args.batch_size), ("--num-steps", args.num_steps)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
@@ -927,8 +930,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None, help="cache directory for named corpora")
     e.add_argument("--encoding", default=None, help="text encoding of the files")
     e.add_argument("--batch-size", type=int, default=None,
-                   help="parallel streams (default 64; 1 with --dynamic-lr, so the text is read in order)")
-    e.add_argument("--num-steps", type=int, default=None, help="window length (default 128; 20 with --dynamic-lr)")
+                   help="parallel streams (default: the run's --eval-batch-size, 64 unless it set one; 1 with "
+                        "--dynamic-lr, so the text is read in order)")
+    e.add_argument("--num-steps", type=int, default=None,
+                   help="window length (default: the run's --eval-num-steps, 128 unless it set one; 20 with "
+                        "--dynamic-lr)")
     e.add_argument("--dynamic-lr", type=float, default=None, metavar="LR",
                    help="dynamic evaluation: after scoring each window, take an SGD step of this size on it "
                         "(Krause et al. 2018; reported apart from static scores)")
