@@ -585,7 +585,8 @@ def plot_curves(records: list[dict[str, Any]], out_png: Path, target_ppl: float 
     ax.set_ylabel("held-out (validation) perplexity")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[1]:  # no run scored yet: an empty chart, without matplotlib's warning
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, metadata=PNG_METADATA)
     plt.close(fig)
