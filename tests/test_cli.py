@@ -87,7 +87,7 @@ def test_evaluate_reads_the_runs_file_in_the_runs_encoding(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(run), "--split", "valid", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert (result["tokens"], result["unknown_tokens"]) == (128, 0)
+    assert (result["tokens"], result["unknown_tokens"]) == (180, 0)  # 4 streams, as the run scored (64: 128)
 
 
 def test_resume_continues_and_extends_budget(trained, capsys):
@@ -232,6 +232,9 @@ def test_dry_run_shrinks_the_job_but_keeps_the_flags_typed(tmp_path):
         ["train", "--dry-run", "--preset", "d2l-9.3", "--num-hiddens", "24", "--precision", "bf16"]))
     assert (cfg.num_hiddens, cfg.precision) == (24, "bf16")  # typed
     assert (cfg.num_layers, cfg.batch_size, cfg.max_steps) == (1, 4, 5)  # the tiny preset over d2l-9.3's sizes
+    # the sizes and budget, not the precision the run would use (the tiny preset's fp32 replaced a preset's bf16)
+    cfg = build_train_config(build_parser().parse_args(["train", "--dry-run", "--preset", "shakespeare-gpu"]))
+    assert (cfg.precision, cfg.num_hiddens, cfg.max_steps) == ("bf16", 16, 5)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -487,6 +487,19 @@ def test_a_source_that_names_nothing_is_refused_before_training(tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_corpus_messages_name_compares_encoding_flag():
+    """Every corpus message's --encoding, as compare spells it (the UTF-16 one came out as '--set encoding=if')."""
+    from deeprnn.corpus import unknown_encoding_message
+
+    assert compare._as_compare_flags("x looks binary; pass a text file, or its encoding with --encoding if it is "
+                                     "UTF-16") == ("x looks binary; pass a text file, or its encoding with --set "
+                                                   "encoding=NAME if it is UTF-16")
+    assert compare._as_compare_flags("pass its encoding with --encoding (e.g. --encoding latin-1)") == (
+        "pass its encoding with --set encoding=NAME (e.g. --set encoding=latin-1)")
+    assert compare._as_compare_flags(unknown_encoding_message("x")).endswith("such as utf-8 or cp1252 to --set "
+                                                                              "encoding=NAME")
+
+
 def test_a_text_that_needs_an_encoding_names_compares_flag(tmp_path, capsys):
     """The corpus's message said "pass its encoding with --encoding", a flag compare does not have."""
     bad = tmp_path / "bad.txt"

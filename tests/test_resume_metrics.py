@@ -62,6 +62,20 @@ def test_resumed_run_writes_the_uninterrupted_runs_metrics(tmp_path, kw, pause):
     assert (resumed["best_val_ppl"], resumed["test_ppl"]) == (straight["best_val_ppl"], straight["test_ppl"])
 
 
+def test_a_pause_on_the_runs_last_batch_finishes_it():
+    """stop_after_steps on the last batch of the last epoch skipped that epoch's evaluation (and with it best/
+    and the final row), and the run could not be resumed: its epochs were spent. It finishes instead, as a
+    signal there does."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = tiny(Path(d), num_epochs=1, max_tokens=1000, eval_every=0, schedule="constant")  # 12 steps
+        summary = train(cfg, progress=False, log=lambda *_: None, stop_after_steps=12)
+        assert (summary["stop_reason"], summary["steps"]) == ("epochs", 12)
+        assert summary["best_val_ppl"] is not None and [r["step"] for r in rows(Path(d) / "run")] == ["12"]
+
+
 @pytest.mark.parametrize("how", ["max_steps", "pause"])
 def test_a_run_stopped_at_an_epochs_end_is_not_evaluated_twice(tmp_path, how):
     """Evaluated once an epoch, stopped on the epoch's last batch, resumed: the resumed run evaluated that step

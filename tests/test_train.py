@@ -207,10 +207,11 @@ def test_every_ranks_generators_are_checkpointed_under_their_own_names():
     assert list(saved) == ["rng.torch", "rng.cuda", "rng.torch.rank1", "rng.cuda.rank1"]
     assert saved["rng.cuda.rank1"] is cuda1 and saved["rng.torch.rank1"] is cpu1
     assert list(_rng_tensors([(cpu0, None), (cpu1, None)])) == ["rng.torch", "rng.torch.rank1"]
-    _restore_rng(saved, 1, torch.device("cpu"), fallback_seed=5)  # rank 1 takes its own generator
-    assert torch.equal(torch.get_rng_state(), cpu1)
-    _restore_rng(saved, 2, torch.device("cpu"), fallback_seed=5)  # a rank the checkpoint did not have
-    assert torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(5).get_state())
+    with torch.random.fork_rng(devices=[]):  # the global generator is the other tests' again afterwards
+        _restore_rng(saved, 1, torch.device("cpu"), fallback_seed=5)  # rank 1 takes its own generator
+        assert torch.equal(torch.get_rng_state(), cpu1)
+        _restore_rng(saved, 2, torch.device("cpu"), fallback_seed=5)  # a rank the checkpoint did not have
+        assert torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(5).get_state())
 
 
 def test_no_validation_text_is_refused_before_anything_is_written(tmp_path):

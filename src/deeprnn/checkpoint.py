@@ -380,7 +380,10 @@ _META_FIELDS: dict[str, Callable[[object], bool]] = {
     "parent": _or_none(_is(str)), "deeprnn_version": _or_none(_is(str)),
     **{name: _record(**fields) for name, fields in RESUME_RECORDS.items()},
     "data": _record(whole=True, tokens=_count, sha256=_is(str)),  # compared whole on resume
-    "interval": _record(whole=True, loss_sum=is_number, count=_count, tokens=_count, time=is_number),
+    "interval": lambda v: _record(whole=True, loss_sum=is_number, count=_count, tokens=_count, time=is_number)(v)
+    and ("ranks" not in v or isinstance(v["ranks"], list) and all(  # each rank's [loss sum, count, tokens]
+        isinstance(r, list) and len(r) == 3 and is_number(r[0]) and _count(r[1]) and _count(r[2])
+        for r in v["ranks"])),
     "best_val": _or_none(is_number), "lr_scale": is_number,
     "bad_evals": _count, "evals_done": _count, "nan_rollbacks": _count,
 }

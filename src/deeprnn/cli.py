@@ -351,7 +351,8 @@ def build_train_config(args: argparse.Namespace):
     flags = {k: v for k, v in vars(args).items() if k in fields}
     # --dry-run shrinks the job (the tiny preset over the preset's and the file's sizes) but not what was typed:
     # it overrode the flags, so it checked another setup than the one asked for (--precision bf16 went fp32)
-    dry = dict(PRESETS["tiny"]) if getattr(args, "dry_run", False) else {}
+    # (sizes and budget only: the precision stays what the run would use)
+    dry = {k: v for k, v in PRESETS["tiny"].items() if k != "precision"} if getattr(args, "dry_run", False) else {}
     cfg = TrainConfig(**{**preset, **from_file, **dry, **flags})
     # what the command set, not the defaults, and where each came from
     args.chosen_from = {**dict.fromkeys(preset, "preset"), **dict.fromkeys(from_file, "config"),
@@ -687,7 +688,12 @@ def _ignored_generate_flags(strategy: str, argv: list[str]) -> list[str]:
     return [flag for flag, users in _STRATEGY_FLAGS.items() if flag in given and strategy not in users]
 
 
-def checkpoint_split_tokens(ck, split: str, *, corpus=None, data_dir=None, encoding=None):
+SCORE_ITS_SPLITS = ("restore the text it was trained on to score its splits, or pass --corpus FILE --split all to "
+                    "score that text")
+
+
+def checkpoint_split_tokens(ck, split: str, *, corpus=None, data_dir=None, encoding=None,
+                            changed_fix: str = SCORE_ITS_SPLITS):
     """The tokens of ``split`` ('train', 'valid', 'test' or 'all') of the corpus a checkpoint was trained
     on (or of ``corpus``), cut exactly as its training run cut them: 'train' is the text the run trained
     on (its sources repeated by ``source_weights``, then its first ``max_tokens``); the held-out splits
@@ -707,8 +713,7 @@ def checkpoint_split_tokens(ck, split: str, *, corpus=None, data_dir=None, encod
 
         run = ck.path.parent if ck.path.name in ("best", "last") else ck.path
         check_same_corpus(ck.meta.get("data"), corpus_record(built.tokens), run,
-                          fix="restore the text it was trained on to score its splits, or pass --corpus FILE "
-                              "--split all to score that text")
+                          fix=changed_fix)
     if split == "all":
         return built.tokens
     vf, tf = tcfg.get("val_fraction", 0.05), tcfg.get("test_fraction", 0.05)
@@ -736,9 +741,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                      encoding=args.encoding)
     if tokens.numel() < MIN_HELDOUT_TOKENS:
         others = ", ".join(x for x in ("valid", "test", "all") if x != args.split)
-        fraction = ck.train_config.get(f"{args.split[:4]}_fraction" if args.split in ("valid", "test") else "")
-        if args.corpus is None and fraction == 0:  # the quality presets hold out no test text: "more text" misled
-            raise ConfigError(f"the run holds out no {args.split} text (--{args.split[:4]}-fraction 0 when it "
+        field = {"valid": "val_fraction", "test": "test_fraction"}.get(args.split)
+        if args.corpus is None and field and ck.train_config.get(field) == 0:  # the quality presets hold out no
+            # test text: "or more text" misled
+            raise ConfigError(f"the run holds out no {args.split} text (--{field.replace('_', '-')} 0 when it "
                               f"trained); use another --split ({others})")
         raise ConfigError(f"split {args.split!r} has {tokens.numel()} tokens; need at least {MIN_HELDOUT_TOKENS} to "
                           f"score: use another --split ({others}) or more text")
@@ -762,7 +768,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ms = None
         if args.dynamic_rule == "rms":  # the statistics come from the training text, never the scored text
             try:
-                train_text = checkpoint_split_tokens(ck, "train", data_dir=args.data_dir, encoding=args.encoding)
+                train_text = checkpoint_split_tokens(ck, "train", data_dir=args.data_dir, encoding=args.encoding,
+                                                     changed_fix="")  # the fix follows below
             except CorpusError as e:  # the run's own text, not --corpus: say why it is read at all
                 raise CorpusError(f"--dynamic-rule rms reads the run's training text for its gradient statistics: "
                                   f"{e}; restore it, or use --dynamic-rule sgd") from None
@@ -894,7 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     t.add_argument("--dry-run", action="store_true",
-                   help="a few steps of a tiny model (the tiny preset under the flags you give), to check the setup")
+                   help="a few steps of a tiny model (the tiny preset's sizes and budget, under the flags you give), "
+                        "to check the setup")
     t.add_argument("--nproc", type=int, default=1,
                    help="launch torchrun with this many processes (DDP) when more than 1 (default: 1)")
     t.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="fine-tune: start from these weights")

@@ -1020,7 +1020,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _as_compare_flags(message: str) -> str:
     """A corpus message names train's ``--encoding``; compare spells it ``--set encoding=NAME``."""
-    message = re.sub(r"--encoding (?=[A-Za-z0-9])", "--set encoding=", message)
+    message = re.sub(r"--encoding (?=[\w.-]+\))", "--set encoding=", message)  # "(e.g. --encoding latin-1)"
     return re.sub(r"(with|to) --encoding\b", r"\1 --set encoding=NAME", message)
 
 

@@ -314,8 +314,9 @@ RESUME_ON_ITS_TEXT = "resume with the text the run was trained on, or start a ne
 
 
 def corpus_changed(run_dir: Path, how: str, fix: str = RESUME_ON_ITS_TEXT) -> str:
-    """The message for a resume (or an evaluation) on text other than the run's own; ``how`` says what changed."""
-    return f"the corpus has changed since the run in {run_dir} started ({how}); {fix}"
+    """The message for a resume (or an evaluation) on text other than the run's own; ``how`` says what changed,
+    ``fix`` what to do ("": the caller says)."""
+    return f"the corpus has changed since the run in {run_dir} started ({how})" + (f"; {fix}" if fix else "")
 
 
 def check_same_corpus(saved: dict[str, Any] | None, now: dict[str, Any], run_dir: Path,
@@ -626,8 +627,11 @@ def _restore_rng(tensors: dict[str, torch.Tensor], rank: int, device: torch.devi
     else:
         torch.manual_seed(fallback_seed)  # seeds the CUDA generators too
     cuda_key = key.replace("rng.torch", "rng.cuda")
-    if device.type == "cuda" and cuda_key in tensors:
-        torch.cuda.set_rng_state(tensors[cuda_key])
+    if device.type == "cuda":
+        if cuda_key in tensors:
+            torch.cuda.set_rng_state(tensors[cuda_key])
+        elif rank > 0:  # an older checkpoint kept rank 0's alone: a rank's own seed, not rank 0's masks again
+            torch.cuda.manual_seed(fallback_seed)
 
 
 def _rng_states() -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -1062,9 +1066,16 @@ class _Training:
         self.last_row = dict(meta.get("metrics") or {})  # the last evaluation's: an epoch's end is not scored twice
         self._new_interval()
         interval = meta.get("interval")
-        if interval and self.is_main:  # rank 0 holds every rank's sums: evaluate() adds them over the ranks
-            self.interval_loss += interval["loss_sum"]
-            self.interval_count, self.interval_tokens = interval["count"], interval["tokens"]
+        if interval:
+            # Each rank its own sums, so that evaluate()'s all-reduce adds them as the uninterrupted run does;
+            # under another number of processes rank 0 takes them all (the same total, rounded otherwise).
+            ranks = interval.get("ranks")
+            if ranks is not None and len(ranks) == self.dist.world_size:
+                loss, self.interval_count, self.interval_tokens = ranks[self.dist.rank]
+                self.interval_loss += loss
+            elif self.is_main:
+                self.interval_loss += interval["loss_sum"]
+                self.interval_count, self.interval_tokens = interval["count"], interval["tokens"]
             self.interval_time = interval["time"]
         saved = _state_from_tensors(tensors, self.device, self.carry_shape, where)  # all ranks' streams
         self.state = self.dist.shard_batch(saved)
@@ -1095,11 +1106,12 @@ class _Training:
         dist, averager = self.dist, self.averager
         carry = dist.gather_batch(self.state)  # every rank's streams (L, B, H): resumable under any world size
         # each rank's dropout generators, and its share of the training loss since the last evaluation
-        ranks = dist.gather_objects((_rng_states(), float(self.interval_loss), self.interval_count))
+        ranks = dist.gather_objects((_rng_states(), float(self.interval_loss), self.interval_count,
+                                     self.interval_tokens))
         if not self.is_main:
             return
         opt_tensors, opt_meta = optimizer_to_flat(self.optimizer)
-        tensors = {**opt_tensors, **_rng_tensors([rngs for rngs, _, _ in ranks]), **_state_tensors(carry),
+        tensors = {**opt_tensors, **_rng_tensors([rank[0] for rank in ranks]), **_state_tensors(carry),
                    **(averager.tensors() if averager is not None else {})}
         meta = {
             "train_config": dataclasses.asdict(self.cfg),
@@ -1114,8 +1126,9 @@ class _Training:
             "lr_scale": self.lr_scale, "nan_rollbacks": self.nan_rollbacks,
             # the training loss, tokens and time since the last evaluation (none when saved by one): the next
             # evaluation after a resume reports them as the uninterrupted run would
-            "interval": {"loss_sum": sum(loss for _, loss, _ in ranks), "count": sum(n for _, _, n in ranks),
-                         "tokens": self.interval_tokens, "time": self.interval_time},
+            "interval": {"loss_sum": sum(r[1] for r in ranks), "count": sum(r[2] for r in ranks),
+                         "tokens": self.interval_tokens, "time": self.interval_time,
+                         "ranks": [list(r[1:]) for r in ranks]},  # each rank's [loss sum, count, tokens]
             "metrics": json_safe(metrics),
             "finetune": self.records["finetune"],
             "parent": self.records["parent"],
@@ -1365,7 +1378,7 @@ class _Training:
                             self.stop_reason, done = "max_steps", True
                         elif over_time:
                             self.stop_reason, done = "time budget", True
-                        elif paused:
+                        elif paused and not last_batch:  # on the run's last batch it finishes instead, as above
                             self.stop_reason, done = "paused", True
                         if done:
                             break
