@@ -804,7 +804,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_corpora(args: argparse.Namespace) -> int:
-    from deeprnn.corpus import NAMED_CORPORA, data_dir
+    from deeprnn.corpus import NAMED_CORPORA, data_dir, digest_matches
 
     root = data_dir(args.data_dir)
     print(f"cache directory: {root} (set DEEPRNN_DATA_DIR or --data-dir to change)")
@@ -815,13 +815,8 @@ def cmd_corpora(args: argparse.Namespace) -> int:
         elif not path.is_file():
             where = "not downloaded yet"
         else:  # checked as training would read it: a damaged copy was listed as cached, then refused
-            where = "cached"
-            if info.checksum is not None:
-                import hashlib
-
-                algorithm, expected = info.checksum
-                if hashlib.new(algorithm, path.read_bytes()).hexdigest() != expected:
-                    where = "corrupt (delete it)"
+            ok = info.checksum is None or digest_matches(path.read_bytes(), info.checksum)
+            where = "cached" if ok else "corrupt (delete it)"
         print(f"  {name:<20} {where:<22} {info.url}")
     return 0
 

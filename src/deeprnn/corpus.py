@@ -98,11 +98,17 @@ def _unknown_corpus(name: str) -> CorpusError:
     return CorpusError(f"unknown corpus {name!r}; known corpora: {known} (or pass a file or directory path)")
 
 
+def digest_matches(data: bytes, checksum: tuple[str, str]) -> bool:
+    """Whether ``data`` has the ``(algorithm, hex digest)`` a named corpus's file must have."""
+    algorithm, expected = checksum
+    return hashlib.new(algorithm, data).hexdigest() == expected
+
+
 def _check_digest(data: bytes, checksum: tuple[str, str], what: str,
                   fix: str = "reinstall or re-download it") -> None:
-    algorithm, expected = checksum
-    actual = hashlib.new(algorithm, data).hexdigest()
-    if actual != expected:
+    if not digest_matches(data, checksum):
+        algorithm, expected = checksum
+        actual = hashlib.new(algorithm, data).hexdigest()
         raise CorpusError(f"{what} is corrupt ({algorithm} {actual}, expected {expected}); {fix}")
 
 
