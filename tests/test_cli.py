@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deeprnn.cli import CHOICES, PRESETS, main
+from deeprnn.cli import CHOICES, PRESETS, build_parser, build_train_config, main
 from deeprnn.errors import ConfigError
 from deeprnn.train import TrainConfig
 
@@ -171,6 +171,49 @@ def test_config_file(tmp_path, capsys):
                            "under [train], or all of them at the top level")]:
         bad.write_text(text)
         assert one_error_line(capsys, 2, ["train", "--config", str(bad)]) == f"deeprnn: error: {bad}: {problem}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--momentum", "0.9"], "--momentum 0.9 has no effect with optimizer 'adam' (the default); it is read only with "
+                            "optimizer 'sgd': drop it, or set --optimizer"),
+    (["--optimizer", "sgd", "--beta2", "0.95"], "--beta2 0.95 has no effect with optimizer 'sgd'; it is read only "
+                                                "with optimizer 'adam' or 'adamw': drop it, or set --optimizer"),
+    (["--ema-start", "100"], "--ema-start 100 has no effect with ema_decay 0.0 (the default); it is read only with "
+                             "ema_decay > 0 (a weight average, e.g. 0.998): drop it, or set --ema-decay"),
+    (["--preset", "tm-cpu", "--lr-gamma", "0.3"], "--lr-gamma 0.3 has no effect with schedule 'constant' (--preset "
+                                                  "tm-cpu's); it is read only with schedule 'step' or 'plateau': drop "
+                                                  "it, or set --schedule"),
+    (["--schedule", "step", "--min-lr-ratio", "0.1"], "--min-lr-ratio 0.1 has no effect with schedule 'step'; it is "
+                                                      "read only with schedule 'cosine' or 'wsd': drop it, or set "
+                                                      "--schedule"),
+    (["--warmup-steps", "5", "--schedule", "plateau"], "--warmup-steps 5 has no effect with schedule 'plateau'; it "
+                                                       "is read only with schedule 'constant' or 'cosine' or 'wsd': "
+                                                       "drop it, or set --schedule"),
+])
+def test_an_option_the_run_would_not_read_is_refused(tmp_path, capsys, argv, message):
+    """--momentum with Adam used to train as if it were not there; now the one line says so, before any text is
+    read."""
+    run = tmp_path / "run"
+    assert one_error_line(capsys, 2, ["train", *argv, "--run-dir", str(run)]) == f"deeprnn: error: {message}"
+    assert not run.exists()
+
+
+def test_an_option_unused_by_a_config_file_or_a_preset(tmp_path, capsys):
+    """A config file's key is the user's too; a preset's own settings give way to the flags that make them
+    unused (tm-cpu's Adam beta2 under --optimizer sgd), and a default value is no contradiction."""
+    conf = tmp_path / "c.toml"
+    conf.write_text('optimizer = "sgd"\nbeta1 = 0.8\n')
+    assert one_error_line(capsys, 2, ["train", "--config", str(conf)]) == (
+        f"deeprnn: error: {conf}: beta1 = 0.8 has no effect with optimizer 'sgd' (from {conf}); it is read only with "
+        "optimizer 'adam' or 'adamw': remove it, or set optimizer")
+    args = build_parser().parse_args(["train", "--preset", "tm-cpu", "--optimizer", "sgd", "--lr", "1",
+                                      "--momentum", "0.9", "--beta1", "0.9"])
+    cfg = build_train_config(args)
+    assert (cfg.optimizer, cfg.beta2, cfg.momentum) == ("sgd", 0.95, 0.9)
+    assert [name for name, _, _ in cfg.unused_options()] == ["beta2"]  # the preset's, so not refused
+    # from Python the fields stay the user's to set: only the command line refuses
+    assert TrainConfig(momentum=0.5, ema_start=3).unused_options() == [
+        ("momentum", "optimizer", "'sgd'"), ("ema_start", "ema_decay", "> 0 (a weight average, e.g. 0.998)")]
 
 
 def test_source_weights_from_file_and_flag(tmp_path, capsys):
@@ -351,6 +394,27 @@ def test_generate_checks_everything_before_writing(trained, capsys, args, messag
 def _child(args, **kw):
     env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "deeprnn", *args], env=env, **kw)
+
+
+def test_unseeded_sampling_tells_the_seed_that_draws_it_again(trained, capsys, monkeypatch):
+    """Without --seed, the seed drawn is in --json's output and, at a terminal, on a line of stderr before the
+    text; passed back, it draws the same samples. Greedy and beam search draw nothing: null, and no line."""
+    argv = ["generate", str(trained), "--num-preds", "30", "--num-samples", "2"]
+    assert main([*argv, "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert isinstance(first["seed"], int) and 0 <= first["seed"] < 2**53
+    assert main([*argv, "--json", "--seed", str(first["seed"])]) == 0
+    assert json.loads(capsys.readouterr().out) == first
+    assert main([*argv[:2], "--strategy", "greedy", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["seed"] is None
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    seed = int(err.split()[2])
+    assert err == f"deeprnn: seed {seed} (--seed {seed} draws this text again)\n"
+    assert main([*argv, "--seed", str(seed)]) == 0
+    assert capsys.readouterr() == (out, "")
+    assert main([*argv, "--strategy", "greedy"]) == 0 and capsys.readouterr().err == ""
 
 
 def test_unk_warning_comes_before_the_text(trained):

@@ -156,6 +156,22 @@ def test_compare_is_a_cli_command():
                               "timemachine, tinyshakespeare, war-of-the-worlds")
 
 
+def test_a_set_option_the_runs_would_not_read_is_refused():
+    """As train refuses --momentum with Adam: SGD takes --set momentum=0.9, the presets' Adam does not."""
+    spec = compare.spec_from_args(build_parser().parse_args(["compare", "--preset", "gru-vs-lstm", "--set",
+                                                             "optimizer=sgd", "--set", "momentum=0.9"]))
+    assert (spec.base["optimizer"], spec.base["momentum"]) == ("sgd", 0.9)
+    for argv, message in [(["--preset", "gru-vs-lstm", "--set", "momentum=0.9"],
+                           "--set momentum=0.9 has no effect with optimizer 'adam'; it is read only with optimizer "
+                           "'sgd': drop it, or --set optimizer=..."),
+                          (["--set", "beta1=0.5", "--set", "optimizer=sgd"],
+                           "--set beta1=0.5 has no effect with optimizer 'sgd'; it is read only with optimizer 'adam' "
+                           "or 'adamw': drop it, or --set optimizer=...")]:
+        with pytest.raises(ConfigError) as err:
+            compare.spec_from_args(build_parser().parse_args(["compare", *argv]))
+        assert str(err.value) == message
+
+
 def test_more_data_heldout_is_only_time_machine():
     """Exercise 3: the validation/test text of the merged corpus lies inside The Time Machine's span."""
     variant = compare.PRESETS["more-data"]["data"][1]

@@ -477,7 +477,8 @@ def test_a_prefix_of_spaces_seeds_a_character_model(vocab):
         (dict(strategy="beam", num_samples=5, beam_width=4),
          "num_samples must be <= beam_width for beam search, got num_samples=5 and beam_width=4; "
          "raise beam_width or ask for fewer samples"),
-        (dict(seed=-1), "seed must be an integer in [0, 2**64) or None, got -1"),
+        (dict(seed=-1), "seed must be an integer in [0, 2**63) or None, got -1"),
+        (dict(seed=2**63), f"seed must be an integer in [0, 2**63) or None, got {2**63}"),  # what train and serve take
         (dict(unk="ignore"), "unk must be one of error, replace; got 'ignore'"),
         (dict(on_text="print"), "on_text must be a callable (stream index, text piece) or None, got 'print'"),
     ],

@@ -208,10 +208,17 @@ def test_a_body_that_is_not_a_json_object_is_named(app, body, content_type, stat
     assert r.json() == {"detail": message, "errors": [{"field": "body", "message": message}]}
 
 
-def test_other_http_errors_keep_their_words(app):
-    assert call(app, "GET", "/no-such-page").json() == {"detail": "Not Found"}
+def test_routing_errors_name_the_request_and_the_api(app):
+    """A wrong path or method: one line saying which, and what the API has, in the shape of every other error
+    (starlette's bare {"detail": "Not Found"} had no "errors"); a 405 keeps its Allow header."""
+    routes = ("the API is GET /api/models, GET /api/model, GET /api/model/curve.png, POST /api/generate and "
+              "GET /healthz")
+    r = call(app, "GET", "/no-such-page")
+    assert (r.status_code, r.json()) == (404, {"detail": f"no such path: /no-such-page; {routes}", "errors": []})
     r = call(app, "GET", "/api/generate")
-    assert (r.status_code, r.json()) == (405, {"detail": "Method Not Allowed"})
+    assert (r.status_code, r.json()) == (405, {"detail": f"/api/generate does not take GET; {routes}", "errors": []})
+    assert r.headers["allow"] == "POST"
+    assert call(app, "GET", "/static/no-such-file.js").json()["detail"].startswith("no such path: /static/no-such")
 
 
 def test_prefix_outside_the_vocabulary_is_reported(app):

@@ -478,6 +478,11 @@ def test_too_small_a_training_split_is_called_that(tmp_path):
     assert str(e.value) == ("the training split has 50 tokens (--max-tokens 50; the corpus has 170580) but "
                             "batch_size=8 and num_steps=10 need at least 90 (batch_size*num_steps + num_steps); "
                             "use more text or smaller sizes")
+    with pytest.raises(CorpusError) as e:  # a weight below 1 keeps the first part of a source's training text
+        train(tiny(tmp_path, max_tokens=None, source_weights=[0.0003]), progress=False, log=lambda *_: None)
+    assert str(e.value) == ("the training split has 49 tokens (--source-weights 0.0003; the corpus has 170580) but "
+                            "batch_size=8 and num_steps=10 need at least 90 (batch_size*num_steps + num_steps); "
+                            "use more text or smaller sizes")
     assert not (tmp_path / "run").exists()
 
 

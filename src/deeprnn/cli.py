@@ -242,7 +242,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name)
         help_text = helps.get(f.name, "")
         if "default" not in help_text:  # else the field's comment already says what the default is
-            help_text += f" (default: {default})"
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            help_text += f" (default: {shown})"
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         t = str(f.type)
         if t == "bool":
@@ -368,7 +369,25 @@ def build_train_config(args: argparse.Namespace):
                 raise e from None
             raise ConfigError(f"{args.config}: {e}") from None
         raise
+    _refuse_unused(args, cfg)
     return cfg
+
+
+def _refuse_unused(args: argparse.Namespace, cfg) -> None:
+    """An option the user gave (a flag or a ``--config`` key) that the run would never read, such as
+    ``--momentum`` with Adam, is refused rather than ignored. A preset's own settings give way: ``--preset
+    tm-cpu --optimizer sgd`` trains without the preset's Adam betas."""
+    whence = {"preset": f" (--preset {getattr(args, 'preset', None)}'s)", "config": f" (from {args.config})",
+              "dry-run": " (--dry-run's)", None: " (the default)"}
+    for name, on, needs in cfg.unused_options():
+        source = args.chosen_from.get(name)
+        if source not in ("flag", "config"):
+            continue
+        value = getattr(cfg, name)
+        what = f"--{name.replace('_', '-')} {value}" if source == "flag" else f"{args.config}: {name} = {value!r}"
+        fix = f"drop it, or set --{on.replace('_', '-')}" if source == "flag" else f"remove it, or set {on}"
+        raise ConfigError(f"{what} has no effect with {on} {getattr(cfg, on)!r}{whence.get(args.chosen_from.get(on), '')}"
+                          f"; it is read only with {on} {needs}: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -622,18 +641,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"temperature must be > 0, got {args.temperature}; "
                           "use --strategy greedy for the most likely text")
     sampling = args.strategy == "sample"  # the other strategies ignore these (with a warning): not checked
+    seed = args.seed
+    if sampling and seed is None:  # drawn here, so that it can be told: 53 bits, exact as a JSON number anywhere
+        import secrets
+
+        seed = secrets.randbits(53)
     device = resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, map_location=device)
     stream = args.num_samples == 1 and args.strategy != "beam" and not args.json
     started = False  # the prefix goes out with the first piece: generate() checks every argument before it
     ignored = _ignored_generate_flags(args.strategy, getattr(args, "argv", None) or [])
 
+    tell_seed = sampling and args.seed is None and not args.json and sys.stderr.isatty()
+
     def warn_ignored() -> None:  # once, when generation goes ahead, before any text: not before an error
-        nonlocal ignored
+        nonlocal ignored, tell_seed
         if ignored:
             print(f"deeprnn: warning: --strategy {args.strategy} does not use {', '.join(ignored)}; "
                   f"{'it is' if len(ignored) == 1 else 'they are'} ignored", file=sys.stderr)
             ignored = []
+        if tell_seed:  # at a terminal, where it can be copied; --json holds it for programs
+            print(f"deeprnn: seed {seed} (--seed {seed} draws this text again)", file=sys.stderr)
+            tell_seed = False
 
     def on_text(i: int, piece: str) -> None:
         nonlocal started
@@ -655,7 +684,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             texts = generate(ck.model, ck.vocab, args.prefix, args.num_preds, strategy=args.strategy,
                              temperature=args.temperature if sampling else 1.0,
                              top_k=args.top_k if sampling else None, top_p=args.top_p if sampling else None,
-                             num_samples=args.num_samples, beam_width=args.beam_width, seed=args.seed,
+                             num_samples=args.num_samples, beam_width=args.beam_width, seed=seed,
                              unk=args.unk, on_text=on_text if stream else None, device=device)
         except DeepRNNError:
             if started:  # end the partial line, so that the error is a line of its own
@@ -663,7 +692,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise
     warn_ignored()
     if args.json:
-        print(json.dumps({"samples": texts}))
+        print(json.dumps({"samples": texts, "seed": seed if sampling else None}))
     elif stream:
         sys.stdout.write(("" if started else args.prefix) + "\n")
     else:

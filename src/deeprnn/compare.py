@@ -948,7 +948,15 @@ def spec_from_args(args: argparse.Namespace) -> GridSpec:
         if not (math.isfinite(args.target_ppl) and args.target_ppl > 1):
             raise ConfigError(f"--target-ppl must be a number > 1 (a perplexity is at least 1), got {args.target_ppl}")
         spec.target_ppl = args.target_ppl
-    spec.base.update(parse_set(args.set or []))
+    sets = parse_set(args.set or [])
+    spec.base.update(sets)
+    from deeprnn.train import TrainConfig
+
+    base_cfg = TrainConfig(**spec.base)
+    for name, on, needs in base_cfg.unused_options():  # as train refuses --momentum with Adam
+        if name in sets:
+            raise ConfigError(f"--set {name}={sets[name]} has no effect with {on} {getattr(base_cfg, on)!r}; it is "
+                              f"read only with {on} {needs}: drop it, or --set {on}=...")
     if args.minutes is not None:
         minutes = args.minutes
     if args.epochs is not None:

@@ -229,8 +229,8 @@ def _check_args(*, prefix, num_preds, strategy, temperature, top_k, top_p, num_s
             f"num_samples must be <= beam_width for beam search, got num_samples={num_samples} "
             f"and beam_width={beam_width}; raise beam_width or ask for fewer samples"
         )
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
-        raise ConfigError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):  # as training's and serve's seeds
+        raise ConfigError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
     if not isinstance(unk, str) or unk not in UNK_POLICIES:
         raise ConfigError(f"unk must be one of {', '.join(UNK_POLICIES)}; got {unk!r}")
     if on_text is not None and not callable(on_text):

@@ -87,12 +87,12 @@ class TrainConfig:
 
     # data
     corpus: list[str] = field(default_factory=lambda: ["timemachine"])  # named corpora, files or dirs
-    data_dir: str | None = None  # cache for named corpora ($DEEPRNN_DATA_DIR, ~/.cache/deeprnn)
+    data_dir: str | None = None  # cache for named corpora (default: $DEEPRNN_DATA_DIR, else ~/.cache/deeprnn)
     encoding: str | None = None  # text encoding of user files (default: UTF-8, cp1252 detected)
     normalization: str = "d2l"  # d2l (book: letters only, lower case) | raw | lower
     token: str = "char"  # char | word
     min_freq: int = 0  # tokens rarer than this map to <unk>
-    max_tokens: int | None = None  # keep only the first N tokens of the training split (book: 10000)
+    max_tokens: int | None = None  # keep only the first N tokens of the training split (default: all; book: 10000)
     val_fraction: float = 0.05  # contiguous validation split, after the training part
     test_fraction: float = 0.05  # contiguous test split at the end
     heldout_from: list[str] | None = None  # sources that give validation/test text (default: all)
@@ -144,8 +144,8 @@ class TrainConfig:
     ema_start: int = 0  # optimiser steps before the weight average starts
     # budget
     num_epochs: int = 24  # passes over the training split
-    max_steps: int | None = None  # stop after this many steps
-    time_budget: float | None = None  # stop after this many minutes of training
+    max_steps: int | None = None  # stop after this many steps (default: no limit)
+    time_budget: float | None = None  # stop after this many minutes of training (default: no limit)
     patience: int = 0  # early stopping: evaluations without improvement (0: off)
     # evaluation and reporting
     eval_every: int = 0  # steps between evaluations (0: once per epoch)
@@ -252,6 +252,32 @@ class TrainConfig:
         from deeprnn.models import ModelConfig  # the model fields too, before any text is read
 
         ModelConfig(vocab_size=1, **self.model_fields()).validate()
+
+    def unused_options(self) -> list[tuple[str, str, str]]:
+        """The fields set away from their defaults that this configuration never reads, as ``(field, the field
+        it depends on, what that field must be)``: ``momentum`` with Adam, ``ema_start`` without a weight
+        average, ``lr_gamma`` under a cosine. The command line refuses them when the user gave them."""
+        defaults = TrainConfig()
+        out = []
+        for name, on, works_with in UNUSED_UNLESS:
+            if getattr(self, name) != getattr(defaults, name) and getattr(self, on) not in works_with:
+                out.append((name, on, " or ".join(repr(v) for v in works_with)))
+        if self.ema_start != defaults.ema_start and self.ema_decay == 0:
+            out.append(("ema_start", "ema_decay", "> 0 (a weight average, e.g. 0.998)"))
+        return out
+
+
+# TrainConfig fields read only when another field takes one of some values: (field, the other field, its values)
+UNUSED_UNLESS = (
+    ("momentum", "optimizer", ("sgd",)),
+    ("beta1", "optimizer", ("adam", "adamw")),
+    ("beta2", "optimizer", ("adam", "adamw")),
+    ("warmup_steps", "schedule", ("constant", "cosine", "wsd")),
+    ("min_lr_ratio", "schedule", ("cosine", "wsd")),
+    ("decay_fraction", "schedule", ("wsd",)),
+    ("lr_step_size", "schedule", ("step",)),
+    ("lr_gamma", "schedule", ("step", "plateau")),
+)
 
 
 # Fields a resumed run may change: budgets and reporting. Everything else shapes the computation.
@@ -924,6 +950,8 @@ def _training_loader(cfg: TrainConfig, corpus, splits, dist, resume_ckpt):
         train_tokens = train_tokens[: cfg.max_tokens]
     loader_cls = VariableLengthLoader if cfg.variable_bptt else BatchLoader
     cut = f"--max-tokens {cfg.max_tokens}; " if train_tokens.numel() < splits.train.numel() else ""
+    if cfg.source_weights is not None and any(w < 1 for w in cfg.source_weights):  # weights below 1 cut text too
+        cut = f"--source-weights {' '.join(f'{w:g}' for w in cfg.source_weights)}; " + cut
     loader = loader_cls(train_tokens, cfg.batch_size, cfg.num_steps, mode=cfg.sampling, seed=cfg.seed,
                         rank=dist.rank, world_size=dist.world_size, partial_shuffle=cfg.partial_shuffle,
                         what="the training split",

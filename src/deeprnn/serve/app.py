@@ -313,6 +313,10 @@ class GenerateResponse(BaseModel):
     replaced: list[str] = []  # prefix tokens outside the vocabulary fed as <unk> (unk "replace")
 
 
+# What a 404 or 405 lists (the routes below; the page is at /)
+API_ROUTES = "GET /api/models, GET /api/model, GET /api/model/curve.png, POST /api/generate and GET /healthz"
+
+
 def _error(status: int, message: str, field_name: str | None = None, **extra) -> JSONResponse:
     errors = [{"field": field_name, "message": message, **extra}] if field_name else []
     return JSONResponse({"detail": message, "errors": errors}, status_code=status)
@@ -487,6 +491,11 @@ def create_app(
     async def _on_http_error(request: Request, exc: HTTPException):
         if exc.status_code == 400 and exc.detail == FASTAPI_PARSE_ERROR:
             return _error(400, UNPARSABLE_BODY, "body")
+        if exc.status_code in (404, 405):  # routing's: one line naming the request, in every error's shape
+            path = request.url.path
+            what = f"no such path: {path}" if exc.status_code == 404 else f"{path} does not take {request.method}"
+            return JSONResponse({"detail": f"{what}; the API is {API_ROUTES}", "errors": []},
+                                status_code=exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
