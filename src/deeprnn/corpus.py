@@ -463,6 +463,10 @@ def _source_items(specs) -> Iterator[tuple[str, Path | None]]:
             files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt" and p.is_file())
             if not files:
                 raise CorpusError(f"directory {str(spec)!r} has no .txt files; put the texts there as .txt files")
+            empty = next((p for p in files if p.stat().st_size == 0), None)
+            if empty is not None:  # "pass a file with some text" did not say why a file no one named was read
+                raise CorpusError(f"{str(empty)!r} is empty, and every .txt file in directory {str(spec)!r} is "
+                                  "read as part of the corpus; put text in it, or move it out of the directory")
             yield from ((str(p), p) for p in files)
         elif path.is_char_device() or path.is_block_device():  # /dev/zero: read until memory runs out
             raise CorpusError(f"{str(spec)!r} is a device, not a text file; pass a file, or save the text to one")

@@ -144,6 +144,23 @@ def test_directory_without_text(tmp_path, cli_error, flags):
         build_corpus([str(d)])
 
 
+def test_an_empty_file_in_a_directory_corpus_is_named_with_its_directory(tmp_path, cli_error, flags):
+    """``touch texts/notes.txt`` beside the texts: the one line says the directory is why the file was read (it
+    said "pass a file with some text", of a file the command never named)."""
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("the time machine " * 500)
+    (d / "b.txt").write_text("")
+    message = (f"{str(d / 'b.txt')!r} is empty, and every .txt file in directory {str(d)!r} is read as part of the "
+               "corpus; put text in it, or move it out of the directory")
+    assert cli_error(train_argv(d, tmp_path, flags)) == f"deeprnn: error: {message}"
+    with pytest.raises(CorpusError) as err:
+        build_corpus([str(d)])
+    assert str(err.value) == message
+    (d / "b.txt").unlink()
+    assert build_corpus([str(d)]).spans[0][0] == str(d / "a.txt")
+
+
 def test_unknown_corpus_name(tmp_path, cli_error, flags):
     line = cli_error(["train", "--corpus", "timemachin", "--run-dir", str(tmp_path / "r"), *flags()])
     message = ("unknown corpus 'timemachin'; known corpora: timemachine, war-of-the-worlds, tinyshakespeare (or pass a "
