@@ -388,7 +388,7 @@ def test_full_queue_answers_503(run_dir, monkeypatch):
     def slow(entry, prefix, num_preds, args, on_text):
         started.set()
         assert release.wait(10), "test never released the worker"
-        return [prefix + "x" * num_preds] * args["num_samples"]
+        return [prefix + "x" * num_preds] * args["num_samples"], 0.5  # the samples, and the seconds decoding took
 
     monkeypatch.setattr(app_module, "_run", slow)
 
@@ -413,8 +413,21 @@ def test_full_queue_answers_503(run_dir, monkeypatch):
     assert health.status_code == 200 and health.json()["admitted"] == 2
     assert running.status_code == queued.status_code == 200
     assert running.json()["samples"] == ["thexxxx"]
+    # tokens per second of decoding, not of the request: the queued one waited as long as the first decoded
+    assert running.json()["tokens_per_s"] == queued.json()["tokens_per_s"] == 4 / 0.5
     assert small.state.pool.admitted == 0
     small.state.pool.shutdown()
+
+
+def test_tokens_per_second_count_the_streams_decoded():
+    """Greedy decoding computes one stream however many copies are asked for; sampling one per sample; a beam
+    search beam_width. (The copies of a greedy text used to count as decoded tokens.)"""
+    def rate(**kw):
+        return app_module._timing(app_module.GenerateRequest(prefix="the", num_preds=100, **kw), 9.0, 0.5)
+
+    assert rate(strategy="greedy", num_samples=3) == {"elapsed_s": 9.0, "tokens_per_s": 200.0}
+    assert rate(strategy="sample", num_samples=3) == {"elapsed_s": 9.0, "tokens_per_s": 600.0}
+    assert rate(strategy="beam", num_samples=2, beam_width=8) == {"elapsed_s": 9.0, "tokens_per_s": 1600.0}
 
 
 # -- model card, page, schema ---------------------------------------------------------------------

@@ -579,9 +579,8 @@ def create_app(
             samples = await asyncio.wrap_future(fut)
         except (ConfigError, VocabError) as e:
             return _error(422, str(e), str(e).split(" ", 1)[0])
-        elapsed = time.perf_counter() - t0
-        return {**head, "samples": samples, "elapsed_s": round(elapsed, 4),
-                "tokens_per_s": round(req.num_preds * len(samples) / elapsed, 1) if elapsed > 0 else None}
+        samples, decoding = samples
+        return {**head, "samples": samples, **_timing(req, time.perf_counter() - t0, decoding)}
 
     def _busy() -> JSONResponse:
         resp = _error(503, f"server busy: {pool.workers} worker(s) and {pool.max_queue} queued requests; "
@@ -632,7 +631,7 @@ def create_app(
                     # closed connection is noticed before we write to it again.
                     await asyncio.sleep(0)
                 try:
-                    samples = fut.result()
+                    samples, decoding = fut.result()
                 except DeepRNNError as e:
                     yield _sse("error", {"detail": str(e)})
                     return
@@ -640,10 +639,7 @@ def create_app(
                     log.exception("generation failed")
                     yield _sse("error", {"detail": f"generation failed: {type(e).__name__}: {e}"})
                     return
-                elapsed = time.perf_counter() - t0
-                yield _sse("done", {"samples": samples, "elapsed_s": round(elapsed, 4),
-                                    "tokens_per_s": round(req.num_preds * len(samples) / elapsed, 1)
-                                    if elapsed > 0 else None})
+                yield _sse("done", {"samples": samples, **_timing(req, time.perf_counter() - t0, decoding)})
             finally:
                 gone.set()  # a client that left stops its worker at the next character
 
@@ -653,7 +649,20 @@ def create_app(
     return app
 
 
-def _run(entry: ModelEntry, prefix: str, num_preds: int, args: dict, on_text) -> list[str]:
-    """One generation on a worker thread; the state lives in this call only. Prefix tokens fed as <unk> are the
-    answer's ``replaced`` field, not a warning on the server's stderr."""
-    return _gen.generate(entry.model, entry.vocab, prefix, num_preds, on_text=on_text, warn_unknown=False, **args)
+def _run(entry: ModelEntry, prefix: str, num_preds: int, args: dict, on_text) -> tuple[list[str], float]:
+    """One generation on a worker thread, and the seconds it took (not the wait in the queue); the state lives
+    in this call only. Prefix tokens fed as <unk> are the answer's ``replaced`` field, not a warning on the
+    server's stderr."""
+    t0 = time.perf_counter()
+    samples = _gen.generate(entry.model, entry.vocab, prefix, num_preds, on_text=on_text, warn_unknown=False,
+                            **args)
+    return samples, time.perf_counter() - t0
+
+
+def _timing(req: GenerateRequest, elapsed: float, decoding: float) -> dict[str, float | None]:
+    """``elapsed_s``: the request's time, from its arrival to its last token (the queue included);
+    ``tokens_per_s``: the tokens the model decoded per second of decoding. Greedy decoding computes one
+    stream however many copies are asked for, a beam search ``beam_width`` streams."""
+    streams = {"greedy": 1, "beam": req.beam_width}.get(req.strategy, req.num_samples)
+    return {"elapsed_s": round(elapsed, 4),
+            "tokens_per_s": round(req.num_preds * streams / decoding, 1) if decoding > 0 else None}
