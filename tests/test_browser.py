@@ -7,6 +7,7 @@ is set (CI sets it), in which case it fails.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from deeprnn import checkpoint
 from deeprnn.checkpoint import load_checkpoint
 from deeprnn.generate import generate
 
@@ -69,6 +71,13 @@ def runs(tmp_path_factory, tiny_run):
     root = tmp_path_factory.mktemp("browser") / "runs"
     shutil.copytree(tiny_run, root / "lstm-1x16")
     shutil.copytree(tiny_run, root / "lstm-1x16-copy")
+    for ckpt in ("best", "last"):  # the copy's run sampled from another prefix: the page offers it with the model
+        path = root / "lstm-1x16-copy" / ckpt / "checkpoint.json"
+        meta = json.loads(path.read_text())
+        meta["train_config"]["prefix"] = "the time"
+        meta[checkpoint.META_DIGEST] = checkpoint._meta_digest({k: v for k, v in meta.items()
+                                                                if k != checkpoint.META_DIGEST})
+        path.write_text(json.dumps(meta))
     return root
 
 
@@ -131,6 +140,13 @@ def test_page_streams_generated_text(server, runs):
             page.wait_for_selector("#card-fields dd")
             assert page.is_visible("#model")
             assert page.locator("#model option").all_inner_texts()[1].startswith("lstm-1x16-copy")
+            # The prefix box holds the chosen model's own prefix, and follows the picker until typed in.
+            assert page.input_value("#prefix") == "time traveller"
+            page.select_option("#model", "lstm-1x16-copy")
+            assert page.input_value("#prefix") == "the time"
+            page.fill("#prefix", "the machine")
+            page.select_option("#model", "lstm-1x16")
+            assert page.input_value("#prefix") == "the machine"
             page.select_option("#model", "lstm-1x16-copy")
             assert "lstm" in page.inner_text("#card-fields")
             page.wait_for_function("document.getElementById('curve').naturalWidth > 0")

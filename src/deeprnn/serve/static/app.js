@@ -75,7 +75,15 @@ async function loadModels() {
   select.value = data.default;
   $("model-row").hidden = data.models.length < 2;
   const cards = Object.fromEntries(data.models.map((c) => [c.id, c]));
-  const show = () => renderCard(cards[select.value]);
+  // The prefix box starts as the chosen model's own prefix (the one its run sampled from: "ROMEO:" for a
+  // Shakespeare run) and follows the picker until the user types in it.
+  const box = $("prefix");
+  let suggested = box.value;
+  const show = () => {
+    const card = cards[select.value];
+    if (card.default_prefix && box.value === suggested) box.value = suggested = card.default_prefix;
+    renderCard(card);
+  };
   select.addEventListener("change", show);
   show();
 }
