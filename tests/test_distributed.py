@@ -204,6 +204,30 @@ def test_resume_under_ddp_gives_identical_losses(tmp_path, ddp_runs):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_a_pause_between_evaluations_resumes_each_ranks_interval(tmp_path, ddp_runs):
+    """Paused at step 4 of 6 between evaluations (``train(stop_after_steps=4)`` on each rank: no flag does it),
+    then ``--resume`` to 12: the sums of the interval's training loss, saved per rank, are taken back, so step 6's
+    row is the straight run's (without them it held steps 5 and 6 alone)."""
+    cfg = {**BASE, **OPTIMIZERS["adam"], "run_dir": "run"}
+    code = ("import sys; from deeprnn.train import TrainConfig, train; "
+            f"s = train(TrainConfig(**{cfg!r}), progress=False, log=lambda *_: None, stop_after_steps=4); "
+            "sys.exit(s['stop_reason'] != 'paused')")
+    port = str(free_port())
+    for r in finish(*(start([sys.executable, "-c", code], tmp_path,
+                            child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=port)) for rank in (0, 1))):
+        ok(r)
+    assert not (tmp_path / "run" / "metrics.csv").exists() or rows(tmp_path / "run") == []  # not evaluated
+    ranks = load_checkpoint(tmp_path / "run" / "last").meta["interval"]["ranks"]
+    assert len(ranks) == 2 and ranks[0][0] != ranks[1][0]  # [loss sum, count, tokens]: each rank its own batches
+    for r in two_ranks(["--resume", "run", "--max-steps", "12"], tmp_path):
+        ok(r)
+    straight, resumed = rows(ddp_runs["adam"]), rows(tmp_path / "run")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == ["6", "12"]
+    for a, b in zip(straight, resumed):
+        assert (a["train_loss"], a["val_loss"], a["tokens"]) == (b["train_loss"], b["val_loss"], b["tokens"])
+
+
 def test_dropout_differs_by_rank_and_resumes_exactly(tmp_path):
     """With dropout each rank draws its own masks (its own generator, saved per rank), and resuming
     restores every rank's generator: 6 + 6 steps == 12 straight."""
