@@ -767,9 +767,13 @@ def test_help_shows_each_default_once():
     for parser in _parsers():
         text = " ".join(parser.format_help().split())
         assert not re.search(r"\(default[^)]*\) \(default", text), (parser.prog, text)
+        # a default of None says nothing: each such flag says what leaving it out means
+        assert "(default: None)" not in text and "['" not in text, (parser.prog, text)
     helps = {p.prog: " ".join(p.format_help().split()) for p in _parsers()}
     assert "embedding size (default: num_hiddens) --dropout" in helps["deeprnn train"]
     assert "(default runs/<name>) --on-nan" in helps["deeprnn train"]
+    assert "stop after this many steps (default: no limit)" in helps["deeprnn train"]
+    assert "named corpora, files or dirs (default: timemachine)" in helps["deeprnn train"]
     assert ("held-out evaluation, about 1 minute of training on 2 CPU cores with AVX-512, about 4 without."
             in helps["deeprnn train"])
     for command in ("generate", "evaluate"):

@@ -942,11 +942,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-preds", type=int, default=200, help="tokens to generate")
     g.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="sample", help="decoding strategy")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all of them)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: 1, no threshold)")
     g.add_argument("--num-samples", type=int, default=1, help="independent samples (batched)")
     g.add_argument("--beam-width", type=int, default=4, help="beam width for --strategy beam")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: one drawn and told: on stderr at a terminal, in --json)")
     g.add_argument("--unk", choices=["error", "replace"], default="error",
                    help="prefix characters outside the vocabulary: refuse, or map to <unk>")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -959,8 +959,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["train", "valid", "test", "all"], default="test",
                    help="which split of the corpus to score: 'train' is the text the run trained on "
                         "(after --max-tokens and --source-weights); 'all' for a new file")
-    e.add_argument("--data-dir", default=None, help="cache directory for named corpora")
-    e.add_argument("--encoding", default=None, help="text encoding of the files")
+    e.add_argument("--data-dir", default=None,
+                   help="cache directory for named corpora (default: $DEEPRNN_DATA_DIR, else ~/.cache/deeprnn)")
+    e.add_argument("--encoding", default=None,
+                   help="text encoding of the files (default: the run's for its own files; UTF-8, cp1252 detected)")
     e.add_argument("--batch-size", type=int, default=None,
                    help="parallel streams (default: the run's --eval-batch-size, 64 unless it set one; 1 with "
                         "--dynamic-lr, so the text is read in order)")
@@ -969,7 +971,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--dynamic-lr)")
     e.add_argument("--dynamic-lr", type=float, default=None, metavar="LR",
                    help="dynamic evaluation: after scoring each window, take an SGD step of this size on it "
-                        "(Krause et al. 2018; reported apart from static scores)")
+                        "(Krause et al. 2018; reported apart from static scores; default: off)")
     e.add_argument("--dynamic-rule", choices=["rms", "sgd"], default="rms",
                    help="dynamic evaluation update: steps scaled by the RMS of training gradients, or plain SGD")
     e.add_argument("--dynamic-decay", type=float, default=0.0, metavar="D",
@@ -981,7 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("corpora", help="list named corpora and where they are cached", formatter_class=fmt)
-    c.add_argument("--data-dir", default=None, help="cache directory")
+    c.add_argument("--data-dir", default=None, help="cache directory (default: $DEEPRNN_DATA_DIR, else ~/.cache/deeprnn)")
     c.set_defaults(func=cmd_corpora)
 
     i = sub.add_parser("info", help="describe a checkpoint: model, training, metrics, lineage", formatter_class=fmt)
