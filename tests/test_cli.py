@@ -186,6 +186,9 @@ def test_config_file(tmp_path, capsys):
     (["--schedule", "step", "--min-lr-ratio", "0.1"], "--min-lr-ratio 0.1 has no effect with schedule 'step'; it is "
                                                       "read only with schedule 'cosine' or 'wsd': drop it, or set "
                                                       "--schedule"),
+    (["--residual", "--num-layers", "1"], "--residual has no effect with num_layers 1; it is read only with "
+                                          "num_layers > 1 (the connections join stacked layers): drop it, or set "
+                                          "--num-layers"),
     (["--warmup-steps", "5", "--schedule", "plateau"], "--warmup-steps 5 has no effect with schedule 'plateau'; it "
                                                        "is read only with schedule 'constant' or 'cosine' or 'wsd': "
                                                        "drop it, or set --schedule"),

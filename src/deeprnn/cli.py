@@ -384,7 +384,8 @@ def _refuse_unused(args: argparse.Namespace, cfg) -> None:
         if source not in ("flag", "config"):
             continue
         value = getattr(cfg, name)
-        what = f"--{name.replace('_', '-')} {value}" if source == "flag" else f"{args.config}: {name} = {value!r}"
+        flag = f"--{name.replace('_', '-')}" + ("" if isinstance(value, bool) else f" {value}")
+        what = flag if source == "flag" else f"{args.config}: {name} = {json.dumps(value)}"
         fix = f"drop it, or set --{on.replace('_', '-')}" if source == "flag" else f"remove it, or set {on}"
         raise ConfigError(f"{what} has no effect with {on} {getattr(cfg, on)!r}{whence.get(args.chosen_from.get(on), '')}"
                           f"; it is read only with {on} {needs}: {fix}")

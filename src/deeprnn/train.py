@@ -264,6 +264,8 @@ class TrainConfig:
                 out.append((name, on, " or ".join(repr(v) for v in works_with)))
         if self.ema_start != defaults.ema_start and self.ema_decay == 0:
             out.append(("ema_start", "ema_decay", "> 0 (a weight average, e.g. 0.998)"))
+        if self.residual and self.num_layers == 1:
+            out.append(("residual", "num_layers", "> 1 (the connections join stacked layers)"))
         return out
 
 
