@@ -235,10 +235,16 @@ def main(argv=None) -> int:
     if args.ablation:
         ablation(args, ablation_rows(p, args))
         return 0
-    values = {**PRESETS[args.preset], "seed": args.seed, "time_budget": args.minutes, **parse_sets(args.set)}
+    sets = parse_sets(args.set)
+    values = {**PRESETS[args.preset], "seed": args.seed, "time_budget": args.minutes, **sets}
     if args.eval_every is not None:
         values["eval_every"] = args.eval_every
     refuse_invalid(p, values)
+    cfg = TrainConfig(**values)
+    for name, on, needs in cfg.unused_options():  # as deeprnn train refuses them
+        if name in sets:
+            p.error(f"--set {name}={sets[name]} has no effect with {on} {getattr(cfg, on)!r}; it is read only with "
+                    f"{on} {needs}: drop it, or --set {on}=...")
     if args.run_dir is not None:
         refuse_run_dir(p, args.run_dir, args.overwrite)
     print(f"preset {args.preset}, {args.minutes} min: "

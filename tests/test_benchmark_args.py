@@ -48,6 +48,8 @@ def no_training(monkeypatch):
     # the configuration is checked before the preset line and the run (it was exit 1, after both)
     (["--minutes", "0"], "time_budget must be > 0 minutes, got 0.0"),
     (["--set", "num_layers=0"], "num_layers must be >= 1, got 0"),
+    (["--set", "momentum=0.9"], "--set momentum=0.9 has no effect with optimizer 'adam'; it is read only with "
+                                "optimizer 'sgd': drop it, or --set optimizer=..."),  # trained as if not there
     (["--run-dir", " "], "--run-dir is empty; name a directory, or drop --run-dir for a temporary one"),
 ])
 def test_quality_refuses_bad_arguments_before_training(args, message, capsys, no_training):
