@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.common import loadavg, machine, parse_sets, refuse_repeated_seeds  # noqa: E402
 from deeprnn.cli import PRESETS, preset_note  # noqa: E402
+from deeprnn.compare import refuse_unused_sets  # noqa: E402
 from deeprnn.errors import DeepRNNError  # noqa: E402
 from deeprnn.rundir import read_metrics  # noqa: E402
 from deeprnn.train import TrainConfig, TrainingInterrupted, train  # noqa: E402
@@ -240,11 +241,10 @@ def main(argv=None) -> int:
     if args.eval_every is not None:
         values["eval_every"] = args.eval_every
     refuse_invalid(p, values)
-    cfg = TrainConfig(**values)
-    for name, on, needs in cfg.unused_options():  # as deeprnn train refuses them
-        if name in sets:
-            p.error(f"--set {name}={sets[name]} has no effect with {on} {getattr(cfg, on)!r}; it is read only with "
-                    f"{on} {needs}: drop it, or --set {on}=...")
+    try:  # as deeprnn train refuses them
+        refuse_unused_sets(TrainConfig(**values), sets)
+    except DeepRNNError as e:
+        p.error(str(e))
     if args.run_dir is not None:
         refuse_run_dir(p, args.run_dir, args.overwrite)
     print(f"preset {args.preset}, {args.minutes} min: "

@@ -871,6 +871,15 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return config_from_mapping(raw, "--set")
 
 
+def refuse_unused_sets(cfg, sets: dict[str, Any]) -> None:
+    """A ``--set`` option that ``cfg`` never reads (``momentum`` with Adam) is a ``ConfigError``, as train's
+    flags are: it would train as if it were not there."""
+    for name, on, needs in cfg.unused_options():
+        if name in sets:
+            raise ConfigError(f"--set {name}={sets[name]} has no effect with {on} {getattr(cfg, on)!r}; it is read "
+                              f"only with {on} {needs}: drop it, or --set {on}=...")
+
+
 def parse_weights(text: str | None) -> dict[str, float] | str | None:
     if text is None:
         return None
@@ -952,11 +961,7 @@ def spec_from_args(args: argparse.Namespace) -> GridSpec:
     spec.base.update(sets)
     from deeprnn.train import TrainConfig
 
-    base_cfg = TrainConfig(**spec.base)
-    for name, on, needs in base_cfg.unused_options():  # as train refuses --momentum with Adam
-        if name in sets:
-            raise ConfigError(f"--set {name}={sets[name]} has no effect with {on} {getattr(base_cfg, on)!r}; it is "
-                              f"read only with {on} {needs}: drop it, or --set {on}=...")
+    refuse_unused_sets(TrainConfig(**spec.base), sets)
     if args.minutes is not None:
         minutes = args.minutes
     if args.epochs is not None:
