@@ -660,6 +660,26 @@ def test_named_corpora_keep_their_cache_keys():
                                                           "210618d56bb0"]  # computed by the code of d5b776e
 
 
+def test_a_rerun_refused_for_a_foreign_file_keeps_the_cached_result(tmp_path, tiny_text, capsys):
+    """--rerun of a point whose folder holds a file deeprnn did not write: train refused it, but only after
+    compare had deleted the point's summary.json, so the next plain compare trained the finished run again."""
+    out = tmp_path / "out"
+    argv = ["compare", "--layers", "1", "--hiddens", "8", "--corpus", f"tiny={tiny_text}", "--epochs", "1",
+            "--out", str(out), *_set_flags(TINY_SET)]
+    assert main(argv) == 0
+    (run,) = (out / "runs").iterdir()
+    (run / "best" / "mine.txt").write_text("my notes\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*argv, "--rerun"]) == 2
+    assert capsys.readouterr().err == (f"deeprnn: error: cannot overwrite run directory {run}: {run}/best/mine.txt "
+                                       "was not written by deeprnn; move it away or use another --runs-dir\n")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    (run / "best" / "mine.txt").unlink()
+    assert main(argv) == 0
+    assert "0 trained, 1 from the cache" in capsys.readouterr().out
+
+
 def test_a_point_another_process_is_training_is_refused_before_anything_changes(tmp_path, tiny_text, capsys,
                                                                                 lock_holder):
     """A second compare of a grid whose point was still training rewrote the point's compare.json (and its

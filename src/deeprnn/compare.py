@@ -391,7 +391,7 @@ def per_source_eval(run_dir: Path, cfg, variant: DataVariant, sources: list[str]
 def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl: float | None,
               rerun: bool = False, train_log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train ``point`` unless ``runs_dir/<key>/summary.json`` exists; return its record."""
-    from deeprnn.rundir import read_metrics, run_lock
+    from deeprnn.rundir import check_overwritable, read_metrics, run_lock
     from deeprnn.train import TrainingInterrupted, json_safe, train
 
     run_dir = runs_dir / point.key
@@ -407,6 +407,8 @@ def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl
         if info is None:
             if run_dir.exists() and not run_dir.is_dir():  # mkdir's FileExistsError was a traceback
                 raise ConfigError(f"{run_dir} is a file where compare keeps this run; move it away")
+            if run_dir.is_dir():  # train's refusal of a file it did not write came after the results were gone
+                check_overwritable(run_dir, instead="use another --runs-dir")
             run_dir.mkdir(parents=True, exist_ok=True)
             for stale in ("summary.json", "eval.json"):
                 (run_dir / stale).unlink(missing_ok=True)

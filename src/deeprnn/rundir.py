@@ -160,19 +160,11 @@ def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool =
             )
         import shutil
 
-        from deeprnn.checkpoint import FILES
-
         if held is not None:  # a run still training is not removed under it
             held.enter_context(run_lock(run_dir))
             locked = True
         # Only remove what a run writes, and only once every such name is known to be deeprnn's.
-        present = [run_dir / n for n in (*RUN_FILES, *CHECKPOINT_DIRS) if (run_dir / n).exists()]
-        for p in present:
-            if not _is_own(p):
-                foreign = sorted({q.name for q in p.iterdir()} - FILES) if p.is_dir() else []
-                what = p / foreign[0] if foreign else p
-                raise CheckpointError(f"cannot overwrite run directory {run_dir}: {what} was not written by deeprnn; "
-                                      "move it away or choose another --run-dir")
+        present = check_overwritable(run_dir)
         for p in present:
             if p.is_dir():
                 shutil.rmtree(p)
@@ -186,6 +178,21 @@ def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool =
     if held is not None and not locked:
         held.enter_context(run_lock(run_dir))
     return run_dir
+
+
+def check_overwritable(run_dir: Path, instead: str = "choose another --run-dir") -> list[Path]:
+    """The run files and checkpoint folders in ``run_dir`` that overwriting it removes, once each is known
+    to be deeprnn's; else a ``CheckpointError`` naming the first that is not (``instead``: the other way out)."""
+    from deeprnn.checkpoint import FILES
+
+    present = [run_dir / n for n in (*RUN_FILES, *CHECKPOINT_DIRS) if (run_dir / n).exists()]
+    for p in present:
+        if not _is_own(p):
+            foreign = sorted({q.name for q in p.iterdir()} - FILES) if p.is_dir() else []
+            what = p / foreign[0] if foreign else p
+            raise CheckpointError(f"cannot overwrite run directory {run_dir}: {what} was not written by deeprnn; "
+                                  f"move it away or {instead}")
+    return present
 
 
 # ----------------------------------------------------------------------------------------------
