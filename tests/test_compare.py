@@ -268,6 +268,43 @@ def test_per_source_eval_refuses_trained_on_text(tmp_path, tiny_text, capsys):
     capsys.readouterr()
 
 
+def test_trained_on_is_decided_by_the_files_not_the_spelling(tmp_path):
+    """--eval-on and --heldout-from compared as typed: ./d/b.txt, trained on whole, was scored as "validation"
+    (training text), d/a.txt held out as ./d/a.txt was reported "trained on", and a file inside a directory the
+    variant trains on counted as a new source."""
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in ("a", "b"):
+        (d / f"{name}.txt").write_text("the time machine " * 50)
+    a, b, dot_a, dot_b = str(d / "a.txt"), str(d / "b.txt"), f"{d}/./a.txt", f"{d}/./b.txt"
+    files = compare.DataVariant("files", [a, b], heldout_from=[a])
+    assert [compare.trained_whole(files, s) for s in (a, b, dot_a, dot_b)] == [False, True, False, True]
+    spelled = compare.DataVariant("spelled", [a, b], heldout_from=[dot_a])
+    assert [compare.trained_whole(spelled, s) for s in (a, b)] == [False, True]
+    folder = compare.DataVariant("folder", [str(d)], heldout_from=[a])
+    assert [compare.trained_whole(folder, s) for s in (a, b, str(d), "timemachine")] == [False, True, True, False]
+    every = compare.DataVariant("every", [str(d)])  # no --heldout-from: every source is split
+    assert [compare.trained_whole(every, s) for s in (a, b)] == [False, False]
+
+
+def test_an_eval_on_source_too_short_to_score_is_refused_before_training(tmp_path, tiny_text, capsys, monkeypatch):
+    """Its column said nan after the grid trained, then "n/a (trained on)" from the cache, of a text the runs
+    never saw."""
+    short = tmp_path / "short.txt"
+    short.write_text("hello there my friend")
+    monkeypatch.setattr(compare, "run_point", lambda *a, **k: pytest.fail("a run started"))
+    assert main(["compare", "--hiddens", "8", "--layers", "1", "--corpus", f"tiny={tiny_text}", "--eval-on", str(short),
+                 "--epochs", "1", "--out", str(tmp_path / "r"), *_set_flags(TINY_SET)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"deeprnn: error: --eval-on {short}: its validation span has 2 tokens (--set val_fraction=0.1); "
+                    "it needs at least 3 to be scored: use a longer text, or leave it out of --eval-on")
+    assert not (tmp_path / "r").exists()
+    # an older cache's unscored source is "n/a", not "trained on"
+    runs = [{"label": "x", **{k: 1.0 for k, _, _ in compare.COLUMNS}, "valid_ppl[s]": None, "trained_on[s]": False}]
+    assert compare.aggregate(runs, ["s"], None)[1][0][-1] == "n/a"
+    assert compare.aggregate([{**runs[0], "trained_on[s]": True}], ["s"], None)[1][0][-1] == "n/a (trained on)"
+
+
 def test_a_damaged_cache_entry_is_trained_or_scored_again(tmp_path, tiny_text, capsys):
     """compare.json cut short (a kill mid-write), a summary.json that is not an object, an eval.json cut short:
     each used to stop the next compare with a JSONDecodeError/AttributeError traceback. The run is trained

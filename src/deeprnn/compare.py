@@ -360,6 +360,42 @@ def time_to_target(rows: list[dict[str, str]], target: float | None) -> float | 
     return None
 
 
+def trained_whole(variant: DataVariant, spec: str) -> bool:
+    """Whether ``variant`` trains on all of a source ``spec`` names (none of it held out), however the path is
+    spelled (``./d/a.txt`` for ``d/a.txt``) and a file inside a directory the variant trains on."""
+    from deeprnn.corpus import match_sources, source_names
+
+    names = source_names(variant.corpus)
+    named = match_sources(names, [spec])[spec]
+    if variant.heldout_from is None:
+        return False
+    held = {name for found in match_sources(names, variant.heldout_from).values() for name in found}
+    return any(name not in held for name in named)
+
+
+def check_eval_on(points: list[RunPoint], eval_on: list[str]) -> None:
+    """Each ``--eval-on`` source that a variant does not train on whole must have a validation span long enough
+    to score, as the variant's runs cut it: refused before the grid trains (the column said ``nan`` after it)."""
+    from deeprnn.corpus import build_corpus
+    from deeprnn.train import MIN_HELDOUT_TOKENS, heldout_streams
+
+    checked = set()
+    for point in points:
+        cfg = point.cfg
+        for src in eval_on:
+            cut = (src, cfg.token, cfg.normalization, cfg.val_fraction, cfg.test_fraction, cfg.eval_batch_size)
+            if cut in checked or trained_whole(point.variant, src):
+                continue
+            checked.add(cut)
+            corpus = build_corpus([src], token=cfg.token, normalization=cfg.normalization, data_dir=cfg.data_dir,
+                                  encoding=cfg.encoding)
+            valid = corpus.split(split_fractions(cfg)).valid
+            if heldout_streams(valid, cfg.eval_batch_size) is None:
+                raise ConfigError(f"--eval-on {src}: its validation span has {valid.numel()} tokens (--set "
+                                  f"val_fraction={cfg.val_fraction:g}); it needs at least {MIN_HELDOUT_TOKENS} to be "
+                                  "scored: use a longer text, or leave it out of --eval-on")
+
+
 def per_source_eval(run_dir: Path, cfg, variant: DataVariant, sources: list[str]) -> dict[str, dict[str, Any]]:
     """Best checkpoint scored on each source's own validation span (cut as training cut it).
 
@@ -371,10 +407,9 @@ def per_source_eval(run_dir: Path, cfg, variant: DataVariant, sources: list[str]
     from deeprnn.train import LN2, evaluate_tokens, perplexity
 
     ck = load_checkpoint(run_dir, map_location="cpu")
-    held = set(variant.corpus) if variant.heldout_from is None else set(variant.heldout_from)
     out: dict[str, dict[str, Any]] = {}
     for src in sources:
-        if src in variant.corpus and src not in held:
+        if trained_whole(variant, src):
             out[src] = None
             continue
         corpus = build_corpus([src], token=cfg.token, normalization=cfg.normalization, vocab=ck.vocab,
@@ -462,6 +497,7 @@ def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl
         e = evals.get(src)
         rec[f"valid_ppl[{src}]"] = e["ppl"] if e else None
         rec[f"valid_bpc[{src}]"] = e["bpc"] if e else None
+        rec[f"trained_on[{src}]"] = trained_whole(point.variant, src)
     return rec
 
 
@@ -545,7 +581,10 @@ def aggregate(records: list[dict[str, Any]], eval_on: list[str], target_ppl: flo
                 row.append(f"not reached ({len(runs) - len(reached)}/{len(runs)})")
         for src in eval_on:
             vals = [r[f"valid_ppl[{src}]"] for r in runs]
-            row.append(_cell(vals, "{:.3f}") if any(v is not None for v in vals) else "n/a (trained on)")
+            if any(v is not None for v in vals):
+                row.append(_cell(vals, "{:.3f}"))
+            else:  # only a source trained on whole is "trained on"; an unscored one (an older cache's nan) is not
+                row.append("n/a (trained on)" if all(r.get(f"trained_on[{src}]", True) for r in runs) else "n/a")
         rows.append(row)
     return header, rows
 
@@ -792,6 +831,7 @@ def run_compare(spec: GridSpec, out: str | os.PathLike, *, runs_dir: str | os.Pa
                     *([spec.eval_on] if spec.eval_on else [])]:
         check_sources(sources)  # a typo is one line now, not after a run (or the whole grid) has trained
     points = expand_grid(spec)  # every point's options checked too, before the first one trains
+    check_eval_on(points, spec.eval_on)
     prepare_output(out, runs)
     machine = machine_summary()
     records = []
