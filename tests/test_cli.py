@@ -795,6 +795,26 @@ def word_run(tmp_path, capsys):
     return run
 
 
+def test_info_of_a_run_says_where_the_run_stands(trained, tmp_path, capsys):
+    """info RUN shows the run's best/ checkpoint, whose step read as the run's length ("trained 3 steps" of a run
+    of 12); a line now gives the run's own steps, whether it finished, and which checkpoint is shown."""
+    from deeprnn.train import train
+
+    assert main(["info", str(trained)]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("run ")]
+    assert line == "run         6 steps, finished (max_steps); this is its best/ checkpoint (the lowest validation loss)"
+    assert main(["info", str(trained / "last"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"] == {"dir": str(trained), "steps": 6, "finished": True,
+                                                          "stop_reason": "max_steps", "checkpoint": "last"}
+    cfg = dataclasses.replace(TrainConfig(**json.loads((trained / "config.json").read_text())),
+                              run_dir=str(tmp_path / "paused"), max_steps=None, eval_every=2)
+    train(cfg, progress=False, log=lambda *_: None, stop_after_steps=3)  # evaluated at 2, paused at 3
+    assert main(["info", str(tmp_path / "paused")]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("run ")]
+    assert line == (f"run         3 steps, unfinished: deeprnn train --resume {tmp_path / 'paused'} continues it; this "
+                    "is its best/ checkpoint (the lowest validation loss)")
+
+
 def test_info_reports_bits_per_word_for_word_models(trained, word_run, capsys):
     """As evaluate and train say it: bpc at character level, bits/word at word level (it said bits/token)."""
     for run, unit in ((trained, "bpc"), (word_run, "bits/word")):

@@ -868,6 +868,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "metrics": meta.get("metrics"),
         "corpus": ck.train_config.get("corpus"),
         "lineage": _lineage(meta),
+        "run": _run_progress(ck.path),
     }
     if args.json:
         print(json.dumps(json_safe(info), indent=1))
@@ -879,6 +880,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"corpus      {', '.join(info['corpus'] or [])}")
     pos = info["position"] or {}
     print(f"trained     {pos.get('step')} steps, {pos.get('tokens', 0):,} tokens, {pos.get('train_time', 0):.1f} s")
+    run = info["run"]
+    if run is not None:  # a run's best/ is not where it stopped: "3 steps" read as the run's length
+        state = (f"finished ({run['stop_reason']})" if run["finished"] else
+                 f"unfinished: deeprnn train --resume {run['dir']} continues it")
+        print(f"run         {run['steps']} steps, {state}; this is its {run['checkpoint']}/ checkpoint"
+              + (" (the lowest validation loss)" if run["checkpoint"] == "best" else ""))
     met = info["metrics"] or {}
     if met.get("val_bpc") is not None:  # an overflowed perplexity is saved as null: it is inf
         ppl = float("inf") if met.get("val_ppl") is None else float(met["val_ppl"])
@@ -886,6 +893,29 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"validation  perplexity {ppl:.4f}, {float(met['val_bpc']):.4f} {unit}")
     print("lineage     " + (" <- ".join(info["lineage"]) if info["lineage"] else "trained from scratch"))
     return 0
+
+
+def _run_progress(ckpt_path: Path) -> dict[str, Any] | None:
+    """Where the run a checkpoint belongs to stands: its step (its last/ checkpoint's), whether it finished
+    (``summary.json`` written at that step) and which of its checkpoints this is. None for a checkpoint
+    outside a run directory."""
+    from deeprnn.checkpoint import read_meta
+
+    if ckpt_path.name not in ("best", "last"):
+        return None
+    run = ckpt_path.parent
+    try:
+        step = read_meta(run / "last")["position"]["step"]
+    except (DeepRNNError, KeyError, TypeError):
+        return None
+    try:
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    # (a pause, Python's train(stop_after_steps=), writes its summary too: it has not finished)
+    finished = isinstance(summary, dict) and summary.get("steps") == step and summary.get("stop_reason") != "paused"
+    return {"dir": str(run), "steps": step, "finished": finished,
+            "stop_reason": summary.get("stop_reason") if finished else None, "checkpoint": ckpt_path.name}
 
 
 def _lineage(meta: dict[str, Any]) -> list[str]:
