@@ -128,6 +128,26 @@ def test_freeze_layers(parent, tmp_path):
         freeze_layers(m, 3)
 
 
+def test_freezing_below_a_tied_output_layer_leaves_it_trainable(tmp_path):
+    """With --tie-weights the embedding is the output layer's weight: freezing it with the lowest layers froze
+    the output layer as well, without a word (8,476 of 17,820 parameters trainable, the output weight not among
+    them). It stays trainable now, and the log says why."""
+    tied = build_model(ModelConfig(vocab_size=6, cell="lstm", num_layers=2, num_hiddens=4, input="embedding",
+                                   tie_weights=True))
+    assert freeze_layers(tied, 1) == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"]
+    assert tied.output.weight.requires_grad and tied.output.weight is tied.embedding.weight
+    parent_run = tmp_path / "tied"
+    train(tiny(parent_run, max_steps=2, input="embedding", tie_weights=True), progress=False, log=lambda *_: None)
+    lines: list[str] = []
+    train(tiny(tmp_path / "child", max_steps=2), init_from=str(parent_run), freeze_layers=1, progress=False,
+          log=lines.append)
+    assert "froze the 1 lowest layers (4 parameter tensors) (the embedding stays trainable: with --tie-weights it " \
+           "is the output layer's weight too)" in lines
+    before, after = (load_checkpoint(r, prefer="last").model.state_dict() for r in (parent_run, tmp_path / "child"))
+    assert torch.equal(before["rnn.weight_hh_l0"], after["rnn.weight_hh_l0"])
+    assert not torch.equal(before["output.weight"], after["output.weight"])
+
+
 def test_finetune_flags_need_init_from(tmp_path):
     with pytest.raises(ConfigError, match=r"^--extend-vocab and --freeze-layers need --init-from RUN_OR_CHECKPOINT$"):
         train(tiny(tmp_path / "x"), extend_vocab=True, **QUIET)

@@ -1002,7 +1002,9 @@ def _run_model(cfg: TrainConfig, vocab, resume_ckpt, parent, freeze_layers: int,
     if parent is not None:
         if freeze_layers:
             frozen = freeze(parent.model, freeze_layers, include_embedding=not extend_vocab)
-            log(f"froze the {freeze_layers} lowest layers ({len(frozen)} parameter tensors)")
+            tied = " (the embedding stays trainable: with --tie-weights it is the output layer's weight too)"
+            log(f"froze the {freeze_layers} lowest layers ({len(frozen)} parameter tensors)"
+                + (tied if parent.model.config.tie_weights and not extend_vocab else ""))
         return parent.model
     mcfg = ModelConfig(vocab_size=len(vocab), **cfg.model_fields())
     mcfg.validate()
