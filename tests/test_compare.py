@@ -59,6 +59,9 @@ def test_grid_report_then_cache(tmp_path, tiny_text, capsys):
     report = (out / "report.md").read_text()
     header, _sep, *rows = _table_rows(report)
     assert header[0] == "configuration" and "held-out ppl (best)" in header and "tokens/s" in header
+    # a file of the user's is read where it is: the report said it came from $DEEPRNN_DATA_DIR, beside a Time
+    # Machine the grid did not use
+    assert "Corpora:" not in report and "Budget: at most 3 steps per run; 1 epochs per run;" in report
     assert [r[0] for r in rows] == ["gru 1x8 concise", "gru 2x8 concise", "lstm 1x8 concise", "lstm 2x8 concise"]
     for row in rows:  # every column filled with a number
         assert len(row) == len(header)
@@ -247,8 +250,11 @@ def test_authors_preset_scores_every_source(tmp_path, capsys):
             ppl = float(r[f"valid_ppl[{src}]"])
             assert 1 < ppl < 60, (r["data"], src, ppl)  # an 8-unit model after 2 steps: near uniform (28)
             assert float(r[f"valid_bpc[{src}]"]) == pytest.approx(math.log2(ppl))
-    header = _table_rows((out / "report.md").read_text())[0]
+    report = (out / "report.md").read_text()
+    header = _table_rows(report)[0]
     assert header[-3:] == ["valid ppl timemachine", "valid ppl war-of-the-worlds", "valid ppl tinyshakespeare"]
+    assert ("Corpora: timemachine is bundled with deeprnn; tinyshakespeare, war-of-the-worlds come from "
+            "`$DEEPRNN_DATA_DIR` (downloaded there when missing unless `DEEPRNN_OFFLINE=1`).") in report
     capsys.readouterr()
 
 

@@ -590,8 +590,11 @@ def aggregate(records: list[dict[str, Any]], eval_on: list[str], target_ppl: flo
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    def cells(row: list[str]) -> str:  # a label's own "|" would end its cell
+        return "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+
+    lines = [cells(header), "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
+    lines += [cells(r) for r in rows]
     return "\n".join(lines)
 
 
@@ -763,7 +766,9 @@ def write_report(out: Path, spec: GridSpec, records: list[dict[str, Any]], *, co
     if spec.base.get("max_steps"):
         budget.append(f"at most {spec.base['max_steps']} steps per run")
     if not spec.base.get("time_budget"):
-        budget.append(f"{spec.base.get('num_epochs', 'default')} epochs per run")
+        from deeprnn.train import TrainConfig
+
+        budget.append(f"{spec.base.get('num_epochs', TrainConfig().num_epochs)} epochs per run")
     shown = {k: v for k, v in spec.base.items() if not (k == "num_epochs" and spec.base.get("time_budget"))}
     base_text = ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
     unit = "word" if spec.base.get("token") == "word" else "character"
@@ -795,10 +800,17 @@ def write_report(out: Path, spec: GridSpec, records: list[dict[str, Any]], *, co
     if machine:
         parts += [f"Machine: {machine} Throughput and wall times depend on the machine and on what else "
                   "ran on it; compare them within one report only.", ""]
-    others = sorted({s for r in spec.data for s in r.corpus} - {"timemachine"})
-    if others:
-        parts += [f"Corpora: *The Time Machine* is bundled; {', '.join(others)} "
-                  "come from `$DEEPRNN_DATA_DIR` (downloaded there when missing unless `DEEPRNN_OFFLINE=1`).", ""]
+    from deeprnn.corpus import NAMED_CORPORA
+
+    named = sorted({s for r in spec.data for s in r.corpus} & NAMED_CORPORA.keys())
+    bundled = [s for s in named if NAMED_CORPORA[s].bundled]
+    cached = [s for s in named if not NAMED_CORPORA[s].bundled]
+    where = [f"{', '.join(bundled)} {'is' if len(bundled) == 1 else 'are'} bundled with deeprnn"] if bundled else []
+    if cached:  # a file of the user's is neither: it is read where it is
+        where.append(f"{', '.join(cached)} {'comes' if len(cached) == 1 else 'come'} from `$DEEPRNN_DATA_DIR` "
+                     "(downloaded there when missing unless `DEEPRNN_OFFLINE=1`)")
+    if where:
+        parts += [f"Corpora: {'; '.join(where)}.", ""]
     notes = out / NOTES_FILE
     if notes.exists():  # hand-written findings survive regenerating the report (prepare_output read it)
         parts += ["## Notes", "", notes.read_text(encoding="utf-8").strip(), ""]
