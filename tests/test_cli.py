@@ -90,6 +90,37 @@ def test_evaluate_reads_the_runs_file_in_the_runs_encoding(tmp_path, capsys):
     assert (result["tokens"], result["unknown_tokens"]) == (180, 0)  # 4 streams, as the run scored (64: 128)
 
 
+def test_evaluate_counts_what_it_scored(trained, tmp_path, capsys):
+    """The unknown tokens are counted among the tokens scored (over the whole split they outnumbered them:
+    "1,196 tokens (1,200 unknown)"), a text mostly outside the vocabulary is warned of, --json's batch_size is the
+    streams used (a short split takes fewer), and a text normalisation leaves empty does not suggest another
+    normalisation, which evaluate cannot take."""
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("the time machine 1234567890 " * 20)  # d2l: 339 characters, every one in the vocabulary
+    assert main(["evaluate", str(trained), "--corpus", str(mixed), "--split", "all", "--batch-size", "100000",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert (result["batch_size"], result["tokens"], result["unknown_tokens"], err) == (169, 338, 0, "")
+    odd = tmp_path / "odd.txt"
+    odd.write_text("\u00e9\u00e8" * 300)  # no letter a-z: d2l leaves nothing
+    line = one_error_line(capsys, 2, ["evaluate", str(trained), "--corpus", str(odd), "--split", "all"])
+    assert line == (f"deeprnn: error: {str(odd)!r} has no tokens after 'd2l' normalisation, the one the model was "
+                    "trained with; pass a text in the model's alphabet")
+    # a raw model knows the characters of its text only: an unknown one is a token, scored as <unk>
+    (tmp_path / "ab.txt").write_text("abba baab " * 300)
+    run = tmp_path / "ab"
+    assert main(["train", *TINY, "--corpus", str(tmp_path / "ab.txt"), "--normalization", "raw",
+                 "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--corpus", str(odd), "--split", "all", "--batch-size", "4", "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert (result["tokens"], result["unknown_tokens"]) == (4 * 149, 4 * 149)  # the first token and 3 left over
+    assert err == ("deeprnn: warning: 596 of the 596 tokens scored are <unk> (outside the model's vocabulary); the "
+                   "perplexity says little about this text\n")
+
+
 def test_resume_continues_and_extends_budget(trained, capsys):
     assert main(["train", "--resume", str(trained), "--max-steps", "9", "--quiet"]) == 0
     out = capsys.readouterr().out

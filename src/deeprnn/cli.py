@@ -728,7 +728,7 @@ def checkpoint_split_tokens(ck, split: str, *, corpus=None, data_dir=None, encod
     on (or of ``corpus``), cut exactly as its training run cut them: 'train' is the text the run trained
     on (its sources repeated by ``source_weights``, then its first ``max_tokens``); the held-out splits
     are whole, as training scored them."""
-    from deeprnn.corpus import build_corpus
+    from deeprnn.corpus import NoTokensError, build_corpus
 
     tcfg = ck.train_config
     sources = corpus or tcfg.get("corpus", ["timemachine"])
@@ -736,8 +736,13 @@ def checkpoint_split_tokens(ck, split: str, *, corpus=None, data_dir=None, encod
         encoding = encoding or tcfg.get("encoding")
         saved_dir = tcfg.get("data_dir")
         data_dir = data_dir or (saved_dir if saved_dir and Path(saved_dir).is_dir() else None)
-    built = build_corpus(sources, token=tcfg.get("token", ck.vocab.token), normalization=tcfg.get("normalization", "d2l"),
-                         vocab=ck.vocab, data_dir=data_dir, encoding=encoding)
+    normalization = tcfg.get("normalization", "d2l")
+    try:
+        built = build_corpus(sources, token=tcfg.get("token", ck.vocab.token), normalization=normalization,
+                             vocab=ck.vocab, data_dir=data_dir, encoding=encoding)
+    except NoTokensError as e:  # "or normalisation": the model's is fixed, and evaluate has no such flag
+        raise CorpusError(f"{e.source!r} has no tokens after {normalization!r} normalisation, the one the model "
+                          "was trained with; pass a text in the model's alphabet") from None
     if corpus is None:  # its splits of other text would be scored as its own: an edited file, a new edition
         from deeprnn.train import check_same_corpus, corpus_record
 
@@ -757,11 +762,10 @@ def checkpoint_split_tokens(ck, split: str, *, corpus=None, data_dir=None, encod
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from deeprnn.checkpoint import load_checkpoint
     from deeprnn.precision import check_precision
-    from deeprnn.train import LN2, MIN_HELDOUT_TOKENS, evaluate_tokens, json_safe, perplexity, resolve_device
+    from deeprnn.train import (LN2, MIN_HELDOUT_TOKENS, evaluate_tokens, heldout_streams, json_safe, perplexity,
+                               resolve_device)
 
     device = resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, map_location=device)
@@ -815,10 +819,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if dynamic and not loss < float("inf"):  # inf or nan: the updates blew the weights up; the score stands
         print(f"deeprnn: warning: dynamic evaluation diverged at --dynamic-lr {args.dynamic_lr:g} (the updated "
               "weights gave a non-finite loss); use a smaller --dynamic-lr", file=sys.stderr)
-    unk = int((tokens == ck.vocab.unk).sum()) if isinstance(tokens, torch.Tensor) else 0
+    # Over what was scored (each stream's targets), as n is: counted over the whole split, the unknown tokens
+    # could outnumber the scored ones. The streams: fewer than --batch-size for a short split.
+    _, targets = heldout_streams(tokens, batch_size)
+    unk = int((targets == ck.vocab.unk).sum())
+    if unk > n / 2:
+        print(f"deeprnn: warning: {unk:,} of the {n:,} tokens scored are <unk> (outside the model's vocabulary); "
+              "the perplexity says little about this text", file=sys.stderr)
     result = {"checkpoint": str(ck.path), "split": args.split, "tokens": n, "loss_nats": loss,
               "perplexity": perplexity(loss), "bits_per_token": loss / LN2, "unknown_tokens": unk,
-              "batch_size": batch_size, "num_steps": num_steps,
+              "batch_size": targets.shape[0], "num_steps": num_steps,
               "evaluation": "dynamic" if dynamic else "static"}
     if dynamic:
         result.update(dynamic_rule=args.dynamic_rule, dynamic_lr=args.dynamic_lr, dynamic_decay=args.dynamic_decay)

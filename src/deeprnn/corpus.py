@@ -880,9 +880,17 @@ class _CharEncoder:
         return torch.from_numpy(out), vocab
 
 
+class NoTokensError(CorpusError):
+    """A source that normalisation leaves without a token (``source``: its name)."""
+
+    def __init__(self, message: str, source: str) -> None:
+        super().__init__(message)
+        self.source = source
+
+
 def _no_tokens_error(name: str, normalization: str) -> CorpusError:
-    return CorpusError(
-        f"{name!r} has no tokens after {normalization!r} normalisation; pass another text or normalisation"
+    return NoTokensError(
+        f"{name!r} has no tokens after {normalization!r} normalisation; pass another text or normalisation", name
     )
 
 
