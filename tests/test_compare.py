@@ -329,6 +329,19 @@ def test_a_damaged_cache_entry_is_trained_or_scored_again(tmp_path, tiny_text, c
         assert main(argv) == 0
         assert "1 trained, 1 from the cache" in capsys.readouterr().out
         assert json.loads(path.read_text())  # written whole again
+    # metrics.csv gone: the time to the target was "not reached" of a run that reached it; now trained again
+    (runs[0] / "metrics.csv").unlink()
+    assert main(argv) == 0
+    assert "1 trained, 1 from the cache" in capsys.readouterr().out and (runs[0] / "metrics.csv").is_file()
+    # a directory in its place: an IsADirectoryError traceback; now the one line of a folder deeprnn cannot clear
+    (runs[0] / "metrics.csv").unlink()
+    (runs[0] / "metrics.csv").mkdir()
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"deeprnn: error: cannot overwrite run directory {runs[0]}: {runs[0]}/metrics.csv "
+                                       "was not written by deeprnn; move it away or use another --runs-dir\n")
+    (runs[0] / "metrics.csv").rmdir()
+    assert main(argv) == 0
+    capsys.readouterr()
     evals = runs[1] / "eval.json"
     evals.write_text(evals.read_text()[:10])
     assert main(argv) == 0

@@ -442,11 +442,12 @@ def run_point(point: RunPoint, runs_dir: Path, *, eval_on: list[str], target_ppl
         if info is None:
             if run_dir.exists() and not run_dir.is_dir():  # mkdir's FileExistsError was a traceback
                 raise ConfigError(f"{run_dir} is a file where compare keeps this run; move it away")
+            stale = ("summary.json", "eval.json")  # the cache entry: dropped, damaged or not
             if run_dir.is_dir():  # train's refusal of a file it did not write came after the results were gone
-                check_overwritable(run_dir, instead="use another --runs-dir")
+                check_overwritable(run_dir, instead="use another --runs-dir", damaged_ok=stale)
             run_dir.mkdir(parents=True, exist_ok=True)
-            for stale in ("summary.json", "eval.json"):
-                (run_dir / stale).unlink(missing_ok=True)
+            for name in stale:
+                (run_dir / name).unlink(missing_ok=True)
             info = {"label": point.label, "seed": point.seed, "key": point.key,
                     "variant": dataclasses.asdict(point.variant), "config": dataclasses.asdict(point.cfg),
                     "wall_s": None, "finished": None}
@@ -511,13 +512,16 @@ def _json_object(path: Path) -> dict[str, Any] | None:
 
 
 def point_state(run_dir: Path, rerun: bool = False) -> str:
-    """What a grid point's run directory calls for: "cached" (its summary.json and compare.json readable: a
-    damaged one is trained again rather than stopping the grid with a traceback), "continuing" (a run that
-    stopped with a checkpoint to resume) or "training"; ``rerun`` trains every point from the start."""
+    """What a grid point's run directory calls for: "cached" (its summary.json, compare.json and metrics.csv
+    readable: a damaged one is trained again rather than stopping the grid with a traceback, or reporting a
+    target "not reached" for want of the curve), "continuing" (a run that stopped with a checkpoint to resume) or
+    "training"; ``rerun`` trains every point from the start."""
+    from deeprnn.rundir import holds_metrics
+
     if rerun:
         return "training"
     info = _json_object(run_dir / "compare.json")
-    if info is not None and _json_object(run_dir / "summary.json") is not None:
+    if info is not None and _json_object(run_dir / "summary.json") is not None and holds_metrics(run_dir):
         return "cached"
     if info and info.get("interrupted") and (run_dir / "last" / "checkpoint.json").exists():
         return "continuing"

@@ -180,14 +180,15 @@ def prepare_run_dir(cfg: TrainConfig, *, overwrite: bool = False, resume: bool =
     return run_dir
 
 
-def check_overwritable(run_dir: Path, instead: str = "choose another --run-dir") -> list[Path]:
+def check_overwritable(run_dir: Path, instead: str = "choose another --run-dir", damaged_ok=()) -> list[Path]:
     """The run files and checkpoint folders in ``run_dir`` that overwriting it removes, once each is known
-    to be deeprnn's; else a ``CheckpointError`` naming the first that is not (``instead``: the other way out)."""
+    to be deeprnn's; else a ``CheckpointError`` naming the first that is not (``instead``: the other way out).
+    The names in ``damaged_ok`` are not checked (compare's damaged summary.json: its cache entry, dropped)."""
     from deeprnn.checkpoint import FILES
 
     present = [run_dir / n for n in (*RUN_FILES, *CHECKPOINT_DIRS) if (run_dir / n).exists()]
     for p in present:
-        if not _is_own(p):
+        if p.name not in damaged_ok and not _is_own(p):
             foreign = sorted({q.name for q in p.iterdir()} - FILES) if p.is_dir() else []
             what = p / foreign[0] if foreign else p
             raise CheckpointError(f"cannot overwrite run directory {run_dir}: {what} was not written by deeprnn; "
@@ -265,6 +266,11 @@ def trim_metrics(path: Path, step: int) -> int:
     if len(keep) < len(rows):
         write_text_atomic(path, header + "".join(keep), newline="")
     return len(rows) - len(keep)
+
+
+def holds_metrics(run_dir: Path) -> bool:
+    """Whether ``run_dir/metrics.csv`` is a metrics file deeprnn wrote (a file, with its header)."""
+    return _is_own_file(run_dir / "metrics.csv")
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
