@@ -603,6 +603,25 @@ def test_an_empty_run_dir_is_refused(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data-dir", ""], "data_dir is empty; name a directory, or drop --data-dir for the default "
+                                  "($DEEPRNN_DATA_DIR, else ~/.cache/deeprnn)"),
+    (["corpora", "--data-dir", ""], "--data-dir is empty; name a directory, or drop it for the default "
+                                    "($DEEPRNN_DATA_DIR, else ~/.cache/deeprnn)"),  # it listed "cache directory: ."
+    (["corpora", "--data-dir", "{file}"], "the corpus cache {file} is a file, not a directory; pass a directory to "
+                                          "--data-dir (or $DEEPRNN_DATA_DIR)"),  # listed as "not downloaded yet"
+    (["info", ""], "the run or checkpoint path is empty; name a run directory or a checkpoint"),  # ". holds no ..."
+    (["evaluate", " "], "the run or checkpoint path is empty; name a run directory or a checkpoint"),
+])
+def test_an_empty_or_wrong_kind_of_path_is_refused(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").write_text("mine\n")
+    argv = [a.replace("{file}", str(tmp_path / "notes")) for a in argv]
+    line = one_error_line(capsys, 2, argv)
+    assert line == "deeprnn: error: " + message.replace("{file}", str(tmp_path / "notes"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
 @pytest.mark.parametrize("where", ["_main", "cmd_info"])
 def test_ctrl_c_while_starting_up_or_in_a_command_is_one_line(capsys, monkeypatch, where):
     """Ctrl-C while torch was still being imported (before the command ran) used to print the import's

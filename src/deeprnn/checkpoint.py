@@ -242,6 +242,8 @@ def resolve_checkpoint(run_or_ckpt: str | os.PathLike, prefer: str = "best") -> 
     A run directory resolves to ``best/`` (or ``last/`` with ``prefer="last"``), falling back
     to the other one.
     """
+    if not os.fspath(run_or_ckpt).strip():  # an unset shell variable: Path("") is the current directory
+        raise CheckpointError("the run or checkpoint path is empty; name a run directory or a checkpoint")
     p = Path(run_or_ckpt)
     if not p.exists():
         if p.is_symlink():

@@ -79,10 +79,19 @@ CHUNK_BYTES = 2**20  # bytes per read (more makes the per-chunk numpy temporarie
 
 # --- where corpora live --------------------------------------------------------------------------
 def data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The corpus cache: the argument, else ``$DEEPRNN_DATA_DIR``, else ``~/.cache/deeprnn``."""
+    """The corpus cache: the argument, else ``$DEEPRNN_DATA_DIR``, else ``~/.cache/deeprnn``. An empty argument
+    (an unset shell variable) or a path that is a file is a ``ConfigError``: they meant the current directory
+    and a cache nothing could be saved in."""
+    if data_dir is not None and not os.fspath(data_dir).strip():
+        raise ConfigError(f"--data-dir is empty; name a directory, or drop it for the default (${_DATA_DIR_ENV}, "
+                          "else ~/.cache/deeprnn)")
     if data_dir is None:
         data_dir = os.environ.get(_DATA_DIR_ENV) or Path.home() / ".cache" / "deeprnn"
-    return Path(data_dir).expanduser()
+    path = Path(data_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"the corpus cache {path} is a file, not a directory; pass a directory to --data-dir (or "
+                          f"${_DATA_DIR_ENV})")
+    return path
 
 
 _data_dir = data_dir  # for functions whose ``data_dir`` argument shadows the function

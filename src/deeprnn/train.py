@@ -197,6 +197,9 @@ class TrainConfig:
         need(self.encoding is None or known_encoding(self.encoding), unknown_encoding_message(self.encoding))
         need(self.run_dir is None or self.run_dir.strip() != "",
              "run_dir is empty; name a directory, or drop --run-dir for the default (runs/<name>)")
+        need(self.data_dir is None or self.data_dir.strip() != "",
+             "data_dir is empty; name a directory, or drop --data-dir for the default ($DEEPRNN_DATA_DIR, else "
+             "~/.cache/deeprnn)")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
