@@ -496,6 +496,19 @@ def test_a_users_matplotlib_plot_is_not_taken_for_the_reports(tmp_path):
     assert compare._is_own_report_file(theirs)
 
 
+def test_a_corpus_path_with_an_equals_sign_or_a_comma_is_that_file(tmp_path, monkeypatch):
+    """"v=2/a.txt" was read as label v, file 2/a.txt ("no such file"), and "c,d.txt" as two sources: a path that
+    exists is the file itself; LABEL=SRC,SRC is read as before otherwise."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "v=2").mkdir()
+    (tmp_path / "v=2" / "a.txt").write_text("x")
+    (tmp_path / "c,d.txt").write_text("x")
+    assert compare.parse_variant("v=2/a.txt") == compare.DataVariant("v=2/a.txt", ["v=2/a.txt"])
+    assert compare.parse_variant("c,d.txt") == compare.DataVariant("c,d.txt", ["c,d.txt"])
+    assert compare.parse_variant("both=a.txt,b.txt") == compare.DataVariant("both", ["a.txt", "b.txt"])
+    assert compare.parse_variant("timemachine") == compare.DataVariant("timemachine", ["timemachine"])
+
+
 def test_set_reads_booleans_strictly():
     """``--set residual=maybe`` is neither true nor false: an error naming the field, not a silent False."""
     from deeprnn.compare import parse_set

@@ -957,6 +957,8 @@ def parse_weights(text: str | None) -> dict[str, float] | str | None:
 
 
 def parse_variant(text: str) -> DataVariant:
+    if os.path.exists(os.path.expanduser(text)):  # a file named "v=2.txt" or "a,b.txt" is that file, unlabelled
+        return DataVariant(text, [text])
     label, sep, sources = text.partition("=")
     if not sep:
         label, sources = text, text
