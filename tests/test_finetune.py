@@ -1,6 +1,7 @@
 """Fine-tuning from a checkpoint (--init-from, --extend-vocab, --freeze-layers) and word-level models."""
 
 import csv
+import json
 import math
 
 import pytest
@@ -208,6 +209,9 @@ def test_lineage_is_recorded_by_absolute_path(parent, tmp_path, capsys, monkeypa
     assert main(["info", str(tmp_path / "grandchild")]) == 0
     assert (f"lineage     {tmp_path / 'child' / 'best'} (not found from here: its own lineage is unknown)"
             in capsys.readouterr().out)
+    assert main(["info", str(tmp_path / "grandchild"), "--json"]) == 0  # paths, for programs
+    info = json.loads(capsys.readouterr().out)
+    assert (info["lineage"], info["lineage_complete"]) == ([str(tmp_path / "child" / "best")], False)
 
 
 # --- word level ------------------------------------------------------------------------------

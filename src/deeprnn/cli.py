@@ -877,9 +877,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         "position": meta.get("position"),
         "metrics": meta.get("metrics"),
         "corpus": ck.train_config.get("corpus"),
-        "lineage": _lineage(meta),
         "run": _run_progress(ck.path),
     }
+    # paths only, for programs; the last one's own parent unknown when it was not found from here
+    info["lineage"], info["lineage_complete"] = _lineage(meta)
     if args.json:
         print(json.dumps(json_safe(info), indent=1))
         return 0
@@ -901,7 +902,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ppl = float("inf") if met.get("val_ppl") is None else float(met["val_ppl"])
         unit = "bpc" if info["token"] == "char" else "bits/word"  # as evaluate and train say it
         print(f"validation  perplexity {ppl:.4f}, {float(met['val_bpc']):.4f} {unit}")
-    print("lineage     " + (" <- ".join(info["lineage"]) if info["lineage"] else "trained from scratch"))
+    unknown = "" if info["lineage_complete"] else " (not found from here: its own lineage is unknown)"
+    print("lineage     " + (" <- ".join(info["lineage"]) + unknown if info["lineage"] else "trained from scratch"))
     return 0
 
 
@@ -928,7 +930,9 @@ def _run_progress(ckpt_path: Path) -> dict[str, Any] | None:
             "stop_reason": summary.get("stop_reason") if finished else None, "checkpoint": ckpt_path.name}
 
 
-def _lineage(meta: dict[str, Any]) -> list[str]:
+def _lineage(meta: dict[str, Any]) -> tuple[list[str], bool]:
+    """The checkpoints a model was fine-tuned from, parent first, and whether the chain is whole (False when the
+    last one was not found from here: moved, or named relative to another directory by an older run)."""
     from deeprnn.checkpoint import read_meta
 
     chain: list[str] = []
@@ -939,10 +943,9 @@ def _lineage(meta: dict[str, Any]) -> list[str]:
         chain.append(parent)
         try:
             parent = read_meta(Path(parent)).get("parent")
-        except DeepRNNError:  # moved, or named relative to another directory (older runs)
-            chain[-1] += " (not found from here: its own lineage is unknown)"
-            break
-    return chain
+        except DeepRNNError:
+            return chain, False
+    return chain, True
 
 
 # ----------------------------------------------------------------------------------------------
