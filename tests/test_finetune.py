@@ -1,6 +1,7 @@
 """Fine-tuning from a checkpoint (--init-from, --extend-vocab, --freeze-layers) and word-level models."""
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -147,6 +148,16 @@ def test_freezing_below_a_tied_output_layer_leaves_it_trainable(tmp_path):
     before, after = (load_checkpoint(r, prefer="last").model.state_dict() for r in (parent_run, tmp_path / "child"))
     assert torch.equal(before["rnn.weight_hh_l0"], after["rnn.weight_hh_l0"])
     assert not torch.equal(before["output.weight"], after["output.weight"])
+    # a resume freezes what the run froze: the record says the tied embedding trains; a run from before the rule
+    # (no such record) resumes with it frozen, as it trained
+    assert load_checkpoint(tmp_path / "child", prefer="last").meta["finetune"]["tied_embedding_trains"] is True
+    child = dataclasses.replace(tiny(tmp_path / "child", max_steps=2), tie_weights=True, input="embedding")
+    train(dataclasses.replace(child, max_steps=3), resume=True, progress=False, log=lambda *_: None)
+    resumed = load_checkpoint(tmp_path / "child", prefer="last").model.state_dict()
+    assert not torch.equal(after["output.weight"], resumed["output.weight"])
+    old = build_model(ModelConfig(vocab_size=6, cell="lstm", num_layers=2, num_hiddens=4, input="embedding",
+                                  tie_weights=True))
+    assert "embedding.weight" in freeze_layers(old, 1, tied_trains=False) and not old.output.weight.requires_grad
 
 
 def test_finetune_flags_need_init_from(tmp_path):

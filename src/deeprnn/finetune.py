@@ -58,13 +58,15 @@ def grow_model(model: LanguageModel, vocab_size: int) -> LanguageModel:
 _LAYER_RE = re.compile(r"(?:^layers\.(\d+)\.|_l(\d+)$)")
 
 
-def freeze_layers(model: LanguageModel, k: int, *, include_embedding: bool = True) -> list[str]:
+def freeze_layers(model: LanguageModel, k: int, *, include_embedding: bool = True,
+                  tied_trains: bool = True) -> list[str]:
     """Stop gradients to the ``k`` lowest recurrent layers (and the input embedding, which lies
     below them, when ``include_embedding``); returns the frozen parameter names. A tied embedding is the
-    output layer's weight too: it stays trainable, since freezing it would freeze the output layer."""
+    output layer's weight too: it stays trainable, since freezing it would freeze the output layer
+    (``tied_trains=False``: frozen, as runs fine-tuned before this rule froze it)."""
     if k < 0 or k > model.config.num_layers:
         raise ConfigError(f"freeze_layers must be in [0, num_layers={model.config.num_layers}], got {k}")
-    include_embedding = include_embedding and not model.config.tie_weights
+    include_embedding = include_embedding and not (model.config.tie_weights and tied_trains)
     frozen = []
     for name, p in model.named_parameters():
         m = _LAYER_RE.search(name.split(".", 1)[-1] if name.startswith("rnn.") else name)

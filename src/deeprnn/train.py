@@ -807,7 +807,9 @@ def _train(
         torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * dist.rank)
 
     lineage = {  # what every checkpoint of the run says of the run it was fine-tuned from
-        "finetune": ({"freeze_layers": freeze_layers, "extend_vocab": extend_vocab} if parent is not None
+        # tied_embedding_trains: a tied embedding stayed trainable under --freeze-layers (runs before it: frozen)
+        "finetune": ({"freeze_layers": freeze_layers, "extend_vocab": extend_vocab, "tied_embedding_trains": True}
+                     if parent is not None
                      else (resume_ckpt.meta.get("finetune") if resume_ckpt is not None else None)),
         # by absolute path, as the corpus files: info follows the lineage from any directory
         "parent": (os.path.abspath(parent.path) if parent is not None else
@@ -1000,7 +1002,8 @@ def _run_model(cfg: TrainConfig, vocab, resume_ckpt, parent, freeze_layers: int,
     if resume_ckpt is not None:
         ft = resume_ckpt.meta.get("finetune") or {}
         if ft.get("freeze_layers"):
-            freeze(resume_ckpt.model, ft["freeze_layers"], include_embedding=not ft.get("extend_vocab", False))
+            freeze(resume_ckpt.model, ft["freeze_layers"], include_embedding=not ft.get("extend_vocab", False),
+                   tied_trains=ft.get("tied_embedding_trains", False))  # as the run froze it, so resuming is exact
         return resume_ckpt.model
     if parent is not None:
         if freeze_layers:
