@@ -216,7 +216,21 @@ def test_read_time_machine_reads_windows_1252(shared_data):
     with pytest.raises(CorpusError) as err:
         d2l.read_time_machine(war, encoding="utf-8")
     assert str(err.value) == (f"cannot decode {war} as utf-8 (byte 0x91 at offset 805); check the file's encoding and "
-                              "pass the right one with --encoding")
+                              "pass the right one as encoding=...")  # an argument here, not the command line's flag
+
+
+def test_read_time_machine_errors_name_its_arguments(tmp_path):
+    (tmp_path / "nul.bin").write_bytes(b"ab\x00cd" * 10)
+    for args, message in [((tmp_path / "nul.bin",), f"{tmp_path / 'nul.bin'} looks binary (it contains NUL "
+                                                      "bytes); pass a text file, or its encoding as encoding=... if it "
+                                                      "is UTF-16"),
+                          ((tmp_path / "nul.bin", "klingon-8"), "unknown encoding 'klingon-8'; pass a Python codec "
+                                                                "name such as utf-8 or cp1252 as encoding=..."),
+                          ((tmp_path,), f"{str(tmp_path)!r} is a directory; read_time_machine reads one text file: "
+                                        "pass its path")]:
+        with pytest.raises(CorpusError) as err:
+            d2l.read_time_machine(*args)
+        assert str(err.value) == message
 
 
 # --- training pieces against the book's formulas ------------------------------------------------------
@@ -353,6 +367,18 @@ def test_engine_stays_off_where_torch_must_run():
     hooked = d2l.RNNModel(nn.RNN(V, 8), V)
     hooked.rnn.register_forward_hook(lambda *args: None)
     assert d2l._scratch_engine(hooked, "cpu") is None
+    # a backward hook, or a hook on every module, would not see the scratch engine's calls: torch's path
+    backward = d2l.RNNModel(nn.RNN(V, 8), V)
+    backward.rnn.register_full_backward_hook(lambda *args: None)
+    assert d2l._scratch_engine(backward, "cpu") is None
+    plain = d2l.RNNModel(nn.RNN(V, 8), V)
+    assert d2l._scratch_engine(plain, "cpu") is not None
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert d2l._scratch_engine(plain, "cpu") is None
+    finally:
+        handle.remove()
+    assert d2l._scratch_engine(plain, "cpu") is not None
 
     class Custom(d2l.RNNModel):
         def forward(self, inputs, state):
@@ -390,6 +416,51 @@ def test_animator_writes_a_png_and_train_ch8_draws_every_10_epochs(capsys, monke
     lines = check_run(capsys.readouterr().out, ppls, 20)
     assert lines[0].startswith("time traveller") and lines[1].startswith("time traveller")
     assert (tmp_path / d2l.Animator.default_path).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_animator_keeps_a_users_file_and_a_read_only_directory_stops_nothing(tmp_path, monkeypatch):
+    """animator.png of the user's own was replaced by every train_ch8 outside Jupyter; now only a PNG an
+    Animator wrote is. A figure that cannot be written ended the training with a PermissionError after 10
+    epochs; now it is one warning."""
+    (tmp_path / "animator.png").write_bytes(b"my own figure")
+    first = d2l.Animator()
+    first.add(1, [2.0])
+    assert first.path == "animator-2.png" and (tmp_path / "animator.png").read_bytes() == b"my own figure"
+    again = d2l.Animator()  # its own file from the first: replaced
+    assert again.path == "animator-2.png"
+    (tmp_path / "animator.png").unlink()
+    assert d2l.Animator().path == "animator.png"
+
+    def refuse(*_a, **_k):
+        raise PermissionError(1, "Operation not permitted")
+
+    unwritable = d2l.Animator(path=tmp_path / "ro.png")
+    monkeypatch.setattr(unwritable.fig, "savefig", refuse)
+    with pytest.warns(UserWarning, match=r"^Animator cannot write .*ro\.png \(Operation not permitted\); the plot "
+                                         r"is not saved, the training goes on"):
+        unwritable.add(1, [2.0])
+    unwritable.add(2, [1.0])  # once: no second warning (pytest would fail on an unexpected one below)
+    assert unwritable.Y == [[2.0, 1.0]]
+
+
+def test_the_books_loop_refuses_a_deeprnn_model():
+    """train_ch8 with a deeprnn model failed deep inside: "Expected input batch_size (35) to match target
+    batch_size (1120)"; predict_ch8 already said what to use instead."""
+    from deeprnn.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(vocab_size=28, cell="lstm", num_hiddens=8))
+    train_iter, vocab = d2l.load_data_time_machine(4, 10, max_tokens=500)
+    with pytest.raises(TypeError) as err:
+        d2l.train_ch8(model, train_iter, vocab, 1.0, 1, "cpu")
+    assert str(err.value) == ("train_ch8 takes the book's models (RNNModel, RNNModelScratch); train a deeprnn model "
+                              "with deeprnn.train.train(TrainConfig(...)) or `deeprnn train`")
+
+
+def test_vocab_takes_any_hashable_token_as_the_books_does():
+    assert d2l.Vocab([1, 2, 2, 3]).idx_to_token == ["<unk>", 2, 1, 3]
+    assert d2l.Vocab([[1, 2], [2]]).idx_to_token == ["<unk>", 2, 1]
+    assert d2l.Vocab([None, "a"]).idx_to_token == ["<unk>", None, "a"]
+    assert d2l.Vocab(list("abca")).token == "char" and d2l.Vocab([1, 2]).token == "word"
 
 
 def test_small_helpers():

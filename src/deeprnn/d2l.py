@@ -138,16 +138,37 @@ def plot(X, Y=None, xlabel=None, ylabel=None, legend=None, xlim=None, ylim=None,
     set_axes(axes, xlabel, ylabel, xlim, ylim, xscale, yscale, legend)
 
 
+def _own_or_free(path: str, mark: str) -> str:
+    """``path`` if it is free or a PNG an Animator wrote (``mark`` in it), else the first ``stem-N.png`` that is."""
+    stem, ext = os.path.splitext(path)
+    for n in range(1, 1000):
+        candidate = path if n == 1 else f"{stem}-{n}{ext}"
+        try:
+            with open(candidate, "rb") as f:
+                head = f.read(4096)  # the Software text chunk comes before the image data
+        except FileNotFoundError:
+            return candidate
+        except OSError:
+            continue
+        if head.startswith(b"\x89PNG") and mark.encode() in head:
+            return candidate
+    return path
+
+
 class Animator:
     """Plot data points as they arrive (section 3.6).
 
     In Jupyter the figure is redrawn in place in the cell's output, as in the book. Anywhere else
     (a script, a test, a machine without a display) each ``add`` writes the figure to the PNG file
     ``path`` instead (default ``Animator.default_path``, ``animator.png`` in the working directory);
-    nothing is printed, so the book's printed lines stay exactly as they are.
+    nothing is printed, so the book's printed lines stay exactly as they are. The default file is
+    replaced only when an Animator wrote it (its PNG says so): a file of the user's by that name is
+    kept, and the figure goes to ``animator-2.png`` (and so on). A figure that cannot be written (a
+    read-only directory) is a warning, once; the training it plots goes on.
     """
 
     default_path = "animator.png"
+    _MARK = "deeprnn.d2l.Animator"  # in the PNG's Software field: the files an Animator may replace
 
     def __init__(self, xlabel=None, ylabel=None, legend=None, xlim=None, ylim=None, xscale="linear",
                  yscale="linear", fmts=("-", "m--", "g-.", "r:"), nrows=1, ncols=1, figsize=(3.5, 2.5),
@@ -168,7 +189,8 @@ class Animator:
             self.axes = self.fig.subplots(nrows, ncols)
         if nrows * ncols == 1:
             self.axes = [self.axes]
-        self.path = path if path is not None or self.live else self.default_path
+        self.path = path if path is not None or self.live else _own_or_free(self.default_path, self._MARK)
+        self._save_failed = False
         self._axes_config = (xlabel, ylabel, xlim, ylim, xscale, yscale, legend)
         self.X, self.Y, self.fmts = None, None, fmts
 
@@ -199,8 +221,15 @@ class Animator:
 
             display.display(self.fig)
             display.clear_output(wait=True)
-        if self.path is not None:
-            self.fig.savefig(self.path)
+        if self.path is not None and not self._save_failed:
+            try:
+                self.fig.savefig(self.path, metadata={"Software": self._MARK})
+            except OSError as e:
+                self._save_failed = True
+                import warnings
+
+                warnings.warn(f"Animator cannot write {self.path} ({e.strerror or e}); the plot is not saved, the "
+                              "training goes on (pass Animator(path=...) a writable file)", stacklevel=2)
 
 
 class Timer:
@@ -365,15 +394,29 @@ def read_time_machine(path=None, encoding=None):
     spaces (section 8.2).
 
     Beyond the book: ``path`` reads another text file the same way (e.g. The War of the Worlds for
-    exercise 8.5.2 / 9.3.3), and the file is decoded as UTF-8, or Windows-1252 when it is not
-    UTF-8, unless ``encoding`` names the codec. Raises :class:`~deeprnn.errors.CorpusError` for a
-    missing, binary or undecodable file.
+    exercise 8.5.2 / 9.3.3), and the file is decoded as UTF-8, or Windows-1252 when it is not UTF-8,
+    unless ``encoding`` names the codec. The same way means every line: a Project Gutenberg file's
+    header and licence are read too (the book's copy of The Time Machine has none);
+    ``deeprnn.corpus.load_sources`` and ``deeprnn train --corpus FILE`` leave them out. Raises
+    :class:`~deeprnn.errors.CorpusError` for a missing, binary or undecodable file, or a directory.
     """
-    text = corpus.read_text(download("time_machine") if path is None else path, encoding)
+    if path is not None and os.path.isdir(path):
+        raise CorpusError(f"{str(path)!r} is a directory; read_time_machine reads one text file: pass its path")
+    try:
+        text = corpus.read_text(download("time_machine") if path is None else path, encoding)
+    except CorpusError as e:  # its fixes name the command line's --encoding; here it is an argument
+        raise CorpusError(_as_argument(str(e))) from None
     lines = text.split("\n")
     if lines[-1] == "":  # ``f.readlines()`` has no empty line after the final newline
         lines.pop()
     return [re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in lines]
+
+
+def _as_argument(message: str) -> str:
+    """A corpus message's ``--encoding`` (a flag of the command line) as read_time_machine's argument."""
+    message = re.sub(r"\(e\.g\. --encoding ([\w.-]+)\)", r"(e.g. encoding='\1')", message)
+    message = message.replace("with --encoding", "as encoding=...").replace("to --encoding", "as encoding=...")
+    return message
 
 
 def tokenize(lines, token="word"):
@@ -506,6 +549,15 @@ class RNNModel(nn.Module):
         return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
 
 
+def _global_module_hooks() -> bool:
+    """Whether hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook`` and
+    its kin) are set: the scratch engine would call no ``nn.RNN`` for them to see."""
+    from torch.nn.modules import module
+
+    return any(getattr(module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
 def _scratch_engine(net, device):
     """A training forward for ``net`` on deeprnn's scratch kernels, or None where it does not apply.
 
@@ -515,7 +567,7 @@ def _scratch_engine(net, device):
     of ``models.convert``), so gradients land on ``net``'s parameters and its training (optimizer,
     clipping) is untouched; the function computed is the same up to float rounding. Only a plain
     ``RNNModel`` qualifies: unidirectional, time-major, with biases, one-hot float32 inputs, no
-    dropout in training, no hooks. ``nn.LSTM`` keeps torch's fused oneDNN kernel, and ``nn.GRU``
+    dropout in training, no hooks (forward or backward, on its modules or global). ``nn.LSTM`` keeps torch's fused oneDNN kernel, and ``nn.GRU``
     torch's own path too: both measured faster than the scratch layers.
     """
     rnn = getattr(net, "rnn", None)
@@ -530,7 +582,9 @@ def _scratch_engine(net, device):
         or (rnn.dropout and rnn.training)
         or rnn.input_size != net.vocab_size
         or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in net.parameters())
-        or any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+        or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in net.modules())
+        or _global_module_hooks()  # register_module_forward_hook & co. see every module call: torch's path
     ):
         return None
     config = ModelConfig(vocab_size=net.vocab_size, cell=f"rnn_{rnn.nonlinearity}", num_layers=rnn.num_layers,
@@ -550,12 +604,20 @@ def _scratch_engine(net, device):
 # --- training and prediction (section 8.5) ---------------------------------------------------------
 
 
+def _check_book_model(net, function: str) -> None:
+    """A deeprnn model has its own contract ((B, T) in, (T, B, V) logits out, no flattening): the book's loop
+    and prediction would fail deep inside with a shape error (a batch size of 35 against 1,120 targets)."""
+    if isinstance(net, LanguageModel):
+        use = ("generate from a deeprnn model with deeprnn.generate.generate(model, vocab, prefix, num_preds)"
+               if function == "predict_ch8" else
+               "train a deeprnn model with deeprnn.train.train(TrainConfig(...)) or `deeprnn train`")
+        raise TypeError(f"{function} takes the book's models (RNNModel, RNNModelScratch); {use}")
+
+
 def predict_ch8(prefix, num_preds, net, vocab, device):
     """Generate ``num_preds`` characters after ``prefix`` greedily; the result includes the prefix
     (section 8.5). The prefix warms the state up one token at a time, as in the book."""
-    if isinstance(net, LanguageModel):  # deeprnn's own contract: (B, T) in, (T, B, V) logits out
-        raise TypeError("predict_ch8 takes the book's models (RNNModel, RNNModelScratch); generate from a deeprnn "
-                        "model with deeprnn.generate.generate(model, vocab, prefix, num_preds)")
+    _check_book_model(net, "predict_ch8")
     with torch.no_grad():
         state = net.begin_state(batch_size=1, device=device)
         outputs = [vocab[prefix[0]]]
@@ -610,6 +672,7 @@ def train_epoch_ch8(net, train_iter, loss, updater, device, use_random_iter):
     ``updater`` is a ``torch.optim.Optimizer`` or a function of ``batch_size`` (called with 1, the
     loss being a mean).
     """
+    _check_book_model(net, "train_epoch_ch8")
     state, timer = None, Timer()
     forward = _scratch_engine(net, device) or net
     loss_sum, num_tokens = 0.0, 0
@@ -652,6 +715,7 @@ def train_ch8(net, train_iter, vocab, lr, num_epochs, device, use_random_iter=Fa
     :class:`Animator`. At the end: ``perplexity P, S tokens/sec on DEVICE`` (S from the last epoch)
     and the predictions for ``'time traveller'`` and ``'traveller'``.
     """
+    _check_book_model(net, "train_ch8")
     loss = nn.CrossEntropyLoss()
     animator = Animator(xlabel="epoch", ylabel="perplexity", legend=["train"], xlim=[10, num_epochs])
     if isinstance(net, nn.Module):

@@ -112,7 +112,8 @@ class Vocab:
                 self.idx_to_token.append(tok)
                 self.token_to_idx[tok] = len(self.idx_to_token) - 1
         if token is None:
-            token = "char" if all(len(tok) == 1 for tok in counter) else "word"
+            # any hashable token, as the book's Vocab takes (ints, None): only one-character strings are characters
+            token = "char" if all(isinstance(tok, str) and len(tok) == 1 for tok in counter) else "word"
         if token not in TOKEN_KINDS:
             raise ConfigError(f"token must be one of {', '.join(TOKEN_KINDS)}, got {token!r}")
         self.token = token
