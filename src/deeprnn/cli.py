@@ -387,8 +387,9 @@ def _refuse_unused(args: argparse.Namespace, cfg) -> None:
         flag = f"--{name.replace('_', '-')}" + ("" if isinstance(value, bool) else f" {value}")
         what = flag if source == "flag" else f"{args.config}: {name} = {json.dumps(value)}"
         fix = f"drop it, or set --{on.replace('_', '-')}" if source == "flag" else f"remove it, or set {on}"
-        raise ConfigError(f"{what} has no effect with {on} {getattr(cfg, on)!r}{whence.get(args.chosen_from.get(on), '')}"
-                          f"; it is read only with {on} {needs}: {fix}")
+        given = whence.get(args.chosen_from.get(on), "")
+        raise ConfigError(f"{what} has no effect with {on} {getattr(cfg, on)!r}{given}; it is read only with {on} "
+                          f"{needs}: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -986,11 +987,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-preds", type=int, default=200, help="tokens to generate")
     g.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="sample", help="decoding strategy")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all of them)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: 1, no threshold)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="sample from the k most likely tokens (default: all of them)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling threshold in (0, 1] (default: 1, no threshold)")
     g.add_argument("--num-samples", type=int, default=1, help="independent samples (batched)")
     g.add_argument("--beam-width", type=int, default=4, help="beam width for --strategy beam")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: one drawn and told: on stderr at a terminal, in --json)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="random seed for sampling (default: one drawn and told: on stderr at a terminal, in --json)")
     g.add_argument("--unk", choices=["error", "replace"], default="error",
                    help="prefix characters outside the vocabulary: refuse, or map to <unk>")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -1027,7 +1031,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("corpora", help="list named corpora and where they are cached", formatter_class=fmt)
-    c.add_argument("--data-dir", default=None, help="cache directory (default: $DEEPRNN_DATA_DIR, else ~/.cache/deeprnn)")
+    c.add_argument("--data-dir", default=None,
+                   help="cache directory (default: $DEEPRNN_DATA_DIR, else ~/.cache/deeprnn)")
     c.set_defaults(func=cmd_corpora)
 
     i = sub.add_parser("info", help="describe a checkpoint: model, training, metrics, lineage", formatter_class=fmt)

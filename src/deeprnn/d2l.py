@@ -567,8 +567,9 @@ def _scratch_engine(net, device):
     of ``models.convert``), so gradients land on ``net``'s parameters and its training (optimizer,
     clipping) is untouched; the function computed is the same up to float rounding. Only a plain
     ``RNNModel`` qualifies: unidirectional, time-major, with biases, one-hot float32 inputs, no
-    dropout in training, no hooks (forward or backward, on its modules or global). ``nn.LSTM`` keeps torch's fused oneDNN kernel, and ``nn.GRU``
-    torch's own path too: both measured faster than the scratch layers.
+    dropout in training, no hooks (forward or backward, on its modules or global). ``nn.LSTM`` keeps
+    torch's fused oneDNN kernel, and ``nn.GRU`` torch's own path too: both measured faster than the
+    scratch layers.
     """
     rnn = getattr(net, "rnn", None)
     if (
