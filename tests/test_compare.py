@@ -517,9 +517,6 @@ def test_set_reads_booleans_strictly():
     with pytest.raises(ConfigError) as err:
         parse_set(["residual=maybe"])
     assert str(err.value) == "--set: residual must be of type bool, got 'maybe'"
-    with pytest.raises(ConfigError) as err:  # the last one won without a word
-        parse_set(["lr=0.1", "dropout=0", "lr=0.2"])
-    assert str(err.value) == "--set lr is given twice; give it once"
 
 
 def test_cache_key_holds_what_precision_auto_means_here():

@@ -909,8 +909,6 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"{name} is a grid axis or compare option; use {grid[name]} instead of --set")
         if name not in types:
             raise ConfigError(f"--set: unknown key {key!r}; see deeprnn train --help for the options")
-        if name in raw:  # the last one won without a word
-            raise ConfigError(f"--set {name} is given twice; give it once")
         t = types[name]
         base = t.split("|")[0].strip()
         try:
