@@ -1079,7 +1079,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a fixed TrainConfig override for every run, e.g. --set lr=0.001 --set dropout=0 "
                    "(a `deeprnn train` option, underscores or dashes; lists comma-separated; the grid axes and the "
                    "budget have flags of their own, and fine-tuning's --init-from, --extend-vocab and "
-                   "--freeze-layers are not available)")
+                   "--freeze-layers are not available; a key given twice: the last one, as with flags)")
     p.add_argument("--out", help="report directory (default: reports/<preset> or reports/compare)")
     p.add_argument("--runs-dir", help="where runs are trained and cached (default: OUT/runs); share it between "
                    "reports to reuse runs")
