@@ -827,7 +827,7 @@ def test_help_shows_each_default_once():
     assert "(default runs/<name>) --on-nan" in helps["deeprnn train"]
     assert "stop after this many steps (default: no limit)" in helps["deeprnn train"]
     assert "named corpora, files or dirs (default: timemachine)" in helps["deeprnn train"]
-    assert ("held-out evaluation, about 1 minute of training on 2 CPU cores with AVX-512, about 4 without."
+    assert ("held-out evaluation, about 1 minute of training on 2 CPU cores with AVX-512, 4 to 6 without."
             in helps["deeprnn train"])
     for command in ("generate", "evaluate"):
         assert "--device DEVICE auto | cpu | cuda | cuda:N | mps (default: auto)" in helps[f"deeprnn {command}"]

@@ -963,7 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (no arguments: the main job on The Time Machine)",
                        description="Train a deep RNN language model. With no arguments: a 2-layer LSTM on "
                        "the bundled Time Machine, held-out evaluation, about 1 minute of training on 2 CPU cores with "
-                       "AVX-512, about 4 without.")
+                       "AVX-512, 4 to 6 without.")
     t.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration (flags still win)")
     t.add_argument("--config", metavar="FILE.toml", help="options from a TOML file ([train] table or top level)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
