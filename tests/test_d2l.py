@@ -216,16 +216,16 @@ def test_read_time_machine_reads_windows_1252(shared_data):
     with pytest.raises(CorpusError) as err:
         d2l.read_time_machine(war, encoding="utf-8")
     assert str(err.value) == (f"cannot decode {war} as utf-8 (byte 0x91 at offset 805); check the file's encoding and "
-                              "pass the right one as encoding=...")  # an argument here, not the command line's flag
+                              "pass the right one with the encoding argument")  # not the command line's flag
 
 
 def test_read_time_machine_errors_name_its_arguments(tmp_path):
     (tmp_path / "nul.bin").write_bytes(b"ab\x00cd" * 10)
     for args, message in [((tmp_path / "nul.bin",), f"{tmp_path / 'nul.bin'} looks binary (it contains NUL "
-                                                      "bytes); pass a text file, or its encoding as encoding=... if it "
-                                                      "is UTF-16"),
+                                                      "bytes); pass a text file, or its encoding with the encoding "
+                                                      "argument if it is UTF-16"),
                           ((tmp_path / "nul.bin", "klingon-8"), "unknown encoding 'klingon-8'; pass a Python codec "
-                                                                "name such as utf-8 or cp1252 as encoding=..."),
+                                                                "name such as utf-8 or cp1252 to the encoding argument"),
                           ((tmp_path,), f"{str(tmp_path)!r} is a directory; read_time_machine reads one text file: "
                                         "pass its path")]:
         with pytest.raises(CorpusError) as err:

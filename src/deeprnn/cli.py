@@ -377,6 +377,8 @@ def _refuse_unused(args: argparse.Namespace, cfg) -> None:
     """An option the user gave (a flag or a ``--config`` key) that the run would never read, such as
     ``--momentum`` with Adam, is refused rather than ignored. A preset's own settings give way: ``--preset
     tm-cpu --optimizer sgd`` trains without the preset's Adam betas."""
+    from deeprnn.train import unused_option_message
+
     whence = {"preset": f" (--preset {getattr(args, 'preset', None)}'s)", "config": f" (from {args.config})",
               "dry-run": " (--dry-run's)", None: " (the default)"}
     for name, on, needs in cfg.unused_options():
@@ -387,9 +389,7 @@ def _refuse_unused(args: argparse.Namespace, cfg) -> None:
         flag = f"--{name.replace('_', '-')}" + ("" if isinstance(value, bool) else f" {value}")
         what = flag if source == "flag" else f"{args.config}: {name} = {json.dumps(value)}"
         fix = f"drop it, or set --{on.replace('_', '-')}" if source == "flag" else f"remove it, or set {on}"
-        given = whence.get(args.chosen_from.get(on), "")
-        raise ConfigError(f"{what} has no effect with {on} {getattr(cfg, on)!r}{given}; it is read only with {on} "
-                          f"{needs}: {fix}")
+        raise ConfigError(unused_option_message(cfg, on, needs, what, fix, whence.get(args.chosen_from.get(on), "")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,10 +644,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                           "use --strategy greedy for the most likely text")
     sampling = args.strategy == "sample"  # the other strategies ignore these (with a warning): not checked
     seed = args.seed
-    if sampling and seed is None:  # drawn here, so that it can be told: 53 bits, exact as a JSON number anywhere
-        import secrets
+    if sampling and seed is None:  # drawn here, so that it can be told
+        from deeprnn.generate import fresh_seed
 
-        seed = secrets.randbits(53)
+        seed = fresh_seed()
     device = resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, map_location=device)
     stream = args.num_samples == 1 and args.strategy != "beam" and not args.json

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -44,8 +43,8 @@ from typing import Any
 
 import torch
 
-from deeprnn.corpus import (MAX_SOURCE_WEIGHT, NAMED_CORPORA, check_sources, match_sources, source_names,
-                            valid_source_weight)
+from deeprnn.corpus import (MAX_SOURCE_WEIGHT, NAMED_CORPORA, check_sources, match_sources,
+                            respell_encoding_option, source_names, valid_source_weight)
 from deeprnn.errors import ConfigError, CorpusError
 from deeprnn.files import write_text_atomic
 
@@ -363,8 +362,6 @@ def time_to_target(rows: list[dict[str, str]], target: float | None) -> float | 
 def trained_whole(variant: DataVariant, spec: str) -> bool:
     """Whether ``variant`` trains on all of a source ``spec`` names (none of it held out), however the path is
     spelled (``./d/a.txt`` for ``d/a.txt``) and a file inside a directory the variant trains on."""
-    from deeprnn.corpus import match_sources, source_names
-
     names = source_names(variant.corpus)
     named = match_sources(names, [spec])[spec]
     if variant.heldout_from is None:
@@ -804,8 +801,6 @@ def write_report(out: Path, spec: GridSpec, records: list[dict[str, Any]], *, co
     if machine:
         parts += [f"Machine: {machine} Throughput and wall times depend on the machine and on what else "
                   "ran on it; compare them within one report only.", ""]
-    from deeprnn.corpus import NAMED_CORPORA
-
     named = sorted({s for r in spec.data for s in r.corpus} & NAMED_CORPORA.keys())
     bundled = [s for s in named if NAMED_CORPORA[s].bundled]
     cached = [s for s in named if not NAMED_CORPORA[s].bundled]
@@ -932,10 +927,12 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 def refuse_unused_sets(cfg, sets: dict[str, Any]) -> None:
     """A ``--set`` option that ``cfg`` never reads (``momentum`` with Adam) is a ``ConfigError``, as train's
     flags are: it would train as if it were not there."""
+    from deeprnn.train import unused_option_message
+
     for name, on, needs in cfg.unused_options():
         if name in sets:
-            raise ConfigError(f"--set {name}={sets[name]} has no effect with {on} {getattr(cfg, on)!r}; it is read "
-                              f"only with {on} {needs}: drop it, or --set {on}=...")
+            raise ConfigError(unused_option_message(cfg, on, needs, f"--set {name}={sets[name]}",
+                                                    f"drop it, or --set {on}=..."))
 
 
 def parse_weights(text: str | None) -> dict[str, float] | str | None:
@@ -1093,8 +1090,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _as_compare_flags(message: str) -> str:
     """A corpus message names train's ``--encoding``; compare spells it ``--set encoding=NAME``."""
-    message = re.sub(r"--encoding (?=[\w.-]+\))", "--set encoding=", message)  # "(e.g. --encoding latin-1)"
-    return re.sub(r"(with|to) --encoding\b", r"\1 --set encoding=NAME", message)
+    return respell_encoding_option(message, "--set encoding={}", "--set encoding=NAME")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

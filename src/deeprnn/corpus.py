@@ -102,23 +102,33 @@ def offline() -> bool:
     return os.environ.get(_OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def respell_encoding_option(message: str, example: str, generic: str) -> str:
+    """A corpus message's fix names the command line's ``--encoding``; a caller that spells the option otherwise
+    (compare's ``--set encoding=``, the book API's ``encoding`` argument) gives its own: ``example`` formats the
+    codec a message suggests (``{}``), ``generic`` stands where no codec is named."""
+    message = re.sub(r"--encoding ([\w.-]+)(?=\))", lambda m: example.format(m.group(1)), message)  # "(e.g. …)"
+    return re.sub(r"\b(with|to) --encoding\b", lambda m: f"{m.group(1)} {generic}", message)
+
+
 def _unknown_corpus(name: str) -> CorpusError:
     known = ", ".join(NAMED_CORPORA)
     return CorpusError(f"unknown corpus {name!r}; known corpora: {known} (or pass a file or directory path)")
 
 
+def _digest(data: bytes, checksum: tuple[str, str]) -> str:
+    return hashlib.new(checksum[0], data).hexdigest()
+
+
 def digest_matches(data: bytes, checksum: tuple[str, str]) -> bool:
     """Whether ``data`` has the ``(algorithm, hex digest)`` a named corpus's file must have."""
-    algorithm, expected = checksum
-    return hashlib.new(algorithm, data).hexdigest() == expected
+    return _digest(data, checksum) == checksum[1]
 
 
 def _check_digest(data: bytes, checksum: tuple[str, str], what: str,
                   fix: str = "reinstall or re-download it") -> None:
-    if not digest_matches(data, checksum):
-        algorithm, expected = checksum
-        actual = hashlib.new(algorithm, data).hexdigest()
-        raise CorpusError(f"{what} is corrupt ({algorithm} {actual}, expected {expected}); {fix}")
+    actual = _digest(data, checksum)  # hashed once, for the check and the message
+    if actual != checksum[1]:
+        raise CorpusError(f"{what} is corrupt ({checksum[0]} {actual}, expected {checksum[1]}); {fix}")
 
 
 def _read_bundled(filename: str) -> bytes:

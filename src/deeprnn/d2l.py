@@ -405,18 +405,11 @@ def read_time_machine(path=None, encoding=None):
     try:
         text = corpus.read_text(download("time_machine") if path is None else path, encoding)
     except CorpusError as e:  # its fixes name the command line's --encoding; here it is an argument
-        raise CorpusError(_as_argument(str(e))) from None
+        raise CorpusError(corpus.respell_encoding_option(str(e), "encoding={!r}", "the encoding argument")) from None
     lines = text.split("\n")
     if lines[-1] == "":  # ``f.readlines()`` has no empty line after the final newline
         lines.pop()
     return [re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in lines]
-
-
-def _as_argument(message: str) -> str:
-    """A corpus message's ``--encoding`` (a flag of the command line) as read_time_machine's argument."""
-    message = re.sub(r"\(e\.g\. --encoding ([\w.-]+)\)", r"(e.g. encoding='\1')", message)
-    message = message.replace("with --encoding", "as encoding=...").replace("to --encoding", "as encoding=...")
-    return message
 
 
 def tokenize(lines, token="word"):

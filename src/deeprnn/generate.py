@@ -64,6 +64,14 @@ UNK_POLICIES = ("error", "replace")
 OnText = Callable[[int, str], object]
 
 
+def fresh_seed() -> int:
+    """A seed for a sample asked for without one, to be told with it so that it can be drawn again: 53 bits, so
+    that a JSON reader that parses numbers as doubles (the playground's JavaScript) shows it exactly."""
+    import secrets
+
+    return secrets.randbits(53)
+
+
 def generate(
     model: nn.Module,
     vocab,

@@ -272,6 +272,12 @@ class TrainConfig:
         return out
 
 
+def unused_option_message(cfg: TrainConfig, on: str, needs: str, given: str, fix: str, whence: str = "") -> str:
+    """The one line that refuses an option ``cfg`` never reads (an entry of :meth:`TrainConfig.unused_options`),
+    as the user gave it (``given``: ``--momentum 0.9``, ``--set momentum=0.9``) with that command's ``fix``."""
+    return f"{given} has no effect with {on} {getattr(cfg, on)!r}{whence}; it is read only with {on} {needs}: {fix}"
+
+
 # TrainConfig fields read only when another field takes one of some values: (field, the other field, its values)
 UNUSED_UNLESS = (
     ("momentum", "optimizer", ("sgd",)),

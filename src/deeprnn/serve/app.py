@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -560,9 +559,8 @@ def create_app(
             return _error(422, _gen.unknown_prefix_message(entry.vocab, missing), "prefix", invalid=missing)
         seed = req.seed
         if seed is None and req.strategy == "sample":
-            # returned, so any sample can be reproduced: below 2**53, so that the page's JSON.parse (a double)
-            # shows it exactly; a 63-bit seed came back rounded, and typed in again drew other text
-            seed = secrets.randbits(53)
+            # returned, so any sample can be reproduced (a 63-bit seed came back rounded by the page's JSON.parse)
+            seed = _gen.fresh_seed()
         args = dict(strategy=req.strategy, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                     num_samples=req.num_samples, beam_width=req.beam_width, seed=seed, unk=req.unk)
         head = {"model": entry.id, "prefix": req.prefix, "strategy": req.strategy, "seed": seed,
