@@ -322,6 +322,33 @@ def test_on_text_receives_pieces_in_order(vocab):
     assert [PREFIX + "".join(p for i, p in calls if i == s) for s in range(3)] == out
 
 
+class StopAfter:
+    """A ``stop`` event that reads as set from its ``n``-th look on (a client hanging up mid-decode)."""
+
+    def __init__(self, n: int):
+        self.n, self.looks = n, 0
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks > self.n
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_a_set_stop_event_ends_generation_before_the_next_token(vocab, strategy):
+    """Beam search too, though it tells nothing until its end: a server stops a decode nobody waits for.
+    (Greedy's compiled loop, for longer decodes, is test_greedy_native's.)"""
+    model = tiny_model(vocab)
+    stop = StopAfter(7)
+    with pytest.raises(generate_mod.Stopped, match=r"^generation stopped after 7 tokens$"):
+        generate(model, vocab, PREFIX, generate_mod._NativeGreedy.MIN_PREDS - 1, strategy=strategy, num_samples=2,
+                 stop=stop)
+    assert stop.looks == 8
+    unset = StopAfter(10**9)
+    kw = dict(strategy=strategy, num_samples=2, seed=3)
+    assert generate(model, vocab, PREFIX, 20, stop=unset, **kw) == generate(model, vocab, PREFIX, 20, **kw)
+    assert unset.looks == 20  # once before each token
+
+
 def test_word_vocabulary_joins_with_spaces():
     words = TEXT.split()
     vocab = Vocab(words)
@@ -481,6 +508,7 @@ def test_a_prefix_of_spaces_seeds_a_character_model(vocab):
         (dict(seed=2**63), f"seed must be an integer in [0, 2**63) or None, got {2**63}"),  # what train and serve take
         (dict(unk="ignore"), "unk must be one of error, replace; got 'ignore'"),
         (dict(on_text="print"), "on_text must be a callable (stream index, text piece) or None, got 'print'"),
+        (dict(stop=True), "stop must be a threading.Event (anything with is_set()) or None, got True"),
     ],
 )
 def test_bad_arguments_raise_config_error(vocab, kw, message):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deeprnn.generate import _CellStepper, _NativeGreedy, generate, make_stepper
+from deeprnn.generate import Stopped, _CellStepper, _NativeGreedy, generate, make_stepper
 from deeprnn.models import ModelConfig, build_model, native
 
-from test_generate import MODELS, PREFIX, TEXT, argmax_path, takes_fast_path, tiny_model  # noqa: F401  (vocab fixture below)
+from test_generate import MODELS, PREFIX, TEXT, StopAfter, argmax_path, takes_fast_path, tiny_model  # noqa: F401  (vocab fixture below)
 from deeprnn.vocab import Vocab
 
 FUSED = [m for m in MODELS if takes_fast_path(m.values[0])]
@@ -280,6 +280,17 @@ def test_ready_means_loaded_or_cached(ext, monkeypatch, tmp_path):
     assert all(d.is_dir() for d in building)  # asking did not remove them from under that build
     monkeypatch.setenv(native.ENV, "0")
     assert not native.ready()
+
+
+def test_a_set_stop_event_ends_the_compiled_loop_between_calls(ext, vocab, spy):
+    """Without streaming the loop runs ``STREAM_CHUNK`` steps a call when a ``stop`` event is given (``CHUNK``
+    otherwise), and looks at it before each call."""
+    model = tiny_model(vocab)
+    stop = StopAfter(3)
+    with pytest.raises(Stopped, match=f"^generation stopped after {3 * _NativeGreedy.STREAM_CHUNK} tokens$"):
+        generate(model, vocab, PREFIX, 500, stop=stop)
+    assert len(spy) == 1 and spy[0].slices == 1  # the compiled loop, without probes
+    assert generate(model, vocab, PREFIX, 500, stop=StopAfter(10**9)) == generate(model, vocab, PREFIX, 500)
 
 
 def test_decoder_refuses_bad_calls(ext, vocab):

@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx")
 from deeprnn import cli  # noqa: E402
 from deeprnn.checkpoint import load_checkpoint  # noqa: E402
 from deeprnn.errors import DeepRNNError, VocabError  # noqa: E402
-from deeprnn.generate import generate  # noqa: E402
+from deeprnn.generate import Stopped, generate  # noqa: E402
 from deeprnn.serve import INSTALL_HINT, create_app  # noqa: E402
 from deeprnn.serve import app as app_module  # noqa: E402
 
@@ -300,51 +300,136 @@ def test_stream_reports_a_failure_as_an_error_event(app, monkeypatch):
     assert events[1][1]["detail"].startswith("the model predicts 30 tokens")
 
 
-def test_stream_stops_its_worker_when_the_client_leaves(run_dir, monkeypatch):
-    small = create_app(run_dir, workers=1, max_queue=0)
-    stopped = threading.Event()
-
-    def endless(entry, prefix, num_preds, args, on_text):
-        try:
-            while True:
-                on_text(0, "a")
-                time.sleep(0.001)
-        except app_module._Cancelled:
-            stopped.set()
-            raise
-
-    monkeypatch.setattr(app_module, "_run", endless)
-    body = json.dumps({"prefix": "the", "stream": True}).encode()
+def raw_post(app, body: dict, leave: threading.Event, *, on_send=None) -> list[dict]:
+    """``POST /api/generate`` straight through ASGI, from a client that hangs up once ``leave`` is set (by
+    the test, a worker, or ``on_send(sent)`` after each message); returns the messages the app sent."""
+    data = json.dumps(body).encode()
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/api/generate", "raw_path": b"/api/generate",
              "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]}
 
     async def scenario():
-        sent, left = [], asyncio.Event()
-        pending = [{"type": "http.request", "body": body, "more_body": False}]
+        sent = []
+        pending = [{"type": "http.request", "body": data, "more_body": False}]
 
         async def receive():
             if pending:
                 return pending.pop()
-            await left.wait()
+            while not leave.is_set():
+                await asyncio.sleep(0.002)
             return {"type": "http.disconnect"}
 
         async def send(message):
             sent.append(message)
-            if len(sent) == 3:  # response start, start event, first characters: then hang up
-                left.set()
+            if on_send is not None:
+                on_send(sent)
 
-        await asyncio.wait_for(small(scope, receive, send), 10)
+        await asyncio.wait_for(app(scope, receive, send), 10)
         return sent
 
-    sent = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def wait_until_idle(pool) -> None:
+    deadline = time.monotonic() + 5
+    while pool.admitted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.admitted == 0
+
+
+def test_stream_stops_its_worker_when_the_client_leaves(run_dir, monkeypatch):
+    small = create_app(run_dir, workers=1, max_queue=0)
+    stopped = threading.Event()
+
+    def endless(entry, prefix, num_preds, args, on_text, gone):
+        while not gone.is_set():
+            on_text(0, "a")
+            time.sleep(0.001)
+        stopped.set()
+        raise Stopped("generation stopped after some tokens")
+
+    monkeypatch.setattr(app_module, "_run", endless)
+    leave = threading.Event()
+
+    def hang_up_after_the_first_characters(sent):
+        if len(sent) == 3:  # response start, start event, first characters
+            leave.set()
+
+    sent = raw_post(small, {"prefix": "the", "stream": True}, leave, on_send=hang_up_after_the_first_characters)
     assert sent[0]["status"] == 200 and sent[1]["body"].startswith(b"event: start")
     assert stopped.wait(5), "the worker kept generating for a client that had left"
-    deadline = time.monotonic() + 5
-    while small.state.pool.admitted and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert small.state.pool.admitted == 0
+    wait_until_idle(small.state.pool)
+    small.state.pool.shutdown()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_beam_search_stops_when_its_client_leaves(run_dir, monkeypatch, stream):
+    """Beam search tells nothing until its end, streamed or not: the worker stops before its next token
+    once the client hangs up, instead of decoding 2,000 tokens x 16 beams for nobody."""
+    small = create_app(run_dir, workers=1, max_queue=0)
+    real_run, leave, looks, stopped = app_module._run, threading.Event(), [], []
+
+    class Watched:  # the handler's event, seen by the real generate: the client leaves at the 5th token
+        def __init__(self, gone):
+            self.gone = gone
+
+        def is_set(self):
+            looks.append(1)
+            if len(looks) == 5:
+                leave.set()
+                assert self.gone.wait(5), "the handler did not notice the client leave"
+            return self.gone.is_set()
+
+    def watched(entry, prefix, num_preds, args, on_text, gone):
+        try:
+            return real_run(entry, prefix, num_preds, args, on_text, Watched(gone))
+        except Stopped as e:
+            stopped.append(str(e))
+            raise
+
+    monkeypatch.setattr(app_module, "_run", watched)
+    body = {"prefix": PREFIX, "num_preds": 2000, "strategy": "beam", "beam_width": 16, "stream": stream}
+    sent = raw_post(small, body, leave)
+    wait_until_idle(small.state.pool)
+    assert stopped == ["generation stopped after 4 tokens"] and len(looks) == 5
+    if stream:  # the response had started; nothing after the start event
+        assert [m.get("status") for m in sent[:1]] == [200] and b"event: done" not in b"".join(
+            m.get("body", b"") for m in sent)
+    else:
+        assert sent[0]["status"] == 499
+    small.state.pool.shutdown()
+
+
+def test_a_queued_request_whose_client_leaves_never_runs(run_dir, monkeypatch):
+    small = create_app(run_dir, workers=1, max_queue=1)
+    release, busy, ran = threading.Event(), threading.Event(), []
+
+    def slow(entry, prefix, num_preds, args, on_text, gone):
+        ran.append(prefix)
+        busy.set()
+        assert release.wait(10), "test never released the worker"
+        return [prefix] * args["num_samples"], 0.5
+
+    monkeypatch.setattr(app_module, "_run", slow)
+    first = threading.Thread(target=call, args=(small, "POST", "/api/generate"), kwargs={"json": {"prefix": "the"}})
+    first.start()
+    assert busy.wait(10)
+    leave = threading.Event()
+
+    def hang_up_once_queued():
+        while small.state.pool.admitted < 2:
+            time.sleep(0.005)
+        leave.set()
+
+    threading.Thread(target=hang_up_once_queued).start()
+    sent = raw_post(small, {"prefix": "my dear"}, leave)
+    assert sent[0]["status"] == 499
+    assert small.state.pool.admitted == 1  # the queued one left the line at once
+    release.set()
+    first.join(10)
+    wait_until_idle(small.state.pool)
+    assert ran == ["the"]
     small.state.pool.shutdown()
 
 
@@ -385,7 +470,7 @@ def test_full_queue_answers_503(run_dir, monkeypatch):
     release = threading.Event()
     started = threading.Event()
 
-    def slow(entry, prefix, num_preds, args, on_text):
+    def slow(entry, prefix, num_preds, args, on_text, gone):
         started.set()
         assert release.wait(10), "test never released the worker"
         return [prefix + "x" * num_preds] * args["num_samples"], 0.5  # the samples, and the seconds decoding took

@@ -64,6 +64,10 @@ UNK_POLICIES = ("error", "replace")
 OnText = Callable[[int, str], object]
 
 
+class Stopped(Exception):
+    """Raised by :func:`generate` when its ``stop`` event is set before the last token (a server's client left)."""
+
+
 def fresh_seed() -> int:
     """A seed for a sample asked for without one, to be told with it so that it can be drawn again: 53 bits, so
     that a JSON reader that parses numbers as doubles (the playground's JavaScript) shows it exactly."""
@@ -89,6 +93,7 @@ def generate(
     on_text: OnText | None = None,
     device: torch.device | str | None = None,
     warn_unknown: bool = True,
+    stop=None,
 ) -> list[str]:
     """Continue ``prefix`` by ``num_preds`` tokens; return ``num_samples`` strings that include the prefix.
 
@@ -114,7 +119,9 @@ def generate(
     the search is done. Prefix tokens not in the vocabulary raise ``VocabError`` listing them
     (``unk="error"``) or are fed as ``<unk>`` (``unk="replace"``), with a warning unless ``warn_unknown`` is
     False (a server says which in its answer instead: a warning is process-wide state). ``device`` defaults to the
-    model's; it must be where the model's parameters are. The model runs in eval mode under
+    model's; it must be where the model's parameters are. ``stop`` (a ``threading.Event``, or anything with
+    ``is_set()``) is looked at before every token; once it is set, generation raises :class:`Stopped`: another
+    thread ends a long decode (beam search's too) without waiting for it. The model runs in eval mode under
     ``torch.inference_mode()``; each submodule's training flag is restored afterwards. On a CPU, up to
     8 streams run on one intra-op thread (``torch.set_num_threads``, restored afterwards).
 
@@ -133,6 +140,7 @@ def generate(
         seed=seed,
         unk=unk,
         on_text=on_text,
+        stop=stop,
     )
     if type(model).__module__ == "deeprnn.d2l":  # the book's contract: begin_state(device, batch_size), (T*B, V)
         raise ConfigError(f"model is the book's {type(model).__name__}; generate from it with d2l.predict_ch8(prefix, "
@@ -157,9 +165,9 @@ def generate(
             decoder = _NativeGreedy.for_stepper(stepper, threads, num_preds)
             if decoder is not None:
                 _check_vocab_size(stepper.vocab_size, vocab)
-                seq = decoder.decode(ids[-1], num_preds, emit)
+                seq = decoder.decode(ids[-1], num_preds, emit, stop)
             else:
-                seq = _greedy(stepper, first, num_preds, vocab, emit)
+                seq = _greedy(stepper, first, num_preds, vocab, emit, stop)
             seqs = [seq] * num_samples
         elif strategy == "sample":
             gen = torch.Generator(device=dev)
@@ -171,10 +179,10 @@ def generate(
             emit = None if on_text is None else _streamed(on_text, [pieces.stream() for _ in range(num_samples)])
             seqs = _sample(
                 stepper, first.expand(num_samples), num_preds, vocab, emit,
-                temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+                temperature=temperature, top_k=top_k, top_p=top_p, generator=gen, stop=stop,
             )
         else:
-            seqs = _beam(stepper, first, num_preds, vocab, beam_width)[:num_samples]
+            seqs = _beam(stepper, first, num_preds, vocab, beam_width, stop)[:num_samples]
             if on_text is not None:
                 for i, seq in enumerate(seqs):
                     piece = pieces.stream()
@@ -198,7 +206,7 @@ MAX_BEAM_WIDTH = 1_024  # beams kept at once (serve allows far fewer); sampling'
 
 
 def _check_args(*, prefix, num_preds, strategy, temperature, top_k, top_p, num_samples, beam_width,
-                seed, unk, on_text) -> None:
+                seed, unk, on_text, stop) -> None:
     """Raise ``ConfigError`` for the first bad argument, in signature order; messages start with its name."""
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
@@ -243,6 +251,8 @@ def _check_args(*, prefix, num_preds, strategy, temperature, top_k, top_p, num_s
         raise ConfigError(f"unk must be one of {', '.join(UNK_POLICIES)}; got {unk!r}")
     if on_text is not None and not callable(on_text):
         raise ConfigError(f"on_text must be a callable (stream index, text piece) or None, got {on_text!r}")
+    if stop is not None and not callable(getattr(stop, "is_set", None)):
+        raise ConfigError(f"stop must be a threading.Event (anything with is_set()) or None, got {stop!r}")
 
 
 def encode_prefix(vocab, prefix: str, *, unk: str = "error", warn: bool = True) -> list[int]:
@@ -562,14 +572,17 @@ class _NativeGreedy:
                           torch.stack(stepper.c).view(len(stepper.c), -1) if stepper.lstm else None)
         return cls(decoder, slices)
 
-    def decode(self, first: int, num_preds: int, emit: Callable[[int], object] | None = None) -> list[int]:
-        """The ``num_preds`` argmax tokens after ``first``; ``emit(token)`` is called as each one comes."""
+    def decode(self, first: int, num_preds: int, emit: Callable[[int], object] | None = None,
+               stop=None) -> list[int]:
+        """The ``num_preds`` argmax tokens after ``first``; ``emit(token)`` is called as each one comes, and
+        ``stop`` (an event) is looked at before each call into the loop (``STREAM_CHUNK`` steps apart)."""
         out: list[int] = []
         workers = self.slices
         next_probe = 0 if self.slices > 1 else math.inf
         backoff = self.REPROBE_MIN
 
         def run(n: int, w: int) -> float:
+            _check_stop(stop, len(out))
             started = time.perf_counter()
             got = self.decoder.run(out[-1] if out else first, n, w)
             seconds = time.perf_counter() - started
@@ -595,7 +608,7 @@ class _NativeGreedy:
                 else:
                     next_probe, backoff = len(out) + backoff, min(2 * backoff, self.REPROBE_EVERY)
                 continue
-            n = min(left, self.CHUNK if emit is None else self.STREAM_CHUNK, next_probe - len(out))
+            n = min(left, self.CHUNK if emit is None and stop is None else self.STREAM_CHUNK, next_probe - len(out))
             run(int(n), workers)
         return out
 
@@ -686,11 +699,17 @@ def _check_logits(logits: torch.Tensor, vocab) -> None:
     _check_vocab_size(logits.shape[-1], vocab)
 
 
-def _greedy(stepper, first, num_preds, vocab, emit) -> list[int]:
+def _check_stop(stop, t: int) -> None:
+    if stop is not None and stop.is_set():
+        raise Stopped(f"generation stopped after {t} tokens")
+
+
+def _greedy(stepper, first, num_preds, vocab, emit, stop=None) -> list[int]:
     """The argmax path of one stream; ``first`` (1,) is the last prefix token."""
     out = torch.empty(num_preds + 1, 1, dtype=torch.long, device=first.device)  # (steps, B)
     out[0] = first
     for t in range(num_preds):
+        _check_stop(stop, t)
         logits = stepper.step(out[t])  # (1, V)
         if t == 0:
             _check_logits(logits, vocab)
@@ -732,7 +751,7 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     return logits
 
 
-def _sample(stepper, first, num_preds, vocab, emit, *, temperature, top_k, top_p, generator):
+def _sample(stepper, first, num_preds, vocab, emit, *, temperature, top_k, top_p, generator, stop=None):
     """``B = len(first)`` streams drawn together; returns each stream's tokens."""
     B, dev, V = first.shape[0], first.device, len(vocab)
     out = torch.empty(num_preds + 1, B, dtype=torch.long, device=dev)  # (steps, B)
@@ -740,6 +759,7 @@ def _sample(stepper, first, num_preds, vocab, emit, *, temperature, top_k, top_p
     u = torch.empty(B, 1, dtype=torch.float64, device=dev)
     draw = torch.empty(B, 1, dtype=torch.long, device=dev)
     for t in range(num_preds):
+        _check_stop(stop, t)
         logits = stepper.step(out[t])  # (B, V)
         if t == 0:
             _check_logits(logits, vocab)
@@ -755,13 +775,14 @@ def _sample(stepper, first, num_preds, vocab, emit, *, temperature, top_k, top_p
     return out[1:].T.tolist()  # (B, num_preds)
 
 
-def _beam(stepper, first, num_preds, vocab, beam_width) -> list[list[int]]:
+def _beam(stepper, first, num_preds, vocab, beam_width, stop=None) -> list[list[int]]:
     """Beam search by total log-probability; beams (best first) of exactly ``num_preds`` tokens."""
     dev = first.device
     scores = torch.zeros(1, device=dev)  # (beams,) log-probability of each beam so far
     seqs = torch.empty(1, 0, dtype=torch.long, device=dev)  # (beams, t)
     tokens = first
     for t in range(num_preds):
+        _check_stop(stop, t)
         logits = stepper.step(tokens)  # (beams, V)
         if t == 0:
             _check_logits(logits, vocab)

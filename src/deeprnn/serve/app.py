@@ -32,7 +32,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException  # what FastAPI raises for a body it cannot parse
@@ -370,8 +370,11 @@ def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-class _Cancelled(Exception):
-    """Raised inside a worker's ``on_text`` when the streaming client has gone."""
+async def _client_left(request: Request) -> None:
+    """Returns when the client has hung up. The body has been read by then, so the server's next message
+    is ``http.disconnect``: when the connection drops, or once the response is sent."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 # -- the body-size guard ------------------------------------------------------------------------
@@ -546,7 +549,7 @@ def create_app(
             503: {"description": "every worker busy and the queue full; retry later"},
         },
     )
-    async def generate_endpoint(req: GenerateRequest):
+    async def generate_endpoint(req: GenerateRequest, request: Request):
         entry = registry.get(req.model)
         if entry is None:
             return _unknown_model(req.model)
@@ -569,15 +572,26 @@ def create_app(
         if req.stream:
             return _stream(entry, req, args, head)
         t0 = time.perf_counter()
+        gone = threading.Event()
         try:
-            fut = pool.submit(_run, entry, req.prefix, req.num_preds, args, None)
+            fut = pool.submit(_run, entry, req.prefix, req.num_preds, args, None, gone)
         except QueueFull:
             return _busy()
+        result, left = asyncio.wrap_future(fut), asyncio.ensure_future(_client_left(request))
         try:
-            samples = await asyncio.wrap_future(fut)
+            await asyncio.wait((result, left), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this handler is cancelled
+            left.cancel()
+            hung_up = not result.done()
+            if hung_up:  # its request leaves the queue, or its worker stops before the next token
+                gone.set()
+                result.cancel()  # cancels ``fut`` if it is still queued; its Stopped is never reported
+        if hung_up:
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+        try:
+            samples, decoding = result.result()
         except (ConfigError, VocabError) as e:
             return _error(422, str(e), str(e).split(" ", 1)[0])
-        samples, decoding = samples
         return {**head, "samples": samples, **_timing(req, time.perf_counter() - t0, decoding)}
 
     def _busy() -> JSONResponse:
@@ -592,13 +606,11 @@ def create_app(
         gone = threading.Event()
 
         def on_text(i: int, piece: str) -> None:
-            if gone.is_set():
-                raise _Cancelled
             loop.call_soon_threadsafe(queue.put_nowait, (i, piece))
 
         t0 = time.perf_counter()
         try:
-            fut = pool.submit(_run, entry, req.prefix, req.num_preds, args, on_text)
+            fut = pool.submit(_run, entry, req.prefix, req.num_preds, args, on_text, gone)
         except QueueFull:
             return _busy()
 
@@ -639,7 +651,8 @@ def create_app(
                     return
                 yield _sse("done", {"samples": samples, **_timing(req, time.perf_counter() - t0, decoding)})
             finally:
-                gone.set()  # a client that left stops its worker at the next character
+                gone.set()  # a client that left stops its worker before the next token (beam search's too)
+                fut.cancel()  # or takes its request out of the queue
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -647,13 +660,15 @@ def create_app(
     return app
 
 
-def _run(entry: ModelEntry, prefix: str, num_preds: int, args: dict, on_text) -> tuple[list[str], float]:
+def _run(entry: ModelEntry, prefix: str, num_preds: int, args: dict, on_text,
+         gone: threading.Event) -> tuple[list[str], float]:
     """One generation on a worker thread, and the seconds it took (not the wait in the queue); the state lives
     in this call only. Prefix tokens fed as <unk> are the answer's ``replaced`` field, not a warning on the
-    server's stderr."""
+    server's stderr. Once ``gone`` is set (the client hung up), it raises ``generate.Stopped`` before the next
+    token."""
     t0 = time.perf_counter()
     samples = _gen.generate(entry.model, entry.vocab, prefix, num_preds, on_text=on_text, warn_unknown=False,
-                            **args)
+                            stop=gone, **args)
     return samples, time.perf_counter() - t0
 
 
