@@ -23,7 +23,7 @@ httpx = pytest.importorskip("httpx")
 
 from deeprnn import cli  # noqa: E402
 from deeprnn.checkpoint import load_checkpoint  # noqa: E402
-from deeprnn.errors import DeepRNNError, VocabError  # noqa: E402
+from deeprnn.errors import ConfigError, DeepRNNError, VocabError  # noqa: E402
 from deeprnn.generate import Stopped, generate  # noqa: E402
 from deeprnn.serve import INSTALL_HINT, create_app  # noqa: E402
 from deeprnn.serve import app as app_module  # noqa: E402
@@ -577,6 +577,84 @@ def test_runs_directory_offers_every_run(run_dir, ckpt, tmp_path):
     assert [m["id"] for m in call(both, "GET", "/api/models").json()["models"]] == ["tiny-lstm/best", "tiny-lstm"]
 
 
+def train_small(path, **kw):
+    """Another tiny run, unlike the shared one (8 units): 'retrained' where it replaces a checkpoint."""
+    from deeprnn.train import TrainConfig, train
+
+    cfg = dict(num_layers=1, num_hiddens=8, batch_size=4, num_steps=8, max_tokens=2000, max_steps=2,
+               eval_batch_size=4, sample_every=0, precision="fp32", run_dir=str(path))
+    train(TrainConfig(**{**cfg, **kw}), progress=False, log=lambda *_: None)
+    return path
+
+
+def listed(app) -> list[str]:
+    return [m["id"] for m in call(app, "GET", "/api/models").json()["models"]]
+
+
+def test_runs_trained_retrained_or_removed_while_serving_are_seen(run_dir, tmp_path, monkeypatch, caplog):
+    """A request ``rescan`` seconds after the last look looks again (here: every request): a run trained
+    since is offered, a retrained one reloaded, a removed one dropped; the others stay as loaded."""
+    monkeypatch.setenv("DEEPRNN_OFFLINE", "1")
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / "a")
+    other = train_small(tmp_path / "other")
+    live = create_app(runs, rescan=1e-9)
+    frozen = create_app(runs, rescan=0)
+    assert listed(live) == listed(frozen) == ["a"]
+    first_a = live.state.registry.get("a")
+
+    shutil.copytree(other, runs / "b")  # a run trained since the server started
+    caplog.set_level("INFO", logger="deeprnn.serve")
+    assert listed(live) == ["a", "b"] and listed(frozen) == ["a"]
+    assert live.state.registry.get("a") is first_a  # unchanged: not loaded again
+    body = {"prefix": PREFIX, "model": "b", "strategy": "sample", "seed": 5, "num_preds": 30}
+    want = generate(load_checkpoint(other).model, load_checkpoint(other).vocab, PREFIX, 30, strategy="sample", seed=5)
+    assert post(live, body).json()["samples"] == want
+    assert post(frozen, body).status_code == 404
+
+    shutil.rmtree(runs / "a" / "best")  # retrained: a save replaces the folder whole
+    shutil.copytree(other / "best", runs / "a" / "best")
+    card = call(live, "GET", "/api/model", params={"model": "a"}).json()
+    assert card["num_hiddens"] == 8 and call(frozen, "GET", "/api/model").json()["num_hiddens"] == 16
+    assert post(live, {**body, "model": "a"}).json()["samples"] == want
+
+    shutil.rmtree(runs / "b")
+    (runs / "c" / "best").mkdir(parents=True)
+    (runs / "c" / "best" / "checkpoint.json").write_text("{")  # a run being written, or broken: skipped
+    listing = call(live, "GET", "/api/models").json()
+    assert [m["id"] for m in listing["models"]] == ["a"]
+    assert [s["path"] for s in listing["skipped"]] == [str(runs / "c")]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == f"added model b from {runs / 'b' / 'best'}"
+    assert f"reloaded model a from {runs / 'a' / 'best'}" in messages and "dropped model b: its run is gone" in messages
+
+    shutil.rmtree(runs / "a")  # nothing left to serve: what is loaded stays
+    assert listed(live) == ["a"] and post(live, {**body, "model": "a"}).json()["samples"] == want
+    assert caplog.records[-1].getMessage().startswith("keeping the models loaded: ")
+    for app in (live, frozen):
+        app.state.pool.shutdown()
+
+
+def test_a_run_named_directly_keeps_its_model_while_it_is_rewritten(run_dir, tmp_path, caplog):
+    """``train --overwrite`` of a served run removes its checkpoints for a while: it is served as loaded."""
+    run = tmp_path / "a"
+    shutil.copytree(run_dir, run)
+    live = create_app(run, rescan=1e-9)
+    card = call(live, "GET", "/api/model").json()
+    shutil.rmtree(run)
+    assert call(live, "GET", "/api/model").json() == card
+    assert post(live, {"prefix": PREFIX, "num_preds": 5}).status_code == 200
+    assert caplog.records[-1].getMessage() == f"keeping model a as loaded: no such run or checkpoint: {run}"
+    live.state.pool.shutdown()
+
+
+@pytest.mark.parametrize("rescan", [-1, float("nan"), float("inf"), "5", True])
+def test_rescan_must_be_seconds(run_dir, rescan):
+    with pytest.raises(ConfigError, match=re.escape(
+            f"rescan must be a number of seconds >= 0 (0: load the models once), got {rescan!r}")):
+        create_app(run_dir, rescan=rescan)
+
+
 def test_paths_without_a_model_are_rejected(tmp_path):
     with pytest.raises(DeepRNNError, match="holds no deeprnn run or checkpoint"):
         create_app(tmp_path)
@@ -647,6 +725,12 @@ def test_cli_unavailable_device_is_one_line(run_dir, no_server, capsys, device, 
     assert _serve_error(capsys, ["serve", str(run_dir), "--device", device]) == (2, f"deeprnn: error: {message}")
     with pytest.raises(DeepRNNError, match=f"^{re.escape(message)}$"):
         create_app(run_dir, device=device)
+
+
+@pytest.mark.parametrize("seconds", ["-1", "nan", "inf"])
+def test_cli_rescan_out_of_range_is_one_line(run_dir, no_server, capsys, seconds):
+    assert _serve_error(capsys, ["serve", str(run_dir), "--rescan", seconds]) == (
+        2, f"deeprnn: error: --rescan must be a number of seconds >= 0 (0: load the models once), got {float(seconds)}")
 
 
 @pytest.mark.parametrize("port", ["99999", "-1", "0", "http"])

@@ -40,6 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise DeepRNNError(INSTALL_HINT) from None
     if args.torch_threads < 1:
         raise DeepRNNError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+    if not 0 <= args.rescan < float("inf"):  # nan too
+        raise ConfigError(f"--rescan must be a number of seconds >= 0 (0: load the models once), got {args.rescan}")
     import torch
 
     from deeprnn.train import resolve_device
@@ -52,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The process is ours: parallelism comes from the generation workers, and a small RNN step split
     # across busy cores only adds synchronisation (see deeprnn.generate).
     torch.set_num_threads(args.torch_threads)
-    app = create_app(args.paths, device=device, workers=args.workers, max_queue=args.max_queue)
+    app = create_app(args.paths, device=device, workers=args.workers, max_queue=args.max_queue, rescan=args.rescan)
     models = app.state.registry.ids()
     print(f"deeprnn serve: {len(models)} model(s): {', '.join(models)}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -121,6 +123,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
     s.add_argument("--workers", type=int, default=2, help="generation threads")
     s.add_argument("--max-queue", type=int, default=32, help="requests waiting for a thread before 503")
+    s.add_argument("--rescan", type=float, default=5.0, metavar="SECONDS",
+                   help="a request this long after the last look at the paths looks again: runs trained since "
+                        "are offered, retrained ones reloaded (0: load the models once, at start)")
     s.add_argument("--torch-threads", type=int, default=1,
                    help="intra-op threads of each generation (the workers already run in parallel)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

@@ -52,6 +52,7 @@ MAX_PREFIX = 2000
 MAX_BODY = 16 * 1024
 _RUN_SCAN_DEPTH = 3
 _CKPT_NAMES = ("best", "last", ".best.old", ".last.old")
+RESCAN_SECONDS = 5.0  # a request this long after the last look at the paths looks again (new, retrained runs)
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -67,6 +68,9 @@ class ModelEntry:
     model: Any
     vocab: Any
     card: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # the path it was found by (given, or found in a directory given)
+    direct: bool = True  # named on the command line, not found in a directory
+    fingerprint: tuple | None = None  # its checkpoint as loaded (_fingerprint)
 
     @property
     def curve(self) -> Path | None:
@@ -148,8 +152,19 @@ def _find_runs(root: Path, depth: int) -> list[Path]:
     return found
 
 
+def _fingerprint(ckpt_dir: Path) -> tuple | None:
+    """What changes when a checkpoint is saved again: a save replaces the folder whole, so its
+    ``checkpoint.json`` is a new file (inode, time, size); None when it cannot be read."""
+    try:
+        st = (ckpt_dir / "checkpoint.json").stat()
+    except OSError:
+        return None
+    return (str(ckpt_dir.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class Registry:
-    """The models a server offers, by id; read-only once built (safe to share between threads)."""
+    """The models a server offers, by id; read-only once built (safe to share between threads). A server
+    that looks again for new and retrained runs builds a new one (:meth:`from_paths` with ``reuse``)."""
 
     def __init__(self, entries: list[ModelEntry], skipped: list[dict[str, str]] | None = None):
         if not entries:
@@ -168,11 +183,16 @@ class Registry:
         return iter(self._entries.values())
 
     @classmethod
-    def from_paths(cls, paths, device: str = "cpu") -> "Registry":
+    def from_paths(cls, paths, device: str = "cpu", reuse: "Registry | None" = None) -> "Registry":
         """Load every run/checkpoint named by ``paths``; a directory of runs offers each run inside.
 
         A path given directly must load (``CheckpointError`` otherwise); a broken run found while
         scanning a directory is skipped and listed in ``skipped``.
+
+        With ``reuse`` (the registry being served), this is a second look: a model whose checkpoint is
+        unchanged is kept as loaded, a new run is loaded, a retrained one loaded again, and a run gone from a
+        directory is dropped. A path given directly that no longer loads (a run being retrained with
+        ``--overwrite``) keeps its model, as does a run whose new checkpoint does not load.
         """
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -183,42 +203,69 @@ class Registry:
                 resolve_checkpoint(p)
             except CheckpointError:
                 if not p.is_dir():
-                    raise
+                    if reuse is None:
+                        raise
+                    found.append((cls._direct_id(p), p, True))  # kept below if it was served
+                    continue
                 runs = _find_runs(p, _RUN_SCAN_DEPTH)
-                if not runs:
+                if not runs and reuse is None:
                     raise CheckpointError(
                         f"{p} holds no deeprnn run or checkpoint (looked {_RUN_SCAN_DEPTH} levels deep); "
                         "train one with `deeprnn train --run-dir ...`"
                     ) from None
                 found.extend((r.relative_to(p).as_posix(), r, False) for r in runs)
                 continue
-            name = p.resolve().name
-            if name in _CKPT_NAMES:
-                name = f"{p.resolve().parent.name}/{name}"
-            found.append((name, p, True))
+            found.append((cls._direct_id(p), p, True))
+        before = {} if reuse is None else {(e.source, e.direct): e for e in reuse}
         entries: list[ModelEntry] = []
         skipped: list[dict[str, str]] = []
         taken: set[str] = set()
         for model_id, p, direct in found:
-            try:
-                ckpt = load_checkpoint(p, map_location=device)
-            except DeepRNNError as e:
-                if direct:
-                    raise
-                log.warning("skipping %s: %s", p, e)
-                skipped.append({"path": str(p), "reason": str(e)})
-                continue
-            ckpt.model.eval()  # generate() also runs under inference_mode; eval here keeps it stable
             unique, n = model_id, 2
             while unique in taken:
                 unique, n = f"{model_id}-{n}", n + 1
+            old = before.get((str(p), direct))
+            try:
+                ckpt_dir = resolve_checkpoint(p)
+                fingerprint = _fingerprint(ckpt_dir)
+                if old is not None and old.fingerprint == fingerprint and old.id == unique:
+                    entry = old
+                else:
+                    entry = cls._load(unique, p, direct, device, fingerprint)
+                    if reuse is not None:
+                        log.info("%s model %s from %s", "reloaded" if old else "added", unique, entry.checkpoint)
+            except DeepRNNError as e:
+                if old is not None:
+                    log.warning("keeping model %s as loaded: %s", old.id, e)
+                    entry = old
+                elif direct and reuse is None:
+                    raise
+                else:
+                    log.warning("skipping %s: %s", p, e)
+                    skipped.append({"path": str(p), "reason": str(e)})
+                    continue
             taken.add(unique)
-            run_dir = _run_dir_of(p, ckpt.path)
-            entry = ModelEntry(unique, ckpt.path, run_dir, ckpt.model, ckpt.vocab, _card(unique, ckpt, run_dir))
-            if entry.curve is not None:
-                entry.card["curve_url"] = f"/api/model/curve.png?model={_quote(unique)}"
             entries.append(entry)
+        if reuse is not None:
+            for gone in set(reuse.ids()) - {e.id for e in entries}:
+                log.info("dropped model %s: its run is gone", gone)
         return cls(entries, skipped)
+
+    @staticmethod
+    def _direct_id(p: Path) -> str:
+        name = p.resolve().name
+        return f"{p.resolve().parent.name}/{name}" if name in _CKPT_NAMES else name
+
+    @staticmethod
+    def _load(model_id: str, p: Path, direct: bool, device: str, fingerprint) -> ModelEntry:
+        ckpt = load_checkpoint(p, map_location=device)
+        ckpt.model.eval()  # generate() also runs under inference_mode; eval here keeps it stable
+        run_dir = _run_dir_of(p, ckpt.path)
+        entry = ModelEntry(model_id, ckpt.path, run_dir, ckpt.model, ckpt.vocab, _card(model_id, ckpt, run_dir),
+                           source=str(p), direct=direct, fingerprint=fingerprint)
+        if entry.curve is not None:
+            entry.card["curve_url"] = f"/api/model/curve.png?model={_quote(model_id)}"
+        return entry
 
 
 def _quote(s: str) -> str:
@@ -448,11 +495,14 @@ def create_app(
     workers: int = 2,
     max_queue: int = 32,
     max_body: int = MAX_BODY,
+    rescan: float = RESCAN_SECONDS,
 ) -> FastAPI:
     """The playground app for the runs/checkpoints in ``paths`` (one path or a list).
 
     ``workers`` threads generate; up to ``max_queue`` more requests wait for one, further ones get 503.
-    Bodies over ``max_body`` bytes get 413. Raises ``CheckpointError`` when a path holds no usable
+    Bodies over ``max_body`` bytes get 413. A request coming ``rescan`` seconds or more after the last look
+    at ``paths`` looks again first (``Registry.from_paths`` with ``reuse``): new runs are offered, retrained
+    ones reloaded; 0 loads the models once. Raises ``CheckpointError`` when a path holds no usable
     checkpoint and ``ConfigError`` for out-of-range arguments or a device this machine lacks.
     """
     if not isinstance(workers, int) or workers < 1:
@@ -461,10 +511,31 @@ def create_app(
         raise ConfigError(f"max_queue must be an integer >= 0, got {max_queue!r}")
     if not isinstance(max_body, int) or max_body < 1024:
         raise ConfigError(f"max_body must be an integer >= 1024 (bytes), got {max_body!r}")
+    if isinstance(rescan, bool) or not isinstance(rescan, (int, float)) or not 0 <= rescan < math.inf:
+        raise ConfigError(f"rescan must be a number of seconds >= 0 (0: load the models once), got {rescan!r}")
     from deeprnn.train import resolve_device
 
-    registry = Registry.from_paths(paths, device=str(resolve_device(device)))
+    device = str(resolve_device(device))
+    registry = Registry.from_paths(paths, device=device)
     pool = GenerationPool(workers, max_queue)
+    looked = [time.monotonic()]  # when the paths were last looked at
+    looking = asyncio.Lock()
+
+    async def current() -> Registry:
+        """The registry, looked for again first when it is ``rescan`` seconds old: loading a new or retrained
+        run happens off the event loop, and requests that come meanwhile wait for it."""
+        if rescan and time.monotonic() - looked[0] >= rescan:
+            async with looking:
+                if time.monotonic() - looked[0] >= rescan:  # not done by the request we waited for
+                    try:
+                        app.state.registry = await asyncio.to_thread(
+                            Registry.from_paths, paths, device, app.state.registry)
+                    except CheckpointError as e:  # every model gone: keep serving what is loaded
+                        log.warning("keeping the models loaded: %s", e)
+                    except Exception:  # noqa: BLE001 - a second look never stops the serving of the first
+                        log.exception("looking for new and retrained runs failed; keeping the models loaded")
+                    looked[0] = time.monotonic()
+        return app.state.registry
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -508,31 +579,34 @@ def create_app(
 
     @app.get("/healthz", tags=["service"], summary="liveness and load")
     async def healthz():
-        return {"status": "ok", "version": __version__, "models": len(registry.ids()),
+        return {"status": "ok", "version": __version__, "models": len(app.state.registry.ids()),
                 "workers": pool.workers, "admitted": pool.admitted, "max_queue": pool.max_queue}
 
     @app.get("/api/models", tags=["models"], summary="every model offered, with its card")
     async def models():
+        registry = await current()
         return {"default": registry.default, "models": [e.card for e in registry], "skipped": registry.skipped}
 
     @app.get("/api/model", tags=["models"], summary="one model's card (default: the first model)")
     async def model_card(model: str | None = Query(None, description="model id from /api/models")):
+        registry = await current()
         entry = registry.get(model)
         if entry is None:
-            return _unknown_model(model)
+            return _unknown_model(registry, model)
         return entry.card
 
     @app.get("/api/model/curve.png", tags=["models"], summary="the training curve plotted by the run",
              response_class=FileResponse)
     async def curve(model: str | None = Query(None, description="model id from /api/models")):
+        registry = await current()
         entry = registry.get(model)
         if entry is None:
-            return _unknown_model(model)
+            return _unknown_model(registry, model)
         if entry.curve is None:
             return _error(404, f"model {entry.id!r} has no training curve (no curve.png in its run directory)")
         return FileResponse(entry.curve, media_type="image/png")
 
-    def _unknown_model(model_id) -> JSONResponse:
+    def _unknown_model(registry: Registry, model_id) -> JSONResponse:
         return _error(404, f"model {model_id!r} not found; choose one of: {', '.join(registry.ids())}", "model")
 
     @app.post(
@@ -550,9 +624,10 @@ def create_app(
         },
     )
     async def generate_endpoint(req: GenerateRequest, request: Request):
+        registry = await current()
         entry = registry.get(req.model)
         if entry is None:
-            return _unknown_model(req.model)
+            return _unknown_model(registry, req.model)
         try:
             toks = _gen.prefix_tokens(entry.vocab, req.prefix)  # " " is a character, but no word
         except ConfigError as e:
