@@ -140,8 +140,9 @@ def test_errors_are_one_line(tmp_path, trained, capsys):
     assert line == f"deeprnn: error: no such file: {str(tmp_path / 'nope.txt')!r}; check the path"
 
     line = one_error_line(capsys, 2, ["generate", str(trained), "--prefix", "Time Traveller!"])
-    assert line == ("deeprnn: error: prefix has characters not in the vocabulary: 'T', '!'; use --unk replace to map "
-                    "them to <unk>")
+    assert line == ("deeprnn: error: prefix has characters not in the vocabulary: 'T', '!' (the model was trained on "
+                    "'d2l'-normalised text; normalised so, the prefix is 'time traveller': pass that); use --unk "
+                    "replace to map them to <unk>")
 
     line = one_error_line(capsys, 2, ["train", *TINY, "--lr", "-1", "--run-dir", str(tmp_path / "r3")])
     assert line == "deeprnn: error: lr must be > 0, got -1.0"
@@ -414,8 +415,9 @@ def test_run_dir_mistakes_are_one_line(tmp_path, trained, capsys):
     (["--temperature", "0"], "temperature must be > 0, got 0.0; use --strategy greedy for the most likely text"),
     (["--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
     (["--num-preds", "-1"], "num_preds must be >= 0, got -1"),
-    (["--prefix", "time traveller!"], "prefix has characters not in the vocabulary: '!'; "
-                                      "use --unk replace to map them to <unk>"),
+    (["--prefix", "time traveller!"], "prefix has characters not in the vocabulary: '!' (the model was trained on "
+                                      "'d2l'-normalised text; normalised so, the prefix is 'time traveller': pass "
+                                      "that); use --unk replace to map them to <unk>"),
 ])
 def test_generate_checks_everything_before_writing(trained, capsys, args, message):
     """Bad arguments print nothing to stdout (the prefix used to come out first, glued to the error)."""

@@ -426,6 +426,37 @@ def test_unknown_prefix_characters_error_lists_them(vocab):
     )
 
 
+NORMALISED = " (the model was trained on {!r}-normalised text; normalised so, the prefix is {!r}: pass that)"
+LOWERCASE = " (the vocabulary is lowercase: lowercase the prefix)"
+
+
+@pytest.mark.parametrize("vocab_text, prefix, normalization, hint", [
+    (TEXT, "Time Traveller,", "d2l", NORMALISED.format("d2l", "time traveller")),
+    (TEXT, "time\ntraveller", "d2l", NORMALISED.format("d2l", "timetraveller")),  # the book joins lines so
+    (TEXT.split(), "The TIME:\ntraveller", "d2l", NORMALISED.format("d2l", "the time traveller")),  # words apart
+    (TEXT + ":", "Time: Traveller", "lower", NORMALISED.format("lower", "time: traveller")),
+    (TEXT, "Time Traveller", "raw", LOWERCASE),  # raw text reads as it is: only the old hint
+    (TEXT, "Time Traveller", None, LOWERCASE),  # a caller that does not know the normalisation
+    (TEXT, "Zeit", "d2l", ""),  # 'z' is not in the vocabulary either
+    (TEXT, "!?", "d2l", ""),  # nothing left after it
+    (TEXT, "Time Traveller", "D2L", LOWERCASE),  # a normalisation this version does not know: no suggestion
+])
+def test_a_refused_prefix_is_suggested_as_the_model_read_its_text(vocab_text, prefix, normalization, hint):
+    """``Time Traveller,`` for a model trained on the book's d2l-normalised text: the message names the prefix
+    that model can take, as its training text was normalised, when every token of that is known."""
+    vocab = Vocab(vocab_text)
+    model = tiny_model(vocab)
+    missing = generate_mod.unknown_tokens(vocab, generate_mod.prefix_tokens(vocab, prefix))
+    kind = "words" if vocab.token == "word" else "characters"
+    with pytest.raises(VocabError) as err:
+        generate(model, vocab, prefix, 5, normalization=normalization)
+    assert str(err.value) == (f"prefix has {kind} not in the vocabulary: {', '.join(map(repr, missing))}{hint}; "
+                              "use --unk replace to map them to <unk>")
+    if hint.startswith(" (the model was trained"):
+        suggested = re.search(r"the prefix is '(.*)': pass that", hint).group(1).replace("\\n", "\n")
+        assert generate(model, vocab, suggested, 5, normalization=normalization)[0].startswith(suggested)
+
+
 def test_unknown_prefix_characters_replaced_with_a_warning(vocab):
     model = tiny_model(vocab)
     prefix = "time Q! traveller"

@@ -227,8 +227,10 @@ def test_prefix_outside_the_vocabulary_is_reported(app):
     data = r.json()
     assert data["errors"] == [{"field": "prefix", "message": data["detail"], "invalid": ["T", "M", "!"]}]
     assert data["detail"].startswith("prefix has characters not in the vocabulary: 'T', 'M', '!'")
-    upper_only = post(app, {"prefix": "TIME", "num_preds": 10}).json()
-    assert "lowercase the prefix" in upper_only["detail"]
+    assert data["detail"].endswith(" (the model was trained on 'd2l'-normalised text; normalised so, the prefix is "
+                                   "'the time machine': pass that)")
+    no_letters = post(app, {"prefix": "!?", "num_preds": 10}).json()  # nothing left to suggest
+    assert no_letters["detail"] == "prefix has characters not in the vocabulary: '!', '?'"
 
 
 def test_unknown_model_is_404(app):

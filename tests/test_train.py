@@ -509,6 +509,11 @@ def test_end_of_training_sample_with_a_prefix_outside_the_vocabulary_is_skipped(
     summary = train(dataclasses.replace(cfg, prefix="the cat", run_dir=str(tmp_path / "run2")), progress=False,
                     log=lines.append)
     assert summary["sample"].startswith("the cat ") and len(summary["sample"].split()) == 2 + 4
+    cfg = dataclasses.replace(cfg, normalization="d2l", prefix="The Cat,", run_dir=str(tmp_path / "run3"))
+    assert train(cfg, progress=False, log=lines.append)["sample"] is None
+    assert lines[-1] == ("no sample: the prefix 'The Cat,' has words not in the vocabulary: 'The', 'Cat', ',' (the "
+                         "model was trained on 'd2l'-normalised text; normalised so, the prefix is 'the cat': pass "
+                         "that); pass --prefix with words of the training text")
 
 
 # --- precision auto: bf16 only where the device multiplies it natively -------------------------------------

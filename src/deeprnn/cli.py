@@ -687,7 +687,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              temperature=args.temperature if sampling else 1.0,
                              top_k=args.top_k if sampling else None, top_p=args.top_p if sampling else None,
                              num_samples=args.num_samples, beam_width=args.beam_width, seed=seed,
-                             unk=args.unk, on_text=on_text if stream else None, device=device)
+                             unk=args.unk, on_text=on_text if stream else None, device=device,
+                             normalization=(ck.meta.get("train_config") or {}).get("normalization"))
         except DeepRNNError:
             if started:  # end the partial line, so that the error is a line of its own
                 sys.stdout.write("\n")

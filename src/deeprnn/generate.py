@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from deeprnn.errors import ConfigError, VocabError
+from deeprnn.errors import ConfigError, DeepRNNError, VocabError
 from deeprnn.models import native, onednn
 from deeprnn.vocab import EOL, split_words, word_piece
 
@@ -94,6 +94,7 @@ def generate(
     device: torch.device | str | None = None,
     warn_unknown: bool = True,
     stop=None,
+    normalization: str | None = None,
 ) -> list[str]:
     """Continue ``prefix`` by ``num_preds`` tokens; return ``num_samples`` strings that include the prefix.
 
@@ -117,7 +118,9 @@ def generate(
     ``on_text(i, piece)`` is called for stream ``i`` as each piece is produced (greedy and sampling); beam
     search revises its beams until the end, so it calls ``on_text`` for each returned beam, in order, once
     the search is done. Prefix tokens not in the vocabulary raise ``VocabError`` listing them
-    (``unk="error"``) or are fed as ``<unk>`` (``unk="replace"``), with a warning unless ``warn_unknown`` is
+    (``unk="error"``; with the ``normalization`` of the model's training text, a run's
+    ``train_config["normalization"]``, the message says what the prefix is after it, when that would do)
+    or are fed as ``<unk>`` (``unk="replace"``), with a warning unless ``warn_unknown`` is
     False (a server says which in its answer instead: a warning is process-wide state). ``device`` defaults to the
     model's; it must be where the model's parameters are. ``stop`` (a ``threading.Event``, or anything with
     ``is_set()``) is looked at before every token; once it is set, generation raises :class:`Stopped`: another
@@ -149,7 +152,7 @@ def generate(
         raise ConfigError(f"model must be a torch.nn.Module (a checkpoint's .model), got {type(model).__name__}")
     if not (hasattr(vocab, "token_to_idx") and hasattr(vocab, "idx_to_token")):
         raise ConfigError(f"vocab must be a deeprnn Vocab (a checkpoint's .vocab), got {type(vocab).__name__}")
-    ids = encode_prefix(vocab, prefix, unk=unk, warn=warn_unknown)
+    ids = encode_prefix(vocab, prefix, unk=unk, warn=warn_unknown, normalization=normalization)
     dev = _resolve_device(model, device)
     _check_vocab_size(getattr(getattr(model, "config", None), "vocab_size", None), vocab)
     pieces = _Pieces(vocab, ids[-1], after_space=prefix[-1:].isspace())
@@ -255,18 +258,21 @@ def _check_args(*, prefix, num_preds, strategy, temperature, top_k, top_p, num_s
         raise ConfigError(f"stop must be a threading.Event (anything with is_set()) or None, got {stop!r}")
 
 
-def encode_prefix(vocab, prefix: str, *, unk: str = "error", warn: bool = True) -> list[int]:
+def encode_prefix(vocab, prefix: str, *, unk: str = "error", warn: bool = True,
+                  normalization: str | None = None) -> list[int]:
     """Token indices of ``prefix`` (characters, or words for a word vocabulary: :func:`word_tokens`).
 
     Tokens outside the vocabulary raise ``VocabError`` listing them (``unk="error"``) or become ``<unk>``
-    with a ``UserWarning`` (``unk="replace"``). Nothing is lowercased: with the book's ``d2l``
-    normalisation the vocabulary holds lowercase letters only, and the message says so.
+    with a ``UserWarning`` (``unk="replace"``). Nothing is normalised: with the book's ``d2l``
+    normalisation the vocabulary holds lowercase letters and spaces only, and the message says what the
+    prefix is after the model's ``normalization``, when given, or to lowercase it.
     """
     toks = prefix_tokens(vocab, prefix)
     missing = unknown_tokens(vocab, toks)
     if missing:
         if unk == "error":
-            raise VocabError(f"{unknown_prefix_message(vocab, missing)}; use --unk replace to map them to <unk>")
+            raise VocabError(f"{unknown_prefix_message(vocab, missing, prefix, normalization)}; "
+                             "use --unk replace to map them to <unk>")
         if not warn:
             return vocab[toks]
         kind = "words" if getattr(vocab, "token", "char") == "word" else "characters"
@@ -298,12 +304,37 @@ def unknown_tokens(vocab, toks: list[str]) -> list[str]:
     return list(dict.fromkeys(t for t in toks if t not in known))
 
 
-def unknown_prefix_message(vocab, missing: list[str]) -> str:
-    """``prefix has characters not in the vocabulary: 'T', '!'`` (with a hint when lowercase would do)."""
+def unknown_prefix_message(vocab, missing: list[str], prefix: str | None = None,
+                           normalization: str | None = None) -> str:
+    """``prefix has characters not in the vocabulary: 'T', '!'`` with :func:`unknown_prefix_hint`'s hint."""
     kind = "words" if getattr(vocab, "token", "char") == "word" else "characters"
-    hint = (" (the vocabulary is lowercase: lowercase the prefix)"
-            if all(t.lower() in vocab.token_to_idx for t in missing) else "")
-    return f"prefix has {kind} not in the vocabulary: {', '.join(repr(t) for t in missing)}{hint}"
+    return (f"prefix has {kind} not in the vocabulary: {', '.join(repr(t) for t in missing)}"
+            f"{unknown_prefix_hint(vocab, missing, prefix, normalization)}")
+
+
+def unknown_prefix_hint(vocab, missing: list[str], prefix: str | None = None,
+                        normalization: str | None = None) -> str:
+    """What to pass instead of a prefix with tokens outside ``vocab`` (``missing``), in parentheses: the
+    ``prefix`` as the model's text read after its ``normalization`` (a run's ``train_config``), when every
+    token of that is known (``'Time Traveller,'`` is ``'time traveller'`` after ``d2l``); else, to lowercase
+    it, when that would do; else nothing."""
+    word = getattr(vocab, "token", "char") == "word"
+    if prefix is not None and normalization is not None:
+        from deeprnn.corpus import normalize
+
+        try:
+            reads = normalize(prefix, normalization)
+        except DeepRNNError:  # a normalisation this version does not know: no hint
+            reads = prefix
+        if normalization == "d2l":  # its lines are read one after the other: characters joined, words apart
+            reads = reads.replace("\n", " " if word else "")
+        toks = word_tokens(vocab, reads) if word else list(reads)
+        if reads != prefix and toks and not unknown_tokens(vocab, toks):
+            return (f" (the model was trained on {normalization!r}-normalised text; normalised so, the prefix is "
+                    f"{reads!r}: pass that)")
+    if all(t.lower() in vocab.token_to_idx for t in missing):
+        return " (the vocabulary is lowercase: lowercase the prefix)"
+    return ""
 
 
 def _check_vocab_size(model_vocab_size: int | None, vocab) -> None:

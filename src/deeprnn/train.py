@@ -521,9 +521,10 @@ def quiet_sample(model, vocab, prefix: str, num_preds: int, device) -> str:
     return generate(model, vocab, prefix, num_preds, device=device, unk="error")[0]
 
 
-def prefix_note(vocab, prefix: str) -> str | None:
-    """Why there is no sample for ``prefix`` (one line), or None when every prefix token is in ``vocab``."""
-    from deeprnn.generate import unknown_tokens, word_tokens
+def prefix_note(vocab, prefix: str, normalization: str | None = None) -> str | None:
+    """Why there is no sample for ``prefix`` (one line), or None when every prefix token is in ``vocab``;
+    with the run's ``normalization``, what the prefix is after it, when that would do."""
+    from deeprnn.generate import unknown_prefix_hint, unknown_tokens, word_tokens
 
     word = vocab.token == "word"
     missing = unknown_tokens(vocab, word_tokens(vocab, prefix) if word else list(prefix))
@@ -531,7 +532,8 @@ def prefix_note(vocab, prefix: str) -> str | None:
         return None
     kind = "words" if word else "characters"
     return (f"no sample: the prefix {prefix!r} has {kind} not in the vocabulary: "
-            f"{', '.join(repr(t) for t in missing)}; pass --prefix with {kind} of the training text")
+            f"{', '.join(repr(t) for t in missing)}{unknown_prefix_hint(vocab, missing, prefix, normalization)}; "
+            f"pass --prefix with {kind} of the training text")
 
 
 # The fewest tokens a held-out split needs to be scored (heldout_streams).
@@ -1480,7 +1482,8 @@ class _Training:
         if self.is_main:
             if cfg.prefix and cfg.num_preds:
                 summary["sample"] = None
-                note = prefix_note(self.vocab, cfg.prefix)  # skipped, as deeprnn generate refuses such a prefix
+                # skipped, as deeprnn generate refuses such a prefix
+                note = prefix_note(self.vocab, cfg.prefix, cfg.normalization)
                 if note is not None:
                     self.log(note)
                 else:

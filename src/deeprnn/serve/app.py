@@ -634,7 +634,9 @@ def create_app(
             return _error(422, str(e), "prefix")
         missing = _gen.unknown_tokens(entry.vocab, toks)
         if missing and req.unk == "error":
-            return _error(422, _gen.unknown_prefix_message(entry.vocab, missing), "prefix", invalid=missing)
+            return _error(422, _gen.unknown_prefix_message(entry.vocab, missing, req.prefix,
+                                                           entry.card.get("normalization")),
+                          "prefix", invalid=missing)
         seed = req.seed
         if seed is None and req.strategy == "sample":
             # returned, so any sample can be reproduced (a 63-bit seed came back rounded by the page's JSON.parse)
