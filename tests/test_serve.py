@@ -614,10 +614,14 @@ def test_runs_trained_retrained_or_removed_while_serving_are_seen(run_dir, tmp_p
     assert post(live, body).json()["samples"] == want
     assert post(frozen, body).status_code == 404
 
-    shutil.rmtree(runs / "a" / "best")  # retrained: a save replaces the folder whole
+    old_curve = call(live, "GET", "/api/model", params={"model": "a"}).json()["curve_url"]
+    shutil.rmtree(runs / "a" / "best")  # retrained: a save replaces the folder whole, and the curve is redrawn
     shutil.copytree(other / "best", runs / "a" / "best")
+    shutil.copy(other / "curve.png", runs / "a" / "curve.png")
     card = call(live, "GET", "/api/model", params={"model": "a"}).json()
     assert card["num_hiddens"] == 8 and call(frozen, "GET", "/api/model").json()["num_hiddens"] == 16
+    assert card["curve_url"] != old_curve  # a new address: no browser holds the old curve under it
+    assert call(live, "GET", card["curve_url"]).content == (other / "curve.png").read_bytes()
     assert post(live, {**body, "model": "a"}).json()["samples"] == want
 
     shutil.rmtree(runs / "b")

@@ -264,7 +264,9 @@ class Registry:
         entry = ModelEntry(model_id, ckpt.path, run_dir, ckpt.model, ckpt.vocab, _card(model_id, ckpt, run_dir),
                            source=str(p), direct=direct, fingerprint=fingerprint)
         if entry.curve is not None:
-            entry.card["curve_url"] = f"/api/model/curve.png?model={_quote(model_id)}"
+            # the file's time in the address: a retrained run's new curve is not one a browser has cached
+            entry.card["curve_url"] = (f"/api/model/curve.png?model={_quote(model_id)}"
+                                       f"&v={entry.curve.stat().st_mtime_ns}")
         return entry
 
 
