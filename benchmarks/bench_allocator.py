@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from deeprnn.cli import OneLineParser  # noqa: E402
+
 MODELS = [("lstm", "scratch"), ("lstm", "concise"), ("gru", "scratch")]
 
 
@@ -54,7 +56,7 @@ def child(seconds: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per model per child")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -20,7 +20,6 @@ engine switched off, to show what each part gives.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import random
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.common import loadavg, machine  # noqa: E402
 from deeprnn import d2l  # noqa: E402
+from deeprnn.cli import OneLineParser  # noqa: E402
 
 BATCH, STEPS, HIDDENS, LAYERS = 32, 35, 256, 2
 
@@ -186,7 +186,7 @@ def compare(name, contestants, device, seconds):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=18.0, help="minimum timed seconds per model")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine oversubscribed OpenMP threads "

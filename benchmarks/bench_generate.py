@@ -30,7 +30,6 @@ Targets (issue 7): greedy >= 8x the book, 64-stream sampling >= 50k chars/s.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from benchmarks.common import fp32_ceiling, loadavg, machine  # noqa: E402
 from deeprnn.generate import _ModelStepper, generate  # noqa: E402
 from deeprnn.models import ModelConfig, build_model  # noqa: E402
 from deeprnn.vocab import Vocab  # noqa: E402
+from deeprnn.cli import OneLineParser  # noqa: E402
 
 PREFIX = "time traveller "
 
@@ -132,7 +132,7 @@ def flops_per_char(cfg: ModelConfig) -> int:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (at most 40 s); the best is reported")
     parser.add_argument("--seconds", type=float, default=0.4, help="target duration of one timed run")

@@ -16,7 +16,6 @@ faster).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from deeprnn import regularize  # noqa: E402
 from deeprnn.cli import PRESETS  # noqa: E402
 from deeprnn.precision import resolve_precision  # noqa: E402
 from deeprnn.train import TrainConfig  # noqa: E402
+from deeprnn.cli import OneLineParser  # noqa: E402
 
 VOCAB = 28
 
@@ -51,7 +51,7 @@ def measure(cfg: TrainConfig, rounds: int, steps: int) -> dict[str, list[float]]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tm-cpu", choices=sorted(PRESETS), help="recipe whose step is timed")
     p.add_argument("--rounds", type=int, default=8, help="alternating rounds")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round and kind")

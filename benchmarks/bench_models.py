@@ -13,7 +13,6 @@ All models share the same optimiser code, so the ratios compare the models only.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.common import machine  # noqa: E402
 from deeprnn.models import ModelConfig, build_model, detach_state  # noqa: E402
+from deeprnn.cli import OneLineParser  # noqa: E402
 
 VOCAB, HIDDENS, LAYERS, BATCH, STEPS = 28, 256, 2, 32, 35
 
@@ -99,7 +99,7 @@ def make_step(model):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per model (median taken)")
     parser.add_argument("--seconds", type=float, default=0.6, help="target seconds per model per round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

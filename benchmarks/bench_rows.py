@@ -20,7 +20,6 @@ must train scratch layers in float32.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from deeprnn.models import ModelConfig, build_model, native  # noqa: E402
 from deeprnn.precision import resolve_precision  # noqa: E402
 from deeprnn.train import TrainConfig  # noqa: E402
 from deeprnn.vocab import Vocab  # noqa: E402
+from deeprnn.cli import OneLineParser  # noqa: E402
 
 VOCAB = 28
 
@@ -70,7 +70,7 @@ def sampling(cfg: TrainConfig, streams: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tm-cpu", choices=sorted(PRESETS), help="recipe whose step is timed")
     p.add_argument("--rounds", type=int, default=8, help="alternating rounds")
     p.add_argument("--steps", type=int, default=4, help="timed steps per round and way")

@@ -16,7 +16,6 @@ each precision trained at.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import statistics
@@ -30,6 +29,7 @@ from benchmarks.common import loadavg, machine, parse_sets, refuse_unrunnable_pr
 from deeprnn.checkpoint import load_checkpoint  # noqa: E402
 from deeprnn.cli import checkpoint_split_tokens  # noqa: E402
 from deeprnn.train import TrainConfig, evaluate_tokens, resolve_device, train  # noqa: E402
+from deeprnn.cli import OneLineParser  # noqa: E402
 
 TARGET = 0.02
 
@@ -45,7 +45,7 @@ def run(cfg: TrainConfig) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1776, help="optimiser steps per run (default 1776: the main job)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TrainConfig fields")

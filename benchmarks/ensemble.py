@@ -12,7 +12,6 @@ the scored text. Prints each model's perplexity and the ensemble's: exp of the m
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from deeprnn.checkpoint import load_checkpoint  # noqa: E402
 from deeprnn.cli import checkpoint_split_tokens  # noqa: E402
 from deeprnn.errors import ConfigError, DeepRNNError  # noqa: E402
 from deeprnn.train import heldout_streams, heldout_windows  # noqa: E402
+from deeprnn.cli import OneLineParser  # noqa: E402
 
 
 @torch.no_grad()
@@ -63,7 +63,7 @@ def ensemble_perplexities(runs: list[str], split: str = "valid", batch_size: int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="ensemble.py", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="ensemble.py", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run directories or checkpoints")
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
     p.add_argument("--batch-size", type=int, default=None, help="streams (default: the first run's eval_batch_size)")

@@ -20,7 +20,6 @@ The whole run takes well under 5 minutes on one H100.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -38,6 +37,7 @@ from benchmarks.common import loadavg, machine  # noqa: E402
 from deeprnn.models import ModelConfig, build_model, detach_state  # noqa: E402
 from deeprnn.precision import native_bf16  # noqa: E402
 from deeprnn.train import sequence_loss  # noqa: E402
+from deeprnn.cli import OneLineParser  # noqa: E402
 
 
 def sync(dev):
@@ -192,7 +192,7 @@ def ours_loop(dev, cfg: ModelConfig, B, T, precision: str, graph: bool):
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (what a CPU fallback runs anyway)")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per configuration")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph variant")

@@ -11,7 +11,6 @@ in both, with the ratio between them.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.common import loadavg, machine, matmul_gflops  # noqa: E402
 from deeprnn.precision import native_bf16, resolve_precision  # noqa: E402
+from deeprnn.cli import OneLineParser  # noqa: E402
 
 
 def window_gflops(dtype: torch.dtype, repeats: int = 5) -> float:
@@ -35,7 +35,7 @@ def window_gflops(dtype: torch.dtype, repeats: int = 5) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--size", type=int, default=1024, help="n of the bf16 n^3 product (fp32 uses 2048)")
     args = parser.parse_args(argv)

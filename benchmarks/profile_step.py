@@ -15,7 +15,6 @@ the shares are the thing to read, not the absolute times.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -26,13 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.common import fp32_ceiling, loadavg, machine, refuse_unrunnable_precision  # noqa: E402
 from benchmarks.suite import BATCH, MFLOP, STEPS, ours_step  # noqa: E402
+from deeprnn.cli import OneLineParser  # noqa: E402
 
 PRODUCTS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
 WINDOWS = tuple(f"_{cell}Window{part}" for cell in ("LSTM", "GRU", "RNN") for part in ("", "Backward"))
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cell", choices=["lstm", "gru", "rnn_tanh"], default="lstm")
     parser.add_argument("--impl", choices=["scratch", "concise"], default="scratch")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")

@@ -42,6 +42,7 @@ from deeprnn.compare import refuse_unused_sets  # noqa: E402
 from deeprnn.errors import DeepRNNError  # noqa: E402
 from deeprnn.rundir import read_metrics  # noqa: E402
 from deeprnn.train import TrainConfig, TrainingInterrupted, train  # noqa: E402
+from deeprnn.cli import OneLineParser  # noqa: E402
 
 
 def run(values: dict, *, run_dir: Path, log=None, overwrite: bool = False) -> dict:
@@ -193,7 +194,7 @@ def refuse_run_dir(parser, run_dir: str, overwrite: bool) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="quality.py", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="quality.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tm-cpu", choices=sorted(PRESETS), help="recipe from deeprnn.cli.PRESETS")
     p.add_argument("--minutes", type=float, default=10.0, help="training-time budget in minutes")

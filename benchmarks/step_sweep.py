@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.common import loadavg, machine, parse_sets, refuse_repeated_seeds  # noqa: E402
 from benchmarks.quality import refuse_invalid  # noqa: E402
 from deeprnn.cli import PRESETS  # noqa: E402
+from deeprnn.cli import OneLineParser  # noqa: E402
 
 
 def one_run(values: dict) -> dict:
@@ -58,7 +59,7 @@ def one_run(values: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="step_sweep.py", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="step_sweep.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="recipe from deeprnn.cli.PRESETS")
     p.add_argument("--steps", type=int, required=True, help="optimiser steps per run (a variant's max_steps wins)")

@@ -55,6 +55,7 @@ from benchmarks.bench_d2l import book_grad_clipping, book_sgd
 from benchmarks.bench_generate import PREFIX, BookRNNModel, book_predict_ch8
 from benchmarks.bench_models import BookStyleLSTM
 from benchmarks.common import fp32_ceiling, loadavg, machine, matmul_gflops
+from deeprnn.cli import OneLineParser
 from deeprnn.generate import generate
 from deeprnn.models import ModelConfig, build_model, detach_state
 from deeprnn.precision import autocast_context, native_bf16
@@ -354,7 +355,7 @@ def ingest(size_mb: int = 100, one_line: bool = False) -> dict:
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about 2-3 minutes)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice, printed)")

@@ -53,6 +53,7 @@ from benchmarks.bench_generate import BookRNNModel  # noqa: E402
 from benchmarks.common import loadavg, machine, parse_sets  # noqa: E402
 from deeprnn.corpus import build_corpus  # noqa: E402
 from deeprnn.train import TrainConfig, evaluate_tokens, train  # noqa: E402
+from deeprnn.cli import OneLineParser  # noqa: E402
 
 BOOK_REFERENCE_S = 154.0
 # A candidate for wall time to quality: the default's batch (wider batches measured slower to the target
@@ -174,7 +175,7 @@ def run_deeprnn(name, cfg: TrainConfig, *, target, max_s, log) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", nargs="+", default=["book", "default", "fast"],
                         choices=["book", "default", "fast"], help="which recipes to run, in order")
     parser.add_argument("--target", type=float, default=5.07, help="held-out perplexity to reach")

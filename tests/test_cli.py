@@ -597,6 +597,16 @@ def test_out_of_memory_in_generate_names_generates_flags(trained, capsys, monkey
                     "--num-samples or --num-preds, or a smaller --beam-width")  # the samples' tokens are held whole
 
 
+def test_samples_too_many_for_the_memory_are_one_line(trained, capsys, monkeypatch):
+    """The same, from generate's own check: the operating system's out-of-memory killer ended it before."""
+    import deeprnn.generate
+
+    monkeypatch.setattr(deeprnn.generate, "_free_memory", lambda dev: 2**30)
+    line = one_error_line(capsys, 1, ["generate", str(trained), "--num-samples", "100000000"])
+    assert line == ("deeprnn: error: out of memory: the batch of samples does not fit on this device; ask for fewer "
+                    "--num-samples or --num-preds, or a smaller --beam-width")
+
+
 def test_an_empty_run_dir_is_refused(tmp_path, capsys, monkeypatch):
     """``--run-dir ""`` trained into runs/<name> without a word; compare refuses an empty --out the same way."""
     monkeypatch.chdir(tmp_path)
@@ -829,7 +839,7 @@ def test_help_shows_each_default_once():
     assert "(default runs/<name>) --on-nan" in helps["deeprnn train"]
     assert "stop after this many steps (default: no limit)" in helps["deeprnn train"]
     assert "named corpora, files or dirs (default: timemachine)" in helps["deeprnn train"]
-    assert ("held-out evaluation, about 1 minute of training on 2 CPU cores with AVX-512, 4 to 6 without."
+    assert ("held-out evaluation, about 1 minute of training on 2 CPU cores with AVX-512, 3.5 to 6 without."
             in helps["deeprnn train"])
     for command in ("generate", "evaluate"):
         assert "--device DEVICE auto | cpu | cuda | cuda:N | mps (default: auto)" in helps[f"deeprnn {command}"]

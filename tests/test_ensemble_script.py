@@ -73,7 +73,7 @@ def test_sizes_below_one_are_one_line(runs, flag, value, capsys):
     with pytest.raises(SystemExit) as exc:
         ensemble_main([*runs, flag, value])
     assert exc.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"ensemble.py: error: {flag} must be >= 1, got {value}"
+    assert capsys.readouterr().err == f"ensemble.py: error: {flag} must be >= 1, got {value} (see ensemble.py --help)\n"
 
 
 @pytest.mark.parametrize("sizes, message", [(dict(batch_size=0), "batch_size must be >= 1, got 0"),

@@ -349,6 +349,26 @@ def test_a_set_stop_event_ends_generation_before_the_next_token(vocab, strategy)
     assert unset.looks == 20  # once before each token
 
 
+def test_samples_that_cannot_fit_in_memory_are_refused_before_any_is_drawn(vocab, monkeypatch):
+    """``--num-samples 100000000`` was ended by the kernel's out-of-memory killer (exit 137, no word) after
+    growing to all of the machine's memory; now a ``MemoryError`` says so before anything is allocated."""
+    model = tiny_model(vocab)  # 2 layers x 16 units
+    monkeypatch.setattr(generate_mod, "_free_memory", lambda dev: 2**30)
+    need = 10**6 * (1000 * generate_mod.BYTES_PER_TOKEN + 32 * 2 * 16 + 32 * len(vocab))
+    with pytest.raises(MemoryError) as err:
+        generate(model, vocab, PREFIX, 1000, strategy="sample", num_samples=10**6, seed=0)
+    assert str(err.value) == (f"1,000,000 samples of 1,000 tokens need at least {need / 2**30:.1f} GiB, and cpu has "
+                              "1.0 GiB free; ask for fewer samples or tokens")
+    assert len(generate(model, vocab, PREFIX, 10, strategy="sample", num_samples=3, seed=0)) == 3
+    monkeypatch.setattr(generate_mod, "_free_memory", lambda dev: None)  # not known: not checked
+    assert len(generate(model, vocab, PREFIX, 1, strategy="sample", num_samples=1000, seed=0)) == 1000
+
+
+def test_greedy_copies_are_one_string(vocab):
+    out = generate(tiny_model(vocab), vocab, PREFIX, 20, num_samples=10**6)
+    assert len(out) == 10**6 and out[0] is out[-1] and out[0] == generate(tiny_model(vocab), vocab, PREFIX, 20)[0]
+
+
 def test_word_vocabulary_joins_with_spaces():
     words = TEXT.split()
     vocab = Vocab(words)

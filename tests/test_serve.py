@@ -63,6 +63,9 @@ def post(app, body, **kw) -> httpx.Response:
     return call(app, "POST", "/api/generate", json=body, **kw)
 
 
+EXAMPLE = '{"prefix": "time traveller", "num_preds": 100}'
+
+
 def sse_events(text: str) -> list[tuple[str, dict]]:
     events = []
     for block in text.strip().split("\n\n"):
@@ -183,10 +186,8 @@ def test_invalid_json_is_422(app):
     r = call(app, "POST", "/api/generate", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
     assert r.json()["errors"][0]["field"] == "body"
-    assert r.json()["detail"].startswith("body is not valid JSON")
-
-
-EXAMPLE = '{"prefix": "time traveller", "num_preds": 100}'
+    assert r.json()["detail"] == ("body is not valid JSON (Expecting property name enclosed in double quotes); send "
+                                  f"one object, e.g. {EXAMPLE}")
 
 
 @pytest.mark.parametrize("body, content_type, status, message", [

@@ -104,4 +104,4 @@ def test_bad_arguments_get_one_line(args, message, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         main(["--preset", "tm-cpu-fp32", "--jobs", "1", *args])
     assert exc.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"step_sweep.py: error: {message}"
+    assert capsys.readouterr().err == f"step_sweep.py: error: {message} (see step_sweep.py --help)\n"

@@ -188,7 +188,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 ALIASES = {"num_epochs": ["--epochs"]}
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what, and where to look) and exit status 2, and a flag must be
     spelled out: an abbreviation (``--epoch`` for ``--epochs``) would let a typo pick another flag silently."""
 
@@ -956,15 +956,15 @@ def _lineage(meta: dict[str, Any]) -> tuple[list[str], bool]:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = _DefaultsOnceFormatter
-    p = _Parser(prog="deeprnn", description="Deep recurrent language models (D2L section 9.3), "
+    p = OneLineParser(prog="deeprnn", description="Deep recurrent language models (D2L section 9.3), "
                 "trained, evaluated and sampled from the command line.")
     p.add_argument("--version", action="version", version=f"deeprnn {__version__}")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", parser_class=OneLineParser, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model (no arguments: the main job on The Time Machine)",
                        description="Train a deep RNN language model. With no arguments: a 2-layer LSTM on "
                        "the bundled Time Machine, held-out evaluation, about 1 minute of training on 2 CPU cores with "
-                       "AVX-512, 4 to 6 without.")
+                       "AVX-512, 3.5 to 6 without.")
     t.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration (flags still win)")
     t.add_argument("--config", metavar="FILE.toml", help="options from a TOML file ([train] table or top level)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")

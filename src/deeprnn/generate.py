@@ -171,8 +171,10 @@ def generate(
                 seq = decoder.decode(ids[-1], num_preds, emit, stop)
             else:
                 seq = _greedy(stepper, first, num_preds, vocab, emit, stop)
-            seqs = [seq] * num_samples
+            text = prefix + pieces.text(seq)
+            return [text] * num_samples  # one string: the copies cost no memory
         elif strategy == "sample":
+            _check_memory(num_samples, num_preds, model, vocab, dev)
             gen = torch.Generator(device=dev)
             if seed is None:
                 gen.seed()  # from the OS, not from the global RNG
@@ -192,6 +194,51 @@ def generate(
                     for t in seq:
                         on_text(i, piece(t))
     return [prefix + pieces.text(seq) for seq in seqs]
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+# Bytes each sampled token takes at least, per stream: the int64 token, its slot in the list of lists returned
+# by .tolist(), and its character(s) in the text.
+BYTES_PER_TOKEN = 24
+
+
+def _check_memory(streams: int, num_preds: int, model: nn.Module, vocab, dev: torch.device) -> None:
+    """``MemoryError`` before anything is allocated when ``streams`` samples of ``num_preds`` tokens need more
+    memory than ``dev`` has free, by a low estimate (the tokens, the text, each stream's state and logits):
+    a request far too big was ended by the operating system's out-of-memory killer, without a word."""
+    cfg = getattr(model, "config", None)
+    state = 4 * 8 * getattr(cfg, "num_layers", 1) * getattr(cfg, "num_hiddens", 1)  # h, c and the gates' buffers
+    need = streams * (num_preds * BYTES_PER_TOKEN + state + 4 * 8 * len(vocab))  # logits, filtered, probs, cdf
+    free = _free_memory(dev)
+    if free is not None and need > free:
+        raise MemoryError(f"{streams:,} samples of {num_preds:,} tokens need at least {need / 2**30:,.1f} GiB, and "
+                          f"{dev.type} has {free / 2**30:,.1f} GiB free; ask for fewer samples or tokens")
+
+
+def _free_memory(dev: torch.device) -> int | None:
+    """Bytes ``dev`` can still allocate: CUDA's free memory; on a Linux CPU, MemAvailable and the cgroup's
+    limit less its use, whichever is lower; None where that is not known."""
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    if dev.type != "cpu":
+        return None
+    known = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            known += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            used = int(f.read())
+        if limit != "max":
+            known.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(known) if known else None
 
 
 # -- arguments ----------------------------------------------------------------------------------

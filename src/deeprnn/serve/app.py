@@ -399,7 +399,8 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
         name = ".".join(loc)
         msg = err.get("msg", "invalid value")
         if err.get("type") == "json_invalid":
-            name, msg = "body", f"body is not valid JSON ({err.get('ctx', {}).get('error', msg)})"
+            name, msg = "body", (f"body is not valid JSON ({err.get('ctx', {}).get('error', msg)}); send one object, "
+                                 f"e.g. {EXAMPLE_BODY}")
         elif name == "" and _body_message(err):
             name, msg = "body", _body_message(err)
         if msg.startswith("Value error, "):
