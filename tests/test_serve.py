@@ -655,6 +655,22 @@ def test_a_run_named_directly_keeps_its_model_while_it_is_rewritten(run_dir, tmp
     live.state.pool.shutdown()
 
 
+def test_a_model_whose_id_moves_up_is_renamed_not_reloaded(run_dir, tmp_path):
+    """Two directories each holding a run ``x`` offer ``x`` and ``x-2``; once the first is gone, the second is
+    ``x``: the same model, its card and curve under the new id."""
+    for root in ("one", "two"):
+        shutil.copytree(run_dir, tmp_path / root / "x")
+    live = create_app([tmp_path / "one", tmp_path / "two"], rescan=1e-9)
+    assert listed(live) == ["x", "x-2"]
+    second = live.state.registry.get("x-2")
+    shutil.rmtree(tmp_path / "one" / "x")
+    card = call(live, "GET", "/api/model", params={"model": "x"}).json()
+    assert listed(live) == ["x"] and live.state.registry.get("x").model is second.model
+    assert card == {**second.card, "id": "x", "curve_url": second.card["curve_url"].replace("=x-2&", "=x&")}
+    assert call(live, "GET", card["curve_url"]).status_code == 200
+    live.state.pool.shutdown()
+
+
 @pytest.mark.parametrize("rescan", [-1, float("nan"), float("inf"), "5", True])
 def test_rescan_must_be_seconds(run_dir, rescan):
     with pytest.raises(ConfigError, match=re.escape(

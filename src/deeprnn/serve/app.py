@@ -25,6 +25,7 @@ import math
 import os
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +77,22 @@ class ModelEntry:
     def curve(self) -> Path | None:
         p = self.run_dir / "curve.png" if self.run_dir is not None else None
         return p if p is not None and p.is_file() else None
+
+    def curve_url(self) -> str | None:
+        """The curve's address, with the file's time in it: a retrained run's new curve is not one a browser
+        has cached."""
+        curve = self.curve
+        if curve is None:
+            return None
+        return f"/api/model/curve.png?model={_quote(self.id)}&v={curve.stat().st_mtime_ns}"
+
+    def renamed(self, model_id: str) -> "ModelEntry":
+        """This entry under another id (a second look found one more run of the same name before it)."""
+        if model_id == self.id:
+            return self
+        entry = dataclasses.replace(self, id=model_id, card={**self.card, "id": model_id})
+        entry.card["curve_url"] = entry.curve_url()
+        return entry
 
 
 def _run_dir_of(given: Path, ckpt: Path) -> Path | None:
@@ -226,10 +243,9 @@ class Registry:
                 unique, n = f"{model_id}-{n}", n + 1
             old = before.get((str(p), direct))
             try:
-                ckpt_dir = resolve_checkpoint(p)
-                fingerprint = _fingerprint(ckpt_dir)
-                if old is not None and old.fingerprint == fingerprint and old.id == unique:
-                    entry = old
+                fingerprint = _fingerprint(resolve_checkpoint(p))
+                if old is not None and old.fingerprint == fingerprint:
+                    entry = old.renamed(unique)
                 else:
                     entry = cls._load(unique, p, direct, device, fingerprint)
                     if reuse is not None:
@@ -237,7 +253,7 @@ class Registry:
             except DeepRNNError as e:
                 if old is not None:
                     log.warning("keeping model %s as loaded: %s", old.id, e)
-                    entry = old
+                    entry = old.renamed(unique)
                 elif direct and reuse is None:
                     raise
                 else:
@@ -263,10 +279,7 @@ class Registry:
         run_dir = _run_dir_of(p, ckpt.path)
         entry = ModelEntry(model_id, ckpt.path, run_dir, ckpt.model, ckpt.vocab, _card(model_id, ckpt, run_dir),
                            source=str(p), direct=direct, fingerprint=fingerprint)
-        if entry.curve is not None:
-            # the file's time in the address: a retrained run's new curve is not one a browser has cached
-            entry.card["curve_url"] = (f"/api/model/curve.png?model={_quote(model_id)}"
-                                       f"&v={entry.curve.stat().st_mtime_ns}")
+        entry.card["curve_url"] = entry.curve_url()
         return entry
 
 
@@ -522,22 +535,25 @@ def create_app(
     registry = Registry.from_paths(paths, device=device)
     pool = GenerationPool(workers, max_queue)
     looked = [time.monotonic()]  # when the paths were last looked at
-    looking = asyncio.Lock()
+    looking = threading.Lock()
+
+    def look_again() -> None:
+        with looking:  # one look at a time; a request that waited for one finds it done
+            if time.monotonic() - looked[0] < rescan:
+                return
+            try:
+                app.state.registry = Registry.from_paths(paths, device, app.state.registry)
+            except CheckpointError as e:  # every model gone: keep serving what is loaded
+                log.warning("keeping the models loaded: %s", e)
+            except Exception:  # noqa: BLE001 - a second look never stops the serving of the first
+                log.exception("looking for new and retrained runs failed; keeping the models loaded")
+            looked[0] = time.monotonic()
 
     async def current() -> Registry:
         """The registry, looked for again first when it is ``rescan`` seconds old: loading a new or retrained
         run happens off the event loop, and requests that come meanwhile wait for it."""
         if rescan and time.monotonic() - looked[0] >= rescan:
-            async with looking:
-                if time.monotonic() - looked[0] >= rescan:  # not done by the request we waited for
-                    try:
-                        app.state.registry = await asyncio.to_thread(
-                            Registry.from_paths, paths, device, app.state.registry)
-                    except CheckpointError as e:  # every model gone: keep serving what is loaded
-                        log.warning("keeping the models loaded: %s", e)
-                    except Exception:  # noqa: BLE001 - a second look never stops the serving of the first
-                        log.exception("looking for new and retrained runs failed; keeping the models loaded")
-                    looked[0] = time.monotonic()
+            await asyncio.to_thread(look_again)
         return app.state.registry
 
     @contextlib.asynccontextmanager
