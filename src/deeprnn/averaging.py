@@ -21,6 +21,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from deeprnn.errors import ConfigError
+
 
 class WeightAverage:
     """EMA of ``model``'s floating-point parameters: ``avg ← decay·avg + (1 − decay)·w`` each step."""
@@ -29,7 +31,7 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, decay: float, start: int = 0):
         if not 0 < decay < 1:
-            raise ValueError(f"decay must be in (0, 1), got {decay}")
+            raise ConfigError(f"decay must be in (0, 1), got {decay}")
         self.decay, self.start = float(decay), int(start)
         self.names = [n for n, p in model.named_parameters() if p.is_floating_point()]
         self.params = dict(model.named_parameters())
