@@ -91,7 +91,7 @@ def server(runs):
     log = open(runs.parent / "serve.log", "w+")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DEEPRNN_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "deeprnn", "serve", str(runs), "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning"],
+                             "--port", str(port), "--log-level", "warning", "--rescan", "0.2"],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -194,6 +194,15 @@ def test_page_streams_generated_text(server, runs):
                 ckpt.model, ckpt.vocab, prefix, num_preds, strategy="beam", beam_width=4)
             assert page.is_hidden("#error")
             assert "done in" in page.inner_text("#status") and "seed" not in page.inner_text("#status")
+
+            # A run trained while the page is open: offered once the page is back in view (the server looked
+            # again), the model chosen and the prefix typed staying as they were.
+            shutil.copytree(runs / "lstm-1x16", runs / "lstm-1x16-new")
+            time.sleep(0.3)  # past the server's --rescan
+            page.evaluate("window.dispatchEvent(new Event('focus'))")
+            page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+            assert page.locator("#model option").all_inner_texts()[2].startswith("lstm-1x16-new")
+            assert page.input_value("#model") == "lstm-1x16-copy" and page.input_value("#prefix") == prefix
             assert errors == []
         finally:
             page.screenshot(path=str(shot), full_page=True)

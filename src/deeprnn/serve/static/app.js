@@ -61,31 +61,47 @@ function renderCard(card) {
   }
 }
 
+// The models on offer: the server looks again for runs trained or retrained since it started (its --rescan),
+// and the page asks for the list again whenever it comes back into view (a tab or window switched back to).
+let cards = {};
+let shownCard = null;  // the card on show, to redraw it only when it changed (a retrained run)
+let suggested = null;  // the prefix the page put in the box, replaced as the picker moves until typed over
+
+function show() {
+  const card = cards[$("model").value];
+  if (!card) return;
+  const box = $("prefix");
+  if (suggested === null) suggested = box.value;
+  if (card.default_prefix && box.value === suggested) box.value = suggested = card.default_prefix;
+  if (JSON.stringify(card) !== JSON.stringify(shownCard)) renderCard(card);
+  shownCard = card;
+}
+
 async function loadModels() {
   const resp = await fetch("/api/models");
   const data = await resp.json();
   const select = $("model");
-  select.replaceChildren();
-  for (const card of data.models) {
-    const opt = document.createElement("option");
-    opt.value = card.id;
-    opt.textContent = `${card.id} — ${card.cell} ${card.num_layers}×${card.num_hiddens}`;
-    select.append(opt);
+  const chosen = select.value;
+  const ids = data.models.map((c) => c.id);
+  if (ids.join("\n") !== Object.keys(cards).join("\n")) {
+    select.replaceChildren();
+    for (const card of data.models) {
+      const opt = document.createElement("option");
+      opt.value = card.id;
+      opt.textContent = `${card.id} — ${card.cell} ${card.num_layers}×${card.num_hiddens}`;
+      select.append(opt);
+    }
+    select.value = ids.includes(chosen) ? chosen : data.default;
   }
-  select.value = data.default;
   $("model-row").hidden = data.models.length < 2;
-  const cards = Object.fromEntries(data.models.map((c) => [c.id, c]));
+  cards = Object.fromEntries(data.models.map((c) => [c.id, c]));
   // The prefix box starts as the chosen model's own prefix (the one its run sampled from: "ROMEO:" for a
   // Shakespeare run) and follows the picker until the user types in it.
-  const box = $("prefix");
-  let suggested = box.value;
-  const show = () => {
-    const card = cards[select.value];
-    if (card.default_prefix && box.value === suggested) box.value = suggested = card.default_prefix;
-    renderCard(card);
-  };
-  select.addEventListener("change", show);
   show();
+}
+
+function refreshModels() {
+  loadModels().catch(() => {});  // the list on show stays; a generation names a model that has gone
 }
 
 function syncStrategy() {
@@ -243,4 +259,7 @@ $("strategy").addEventListener("change", syncStrategy);
 $("stop").addEventListener("click", () => controller && controller.abort());
 form.addEventListener("submit", generate);
 syncStrategy();
+$("model").addEventListener("change", show);
+document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshModels(); });
+window.addEventListener("focus", refreshModels);
 loadModels().catch((err) => showError(`cannot load the model list: ${err.message}`));
