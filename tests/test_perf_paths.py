@@ -252,9 +252,10 @@ def test_timing_scripts_refuse_a_bf16_lstm_where_bf16_is_emulated(script, monkey
     with pytest.raises(SystemExit) as err:
         main(argv)
     assert err.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].split(": error: ", 1)[1] == (
-        f"precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512, which this one lacks; "
-        f"{fix}")
+    [line] = capsys.readouterr().err.splitlines()  # one line: no usage block before it
+    prog, message = line.split(": error: ", 1)
+    assert message == (f"precision 'bf16' with torch.nn.LSTM (impl 'concise') needs a CPU with AVX-512, which this "
+                       f"one lacks; {fix} (see {prog} --help)")
 
 
 def test_bf16_quality_compares_both_precisions(capsys):
