@@ -354,12 +354,18 @@ def test_samples_that_cannot_fit_in_memory_are_refused_before_any_is_drawn(vocab
     growing to all of the machine's memory; now a ``MemoryError`` says so before anything is allocated."""
     model = tiny_model(vocab)  # 2 layers x 16 units
     monkeypatch.setattr(generate_mod, "_free_memory", lambda dev: 2**30)
-    need = 10**6 * (1000 * generate_mod.BYTES_PER_TOKEN + 32 * 2 * 16 + 32 * len(vocab))
+    need = 10**6 * (1000 * (generate_mod.DEVICE_BYTES_PER_TOKEN + generate_mod.HOST_BYTES_PER_TOKEN) + 32 * 2 * 16
+                    + 32 * len(vocab))
     with pytest.raises(MemoryError) as err:
         generate(model, vocab, PREFIX, 1000, strategy="sample", num_samples=10**6, seed=0)
     assert str(err.value) == (f"1,000,000 samples of 1,000 tokens need at least {need / 2**30:.1f} GiB, and cpu has "
                               "1.0 GiB free; ask for fewer samples or tokens")
     assert len(generate(model, vocab, PREFIX, 10, strategy="sample", num_samples=3, seed=0)) == 3
+    monkeypatch.setattr(generate_mod, "_free_memory", lambda dev: 2**20)  # small sizes in MiB, not "0.0 GiB"
+    with pytest.raises(MemoryError) as err:
+        generate(model, vocab, PREFIX, 1000, strategy="sample", num_samples=1000, seed=0)
+    assert str(err.value) == (f"1,000 samples of 1,000 tokens need at least {need / 1000 / 2**20:.1f} MiB, and cpu "
+                              "has 1.0 MiB free; ask for fewer samples or tokens")
     monkeypatch.setattr(generate_mod, "_free_memory", lambda dev: None)  # not known: not checked
     assert len(generate(model, vocab, PREFIX, 1, strategy="sample", num_samples=1000, seed=0)) == 1000
 
@@ -441,13 +447,13 @@ def test_unknown_prefix_characters_error_lists_them(vocab):
     with pytest.raises(VocabError) as err:
         generate(model, vocab, "Time Traveller", 5)  # never lowercased silently
     assert str(err.value) == (
-        "prefix has characters not in the vocabulary: 'T' (the vocabulary is lowercase: lowercase the prefix); "
+        "prefix has characters not in the vocabulary: 'T' (lowercased, they are in the vocabulary: lowercase the prefix); "
         "use --unk replace to map them to <unk>"
     )
 
 
 NORMALISED = " (the model was trained on {!r}-normalised text; normalised so, the prefix is {!r}: pass that)"
-LOWERCASE = " (the vocabulary is lowercase: lowercase the prefix)"
+LOWERCASE = " (lowercased, they are in the vocabulary: lowercase the prefix)"
 
 
 @pytest.mark.parametrize("vocab_text, prefix, normalization, hint", [
@@ -460,6 +466,7 @@ LOWERCASE = " (the vocabulary is lowercase: lowercase the prefix)"
     (TEXT, "Zeit", "d2l", ""),  # 'z' is not in the vocabulary either
     (TEXT, "!?", "d2l", ""),  # nothing left after it
     (TEXT, "Time Traveller", "D2L", LOWERCASE),  # a normalisation this version does not know: no suggestion
+    (TEXT.title().split() + TEXT.split(), "THE TIME", "raw", LOWERCASE),  # a cased vocabulary: not "is lowercase"
 ])
 def test_a_refused_prefix_is_suggested_as_the_model_read_its_text(vocab_text, prefix, normalization, hint):
     """``Time Traveller,`` for a model trained on the book's d2l-normalised text: the message names the prefix

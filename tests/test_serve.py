@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -291,6 +292,17 @@ def test_stream_yields_prefix_then_characters_then_done(app, ckpt, args):
     for kind, data in events[1:-1]:
         streamed[data["i"]] += data["text"]
     assert streamed == want
+
+
+def test_a_generation_out_of_memory_is_503(app, monkeypatch):
+    """generate's memory check (or a failed allocation) was a plain-text 500."""
+    import deeprnn.generate as generate_mod
+
+    monkeypatch.setattr(generate_mod, "_free_memory", lambda dev: 1024)
+    r = post(app, {"prefix": PREFIX, "strategy": "sample", "num_samples": 16, "num_preds": 2000})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["detail"].startswith("out of memory: 16 samples of 2,000 tokens need at least ")
+    assert r.json()["detail"].endswith(" MiB, and cpu has 0.0 MiB free; ask for fewer samples or tokens")
 
 
 def test_stream_reports_a_failure_as_an_error_event(app, monkeypatch):
@@ -633,7 +645,12 @@ def test_runs_trained_retrained_or_removed_while_serving_are_seen(run_dir, tmp_p
     assert [s["path"] for s in listing["skipped"]] == [str(runs / "c")]
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0] == f"added model b from {runs / 'b' / 'best'}"
-    assert f"reloaded model a from {runs / 'a' / 'best'}" in messages and "dropped model b: its run is gone" in messages
+    assert f"reloaded model a from {runs / 'a' / 'best'}" in messages
+    assert f"dropped model b ({runs / 'b'}): its run is gone" in messages
+    warnings_about_c = sum("skipping" in m and str(runs / "c") in m for m in messages)
+    listed(live)
+    assert sum("skipping" in r.getMessage() and str(runs / "c") in r.getMessage() for r in caplog.records) == (
+        warnings_about_c + 1)  # a run never loaded is tried again at each look (it may be being written)
 
     shutil.rmtree(runs / "a")  # nothing left to serve: what is loaded stays
     assert listed(live) == ["a"] and post(live, {**body, "model": "a"}).json()["samples"] == want
@@ -642,16 +659,74 @@ def test_runs_trained_retrained_or_removed_while_serving_are_seen(run_dir, tmp_p
         app.state.pool.shutdown()
 
 
-def test_a_run_named_directly_keeps_its_model_while_it_is_rewritten(run_dir, tmp_path, caplog):
-    """``train --overwrite`` of a served run removes its checkpoints for a while: it is served as loaded."""
-    run = tmp_path / "a"
+@pytest.mark.parametrize("how", ["overwrite", "removed"])
+def test_a_run_named_directly_keeps_its_model_while_it_is_rewritten(run_dir, tmp_path, caplog, how):
+    """``train --overwrite`` of a served run removes its checkpoints and files, not its directory, for a while:
+    it is served as loaded (it was dropped when another path was served beside it), with one warning."""
+    run, other = tmp_path / "a", tmp_path / "b"
     shutil.copytree(run_dir, run)
-    live = create_app(run, rescan=1e-9)
+    shutil.copytree(run_dir, other)
+    live = create_app([run, other], rescan=1e-9)
     card = call(live, "GET", "/api/model").json()
-    shutil.rmtree(run)
-    assert call(live, "GET", "/api/model").json() == card
-    assert post(live, {"prefix": PREFIX, "num_preds": 5}).status_code == 200
-    assert caplog.records[-1].getMessage() == f"keeping model a as loaded: no such run or checkpoint: {run}"
+    if how == "overwrite":
+        for name in ("best", "last", "summary.json", "curve.png", "metrics.csv", "config.json"):
+            (shutil.rmtree if (run / name).is_dir() else os.remove)(run / name)
+    else:
+        shutil.rmtree(run)
+    for _ in range(3):
+        assert call(live, "GET", "/api/model").json() == card
+    assert listed(live) == ["a", "b"] and post(live, {"prefix": PREFIX, "num_preds": 5}).status_code == 200
+    reason = (f"{run} holds no deeprnn checkpoint (no checkpoint.json in it, nor in best/ or last/)"
+              if how == "overwrite" else f"no such run or checkpoint: {run}")
+    assert [r.getMessage() for r in caplog.records] == [f"keeping model a as loaded: {reason}"]  # once
+    live.state.pool.shutdown()
+
+
+def test_a_runs_card_follows_its_summary_and_curve(run_dir, tmp_path):
+    """A run found while it trains shows its test score and final curve once they are written (after the
+    last save of its checkpoint), with a new curve address."""
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / "a")
+    (runs / "a" / "summary.json").rename(tmp_path / "summary.json")
+    (runs / "a" / "curve.png").rename(tmp_path / "curve.png")
+    live = create_app(runs, rescan=1e-9)
+    card = call(live, "GET", "/api/model").json()
+    assert card["test_ppl"] is None and card["curve_url"] is None
+    (tmp_path / "summary.json").rename(runs / "a" / "summary.json")
+    (tmp_path / "curve.png").rename(runs / "a" / "curve.png")
+    card = call(live, "GET", "/api/model").json()
+    assert card["test_ppl"] == pytest.approx(json.loads((run_dir / "summary.json").read_text())["test_ppl"])
+    assert call(live, "GET", card["curve_url"]).content == (run_dir / "curve.png").read_bytes()
+    live.state.pool.shutdown()
+
+
+def test_a_broken_checkpoint_is_warned_about_once_and_an_unreadable_run_skipped(run_dir, tmp_path, caplog,
+                                                                               monkeypatch):
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / "a")
+    live = create_app(runs, rescan=1e-9)
+    card = call(live, "GET", "/api/model").json()
+    meta = runs / "a" / "best" / "checkpoint.json"
+    meta.write_text("{")  # damaged while served: the loaded model stays, one warning for this state of the file
+    for _ in range(3):
+        assert call(live, "GET", "/api/model").json() == card
+    assert [r.getMessage() for r in caplog.records] == [
+        f"keeping model a as loaded: {meta} is not a deeprnn checkpoint (not valid JSON); it may be corrupt or a "
+        "file from another program (pickles are never loaded)"]
+
+    shutil.copytree(run_dir, runs / "b")
+    shutil.copytree(run_dir, runs / "locked")
+    real = app_module.resolve_checkpoint
+
+    def no_access(path, *a, **k):  # what a directory this user cannot read gives (tests run as root)
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(app_module, "resolve_checkpoint", no_access)
+    assert listed(live) == ["a", "b"]  # a traceback at every look before, and b never offered
+    assert caplog.records[-1].getMessage() == f"skipping {runs / 'locked'}: [Errno 13] Permission denied: " \
+                                              f"'{runs / 'locked'}'"
     live.state.pool.shutdown()
 
 
@@ -748,6 +823,26 @@ def test_cli_unavailable_device_is_one_line(run_dir, no_server, capsys, device, 
     assert _serve_error(capsys, ["serve", str(run_dir), "--device", device]) == (2, f"deeprnn: error: {message}")
     with pytest.raises(DeepRNNError, match=f"^{re.escape(message)}$"):
         create_app(run_dir, device=device)
+
+
+def test_the_servers_own_lines_reach_stderr(capsys):
+    """``added model …`` and the warnings were logged to a logger nobody configured: INFO was lost."""
+    import logging
+
+    from deeprnn.serve import log_to_stderr
+
+    logger = logging.getLogger("deeprnn.serve")
+    handler = log_to_stderr("info")
+    try:
+        assert log_to_stderr("info") is handler  # once
+        logger.info("added model b from runs/b/best")
+        logger.warning("skipping runs/c: no checkpoint")
+        logger.debug("not shown at info")
+        assert capsys.readouterr().err.splitlines() == [
+            "deeprnn serve: added model b from runs/b/best", "deeprnn serve: warning: skipping runs/c: no checkpoint"]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
 
 
 @pytest.mark.parametrize("seconds", ["-1", "nan", "inf"])

@@ -198,29 +198,39 @@ def generate(
 
 # -- memory -------------------------------------------------------------------------------------
 
-# Bytes each sampled token takes at least, per stream: the int64 token, its slot in the list of lists returned
-# by .tolist(), and its character(s) in the text.
-BYTES_PER_TOKEN = 24
+# Bytes each sampled token takes at least, per stream: the int64 token where the model runs, and on the host its
+# slot in the list of lists returned by .tolist() and its character(s) in the text.
+DEVICE_BYTES_PER_TOKEN = 8
+HOST_BYTES_PER_TOKEN = 16
 
 
 def _check_memory(streams: int, num_preds: int, model: nn.Module, vocab, dev: torch.device) -> None:
     """``MemoryError`` before anything is allocated when ``streams`` samples of ``num_preds`` tokens need more
-    memory than ``dev`` has free, by a low estimate (the tokens, the text, each stream's state and logits):
-    a request far too big was ended by the operating system's out-of-memory killer, without a word."""
+    memory than is free, by a low estimate (the tokens and the text; each stream's state and logits where the
+    model runs): a request far too big was ended by the operating system's out-of-memory killer, without a
+    word. On a GPU its memory and the host's are checked apart."""
     cfg = getattr(model, "config", None)
     state = 4 * 8 * getattr(cfg, "num_layers", 1) * getattr(cfg, "num_hiddens", 1)  # h, c and the gates' buffers
-    need = streams * (num_preds * BYTES_PER_TOKEN + state + 4 * 8 * len(vocab))  # logits, filtered, probs, cdf
-    free = _free_memory(dev)
-    if free is not None and need > free:
-        raise MemoryError(f"{streams:,} samples of {num_preds:,} tokens need at least {need / 2**30:,.1f} GiB, and "
-                          f"{dev.type} has {free / 2**30:,.1f} GiB free; ask for fewer samples or tokens")
+    on_device = streams * (num_preds * DEVICE_BYTES_PER_TOKEN + state + 4 * 8 * len(vocab))  # logits … cdf
+    on_host = streams * num_preds * HOST_BYTES_PER_TOKEN
+    needs = [(dev, on_device + on_host)] if dev.type == "cpu" else [(dev, on_device), (torch.device("cpu"), on_host)]
+    for where, need in needs:
+        free = _free_memory(where)
+        if free is not None and need > free:
+            raise MemoryError(f"{streams:,} samples of {num_preds:,} tokens need at least {_size(need)}, and "
+                              f"{where.type} has {_size(free)} free; ask for fewer samples or tokens")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 def _free_memory(dev: torch.device) -> int | None:
-    """Bytes ``dev`` can still allocate: CUDA's free memory; on a Linux CPU, MemAvailable and the cgroup's
-    limit less its use, whichever is lower; None where that is not known."""
+    """Bytes ``dev`` can still allocate: on CUDA, the device's free memory and what torch's allocator holds
+    unused; on a Linux CPU, MemAvailable and the cgroup's limit less its use (page cache it can drop not
+    counted), whichever is lower; None where that is not known."""
     if dev.type == "cuda":
-        return torch.cuda.mem_get_info(dev)[0]
+        return torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
     if dev.type != "cpu":
         return None
     known = []
@@ -229,14 +239,17 @@ def _free_memory(dev: torch.device) -> int | None:
             known += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
+    cgroup = "/sys/fs/cgroup/"
     try:
-        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+        with open(cgroup + "memory.max", encoding="ascii") as f:
             limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+        with open(cgroup + "memory.current", encoding="ascii") as f:
             used = int(f.read())
+        with open(cgroup + "memory.stat", encoding="ascii") as f:  # the page cache the kernel reclaims first
+            used -= sum(int(line.split()[1]) for line in f if line.split()[0] == "inactive_file")
         if limit != "max":
             known.append(max(0, int(limit) - used))
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         pass
     return min(known) if known else None
 
@@ -380,7 +393,7 @@ def unknown_prefix_hint(vocab, missing: list[str], prefix: str | None = None,
             return (f" (the model was trained on {normalization!r}-normalised text; normalised so, the prefix is "
                     f"{reads!r}: pass that)")
     if all(t.lower() in vocab.token_to_idx for t in missing):
-        return " (the vocabulary is lowercase: lowercase the prefix)"
+        return " (lowercased, they are in the vocabulary: lowercase the prefix)"
     return ""
 
 

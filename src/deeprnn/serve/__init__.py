@@ -8,7 +8,9 @@ server is actually built.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 from typing import Any
 
 from deeprnn.errors import ConfigError, DeepRNNError
@@ -54,6 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The process is ours: parallelism comes from the generation workers, and a small RNN step split
     # across busy cores only adds synchronisation (see deeprnn.generate).
     torch.set_num_threads(args.torch_threads)
+    log_to_stderr(args.log_level)  # the models added, reloaded or dropped as the server looks again
     app = create_app(args.paths, device=device, workers=args.workers, max_queue=args.max_queue, rescan=args.rescan)
     models = app.state.registry.ids()
     print(f"deeprnn serve: {len(models)} model(s): {', '.join(models)}")
@@ -63,6 +66,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"deeprnn serve: open {url}  (OpenAPI schema at {url}openapi.json; Ctrl-C stops)")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+class _LogFormat(logging.Formatter):
+    """``deeprnn serve: added model …``; ``deeprnn serve: warning: …`` above INFO; a traceback after it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+        text = f"deeprnn serve: {level}{record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each line (as logging's last-resort handler does), not as it was
+    when the handler was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def log_to_stderr(level: str = "info") -> logging.Handler:
+    """Show the ``deeprnn.serve`` logger's lines (models added, reloaded, dropped or skipped) on stderr beside
+    uvicorn's, at uvicorn's ``--log-level``; nothing configured them, so the INFO lines were lost. Once."""
+    logger = logging.getLogger("deeprnn.serve")
+    logger.setLevel(level.upper())
+    for handler in logger.handlers:
+        if isinstance(handler.formatter, _LogFormat):
+            return handler
+    handler = _Stderr()
+    handler.setFormatter(_LogFormat())
+    logger.addHandler(handler)
+    return handler
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -71,7 +71,8 @@ class ModelEntry:
     card: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the path it was found by (given, or found in a directory given)
     direct: bool = True  # named on the command line, not found in a directory
-    fingerprint: tuple | None = None  # its checkpoint as loaded (_fingerprint)
+    fingerprint: tuple | None = None  # its run's files as loaded (_fingerprint)
+    failed: tuple | None = None  # files seen since that would not load (or the error): not warned about again
 
     @property
     def curve(self) -> Path | None:
@@ -165,18 +166,31 @@ def _find_runs(root: Path, depth: int) -> list[Path]:
             if depth > 1:
                 found.extend(_find_runs(child, depth - 1))
             continue
+        except OSError as e:  # a directory this user cannot read: the others are still offered
+            log.warning("skipping %s: %s", child, e)
+            continue
         found.append(child)
     return found
 
 
-def _fingerprint(ckpt_dir: Path) -> tuple | None:
-    """What changes when a checkpoint is saved again: a save replaces the folder whole, so its
-    ``checkpoint.json`` is a new file (inode, time, size); None when it cannot be read."""
-    try:
-        st = (ckpt_dir / "checkpoint.json").stat()
-    except OSError:
-        return None
-    return (str(ckpt_dir.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+def _fingerprint(given: Path, ckpt_dir: Path) -> tuple:
+    """What changes when a run is saved again: a save replaces the checkpoint folder whole, so its
+    ``checkpoint.json`` is a new file (inode, time, size); the run's ``summary.json`` (the test score) and
+    ``curve.png``, which the card shows, are written after the last save. A file that cannot be read
+    counts as absent."""
+    run_dir = _run_dir_of(given, ckpt_dir)
+    files = [ckpt_dir / "checkpoint.json"]
+    if run_dir is not None:
+        files += [run_dir / "summary.json", run_dir / "curve.png"]
+    marks: list = [str(ckpt_dir.resolve())]
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            marks.append(None)
+        else:
+            marks.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(marks)
 
 
 class Registry:
@@ -213,16 +227,18 @@ class Registry:
         """
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
+        before = {} if reuse is None else {(e.source, e.direct): e for e in reuse}
         found: list[tuple[str, Path, bool]] = []  # (id, path, given directly)
         for raw in paths:
             p = Path(raw)
             try:
                 resolve_checkpoint(p)
-            except CheckpointError:
-                if not p.is_dir():
+            except (CheckpointError, OSError):
+                if (str(p), True) in before or not p.is_dir():
+                    # a served run that does not load now (--overwrite removed its checkpoints): kept below
                     if reuse is None:
                         raise
-                    found.append((cls._direct_id(p), p, True))  # kept below if it was served
+                    found.append((cls._direct_id(p), p, True))
                     continue
                 runs = _find_runs(p, _RUN_SCAN_DEPTH)
                 if not runs and reuse is None:
@@ -233,7 +249,6 @@ class Registry:
                 found.extend((r.relative_to(p).as_posix(), r, False) for r in runs)
                 continue
             found.append((cls._direct_id(p), p, True))
-        before = {} if reuse is None else {(e.source, e.direct): e for e in reuse}
         entries: list[ModelEntry] = []
         skipped: list[dict[str, str]] = []
         taken: set[str] = set()
@@ -242,29 +257,36 @@ class Registry:
             while unique in taken:
                 unique, n = f"{model_id}-{n}", n + 1
             old = before.get((str(p), direct))
+            fingerprint = None
             try:
-                fingerprint = _fingerprint(resolve_checkpoint(p))
-                if old is not None and old.fingerprint == fingerprint:
-                    entry = old.renamed(unique)
+                fingerprint = _fingerprint(p, resolve_checkpoint(p))
+                if old is not None and fingerprint in (old.fingerprint, old.failed):
+                    entry = old.renamed(unique)  # unchanged, or the same files that would not load last time
                 else:
                     entry = cls._load(unique, p, direct, device, fingerprint)
                     if reuse is not None:
                         log.info("%s model %s from %s", "reloaded" if old else "added", unique, entry.checkpoint)
-            except DeepRNNError as e:
+            except (DeepRNNError, OSError) as e:
                 if old is not None:
-                    log.warning("keeping model %s as loaded: %s", old.id, e)
-                    entry = old.renamed(unique)
+                    failed = fingerprint if fingerprint is not None else ("error", str(e))
+                    if failed != old.failed:  # once for each new state of its files
+                        log.warning("keeping model %s as loaded: %s", old.id, e)
+                    entry = dataclasses.replace(old.renamed(unique), failed=failed)
                 elif direct and reuse is None:
                     raise
                 else:
                     log.warning("skipping %s: %s", p, e)
                     skipped.append({"path": str(p), "reason": str(e)})
                     continue
+            if old is not None and old.id != unique:
+                log.info("model %s (%s) is now %s", old.id, p, unique)
             taken.add(unique)
             entries.append(entry)
         if reuse is not None:
-            for gone in set(reuse.ids()) - {e.id for e in entries}:
-                log.info("dropped model %s: its run is gone", gone)
+            kept = {(e.source, e.direct) for e in entries}
+            for key, gone in before.items():
+                if key not in kept:
+                    log.info("dropped model %s (%s): its run is gone", gone.id, gone.source)
         return cls(entries, skipped)
 
     @staticmethod
@@ -688,6 +710,10 @@ def create_app(
             samples, decoding = result.result()
         except (ConfigError, VocabError) as e:
             return _error(422, str(e), str(e).split(" ", 1)[0])
+        except MemoryError as e:  # not now: the memory is taken (the limits keep a request small)
+            resp = _error(503, f"out of memory: {e}" if str(e) else "out of memory; retry in a moment")
+            resp.headers["Retry-After"] = "1"
+            return resp
         return {**head, "samples": samples, **_timing(req, time.perf_counter() - t0, decoding)}
 
     def _busy() -> JSONResponse:

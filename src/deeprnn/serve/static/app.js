@@ -83,12 +83,14 @@ async function loadModels() {
   const select = $("model");
   const chosen = select.value;
   const ids = data.models.map((c) => c.id);
-  if (ids.join("\n") !== Object.keys(cards).join("\n")) {
+  const label = (card) => `${card.id} — ${card.cell} ${card.num_layers}×${card.num_hiddens}`;
+  const labels = data.models.map(label);
+  if (labels.join("\n") !== Object.values(cards).map(label).join("\n")) {  // a run added, gone or retrained
     select.replaceChildren();
     for (const card of data.models) {
       const opt = document.createElement("option");
       opt.value = card.id;
-      opt.textContent = `${card.id} — ${card.cell} ${card.num_layers}×${card.num_hiddens}`;
+      opt.textContent = label(card);
       select.append(opt);
     }
     select.value = ids.includes(chosen) ? chosen : data.default;
