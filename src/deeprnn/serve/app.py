@@ -275,7 +275,8 @@ class Registry:
                 elif direct and reuse is None:
                     raise
                 else:
-                    log.warning("skipping %s: %s", p, e)
+                    if reuse is None or {"path": str(p), "reason": str(e)} not in reuse.skipped:  # once
+                        log.warning("skipping %s: %s", p, e)
                     skipped.append({"path": str(p), "reason": str(e)})
                     continue
             if old is not None and old.id != unique:
