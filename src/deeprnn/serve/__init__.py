@@ -97,6 +97,7 @@ def log_to_stderr(level: str = "info") -> logging.Handler:
     uvicorn's, at uvicorn's ``--log-level``; nothing configured them, so the INFO lines were lost. Once."""
     logger = logging.getLogger("deeprnn.serve")
     logger.setLevel(level.upper())
+    logger.propagate = False  # at a terminal the CLI's "deeprnn" logger would print each line a second time
     for handler in logger.handlers:
         if isinstance(handler.formatter, _LogFormat):
             return handler

@@ -87,14 +87,6 @@ class ModelEntry:
             return None
         return f"/api/model/curve.png?model={_quote(self.id)}&v={curve.stat().st_mtime_ns}"
 
-    def renamed(self, model_id: str) -> "ModelEntry":
-        """This entry under another id (a second look found one more run of the same name before it)."""
-        if model_id == self.id:
-            return self
-        entry = dataclasses.replace(self, id=model_id, card={**self.card, "id": model_id})
-        entry.card["curve_url"] = entry.curve_url()
-        return entry
-
 
 def _run_dir_of(given: Path, ckpt: Path) -> Path | None:
     if given.is_dir() and given.resolve() != ckpt.resolve():
@@ -251,17 +243,22 @@ class Registry:
             found.append((cls._direct_id(p), p, True))
         entries: list[ModelEntry] = []
         skipped: list[dict[str, str]] = []
-        taken: set[str] = set()
+        # A model keeps its id while it is served (a page's choice keeps meaning the same run); a new one takes
+        # its name, or the name with -2, -3, … when that is taken.
+        taken: set[str] = {before[(str(p), direct)].id for _, p, direct in found if (str(p), direct) in before}
         for model_id, p, direct in found:
-            unique, n = model_id, 2
-            while unique in taken:
-                unique, n = f"{model_id}-{n}", n + 1
             old = before.get((str(p), direct))
+            if old is not None:
+                unique = old.id
+            else:
+                unique, n = model_id, 2
+                while unique in taken:
+                    unique, n = f"{model_id}-{n}", n + 1
             fingerprint = None
             try:
                 fingerprint = _fingerprint(p, resolve_checkpoint(p))
                 if old is not None and fingerprint in (old.fingerprint, old.failed):
-                    entry = old.renamed(unique)  # unchanged, or the same files that would not load last time
+                    entry = old  # unchanged, or the same files that would not load last time
                 else:
                     entry = cls._load(unique, p, direct, device, fingerprint)
                     if reuse is not None:
@@ -271,7 +268,7 @@ class Registry:
                     failed = fingerprint if fingerprint is not None else ("error", str(e))
                     if failed != old.failed:  # once for each new state of its files
                         log.warning("keeping model %s as loaded: %s", old.id, e)
-                    entry = dataclasses.replace(old.renamed(unique), failed=failed)
+                    entry = dataclasses.replace(old, failed=failed)
                 elif direct and reuse is None:
                     raise
                 else:
@@ -279,8 +276,6 @@ class Registry:
                         log.warning("skipping %s: %s", p, e)
                     skipped.append({"path": str(p), "reason": str(e)})
                     continue
-            if old is not None and old.id != unique:
-                log.info("model %s (%s) is now %s", old.id, p, unique)
             taken.add(unique)
             entries.append(entry)
         if reuse is not None:
