@@ -607,6 +607,23 @@ def test_samples_too_many_for_the_memory_are_one_line(trained, capsys, monkeypat
                     "--num-samples or --num-preds, or a smaller --beam-width")
 
 
+def test_the_terminal_log_handler_writes_to_stderr_as_it_is_now(monkeypatch):
+    """The handler ``deeprnn`` adds at a terminal: bound to the stream of its making, it failed ("--- Logging
+    error ---") once a test's captured stderr had closed, and so did every later deeprnn log line."""
+    import io
+    import logging
+
+    from deeprnn.cli import StderrHandler
+
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter("deeprnn: %(message)s"))
+    for text in ("building the C++ kernels", "done"):
+        now = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", now)
+        handler.emit(logging.makeLogRecord({"msg": text}))
+        assert now.getvalue() == f"deeprnn: {text}\n"
+
+
 def test_an_empty_run_dir_is_refused(tmp_path, capsys, monkeypatch):
     """``--run-dir ""`` trained into runs/<name> without a word; compare refuses an empty --out the same way."""
     monkeypatch.chdir(tmp_path)

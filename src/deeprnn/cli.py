@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import logging
 import os
 import re
 import signal
@@ -1149,15 +1150,27 @@ def _out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
+class StderrHandler(logging.StreamHandler):
+    """A log handler that writes to ``sys.stderr`` as it is at each line (as logging's last-resort handler
+    does), not as it was when the handler was made: one bound to a replaced stream (a test's capture, closed
+    since) failed with "--- Logging error ---"."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _main(argv: list[str] | None) -> int:
     from deeprnn.allocator import keep_freed_memory
 
     keep_freed_memory()  # a deeprnn command owns its process: keep freed memory for reuse (deeprnn.allocator)
     argv = list(sys.argv[1:] if argv is None else argv)
     if sys.stderr.isatty():  # at a terminal, say what a long silent pause is (e.g. the first C++ build)
-        import logging
-
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("deeprnn: %(message)s"))
         logger = logging.getLogger("deeprnn")
         if not logger.handlers:

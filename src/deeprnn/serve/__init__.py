@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from typing import Any
 
 from deeprnn.errors import ConfigError, DeepRNNError
@@ -79,19 +78,6 @@ class _LogFormat(logging.Formatter):
         return text
 
 
-class _Stderr(logging.StreamHandler):
-    """Writes to ``sys.stderr`` as it is at each line (as logging's last-resort handler does), not as it was
-    when the handler was made."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value):
-        pass
-
-
 def log_to_stderr(level: str = "info") -> logging.Handler:
     """Show the ``deeprnn.serve`` logger's lines (models added, reloaded, dropped or skipped) on stderr beside
     uvicorn's, at uvicorn's ``--log-level``; nothing configured them, so the INFO lines were lost. Once."""
@@ -101,7 +87,9 @@ def log_to_stderr(level: str = "info") -> logging.Handler:
     for handler in logger.handlers:
         if isinstance(handler.formatter, _LogFormat):
             return handler
-    handler = _Stderr()
+    from deeprnn.cli import StderrHandler
+
+    handler = StderrHandler()
     handler.setFormatter(_LogFormat())
     logger.addHandler(handler)
     return handler
