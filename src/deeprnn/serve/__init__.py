@@ -70,12 +70,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 class _LogFormat(logging.Formatter):
     """``deeprnn serve: added model …``; ``deeprnn serve: warning: …`` above INFO; a traceback after it."""
 
-    def format(self, record: logging.LogRecord) -> str:
+    def formatMessage(self, record: logging.LogRecord) -> str:  # format() adds the traceback
         level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
-        text = f"deeprnn serve: {level}{record.getMessage()}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
+        return f"deeprnn serve: {level}{record.getMessage()}"
 
 
 def log_to_stderr(level: str = "info") -> logging.Handler:
